@@ -1,0 +1,108 @@
+//! The bus between Kassa's services: topics split into partitions, each an
+//! ordered, durable sequence of messages addressed by offset.
+//!
+//! Delivery is at-least-once: a consumer reads from the offset *it* stored,
+//! and stores its next offset in its own event log in the same write as the
+//! state and events the messages produced (`kassa-eventlog`'s `Table::Positions`).
+//! A crash between processing and that write redelivers; the write makes
+//! processing effectively-once. The bus never tracks consumer positions itself.
+//!
+//! [`EmbeddedBus`] keeps topics in a local RocksDB with group commit; the Kafka
+//! implementation arrives behind the same [`Bus`] trait.
+
+mod embedded;
+mod partitioner;
+mod subscription;
+
+pub use embedded::{BusConfig, EmbeddedBus};
+pub use partitioner::{murmur2, partition_for};
+pub use subscription::{Subscription, SubscriptionConfig};
+
+use async_trait::async_trait;
+use std::time::Duration;
+
+/// A topic and its partition count.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopicSpec {
+    pub name: String,
+    pub partitions: u32,
+}
+
+impl TopicSpec {
+    pub fn new(name: impl Into<String>, partitions: u32) -> Self {
+        TopicSpec { name: name.into(), partitions }
+    }
+}
+
+/// A message to produce. The key picks the partition (same key, same
+/// partition, so one payment's messages stay in order).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    pub topic: String,
+    pub key: Vec<u8>,
+    pub payload: Vec<u8>,
+    pub timestamp_ms: i64,
+}
+
+/// A stored message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Message {
+    pub topic: String,
+    pub partition: u32,
+    pub offset: u64,
+    pub key: Vec<u8>,
+    pub payload: Vec<u8>,
+    pub timestamp_ms: i64,
+}
+
+/// Where a produced message landed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Produced {
+    pub partition: u32,
+    pub offset: u64,
+}
+
+/// Operating failures of the bus. Each names the topic/partition/offset.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BusError {
+    #[error("unknown topic {topic:?}; known topics are created at start-up")]
+    UnknownTopic { topic: String },
+    #[error("partition {partition} of topic {topic:?} does not exist (it has {partitions})")]
+    NoSuchPartition { topic: String, partition: u32, partitions: u32 },
+    #[error(
+        "topic {topic:?} exists with {existing} partitions, configuration says {configured}; partition counts cannot change in place"
+    )]
+    PartitionCountChanged { topic: String, existing: u32, configured: u32 },
+    #[error("bus storage ({context}): {reason}")]
+    Storage { context: String, reason: String },
+    #[error("corrupt message at {topic:?}/{partition}@{offset}: {reason}")]
+    Corrupt { topic: String, partition: u32, offset: u64, reason: String },
+    #[error("bus is overloaded: the produce queue is full; retry shortly")]
+    Overloaded,
+    #[error("the bus is closed")]
+    Closed,
+}
+
+/// The bus seen by a service.
+#[async_trait]
+pub trait Bus: Send + Sync + std::fmt::Debug + 'static {
+    /// Partition count of a topic.
+    fn partitions(&self, topic: &str) -> Result<u32, BusError>;
+
+    /// Produce records; returns when all are durable, in order.
+    async fn produce(&self, records: Vec<Record>) -> Result<Vec<Produced>, BusError>;
+
+    /// Up to `max` messages of one partition from `from_offset` on. Waits up
+    /// to `wait` for the first one when none is there yet.
+    async fn fetch(
+        &self,
+        topic: &str,
+        partition: u32,
+        from_offset: u64,
+        max: usize,
+        wait: Duration,
+    ) -> Result<Vec<Message>, BusError>;
+
+    /// The offset the next message of a partition will get (its length).
+    fn end_offset(&self, topic: &str, partition: u32) -> Result<u64, BusError>;
+}

@@ -1,0 +1,247 @@
+//! The event envelope and its frame.
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+/// The frame format this code writes. Readers accept `1..=FORMAT_VERSION`.
+pub const FORMAT_VERSION: u16 = 1;
+
+/// No frame may be larger than this: a length or a varint that claims more is
+/// corruption, and decoding refuses it before allocating.
+pub const FRAME_BYTES_MAX: usize = 16 * 1024 * 1024;
+
+/// A SHA-256 digest.
+pub type Hash = [u8; 32];
+
+/// The `prev_hash` of the first record of every log.
+pub const GENESIS_HASH: Hash = [0u8; 32];
+
+/// One stored or transported event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Envelope {
+    /// Unique id of the event; deterministic from its cause where it has one,
+    /// so consumers can drop duplicates by id.
+    pub event_id: u128,
+    /// Stable type name, e.g. `payment.captured`. Never reused for another layout.
+    pub event_type: String,
+    /// The stream (entity) the event belongs to: a payment, a batch, a provider.
+    pub stream_id: u128,
+    /// 1-based position within the stream, without gaps.
+    pub stream_seq: u64,
+    /// 1-based position within the whole log, without gaps.
+    pub position: u64,
+    /// When it was recorded, ms since the Unix epoch (injected, never read by the core).
+    pub timestamp_ms: i64,
+    /// The event or command that caused this one.
+    pub causation_id: Option<u128>,
+    /// The request or flow this belongs to (one payment's journey across services).
+    pub correlation_id: Option<u128>,
+    /// The encoded domain event (see [`crate::events`]).
+    pub payload: Vec<u8>,
+    /// The hash of the previous record in the log ([`GENESIS_HASH`] for the first).
+    pub prev_hash: Hash,
+}
+
+/// The bincode body of a version-1 frame. Field order is the format: append
+/// new fields only in a new version.
+#[derive(Serialize, Deserialize)]
+struct BodyV1 {
+    event_id: u128,
+    event_type: String,
+    stream_id: u128,
+    stream_seq: u64,
+    position: u64,
+    timestamp_ms: i64,
+    causation_id: Option<u128>,
+    correlation_id: Option<u128>,
+    #[serde(with = "serde_bytes_vec")]
+    payload: Vec<u8>,
+    prev_hash: Hash,
+}
+
+/// Encode a byte vector as one length-prefixed run (serde's default for
+/// `Vec<u8>` is a sequence of u8, which bincode writes the same way, but this
+/// keeps the intent explicit and the decode fast).
+mod serde_bytes_vec {
+    use serde::{Deserializer, Serializer};
+    pub fn serialize<S: Serializer>(bytes: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(bytes)
+    }
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Vec<u8>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("bytes")
+            }
+            fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<Vec<u8>, E> {
+                Ok(v.to_vec())
+            }
+            fn visit_byte_buf<E: serde::de::Error>(self, v: Vec<u8>) -> Result<Vec<u8>, E> {
+                Ok(v)
+            }
+            fn visit_borrowed_bytes<E: serde::de::Error>(self, v: &'de [u8]) -> Result<Vec<u8>, E> {
+                Ok(v.to_vec())
+            }
+        }
+        d.deserialize_bytes(V)
+    }
+}
+
+/// Why bytes could not be decoded. Never a panic: every input gets one of these.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CodecError {
+    #[error("frame is {len} bytes, shorter than the 6-byte minimum (truncated?)")]
+    Truncated { len: usize },
+    #[error("frame is {len} bytes, over the {max}-byte limit")]
+    TooLarge { len: usize, max: usize },
+    #[error("frame format version {found} is not supported by this build (it reads 1 to {supported}); upgrade Kassa")]
+    UnsupportedVersion { found: u16, supported: u16 },
+    #[error("frame checksum mismatch: stored {stored:#010x}, computed {computed:#010x} (corrupted bytes)")]
+    ChecksumMismatch { stored: u32, computed: u32 },
+    #[error("frame body does not decode: {reason}")]
+    Malformed { reason: String },
+    #[error("frame body has {extra} trailing bytes after the envelope")]
+    TrailingBytes { extra: usize },
+    #[error("unknown event type {event_type:?}: written by a newer Kassa?")]
+    UnknownEventType { event_type: String },
+    #[error("payload of {event_type:?} does not decode: {reason}")]
+    BadPayload { event_type: String, reason: String },
+}
+
+fn config() -> impl bincode::config::Config {
+    bincode::config::standard().with_limit::<FRAME_BYTES_MAX>()
+}
+
+/// Encode an envelope as a frame (see the crate docs for the layout).
+pub fn encode_frame(envelope: &Envelope) -> Vec<u8> {
+    let body = BodyV1 {
+        event_id: envelope.event_id,
+        event_type: envelope.event_type.clone(),
+        stream_id: envelope.stream_id,
+        stream_seq: envelope.stream_seq,
+        position: envelope.position,
+        timestamp_ms: envelope.timestamp_ms,
+        causation_id: envelope.causation_id,
+        correlation_id: envelope.correlation_id,
+        payload: envelope.payload.clone(),
+        prev_hash: envelope.prev_hash,
+    };
+    let mut frame = Vec::with_capacity(64 + envelope.payload.len() + envelope.event_type.len());
+    frame.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+    // Encoding plain owned data into a Vec cannot fail.
+    bincode::serde::encode_into_std_write(&body, &mut frame, config()).expect("encoding into a Vec cannot fail");
+    let crc = crc32c::crc32c(&frame);
+    frame.extend_from_slice(&crc.to_le_bytes());
+    frame
+}
+
+/// Decode and verify a frame: length, version, checksum, body, no trailing bytes.
+pub fn decode_frame(frame: &[u8]) -> Result<Envelope, CodecError> {
+    if frame.len() < 6 {
+        return Err(CodecError::Truncated { len: frame.len() });
+    }
+    if frame.len() > FRAME_BYTES_MAX {
+        return Err(CodecError::TooLarge { len: frame.len(), max: FRAME_BYTES_MAX });
+    }
+    let version = u16::from_le_bytes([frame[0], frame[1]]);
+    if version == 0 || version > FORMAT_VERSION {
+        return Err(CodecError::UnsupportedVersion { found: version, supported: FORMAT_VERSION });
+    }
+    let (covered, crc_bytes) = frame.split_at(frame.len() - 4);
+    let stored = u32::from_le_bytes([crc_bytes[0], crc_bytes[1], crc_bytes[2], crc_bytes[3]]);
+    let computed = crc32c::crc32c(covered);
+    if stored != computed {
+        return Err(CodecError::ChecksumMismatch { stored, computed });
+    }
+    let body_bytes = &covered[2..];
+    let (body, read): (BodyV1, usize) = bincode::serde::decode_from_slice(body_bytes, config())
+        .map_err(|e| CodecError::Malformed { reason: e.to_string() })?;
+    if read != body_bytes.len() {
+        return Err(CodecError::TrailingBytes { extra: body_bytes.len() - read });
+    }
+    Ok(Envelope {
+        event_id: body.event_id,
+        event_type: body.event_type,
+        stream_id: body.stream_id,
+        stream_seq: body.stream_seq,
+        position: body.position,
+        timestamp_ms: body.timestamp_ms,
+        causation_id: body.causation_id,
+        correlation_id: body.correlation_id,
+        payload: body.payload,
+        prev_hash: body.prev_hash,
+    })
+}
+
+/// The record hash of a frame: what the next record carries as `prev_hash`.
+pub fn frame_hash(frame: &[u8]) -> Hash {
+    Sha256::digest(frame).into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn sample() -> Envelope {
+        Envelope {
+            event_id: 7,
+            event_type: "payment.requested".into(),
+            stream_id: 9,
+            stream_seq: 1,
+            position: 42,
+            timestamp_ms: 1_795_651_200_000,
+            causation_id: Some(3),
+            correlation_id: None,
+            payload: vec![1, 2, 3],
+            prev_hash: [5; 32],
+        }
+    }
+
+    #[test]
+    fn round_trips() {
+        let frame = encode_frame(&sample());
+        assert_eq!(decode_frame(&frame), Ok(sample()));
+    }
+
+    #[test]
+    fn every_flipped_bit_is_detected() {
+        let frame = encode_frame(&sample());
+        for byte in 0..frame.len() {
+            for bit in 0..8 {
+                let mut bad = frame.clone();
+                bad[byte] ^= 1 << bit;
+                assert!(decode_frame(&bad).is_err(), "flip at {byte}:{bit} went unnoticed");
+            }
+        }
+    }
+
+    #[test]
+    fn truncation_and_future_versions_are_clear_errors() {
+        let frame = encode_frame(&sample());
+        for len in 0..frame.len() {
+            assert!(decode_frame(&frame[..len]).is_err());
+        }
+        let mut future = frame.clone();
+        future[0..2].copy_from_slice(&2u16.to_le_bytes());
+        assert_eq!(decode_frame(&future), Err(CodecError::UnsupportedVersion { found: 2, supported: 1 }));
+        assert!(decode_frame(&future).unwrap_err().to_string().contains("upgrade Kassa"));
+    }
+
+    proptest! {
+        #[test]
+        fn garbage_never_panics(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
+            let _ = decode_frame(&bytes);
+        }
+
+        #[test]
+        fn garbage_with_a_valid_header_and_crc_never_panics(body in prop::collection::vec(any::<u8>(), 0..256)) {
+            let mut frame = FORMAT_VERSION.to_le_bytes().to_vec();
+            frame.extend_from_slice(&body);
+            let crc = crc32c::crc32c(&frame);
+            frame.extend_from_slice(&crc.to_le_bytes());
+            let _ = decode_frame(&frame);
+        }
+    }
+}

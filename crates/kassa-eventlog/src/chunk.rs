@@ -1,0 +1,54 @@
+//! A chunk: consecutive frames stored under one key, each `[u32 LE length][frame]`.
+//!
+//! Chunks amortize RocksDB's per-key cost over many events (appends and
+//! sequential reads are the hot paths); every frame inside keeps its own
+//! checksum and chain link, so a chunk is verified frame by frame.
+
+use crate::LogError;
+use kassa_codec::{Envelope, Hash, decode_frame, frame_hash};
+
+pub fn push_frame(chunk: &mut Vec<u8>, frame: &[u8]) {
+    chunk.extend_from_slice(&(frame.len() as u32).to_le_bytes());
+    chunk.extend_from_slice(frame);
+}
+
+/// The frames of a chunk, without decoding them.
+pub fn frames(chunk: &[u8], first_position: u64) -> Result<Vec<&[u8]>, LogError> {
+    let mut frames = Vec::new();
+    let mut rest = chunk;
+    while !rest.is_empty() {
+        let position = first_position + frames.len() as u64;
+        let bad = |reason: &str| LogError::BadChunk { position, reason: reason.to_owned() };
+        let len_bytes: [u8; 4] =
+            rest.get(..4).and_then(|b| b.try_into().ok()).ok_or_else(|| bad("truncated length"))?;
+        let len = u32::from_le_bytes(len_bytes) as usize;
+        let frame = rest.get(4..4 + len).ok_or_else(|| bad("frame runs past the end of its chunk"))?;
+        frames.push(frame);
+        rest = &rest[4 + len..];
+    }
+    if frames.is_empty() {
+        return Err(LogError::BadChunk { position: first_position, reason: "empty chunk".into() });
+    }
+    Ok(frames)
+}
+
+/// Decode and verify every frame of a chunk: checksum, position without gaps,
+/// and the hash chain from `anchor` (the hash of the record before the chunk).
+/// Returns each envelope with its own record hash.
+pub fn decode_verified(chunk: &[u8], first_position: u64, anchor: Hash) -> Result<Vec<(Envelope, Hash)>, LogError> {
+    let mut prev = anchor;
+    let mut out = Vec::new();
+    for (index, frame) in frames(chunk, first_position)?.into_iter().enumerate() {
+        let expected = first_position + index as u64;
+        let envelope = decode_frame(frame).map_err(|source| LogError::Corrupt { position: expected, source })?;
+        if envelope.position != expected {
+            return Err(LogError::Gap { expected, found: envelope.position });
+        }
+        if envelope.prev_hash != prev {
+            return Err(LogError::ChainBroken { position: expected });
+        }
+        prev = frame_hash(frame);
+        out.push((envelope, prev));
+    }
+    Ok(out)
+}

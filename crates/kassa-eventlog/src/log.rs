@@ -1,0 +1,704 @@
+//! The event log: appends through group commit, verified reads.
+
+use crate::LogError;
+use crate::chunk::{decode_verified, frames, push_frame};
+use crate::group_commit::{GroupCommitConfig, GroupCommitter, GroupWriter};
+use crate::keys::*;
+use kassa_codec::{Envelope, GENESIS_HASH, Hash, decode_frame, encode_frame, frame_hash};
+use rocksdb::{ColumnFamilyDescriptor, DB, DBRawIterator, Options, WriteBatch, WriteOptions};
+use std::collections::{HashMap, VecDeque};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Bounds and switches of one event log. Units last.
+#[derive(Debug, Clone)]
+pub struct LogConfig {
+    pub group: GroupCommitConfig,
+    /// fsync every group before answering. Off only for tests and throwaway benchmarks.
+    pub sync: bool,
+    /// Events stored under one RocksDB key.
+    pub chunk_events_max: usize,
+    /// Events one append request may carry.
+    pub request_events_max: usize,
+    /// Stream heads kept in memory (the rest are looked up on disk).
+    pub stream_heads_cached_max: usize,
+    /// RocksDB memtable size.
+    pub write_buffer_bytes: usize,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            group: GroupCommitConfig::default(),
+            sync: true,
+            chunk_events_max: 128,
+            request_events_max: 4096,
+            stream_heads_cached_max: 1 << 20,
+            write_buffer_bytes: 64 << 20,
+        }
+    }
+}
+
+/// An event to append. The log assigns position, stream sequence and chain link.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewEvent {
+    pub event_id: u128,
+    pub event_type: String,
+    pub stream_id: u128,
+    /// Injected time; the log keeps timestamps non-decreasing by raising a
+    /// time earlier than the previous record's to that record's time.
+    pub timestamp_ms: i64,
+    pub causation_id: Option<u128>,
+    pub correlation_id: Option<u128>,
+    pub payload: Vec<u8>,
+}
+
+/// What a stream must look like for an append to go ahead.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExpectedVersion {
+    Any,
+    NoStream,
+    /// The stream's last sequence number.
+    Exact(u64),
+}
+
+/// The service's own tables, written in the same batch as the events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Table {
+    /// Projections and other derived state.
+    State,
+    /// Consumed input positions (topic/partition → next offset).
+    Positions,
+    /// Idempotency records (key → stored response).
+    Idempotency,
+}
+
+impl Table {
+    fn cf(self) -> &'static str {
+        match self {
+            Table::State => CF_STATE,
+            Table::Positions => CF_POSITIONS,
+            Table::Idempotency => CF_IDEMPOTENCY,
+        }
+    }
+}
+
+/// A put (`Some`) or delete (`None`) in one of the service's tables.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StateWrite {
+    pub table: Table,
+    pub key: Vec<u8>,
+    pub value: Option<Vec<u8>>,
+}
+
+/// One atomic append: all of it is durable, or none of it.
+#[derive(Debug, Clone, Default)]
+pub struct AppendRequest {
+    pub events: Vec<NewEvent>,
+    pub expected: Vec<(u128, ExpectedVersion)>,
+    pub writes: Vec<StateWrite>,
+}
+
+/// Where an append landed. `first_position > last_position` when it carried no events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Appended {
+    pub first_position: u64,
+    pub last_position: u64,
+}
+
+/// A key and its value from one of the service's tables.
+pub type KeyValue = (Vec<u8>, Vec<u8>);
+
+/// Result of a full verification.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VerifyReport {
+    pub events: u64,
+    pub head_position: u64,
+    pub head_hash: Hash,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Head {
+    position: u64,
+    hash: Hash,
+    timestamp_ms: i64,
+}
+
+/// A RocksDB event log with group commit. Cheap to share behind an `Arc`.
+pub struct EventLog {
+    db: Arc<DB>,
+    path: PathBuf,
+    committer: GroupCommitter<LogWriter>,
+    durable_position: Arc<AtomicU64>,
+    config: LogConfig,
+}
+
+impl std::fmt::Debug for EventLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EventLog")
+            .field("path", &self.path)
+            .field("durable_position", &self.durable_position.load(Ordering::Acquire))
+            .finish()
+    }
+}
+
+fn cf<'a>(db: &'a DB, name: &str) -> &'a rocksdb::ColumnFamily {
+    db.cf_handle(name).expect("column families are created at open")
+}
+
+impl EventLog {
+    /// Open (creating if missing) the log at `path`, and check its tail.
+    pub fn open(path: impl AsRef<Path>, config: LogConfig) -> Result<EventLog, LogError> {
+        let path = path.as_ref().to_path_buf();
+        let mut options = Options::default();
+        options.create_if_missing(true);
+        options.create_missing_column_families(true);
+        options.set_max_background_jobs(2);
+        options.set_write_buffer_size(config.write_buffer_bytes);
+        options.set_compression_type(rocksdb::DBCompressionType::Lz4);
+        let descriptors = ALL_CFS.iter().map(|name| {
+            let mut cf_options = Options::default();
+            cf_options.set_write_buffer_size(config.write_buffer_bytes);
+            cf_options.set_compression_type(rocksdb::DBCompressionType::Lz4);
+            ColumnFamilyDescriptor::new(*name, cf_options)
+        });
+        let db = DB::open_cf_descriptors(&options, &path, descriptors)
+            .map_err(|e| LogError::storage(format!("opening {}", path.display()), e))?;
+        let db = Arc::new(db);
+        let head = read_head(&db)?;
+        let durable_position = Arc::new(AtomicU64::new(head.position));
+        let writer = LogWriter {
+            db: Arc::clone(&db),
+            head,
+            stream_heads: HashMap::new(),
+            durable_position: Arc::clone(&durable_position),
+            config: config.clone(),
+        };
+        let committer = GroupCommitter::spawn("kassa-log-writer", writer, config.group)
+            .map_err(|e| LogError::Storage { context: "spawning the log writer".into(), reason: e.to_string() })?;
+        Ok(EventLog { db, path, committer, durable_position, config })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Append and wait until durable.
+    pub async fn append(&self, request: AppendRequest) -> Result<Appended, LogError> {
+        self.check_size(&request)?;
+        self.committer.submit(request).await?
+    }
+
+    /// Queue an append without waiting for it (blocks only while the queue is full).
+    pub fn append_pipelined(
+        &self,
+        request: AppendRequest,
+    ) -> Result<crate::Pending<Result<Appended, LogError>>, LogError> {
+        self.check_size(&request)?;
+        Ok(self.committer.submit_blocking(request)?)
+    }
+
+    /// Queue an append only if the write queue has room now; `Ok(None)` when
+    /// it is full (the caller sheds load: 429/503 rather than waiting).
+    pub fn try_append(
+        &self,
+        request: AppendRequest,
+    ) -> Result<Option<crate::Pending<Result<Appended, LogError>>>, LogError> {
+        self.check_size(&request)?;
+        match self.committer.try_submit(request) {
+            Ok(pending) => Ok(Some(pending)),
+            Err(crate::group_commit::TrySubmitError::Full) => Ok(None),
+            Err(crate::group_commit::TrySubmitError::Stopped) => Err(LogError::Closed),
+        }
+    }
+
+    /// Append and block until durable. Not for async runtime threads.
+    pub fn append_blocking(&self, request: AppendRequest) -> Result<Appended, LogError> {
+        self.append_pipelined(request)?.wait()?
+    }
+
+    fn check_size(&self, request: &AppendRequest) -> Result<(), LogError> {
+        if request.events.len() > self.config.request_events_max {
+            return Err(LogError::TooLarge { events: request.events.len(), max: self.config.request_events_max });
+        }
+        Ok(())
+    }
+
+    /// Group-commit counters (groups, requests, events).
+    pub fn commit_stats(&self) -> &crate::GroupCommitStats {
+        self.committer.stats()
+    }
+
+    /// The last durable position (0 for an empty log).
+    pub fn head_position(&self) -> u64 {
+        self.durable_position.load(Ordering::Acquire)
+    }
+
+    /// Verified events from `from_position` (1-based) on, in order.
+    pub fn iter_from(&self, from_position: u64) -> LogIter<'_> {
+        LogIter {
+            log: self,
+            iter: None,
+            from_position: from_position.max(1),
+            buffered: VecDeque::new(),
+            next_chunk: None,
+            anchor: GENESIS_HASH,
+            done: false,
+        }
+    }
+
+    /// Up to `max` verified events from `from_position` on.
+    pub fn read_from(&self, from_position: u64, max: usize) -> Result<Vec<Envelope>, LogError> {
+        self.iter_from(from_position).take(max).collect()
+    }
+
+    /// Up to `max` verified events of one stream, from sequence `from_seq` (1-based).
+    pub fn read_stream(&self, stream_id: u128, from_seq: u64, max: usize) -> Result<Vec<Envelope>, LogError> {
+        let streams = cf(&self.db, CF_STREAMS);
+        let mut iter = self.db.raw_iterator_cf(streams);
+        iter.seek(stream_key(stream_id, from_seq.max(1)));
+        let mut positions = Vec::new();
+        while iter.valid() && positions.len() < max {
+            let (Some(key), Some(value)) = (iter.key(), iter.value()) else { break };
+            if key.len() != 24 || key[..16] != stream_id.to_be_bytes() {
+                break;
+            }
+            let position = decode_u64(value).ok_or_else(|| LogError::BadChunk {
+                position: 0,
+                reason: "stream index entry is not a position".into(),
+            })?;
+            positions.push(position);
+            iter.next();
+        }
+        iter.status().map_err(|e| LogError::storage("reading the stream index", e))?;
+        let mut out = Vec::with_capacity(positions.len());
+        let mut cached: Option<(u64, Vec<(Envelope, Hash)>)> = None;
+        for position in positions {
+            let hit = matches!(&cached, Some((first, events)) if position >= *first && position < first + events.len() as u64);
+            if !hit {
+                cached = Some(self.verified_chunk_at(position)?);
+            }
+            let (first, events) = cached.as_ref().expect("filled above");
+            let envelope = events[(position - first) as usize].0.clone();
+            if envelope.stream_id != stream_id {
+                return Err(LogError::BadChunk {
+                    position,
+                    reason: "stream index points at another stream's event".into(),
+                });
+            }
+            out.push(envelope);
+        }
+        Ok(out)
+    }
+
+    /// Up to `max` verified events with `from_ms <= timestamp < to_ms`.
+    pub fn read_time_range(&self, from_ms: i64, to_ms: i64, max: usize) -> Result<Vec<Envelope>, LogError> {
+        let time = cf(&self.db, CF_TIME);
+        let mut iter = self.db.raw_iterator_cf(time);
+        // The last chunk that starts before `from_ms` may hold events at or after it.
+        iter.seek_for_prev(time_key(from_ms, 0));
+        let start = if iter.valid() { iter.key().and_then(time_key_position).unwrap_or(1) } else { 1 };
+        iter.status().map_err(|e| LogError::storage("reading the time index", e))?;
+        let mut out = Vec::new();
+        for envelope in self.iter_from(start) {
+            let envelope = envelope?;
+            if envelope.timestamp_ms >= to_ms || out.len() >= max {
+                break;
+            }
+            if envelope.timestamp_ms >= from_ms {
+                out.push(envelope);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The chunk holding `position`, verified from the record before it.
+    fn verified_chunk_at(&self, position: u64) -> Result<(u64, Vec<(Envelope, Hash)>), LogError> {
+        let log = cf(&self.db, CF_LOG);
+        let mut iter = self.db.raw_iterator_cf(log);
+        iter.seek_for_prev(chunk_key(position));
+        let (first, bytes) = current_chunk(&iter, position)?;
+        let anchor = self.anchor_before(first)?;
+        Ok((first, decode_verified(&bytes, first, anchor)?))
+    }
+
+    /// The hash of the record at `first_position - 1` (genesis before position 1).
+    fn anchor_before(&self, first_position: u64) -> Result<Hash, LogError> {
+        if first_position <= 1 {
+            return Ok(GENESIS_HASH);
+        }
+        let log = cf(&self.db, CF_LOG);
+        let mut iter = self.db.raw_iterator_cf(log);
+        iter.seek_for_prev(chunk_key(first_position - 1));
+        let (first, bytes) = current_chunk(&iter, first_position - 1)?;
+        last_frame_hash(&bytes, first, first_position - 1)
+    }
+
+    /// Read and verify the whole log: checksums, positions, chain, head record.
+    pub fn verify(&self) -> Result<VerifyReport, LogError> {
+        let mut events = 0;
+        for envelope in self.iter_from(1) {
+            envelope?;
+            events += 1;
+        }
+        let head = read_head(&self.db)?;
+        if head.position != events {
+            return Err(LogError::Truncated { recorded: head.position, found: events });
+        }
+        Ok(VerifyReport { events, head_position: head.position, head_hash: head.hash })
+    }
+
+    /// Read a value from one of the service's tables.
+    pub fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>, LogError> {
+        self.db
+            .get_cf(cf(&self.db, table.cf()), key)
+            .map_err(|e| LogError::storage(format!("reading {}", table.cf()), e))
+    }
+
+    /// Every key/value in a table whose key starts with `prefix`, in key order.
+    pub fn scan(&self, table: Table, prefix: &[u8]) -> Result<Vec<KeyValue>, LogError> {
+        let mut iter = self.db.raw_iterator_cf(cf(&self.db, table.cf()));
+        iter.seek(prefix);
+        let mut out = Vec::new();
+        while iter.valid() {
+            let (Some(key), Some(value)) = (iter.key(), iter.value()) else { break };
+            if !key.starts_with(prefix) {
+                break;
+            }
+            out.push((key.to_vec(), value.to_vec()));
+            iter.next();
+        }
+        iter.status().map_err(|e| LogError::storage(format!("scanning {}", table.cf()), e))?;
+        Ok(out)
+    }
+
+    /// Store a projection snapshot taken at `position`. Snapshots are derived
+    /// data: losing one only means a longer replay.
+    pub fn save_snapshot(&self, name: &str, position: u64, bytes: &[u8]) -> Result<(), LogError> {
+        let mut value = Vec::with_capacity(bytes.len() + 12);
+        value.extend_from_slice(&position.to_be_bytes());
+        value.extend_from_slice(bytes);
+        let crc = crc32c::crc32c(&value);
+        value.extend_from_slice(&crc.to_le_bytes());
+        let mut options = WriteOptions::default();
+        options.set_sync(self.config.sync);
+        self.db
+            .put_cf_opt(cf(&self.db, CF_SNAPSHOTS), name.as_bytes(), value, &options)
+            .map_err(|e| LogError::storage(format!("saving snapshot {name}"), e))
+    }
+
+    /// The latest snapshot of `name`: (position, bytes), checksum verified.
+    pub fn load_snapshot(&self, name: &str) -> Result<Option<(u64, Vec<u8>)>, LogError> {
+        let Some(value) = self
+            .db
+            .get_cf(cf(&self.db, CF_SNAPSHOTS), name.as_bytes())
+            .map_err(|e| LogError::storage(format!("loading snapshot {name}"), e))?
+        else {
+            return Ok(None);
+        };
+        let bad = |reason: &str| LogError::BadSnapshot { name: name.to_owned(), reason: reason.to_owned() };
+        if value.len() < 12 {
+            return Err(bad("shorter than its header"));
+        }
+        let (covered, crc) = value.split_at(value.len() - 4);
+        if crc32c::crc32c(covered).to_le_bytes() != crc {
+            return Err(bad("checksum mismatch"));
+        }
+        let position = decode_u64(&covered[..8]).ok_or_else(|| bad("bad position"))?;
+        if position > self.head_position() {
+            return Err(bad("taken at a position past the end of the log"));
+        }
+        Ok(Some((position, covered[8..].to_vec())))
+    }
+}
+
+/// The chunk an iterator stands on, checked to cover `position`.
+fn current_chunk(iter: &DBRawIterator<'_>, position: u64) -> Result<(u64, Vec<u8>), LogError> {
+    iter.status().map_err(|e| LogError::storage("reading the log", e))?;
+    let (Some(key), Some(value)) = (iter.key(), iter.value()) else {
+        return Err(LogError::Gap { expected: position, found: 0 });
+    };
+    let first = decode_u64(key).ok_or_else(|| LogError::BadChunk { position, reason: "malformed chunk key".into() })?;
+    Ok((first, value.to_vec()))
+}
+
+/// Hash of the last frame of a chunk, checking that it is at `expected`.
+fn last_frame_hash(chunk: &[u8], first: u64, expected: u64) -> Result<Hash, LogError> {
+    let frames = frames(chunk, first)?;
+    let last_position = first + frames.len() as u64 - 1;
+    if last_position != expected {
+        return Err(LogError::Gap { expected: expected + 1, found: last_position + 1 });
+    }
+    let frame = frames[frames.len() - 1];
+    let envelope = decode_frame(frame).map_err(|source| LogError::Corrupt { position: expected, source })?;
+    if envelope.position != expected {
+        return Err(LogError::Gap { expected, found: envelope.position });
+    }
+    Ok(frame_hash(frame))
+}
+
+/// Find the durable head at open: the last chunk's last record, checked
+/// against the head record written with every group.
+fn read_head(db: &DB) -> Result<Head, LogError> {
+    let mut iter = db.raw_iterator_cf(cf(db, CF_LOG));
+    iter.seek_to_last();
+    let found = if iter.valid() {
+        let (first, bytes) = current_chunk(&iter, 0)?;
+        let anchor_free = frames(&bytes, first)?;
+        let last = anchor_free[anchor_free.len() - 1];
+        let position = first + anchor_free.len() as u64 - 1;
+        let envelope = decode_frame(last).map_err(|source| LogError::Corrupt { position, source })?;
+        if envelope.position != position {
+            return Err(LogError::Gap { expected: position, found: envelope.position });
+        }
+        Head { position, hash: frame_hash(last), timestamp_ms: envelope.timestamp_ms }
+    } else {
+        iter.status().map_err(|e| LogError::storage("reading the log tail", e))?;
+        Head { position: 0, hash: GENESIS_HASH, timestamp_ms: i64::MIN }
+    };
+    let recorded =
+        db.get_cf(cf(db, CF_META), META_HEAD).map_err(|e| LogError::storage("reading the head record", e))?;
+    if let Some(recorded) = recorded {
+        let position = recorded.get(..8).and_then(decode_u64).unwrap_or(u64::MAX);
+        if position != found.position {
+            return Err(LogError::Truncated { recorded: position, found: found.position });
+        }
+        if recorded.get(8..40) != Some(&found.hash[..]) {
+            // Same length, different last record: it was rewritten.
+            return Err(LogError::ChainBroken { position });
+        }
+    } else if found.position != 0 {
+        return Err(LogError::Truncated { recorded: 0, found: found.position });
+    }
+    Ok(found)
+}
+
+/// The writer thread's side: positions, stream sequences and the chain.
+struct LogWriter {
+    db: Arc<DB>,
+    head: Head,
+    stream_heads: HashMap<u128, u64>,
+    durable_position: Arc<AtomicU64>,
+    config: LogConfig,
+}
+
+impl LogWriter {
+    fn stream_head(&self, overlay: &HashMap<u128, u64>, stream_id: u128) -> Result<u64, LogError> {
+        if let Some(seq) = overlay.get(&stream_id).or_else(|| self.stream_heads.get(&stream_id)) {
+            return Ok(*seq);
+        }
+        let mut iter = self.db.raw_iterator_cf(cf(&self.db, CF_STREAMS));
+        iter.seek_for_prev(stream_key(stream_id, u64::MAX));
+        let seq = match iter.key() {
+            Some(key) if key.len() == 24 && key[..16] == stream_id.to_be_bytes() => decode_u64(&key[16..]).unwrap_or(0),
+            _ => 0,
+        };
+        iter.status().map_err(|e| LogError::storage("reading the stream index", e))?;
+        Ok(seq)
+    }
+
+    fn check_expected(&self, overlay: &HashMap<u128, u64>, request: &AppendRequest) -> Result<(), LogError> {
+        for &(stream_id, expected) in &request.expected {
+            let actual = self.stream_head(overlay, stream_id)?;
+            let ok = match expected {
+                ExpectedVersion::Any => true,
+                ExpectedVersion::NoStream => actual == 0,
+                ExpectedVersion::Exact(seq) => actual == seq,
+            };
+            if !ok {
+                return Err(LogError::Conflict { stream_id, expected: format!("{expected:?}"), actual });
+            }
+        }
+        Ok(())
+    }
+}
+
+struct ChunkBuilder {
+    first_position: u64,
+    first_timestamp_ms: i64,
+    events: usize,
+    bytes: Vec<u8>,
+}
+
+impl ChunkBuilder {
+    fn flush(&mut self, db: &DB, batch: &mut WriteBatch) {
+        if self.events == 0 {
+            return;
+        }
+        batch.put_cf(cf(db, CF_LOG), chunk_key(self.first_position), &self.bytes);
+        batch.put_cf(cf(db, CF_TIME), time_key(self.first_timestamp_ms, self.first_position), []);
+        self.events = 0;
+        self.bytes.clear();
+    }
+}
+
+impl GroupWriter for LogWriter {
+    type Request = AppendRequest;
+    type Reply = Result<Appended, LogError>;
+
+    fn weight(request: &AppendRequest) -> usize {
+        request.events.len().max(1)
+    }
+
+    fn write_group(&mut self, group: &mut Vec<AppendRequest>) -> Vec<Self::Reply> {
+        let db = Arc::clone(&self.db);
+        let mut batch = WriteBatch::default();
+        let mut head = self.head;
+        let mut overlay: HashMap<u128, u64> = HashMap::new();
+        let mut replies = Vec::with_capacity(group.len());
+        let mut chunk = ChunkBuilder { first_position: 0, first_timestamp_ms: 0, events: 0, bytes: Vec::new() };
+        let streams = cf(&db, CF_STREAMS);
+        let total = group.len();
+        for request in group.drain(..) {
+            if let Err(error) = self.check_expected(&overlay, &request) {
+                replies.push(Err(error));
+                continue;
+            }
+            let first_position = head.position + 1;
+            for event in request.events {
+                let seq = match self.stream_head(&overlay, event.stream_id) {
+                    Ok(seq) => seq + 1,
+                    Err(error) => {
+                        // Without the stream head nothing in this group can be written safely.
+                        return (0..total).map(|_| Err(error.clone())).collect();
+                    }
+                };
+                overlay.insert(event.stream_id, seq);
+                head.position += 1;
+                head.timestamp_ms = head.timestamp_ms.max(event.timestamp_ms);
+                let envelope = Envelope {
+                    event_id: event.event_id,
+                    event_type: event.event_type,
+                    stream_id: event.stream_id,
+                    stream_seq: seq,
+                    position: head.position,
+                    timestamp_ms: head.timestamp_ms,
+                    causation_id: event.causation_id,
+                    correlation_id: event.correlation_id,
+                    payload: event.payload,
+                    prev_hash: head.hash,
+                };
+                let frame = encode_frame(&envelope);
+                head.hash = frame_hash(&frame);
+                if chunk.events == 0 {
+                    chunk.first_position = head.position;
+                    chunk.first_timestamp_ms = head.timestamp_ms;
+                }
+                push_frame(&mut chunk.bytes, &frame);
+                chunk.events += 1;
+                batch.put_cf(streams, stream_key(event.stream_id, seq), head.position.to_be_bytes());
+                if chunk.events >= self.config.chunk_events_max {
+                    chunk.flush(&db, &mut batch);
+                }
+            }
+            for write in request.writes {
+                let table = cf(&db, write.table.cf());
+                match write.value {
+                    Some(value) => batch.put_cf(table, write.key, value),
+                    None => batch.delete_cf(table, write.key),
+                }
+            }
+            replies.push(Ok(Appended { first_position, last_position: head.position }));
+        }
+        chunk.flush(&db, &mut batch);
+        let mut head_record = head.position.to_be_bytes().to_vec();
+        head_record.extend_from_slice(&head.hash);
+        batch.put_cf(cf(&db, CF_META), META_HEAD, head_record);
+
+        let mut options = WriteOptions::default();
+        options.set_sync(self.config.sync);
+        if let Err(error) = db.write_opt(batch, &options) {
+            let error = LogError::storage("writing a group", error);
+            tracing::error!(%error, "event log group write failed; nothing in the group was acknowledged");
+            return replies.into_iter().map(|_| Err(error.clone())).collect();
+        }
+        self.head = head;
+        if self.stream_heads.len() + overlay.len() > self.config.stream_heads_cached_max {
+            self.stream_heads.clear();
+        }
+        self.stream_heads.extend(overlay);
+        self.durable_position.store(head.position, Ordering::Release);
+        replies
+    }
+}
+
+/// Iterator over verified events in position order. Yields an error (and then
+/// stops) at the first record that fails its checksum, position or chain.
+pub struct LogIter<'a> {
+    log: &'a EventLog,
+    iter: Option<DBRawIterator<'a>>,
+    from_position: u64,
+    buffered: VecDeque<Envelope>,
+    next_chunk: Option<u64>,
+    anchor: Hash,
+    done: bool,
+}
+
+impl std::fmt::Debug for LogIter<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LogIter").field("next_chunk", &self.next_chunk).field("done", &self.done).finish()
+    }
+}
+
+impl LogIter<'_> {
+    fn load_next_chunk(&mut self) -> Result<bool, LogError> {
+        let log = self.log;
+        match self.iter.as_mut() {
+            Some(iter) => iter.next(),
+            None => {
+                let mut iter = log.db.raw_iterator_cf(cf(&log.db, CF_LOG));
+                iter.seek_for_prev(chunk_key(self.from_position));
+                if !iter.valid() {
+                    iter.seek_to_first();
+                }
+                self.iter = Some(iter);
+            }
+        }
+        let iter = self.iter.as_ref().expect("set above");
+        if !iter.valid() {
+            iter.status().map_err(|e| LogError::storage("reading the log", e))?;
+            return Ok(false);
+        }
+        let (first, bytes) = current_chunk(iter, self.next_chunk.unwrap_or(1))?;
+        match self.next_chunk {
+            Some(expected) if expected != first => return Err(LogError::Gap { expected, found: first }),
+            Some(_) => {}
+            None => self.anchor = log.anchor_before(first)?,
+        }
+        let events = decode_verified(&bytes, first, self.anchor)?;
+        self.next_chunk = Some(first + events.len() as u64);
+        if let Some((_, hash)) = events.last() {
+            self.anchor = *hash;
+        }
+        let from = self.from_position;
+        self.buffered.extend(events.into_iter().map(|(e, _)| e).filter(|e| e.position >= from));
+        Ok(true)
+    }
+}
+
+impl Iterator for LogIter<'_> {
+    type Item = Result<Envelope, LogError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        loop {
+            if let Some(envelope) = self.buffered.pop_front() {
+                return Some(Ok(envelope));
+            }
+            if self.done {
+                return None;
+            }
+            match self.load_next_chunk() {
+                Ok(true) => {}
+                Ok(false) => {
+                    self.done = true;
+                    return None;
+                }
+                Err(error) => {
+                    self.done = true;
+                    return Some(Err(error));
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,34 @@
+//! The `kassa` binary: configuration, telemetry, signals and wiring. Nothing else.
+
+mod log_cmd;
+mod up;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(name = "kassa", version, about = "Kassa: an event-sourced payment transaction engine")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run all services in one process over the embedded durable log.
+    Up(up::UpArgs),
+    /// Inspect and verify a service's event log.
+    #[command(subcommand)]
+    Log(log_cmd::LogCommand),
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("KASSA_LOG").unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    match cli.command {
+        Command::Up(args) => up::run(args),
+        Command::Log(command) => log_cmd::run(command),
+    }
+}
