@@ -2,7 +2,7 @@
 //!
 //! `cargo bench -p kassa-benches --bench eventlog`
 //! Environment: KASSA_BENCH_EVENTS (default 1,000,000), KASSA_BENCH_THREADS (4),
-//! KASSA_BENCH_EVENTS_PER_APPEND (16), KASSA_BENCH_IN_FLIGHT (64 appends per thread),
+//! KASSA_BENCH_EVENTS_PER_APPEND (16), KASSA_BENCH_IN_FLIGHT (128 appends per thread),
 //! KASSA_BENCH_DIR (a directory on the disk to measure; default: the system temp dir).
 
 // Floats only format the figures this prints; no money is computed here.
@@ -33,7 +33,7 @@ fn main() {
     let events_total = if quick { 20_000 } else { env("KASSA_BENCH_EVENTS", 1_000_000) };
     let threads = env("KASSA_BENCH_THREADS", 4);
     let per_append = env("KASSA_BENCH_EVENTS_PER_APPEND", 16);
-    let in_flight = env("KASSA_BENCH_IN_FLIGHT", 64) as usize;
+    let in_flight = env("KASSA_BENCH_IN_FLIGHT", 128) as usize;
     let dir = match std::env::var_os("KASSA_BENCH_DIR") {
         Some(base) => tempfile::tempdir_in(base),
         None => tempfile::tempdir(),

@@ -6,7 +6,7 @@
 use crate::{Bus, BusError, Message, Produced, Record, TopicSpec, partition_for};
 use async_trait::async_trait;
 use kassa_eventlog::GroupCommitConfig;
-use kassa_eventlog::group_commit::{GroupCommitter, GroupWriter};
+use kassa_eventlog::group_commit::{GroupCommitter, GroupWriter, Replier};
 use rocksdb::{ColumnFamilyDescriptor, DB, Options, WriteBatch, WriteOptions};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -295,7 +295,15 @@ impl GroupWriter for BusWriter {
         request.len().max(1)
     }
 
-    fn write_group(&mut self, group: &mut Vec<Vec<Record>>) -> Vec<ProduceReply> {
+    fn write_group(&mut self, group: &mut Vec<Vec<Record>>, repliers: Vec<Replier<ProduceReply>>) {
+        for (replier, reply) in repliers.into_iter().zip(self.write(group)) {
+            replier.send(reply);
+        }
+    }
+}
+
+impl BusWriter {
+    fn write(&mut self, group: &mut Vec<Vec<Record>>) -> Vec<ProduceReply> {
         let messages_cf = self.db.cf_handle(CF_MESSAGES).expect("created at open");
         let mut batch = WriteBatch::default();
         let mut replies = Vec::with_capacity(group.len());

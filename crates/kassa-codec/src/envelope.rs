@@ -42,9 +42,9 @@ pub struct Envelope {
     pub prev_hash: Hash,
 }
 
-/// The bincode body of a version-1 frame. Field order is the format: append
-/// new fields only in a new version.
-#[derive(Serialize, Deserialize)]
+/// The bincode body of a version-1 frame, as decoded. Field order is the
+/// format: a new field means a new version.
+#[derive(Deserialize)]
 struct BodyV1 {
     event_id: u128,
     event_type: String,
@@ -54,19 +54,37 @@ struct BodyV1 {
     timestamp_ms: i64,
     causation_id: Option<u128>,
     correlation_id: Option<u128>,
-    #[serde(with = "serde_bytes_vec")]
+    #[serde(deserialize_with = "bytes::deserialize")]
     payload: Vec<u8>,
     prev_hash: Hash,
 }
 
-/// Encode a byte vector as one length-prefixed run (serde's default for
-/// `Vec<u8>` is a sequence of u8, which bincode writes the same way, but this
-/// keeps the intent explicit and the decode fast).
-mod serde_bytes_vec {
+/// The same body, borrowed for encoding (no copy of type name or payload).
+/// Must list exactly the fields of [`BodyV1`], in the same order.
+#[derive(Serialize)]
+struct BodyV1Ref<'a> {
+    event_id: u128,
+    event_type: &'a str,
+    stream_id: u128,
+    stream_seq: u64,
+    position: u64,
+    timestamp_ms: i64,
+    causation_id: Option<u128>,
+    correlation_id: Option<u128>,
+    #[serde(serialize_with = "bytes::serialize")]
+    payload: &'a [u8],
+    prev_hash: &'a Hash,
+}
+
+/// The payload as one length-prefixed run of bytes, decoded in one copy.
+mod bytes {
     use serde::{Deserializer, Serializer};
-    pub fn serialize<S: Serializer>(bytes: &[u8], s: S) -> Result<S::Ok, S::Error> {
+
+    #[allow(clippy::ptr_arg)]
+    pub fn serialize<S: Serializer>(bytes: &&[u8], s: S) -> Result<S::Ok, S::Error> {
         s.serialize_bytes(bytes)
     }
+
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
         struct V;
         impl<'de> serde::de::Visitor<'de> for V {
@@ -115,25 +133,33 @@ fn config() -> impl bincode::config::Config {
 
 /// Encode an envelope as a frame (see the crate docs for the layout).
 pub fn encode_frame(envelope: &Envelope) -> Vec<u8> {
-    let body = BodyV1 {
+    let mut frame = Vec::with_capacity(64 + envelope.payload.len() + envelope.event_type.len());
+    encode_frame_into(envelope, &mut frame);
+    frame
+}
+
+/// Append an envelope's frame to `out` (no intermediate buffer); returns
+/// where the frame starts.
+pub fn encode_frame_into(envelope: &Envelope, out: &mut Vec<u8>) -> usize {
+    let body = BodyV1Ref {
         event_id: envelope.event_id,
-        event_type: envelope.event_type.clone(),
+        event_type: &envelope.event_type,
         stream_id: envelope.stream_id,
         stream_seq: envelope.stream_seq,
         position: envelope.position,
         timestamp_ms: envelope.timestamp_ms,
         causation_id: envelope.causation_id,
         correlation_id: envelope.correlation_id,
-        payload: envelope.payload.clone(),
-        prev_hash: envelope.prev_hash,
+        payload: &envelope.payload,
+        prev_hash: &envelope.prev_hash,
     };
-    let mut frame = Vec::with_capacity(64 + envelope.payload.len() + envelope.event_type.len());
-    frame.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+    let start = out.len();
+    out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
     // Encoding plain owned data into a Vec cannot fail.
-    bincode::serde::encode_into_std_write(&body, &mut frame, config()).expect("encoding into a Vec cannot fail");
-    let crc = crc32c::crc32c(&frame);
-    frame.extend_from_slice(&crc.to_le_bytes());
-    frame
+    bincode::serde::encode_into_std_write(&body, out, config()).expect("encoding into a Vec cannot fail");
+    let crc = crc32c::crc32c(&out[start..]);
+    out.extend_from_slice(&crc.to_le_bytes());
+    start
 }
 
 /// Decode and verify a frame: length, version, checksum, body, no trailing bytes.

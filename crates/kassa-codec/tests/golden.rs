@@ -119,6 +119,27 @@ fn golden_files_still_decode() {
 }
 
 #[test]
+fn persisted_enum_indexes_are_stable() {
+    use kassa_codec::encode_value;
+    let brands = [
+        CardBrand::Visa,
+        CardBrand::Mastercard,
+        CardBrand::Amex,
+        CardBrand::Discover,
+        CardBrand::Jcb,
+        CardBrand::DinersClub,
+        CardBrand::UnionPay,
+        CardBrand::Maestro,
+        CardBrand::Unknown,
+    ];
+    for (index, brand) in brands.iter().enumerate() {
+        assert_eq!(encode_value(brand), vec![index as u8], "{brand:?}");
+    }
+    assert_eq!(encode_value(&DeclineCategory::Hard), vec![0]);
+    assert_eq!(encode_value(&DeclineCategory::Soft), vec![1]);
+}
+
+#[test]
 fn unknown_event_types_are_a_clear_error() {
     let err = PaymentEvent::decode_payload("payment.teleported", &[]).unwrap_err();
     assert!(err.to_string().contains("unknown event type"), "{err}");

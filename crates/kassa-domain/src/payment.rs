@@ -71,7 +71,8 @@ pub enum PaymentStatus {
     Refunded,
 }
 
-/// Whether a decline may be retried with another provider.
+/// Whether a decline may be retried with another provider. Persisted by
+/// variant index: never reorder.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum DeclineCategory {

@@ -5,11 +5,16 @@
 //! checksum and chain link, so a chunk is verified frame by frame.
 
 use crate::LogError;
-use kassa_codec::{Envelope, Hash, decode_frame, frame_hash};
+use kassa_codec::{Envelope, Hash, decode_frame, encode_frame_into, frame_hash};
 
-pub fn push_frame(chunk: &mut Vec<u8>, frame: &[u8]) {
-    chunk.extend_from_slice(&(frame.len() as u32).to_le_bytes());
-    chunk.extend_from_slice(frame);
+/// Encode an envelope straight into the chunk; returns its record hash.
+pub fn push_frame(chunk: &mut Vec<u8>, envelope: &Envelope) -> Hash {
+    let len_at = chunk.len();
+    chunk.extend_from_slice(&[0; 4]);
+    let start = encode_frame_into(envelope, chunk);
+    let len = (chunk.len() - start) as u32;
+    chunk[len_at..start].copy_from_slice(&len.to_le_bytes());
+    frame_hash(&chunk[start..])
 }
 
 /// The frames of a chunk, without decoding them.

@@ -39,8 +39,21 @@ pub trait GroupWriter: Send + 'static {
     type Reply: Send + 'static;
     /// How much of `batch_events_max` a request uses.
     fn weight(request: &Self::Request) -> usize;
-    /// Write the group as one unit and return one reply per request, in order.
-    fn write_group(&mut self, group: &mut Vec<Self::Request>) -> Vec<Self::Reply>;
+    /// Write the group as one unit, and answer each request through its
+    /// [`Replier`] (same order as `group`) once its outcome is final — which
+    /// may be later, from another thread, when the sync is pipelined.
+    fn write_group(&mut self, group: &mut Vec<Self::Request>, replies: Vec<Replier<Self::Reply>>);
+}
+
+/// The way back to one caller.
+#[derive(Debug)]
+pub struct Replier<R>(oneshot::Sender<R>);
+
+impl<R> Replier<R> {
+    /// Answer the caller. A caller that stopped waiting is not an error.
+    pub fn send(self, reply: R) {
+        let _ = self.0.send(reply);
+    }
 }
 
 /// Counters for benchmarks and metrics.
@@ -51,7 +64,7 @@ pub struct GroupCommitStats {
     pub weight: AtomicU64,
 }
 
-type Queued<W> = (<W as GroupWriter>::Request, oneshot::Sender<<W as GroupWriter>::Reply>);
+type Queued<W> = (<W as GroupWriter>::Request, Replier<<W as GroupWriter>::Reply>);
 
 /// The committer has stopped (its writer thread ended).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -113,7 +126,7 @@ impl<W: GroupWriter> GroupCommitter<W> {
     /// Queue a request (waiting while the queue is full) and await its reply.
     pub async fn submit(&self, request: W::Request) -> Result<W::Reply, WriterStopped> {
         let (reply_tx, reply_rx) = oneshot::channel();
-        self.sender()?.send((request, reply_tx)).await.map_err(|_| WriterStopped)?;
+        self.sender()?.send((request, Replier(reply_tx))).await.map_err(|_| WriterStopped)?;
         Pending(reply_rx).recv().await
     }
 
@@ -121,7 +134,7 @@ impl<W: GroupWriter> GroupCommitter<W> {
     /// Lets one thread keep many requests in flight.
     pub fn submit_blocking(&self, request: W::Request) -> Result<Pending<W::Reply>, WriterStopped> {
         let (reply_tx, reply_rx) = oneshot::channel();
-        self.sender()?.blocking_send((request, reply_tx)).map_err(|_| WriterStopped)?;
+        self.sender()?.blocking_send((request, Replier(reply_tx))).map_err(|_| WriterStopped)?;
         Ok(Pending(reply_rx))
     }
 
@@ -130,7 +143,7 @@ impl<W: GroupWriter> GroupCommitter<W> {
     pub fn try_submit(&self, request: W::Request) -> Result<Pending<W::Reply>, TrySubmitError> {
         let (reply_tx, reply_rx) = oneshot::channel();
         let sender = self.tx.as_ref().ok_or(TrySubmitError::Stopped)?;
-        sender.try_send((request, reply_tx)).map_err(|e| match e {
+        sender.try_send((request, Replier(reply_tx))).map_err(|e| match e {
             mpsc::error::TrySendError::Full(_) => TrySubmitError::Full,
             mpsc::error::TrySendError::Closed(_) => TrySubmitError::Stopped,
         })?;
@@ -186,12 +199,7 @@ fn run<W: GroupWriter>(
         stats.groups.fetch_add(1, Ordering::Relaxed);
         stats.requests.fetch_add(group.len() as u64, Ordering::Relaxed);
         stats.weight.fetch_add(weight as u64, Ordering::Relaxed);
-        let results = writer.write_group(&mut group);
-        debug_assert_eq!(results.len(), replies.len());
-        for (reply, result) in replies.drain(..).zip(results) {
-            // A caller that stopped waiting is not an error.
-            let _ = reply.send(result);
-        }
+        writer.write_group(&mut group, std::mem::take(&mut replies));
         group.clear();
     }
 }
@@ -213,10 +221,12 @@ mod tests {
         fn weight(_: &u32) -> usize {
             1
         }
-        fn write_group(&mut self, group: &mut Vec<u32>) -> Vec<u32> {
+        fn write_group(&mut self, group: &mut Vec<u32>, replies: Vec<Replier<u32>>) {
             let _ = self.seen.send(group.len());
             let _ = self.gate.recv();
-            group.drain(..).map(|r| r * 10).collect()
+            for (request, reply) in group.drain(..).zip(replies) {
+                reply.send(request * 10);
+            }
         }
     }
 

@@ -401,3 +401,38 @@ fn opening_something_that_is_not_a_log_is_a_clear_error() {
     let error = EventLog::open(&file, LogConfig::default()).unwrap_err();
     assert!(error.to_string().contains("opening"), "{error}");
 }
+
+#[test]
+fn damage_to_the_table_files_on_disk_is_an_error_not_a_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let log = EventLog::open(dir.path(), small_chunks()).unwrap();
+        append(&log, (1..=1000u128).map(|id| event(id, id % 5, 0)).collect());
+        append(&log, (1001..=2000u128).map(|id| event(id, id % 5, 0)).collect());
+        log.flush().unwrap();
+    }
+    let mut damaged = 0;
+    for entry in std::fs::read_dir(dir.path()).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "sst") {
+            let mut bytes = std::fs::read(&path).unwrap();
+            if bytes.len() > 4096 {
+                // Inside the data blocks, well before the index and footer.
+                let at = bytes.len() / 3;
+                for b in &mut bytes[at..at + 16] {
+                    *b ^= 0x5a;
+                }
+                std::fs::write(&path, bytes).unwrap();
+                damaged += 1;
+            }
+        }
+    }
+    assert!(damaged > 0, "no table file to damage");
+    match EventLog::open(dir.path(), small_chunks()) {
+        Err(error) => assert!(!error.to_string().is_empty()),
+        Ok(log) => {
+            let error = log.verify().expect_err("damaged table files must not verify");
+            assert!(!error.to_string().is_empty());
+        }
+    }
+}

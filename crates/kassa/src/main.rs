@@ -4,6 +4,7 @@ mod log_cmd;
 mod up;
 
 use clap::{Parser, Subcommand};
+use std::io::IsTerminal;
 
 #[derive(Parser, Debug)]
 #[command(name = "kassa", version, about = "Kassa: an event-sourced payment transaction engine")]
@@ -26,6 +27,7 @@ fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("KASSA_LOG").unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     match cli.command {
         Command::Up(args) => up::run(args),
