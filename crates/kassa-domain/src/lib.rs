@@ -9,6 +9,8 @@ pub mod currency;
 pub mod id;
 pub mod money;
 pub mod payment;
+pub mod reconciliation;
+pub mod settlement;
 pub mod time;
 
 pub use card::{CardBrand, CardDetails, CardError, CardSummary, CardToken, Expiry, Pan};

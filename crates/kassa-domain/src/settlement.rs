@@ -1,0 +1,228 @@
+//! Settlement batching: captured and refunded amounts grouped per provider,
+//! merchant and currency, closed at a cut-off with totals and fees.
+//!
+//! A batch is an aggregate with its own `decide`/`apply`. Money is conserved:
+//! `net = captured − refunded − fees`, every sum checked, and each entry (one
+//! capture or one refund) belongs to at most one batch — the service keeps an
+//! index of batched entry ids and refuses a second add; the batch refuses a
+//! duplicate within itself.
+
+use crate::id::{BatchId, MerchantId, PaymentId};
+use crate::money::{Money, MoneyError};
+use crate::{Currency, Timestamp};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeSet;
+
+/// What an entry moves: money to the merchant (capture) or back (refund).
+/// Persisted by variant index: never reorder.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EntryKind {
+    Capture,
+    Refund,
+}
+
+/// One capture or refund to settle. `entry_id` is the capture's or refund's id.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SettlementEntry {
+    pub entry_id: u128,
+    pub payment_id: PaymentId,
+    pub kind: EntryKind,
+    /// Always positive; `kind` gives the direction.
+    pub amount: Money,
+}
+
+/// Which batch an entry goes to.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct BatchKey {
+    pub provider: String,
+    pub merchant_id: MerchantId,
+    pub currency: Currency,
+}
+
+/// A provider's fees: basis points of each capture plus a fixed amount per capture.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FeeSchedule {
+    pub capture_basis_points: u32,
+    pub capture_fixed_minor: i64,
+}
+
+impl FeeSchedule {
+    /// The fee on one capture, rounded half up to the minor unit. Integer only.
+    pub fn capture_fee(self, amount_minor: i64) -> Result<i64, MoneyError> {
+        let proportional = (i128::from(amount_minor) * i128::from(self.capture_basis_points) + 5_000) / 10_000;
+        let fee = proportional.checked_add(i128::from(self.capture_fixed_minor)).ok_or(MoneyError::Overflow)?;
+        i64::try_from(fee).map_err(|_| MoneyError::Overflow)
+    }
+}
+
+/// Totals of a closed batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BatchTotals {
+    pub captured: Money,
+    pub refunded: Money,
+    pub fees: Money,
+    /// What the provider owes the merchant: captured − refunded − fees.
+    pub net: Money,
+    pub entries: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BatchCommand {
+    Open { batch_id: BatchId, key: BatchKey },
+    Add { entry: SettlementEntry },
+    Close { fees: FeeSchedule },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BatchEvent {
+    Opened { batch_id: BatchId, key: BatchKey, opened_at: Timestamp },
+    EntryAdded { entry: SettlementEntry },
+    Closed { totals: BatchTotals, closed_at: Timestamp },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BatchRejection {
+    #[error("batch already exists")]
+    AlreadyOpen,
+    #[error("batch not found")]
+    NotFound,
+    #[error("batch is closed; entries go to the next batch")]
+    Closed,
+    #[error("entry {entry_id:#x} is already in this batch")]
+    DuplicateEntry { entry_id: u128 },
+    #[error("entry is in {got} but the batch settles {expected}")]
+    CurrencyMismatch { expected: Currency, got: Currency },
+    #[error("entry amount must be positive, got {amount}")]
+    AmountNotPositive { amount: i64 },
+    #[error("cannot close an empty batch")]
+    Empty,
+    #[error("batch totals overflow: {0}")]
+    Overflow(#[from] MoneyError),
+}
+
+/// A batch rebuilt from its events.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct BatchState {
+    pub batch_id: Option<BatchId>,
+    pub key: Option<BatchKey>,
+    pub opened_at: Option<Timestamp>,
+    pub entries: Vec<SettlementEntry>,
+    pub entry_ids: BTreeSet<u128>,
+    pub captured_minor: i64,
+    pub refunded_minor: i64,
+    pub closed: Option<(BatchTotals, Timestamp)>,
+}
+
+impl BatchState {
+    pub fn is_open(&self) -> bool {
+        self.key.is_some() && self.closed.is_none()
+    }
+
+    /// Totals as they would be if the batch closed now with `fees`.
+    pub fn totals(&self, fees: FeeSchedule) -> Result<BatchTotals, BatchRejection> {
+        let key = self.key.as_ref().ok_or(BatchRejection::NotFound)?;
+        let currency = key.currency;
+        let mut fee_minor: i64 = 0;
+        for entry in self.entries.iter().filter(|e| e.kind == EntryKind::Capture) {
+            fee_minor = fee_minor.checked_add(fees.capture_fee(entry.amount.minor)?).ok_or(MoneyError::Overflow)?;
+        }
+        let captured = Money::new(self.captured_minor, currency);
+        let refunded = Money::new(self.refunded_minor, currency);
+        let fees = Money::new(fee_minor, currency);
+        let net = captured.checked_sub(refunded)?.checked_sub(fees)?;
+        Ok(BatchTotals { captured, refunded, fees, net, entries: self.entries.len() as u64 })
+    }
+}
+
+pub fn decide_batch(
+    state: &BatchState,
+    command: BatchCommand,
+    now: Timestamp,
+) -> Result<Vec<BatchEvent>, BatchRejection> {
+    match command {
+        BatchCommand::Open { batch_id, key } => {
+            if state.key.is_some() {
+                return Err(BatchRejection::AlreadyOpen);
+            }
+            Ok(vec![BatchEvent::Opened { batch_id, key, opened_at: now }])
+        }
+        BatchCommand::Add { entry } => {
+            let key = state.key.as_ref().ok_or(BatchRejection::NotFound)?;
+            if state.closed.is_some() {
+                return Err(BatchRejection::Closed);
+            }
+            if entry.amount.currency != key.currency {
+                return Err(BatchRejection::CurrencyMismatch { expected: key.currency, got: entry.amount.currency });
+            }
+            if entry.amount.minor <= 0 {
+                return Err(BatchRejection::AmountNotPositive { amount: entry.amount.minor });
+            }
+            if state.entry_ids.contains(&entry.entry_id) {
+                return Err(BatchRejection::DuplicateEntry { entry_id: entry.entry_id });
+            }
+            // Refuse now what would overflow at close.
+            let (captured, refunded) = match entry.kind {
+                EntryKind::Capture => {
+                    (state.captured_minor.checked_add(entry.amount.minor), Some(state.refunded_minor))
+                }
+                EntryKind::Refund => (Some(state.captured_minor), state.refunded_minor.checked_add(entry.amount.minor)),
+            };
+            let (Some(captured), Some(refunded)) = (captured, refunded) else {
+                return Err(BatchRejection::Overflow(MoneyError::Overflow));
+            };
+            captured.checked_sub(refunded).ok_or(BatchRejection::Overflow(MoneyError::Overflow))?;
+            Ok(vec![BatchEvent::EntryAdded { entry }])
+        }
+        BatchCommand::Close { fees } => {
+            if state.key.is_none() {
+                return Err(BatchRejection::NotFound);
+            }
+            if state.closed.is_some() {
+                return Err(BatchRejection::Closed);
+            }
+            if state.entries.is_empty() {
+                return Err(BatchRejection::Empty);
+            }
+            Ok(vec![BatchEvent::Closed { totals: state.totals(fees)?, closed_at: now }])
+        }
+    }
+}
+
+/// # Panics
+/// On an event that cannot follow the state (events are facts).
+pub fn apply_batch(state: &mut BatchState, event: &BatchEvent) {
+    match event {
+        BatchEvent::Opened { batch_id, key, opened_at } => {
+            assert!(state.key.is_none(), "batch opened twice");
+            state.batch_id = Some(*batch_id);
+            state.key = Some(key.clone());
+            state.opened_at = Some(*opened_at);
+        }
+        BatchEvent::EntryAdded { entry } => {
+            assert!(state.is_open(), "entry added to a batch that is not open");
+            assert!(state.entry_ids.insert(entry.entry_id), "entry {:#x} batched twice", entry.entry_id);
+            match entry.kind {
+                EntryKind::Capture => state.captured_minor += entry.amount.minor,
+                EntryKind::Refund => state.refunded_minor += entry.amount.minor,
+            }
+            state.entries.push(entry.clone());
+        }
+        BatchEvent::Closed { totals, closed_at } => {
+            assert!(state.is_open(), "closing a batch that is not open");
+            // Money is conserved: the totals are exactly the entries.
+            let captured: i64 =
+                state.entries.iter().filter(|e| e.kind == EntryKind::Capture).map(|e| e.amount.minor).sum();
+            let refunded: i64 =
+                state.entries.iter().filter(|e| e.kind == EntryKind::Refund).map(|e| e.amount.minor).sum();
+            assert_eq!(totals.captured.minor, captured, "captured total differs from its entries");
+            assert_eq!(totals.refunded.minor, refunded, "refunded total differs from its entries");
+            assert_eq!(
+                totals.net.minor,
+                captured - refunded - totals.fees.minor,
+                "net is not captured − refunded − fees"
+            );
+            state.closed = Some((*totals, *closed_at));
+        }
+    }
+}
