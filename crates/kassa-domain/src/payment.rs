@@ -338,8 +338,8 @@ fn positive_in(state: &PaymentState, amount: Money) -> Result<(), Rejection> {
 pub fn decide(state: &PaymentState, command: PaymentCommand, now: Timestamp) -> Result<Vec<PaymentEvent>, Rejection> {
     use PaymentCommand as C;
     use PaymentEvent as E;
-    let illegal =
-        |command: &PaymentCommand| Rejection::IllegalTransition { stage: state.stage, command: command.name() };
+    let command_name = command.name();
+    let illegal = || Rejection::IllegalTransition { stage: state.stage, command: command_name };
 
     if state.stage == Stage::New && !matches!(command, C::Request(_)) {
         return Err(Rejection::PaymentNotFound);
@@ -365,11 +365,11 @@ pub fn decide(state: &PaymentState, command: PaymentCommand, now: Timestamp) -> 
         }
         C::StartAuthorization { attempt_id, provider } => match state.stage {
             Stage::Requested => Ok(vec![E::AuthorizationStarted { attempt_id, provider }]),
-            _ => Err(illegal(&C::StartAuthorization { attempt_id, provider })),
+            _ => Err(illegal()),
         },
         C::RecordAuthorizationResult { attempt_id, result } => {
             if state.stage != Stage::Authorizing {
-                return Err(illegal(&C::RecordAuthorizationResult { attempt_id, result }));
+                return Err(illegal());
             }
             if state.in_flight.attempt_id != Some(attempt_id) {
                 return Err(Rejection::AttemptNotInFlight { attempt_id });
@@ -401,7 +401,7 @@ pub fn decide(state: &PaymentState, command: PaymentCommand, now: Timestamp) -> 
         }
         C::ReverseAuthorization { attempt_id } => {
             if state.stage != Stage::Authorizing {
-                return Err(illegal(&C::ReverseAuthorization { attempt_id }));
+                return Err(illegal());
             }
             if state.in_flight.attempt_id != Some(attempt_id) {
                 return Err(Rejection::AttemptNotInFlight { attempt_id });
@@ -413,11 +413,11 @@ pub fn decide(state: &PaymentState, command: PaymentCommand, now: Timestamp) -> 
         }
         C::Decline { code, category } => match state.stage {
             Stage::Requested => Ok(vec![E::Declined { attempt_id: None, provider: None, code, category }]),
-            _ => Err(illegal(&C::Decline { code, category })),
+            _ => Err(illegal()),
         },
         C::Capture { capture_id, amount } => {
             if !matches!(state.stage, Stage::Authorized | Stage::Captured) {
-                return Err(illegal(&C::Capture { capture_id, amount }));
+                return Err(illegal());
             }
             positive_in(state, amount)?;
             let capturable = state.authorized_minor - state.captured_minor;
@@ -431,11 +431,11 @@ pub fn decide(state: &PaymentState, command: PaymentCommand, now: Timestamp) -> 
         }
         C::Void => match state.stage {
             Stage::Authorized => Ok(vec![E::Voided { amount: state.money(state.authorized_minor) }]),
-            _ => Err(illegal(&C::Void)),
+            _ => Err(illegal()),
         },
         C::Refund { refund_id, amount } => {
             if !matches!(state.stage, Stage::Captured | Stage::Settled | Stage::Reconciled) {
-                return Err(illegal(&C::Refund { refund_id, amount }));
+                return Err(illegal());
             }
             positive_in(state, amount)?;
             let refundable = state.captured_minor - state.refunded_minor;
@@ -449,11 +449,11 @@ pub fn decide(state: &PaymentState, command: PaymentCommand, now: Timestamp) -> 
         }
         C::RecordSettlement { batch_id } => match state.stage {
             Stage::Captured => Ok(vec![E::Settled { batch_id }]),
-            _ => Err(illegal(&C::RecordSettlement { batch_id })),
+            _ => Err(illegal()),
         },
         C::RecordReconciliation { report_id } => match state.stage {
             Stage::Settled => Ok(vec![E::Reconciled { report_id }]),
-            _ => Err(illegal(&C::RecordReconciliation { report_id })),
+            _ => Err(illegal()),
         },
     }
 }
