@@ -1,0 +1,108 @@
+//! The simulated acquirer's contract: outcomes by test card, idempotent
+//! attempts, and faults that behave like the real ones.
+
+use kassa_domain::*;
+use kassa_providers::*;
+use std::time::Duration;
+
+const NOW: Timestamp = Timestamp(1_795_651_200_000);
+const DEADLINE: Duration = Duration::from_millis(2000);
+
+fn request(attempt: u128, number: &str) -> AuthorizeRequest {
+    AuthorizeRequest {
+        attempt_id: AttemptId::from_u128(attempt),
+        payment_id: PaymentId::from_u128(attempt + 1000),
+        merchant_id: MerchantId::from_u128(1),
+        amount: Money::new(1999, Currency::from_code("EUR").unwrap()),
+        card: CardDetails::parse(number, 12, 2030, "123", NOW).unwrap(),
+    }
+}
+
+fn sim() -> SimulatedAcquirer {
+    SimulatedAcquirer::new("acq-alpha", SimulatorConfig::default())
+}
+
+#[tokio::test(start_paused = true)]
+async fn test_cards_answer_as_documented() {
+    let sim = sim();
+    assert!(matches!(
+        sim.authorize(request(1, "4242424242424242"), DEADLINE).await,
+        Ok(AuthorizeOutcome::Approved { .. })
+    ));
+    assert!(matches!(
+        sim.authorize(request(2, "5555555555554444"), DEADLINE).await,
+        Ok(AuthorizeOutcome::Approved { .. })
+    ));
+    assert_eq!(
+        sim.authorize(request(3, "4000000000000002"), DEADLINE).await,
+        Ok(AuthorizeOutcome::Declined { code: "do_not_honor".into(), category: DeclineCategory::Hard })
+    );
+    assert_eq!(
+        sim.authorize(request(4, "4000000000009995"), DEADLINE).await,
+        Ok(AuthorizeOutcome::Declined { code: "insufficient_funds".into(), category: DeclineCategory::Soft })
+    );
+    assert!(matches!(
+        sim.authorize(request(5, "4000000000000119"), DEADLINE).await,
+        Err(ProviderError::Unavailable { .. })
+    ));
+    assert_eq!(sim.ledger().len(), 2, "only approvals hold money");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_retried_attempt_is_authorized_once() {
+    let sim = sim();
+    let first = sim.authorize(request(1, "4242424242424242"), DEADLINE).await.unwrap();
+    let again = sim.authorize(request(1, "4242424242424242"), DEADLINE).await.unwrap();
+    assert_eq!(first, again);
+    assert_eq!(sim.ledger().len(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn timeout_after_accept_holds_money_that_inquiry_finds_and_reversal_releases() {
+    let sim = sim();
+    sim.set_fault(Some(Fault::TimeoutAfterAccept));
+    let answer = sim.authorize(request(1, "4242424242424242"), DEADLINE).await;
+    assert_eq!(answer, Err(ProviderError::Timeout { deadline_ms: 2000 }));
+    assert_eq!(sim.ledger()[0].state, LedgerState::Authorized, "the provider acted");
+    sim.set_fault(None);
+    let attempt = AttemptId::from_u128(1);
+    assert!(matches!(sim.inquire(attempt, DEADLINE).await, Ok(AttemptStatus::Authorized { .. })));
+    sim.reverse(attempt, DEADLINE).await.unwrap();
+    assert_eq!(sim.inquire(attempt, DEADLINE).await, Ok(AttemptStatus::Reversed));
+    assert_eq!(sim.inquire(AttemptId::from_u128(9), DEADLINE).await, Ok(AttemptStatus::NotFound));
+}
+
+#[tokio::test(start_paused = true)]
+async fn down_refuses_without_acting_and_slow_misses_deadlines() {
+    let sim = sim();
+    sim.set_fault(Some(Fault::Down));
+    assert!(matches!(
+        sim.authorize(request(1, "4242424242424242"), DEADLINE).await,
+        Err(ProviderError::Unavailable { .. })
+    ));
+    assert!(sim.ledger().is_empty());
+    sim.set_fault(Some(Fault::Slow { extra_ms: 5000 }));
+    assert_eq!(
+        sim.authorize(request(2, "4242424242424242"), DEADLINE).await,
+        Err(ProviderError::Timeout { deadline_ms: 2000 })
+    );
+    assert!(sim.ledger().is_empty(), "a slow provider that missed the deadline did not get the request through");
+}
+
+#[tokio::test(start_paused = true)]
+async fn captures_and_refunds_stay_within_what_is_held() {
+    let sim = sim();
+    sim.authorize(request(1, "4242424242424242"), DEADLINE).await.unwrap();
+    let attempt = AttemptId::from_u128(1);
+    let eur = |m| Money::new(m, Currency::from_code("EUR").unwrap());
+    sim.capture(attempt, eur(1000), DEADLINE).await.unwrap();
+    assert!(matches!(sim.capture(attempt, eur(1000), DEADLINE).await, Err(ProviderError::Refused { .. })));
+    sim.refund(attempt, RefundId::from_u128(1), eur(400), DEADLINE).await.unwrap();
+    assert!(matches!(
+        sim.refund(attempt, RefundId::from_u128(2), eur(601), DEADLINE).await,
+        Err(ProviderError::Refused { .. })
+    ));
+    assert!(matches!(sim.reverse(attempt, DEADLINE).await, Err(ProviderError::Refused { .. })));
+    let entry = &sim.ledger()[0];
+    assert_eq!((entry.captured_minor, entry.refunded_minor), (1000, 400));
+}
