@@ -9,8 +9,8 @@ use rocksdb::{ColumnFamilyDescriptor, DB, DBRawIterator, Options, WriteBatch, Wr
 use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasherDefault, Hasher};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use tokio::sync::watch;
 
 /// Bounds and switches of one event log. Units last.
 #[derive(Debug, Clone)]
@@ -153,7 +153,7 @@ pub struct EventLog {
     db: Arc<DB>,
     path: PathBuf,
     committer: GroupCommitter<LogWriter>,
-    durable_position: Arc<AtomicU64>,
+    durable_position: Arc<watch::Sender<u64>>,
     config: LogConfig,
 }
 
@@ -161,7 +161,7 @@ impl std::fmt::Debug for EventLog {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("EventLog")
             .field("path", &self.path)
-            .field("durable_position", &self.durable_position.load(Ordering::Acquire))
+            .field("durable_position", &*self.durable_position.borrow())
             .finish()
     }
 }
@@ -199,7 +199,7 @@ impl EventLog {
             .map_err(|e| LogError::storage(format!("opening {}", path.display()), e))?;
         let db = Arc::new(db);
         let head = read_head(&db)?;
-        let durable_position = Arc::new(AtomicU64::new(head.position));
+        let durable_position = Arc::new(watch::channel(head.position).0);
         let failed = Arc::new(Mutex::new(None));
         // One group in the sync thread's hands, one being built: the pipeline depth.
         let (sync_tx, sync_rx) = std::sync::mpsc::sync_channel(1);
@@ -280,7 +280,13 @@ impl EventLog {
 
     /// The last durable position (0 for an empty log).
     pub fn head_position(&self) -> u64 {
-        self.durable_position.load(Ordering::Acquire)
+        *self.durable_position.borrow()
+    }
+
+    /// Watch the durable head: changes after every durable group. For relays
+    /// and readers that follow the log.
+    pub fn watch_head(&self) -> watch::Receiver<u64> {
+        self.durable_position.subscribe()
     }
 
     /// Verified events from `from_position` (1-based) on, in order.
@@ -567,7 +573,7 @@ fn run_sync(
     db: Arc<DB>,
     jobs: std::sync::mpsc::Receiver<SyncJob>,
     sync: bool,
-    durable_position: Arc<AtomicU64>,
+    durable_position: Arc<watch::Sender<u64>>,
     failed: Arc<Mutex<Option<LogError>>>,
 ) {
     let mut options = WriteOptions::default();
@@ -589,7 +595,7 @@ fn run_sync(
         };
         match outcome {
             Ok(()) => {
-                durable_position.store(job.head_position, Ordering::Release);
+                durable_position.send_replace(job.head_position);
                 for (replier, reply) in job.replies {
                     replier.send(reply);
                 }

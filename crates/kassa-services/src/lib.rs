@@ -1,0 +1,27 @@
+//! Kassa's services as phases over their event logs and the bus.
+//!
+//! Each service: read a batch from the bus from its own stored position →
+//! load state → call the pure core → write events, state and the consumed
+//! position in one append → only then produce to the bus (through its
+//! outbox relay) and call providers. See ARCHITECTURE.md.
+
+pub mod authorization;
+pub mod messages;
+pub mod relay;
+pub mod runtime;
+pub mod vault;
+
+pub use runtime::{Clock, IdSource, SystemClock};
+
+/// Topic names. Keys are payment ids, so one payment's messages stay in order.
+pub mod topics {
+    /// Ingest → authorization: new payments and capture/void/refund requests.
+    pub const PAYMENT_COMMANDS: &str = "payments.commands";
+    /// Authorization → everyone: the payment's event stream (single writer).
+    pub const PAYMENT_EVENTS: &str = "payments.events";
+}
+
+/// Partition key of a payment's messages.
+pub fn payment_key(stream_id: u128) -> Vec<u8> {
+    stream_id.to_be_bytes().to_vec()
+}

@@ -1,0 +1,133 @@
+//! Messages between services that are not domain events: commands to the
+//! authorization service, and its record of a refused command. Same rules as
+//! domain events: stable type names, fields in a fixed order.
+
+use kassa_codec::{CodecError, EventPayload, decode_value, encode_value};
+use kassa_domain::{CaptureId, PaymentEvent, PaymentId, PaymentRequested, RefundId};
+
+/// What arrives on `payments.commands`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PaymentCommandMessage {
+    /// A new payment, as accepted by ingest.
+    Requested(PaymentRequested),
+    Capture {
+        payment_id: PaymentId,
+        capture_id: CaptureId,
+        amount_minor: Option<i64>,
+    },
+    Void {
+        payment_id: PaymentId,
+    },
+    Refund {
+        payment_id: PaymentId,
+        refund_id: RefundId,
+        amount_minor: Option<i64>,
+    },
+}
+
+pub const CAPTURE: &str = "command.capture_payment";
+pub const VOID: &str = "command.void_payment";
+pub const REFUND: &str = "command.refund_payment";
+pub const COMMAND_REJECTED: &str = "payment.command_rejected";
+
+impl PaymentCommandMessage {
+    pub fn payment_id(&self) -> PaymentId {
+        match self {
+            PaymentCommandMessage::Requested(r) => r.payment_id,
+            PaymentCommandMessage::Capture { payment_id, .. }
+            | PaymentCommandMessage::Void { payment_id }
+            | PaymentCommandMessage::Refund { payment_id, .. } => *payment_id,
+        }
+    }
+
+    pub fn event_type(&self) -> &'static str {
+        match self {
+            PaymentCommandMessage::Requested(_) => "payment.requested",
+            PaymentCommandMessage::Capture { .. } => CAPTURE,
+            PaymentCommandMessage::Void { .. } => VOID,
+            PaymentCommandMessage::Refund { .. } => REFUND,
+        }
+    }
+
+    pub fn encode_payload(&self) -> Vec<u8> {
+        match self {
+            PaymentCommandMessage::Requested(r) => PaymentEvent::Requested(r.clone()).encode_payload(),
+            PaymentCommandMessage::Capture { payment_id, capture_id, amount_minor } => {
+                encode_value(&(payment_id, capture_id, amount_minor))
+            }
+            PaymentCommandMessage::Void { payment_id } => encode_value(payment_id),
+            PaymentCommandMessage::Refund { payment_id, refund_id, amount_minor } => {
+                encode_value(&(payment_id, refund_id, amount_minor))
+            }
+        }
+    }
+
+    pub fn decode(event_type: &str, payload: &[u8]) -> Result<Self, CodecError> {
+        Ok(match event_type {
+            "payment.requested" => match PaymentEvent::decode_payload(event_type, payload)? {
+                PaymentEvent::Requested(r) => PaymentCommandMessage::Requested(r),
+                _ => unreachable!("payment.requested decodes to Requested"),
+            },
+            CAPTURE => {
+                let (payment_id, capture_id, amount_minor) = decode_value(payload, event_type)?;
+                PaymentCommandMessage::Capture { payment_id, capture_id, amount_minor }
+            }
+            VOID => PaymentCommandMessage::Void { payment_id: decode_value(payload, event_type)? },
+            REFUND => {
+                let (payment_id, refund_id, amount_minor) = decode_value(payload, event_type)?;
+                PaymentCommandMessage::Refund { payment_id, refund_id, amount_minor }
+            }
+            other => return Err(CodecError::UnknownEventType { event_type: other.to_owned() }),
+        })
+    }
+}
+
+/// The authorization service refused a command (an illegal transition, an
+/// amount over what is left). Recorded so the caller learns why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommandRejected {
+    /// The command envelope's event id.
+    pub command_id: u128,
+    pub code: String,
+    pub message: String,
+}
+
+impl CommandRejected {
+    pub fn encode_payload(&self) -> Vec<u8> {
+        encode_value(&(self.command_id, &self.code, &self.message))
+    }
+
+    pub fn decode(payload: &[u8]) -> Result<Self, CodecError> {
+        let (command_id, code, message) = decode_value(payload, COMMAND_REJECTED)?;
+        Ok(CommandRejected { command_id, code, message })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commands_round_trip() {
+        let messages = [
+            PaymentCommandMessage::Capture {
+                payment_id: PaymentId::from_u128(1),
+                capture_id: CaptureId::from_u128(2),
+                amount_minor: Some(5),
+            },
+            PaymentCommandMessage::Void { payment_id: PaymentId::from_u128(1) },
+            PaymentCommandMessage::Refund {
+                payment_id: PaymentId::from_u128(1),
+                refund_id: RefundId::from_u128(3),
+                amount_minor: None,
+            },
+        ];
+        for message in messages {
+            let decoded = PaymentCommandMessage::decode(message.event_type(), &message.encode_payload()).unwrap();
+            assert_eq!(decoded, message);
+        }
+        assert!(PaymentCommandMessage::decode("command.teleport", &[]).is_err());
+        let rejected = CommandRejected { command_id: 9, code: "c".into(), message: "m".into() };
+        assert_eq!(CommandRejected::decode(&rejected.encode_payload()).unwrap(), rejected);
+    }
+}

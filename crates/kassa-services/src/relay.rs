@@ -1,0 +1,104 @@
+//! The outbox relay: a service's own log is its outbox. The relay publishes
+//! the log's events to a topic in order and stores how far it got in the same
+//! log, so a crash re-publishes at most the last batch (consumers drop
+//! duplicates by event id) and never skips one.
+
+use crate::payment_key;
+use kassa_bus::{Bus, Record};
+use kassa_codec::{Envelope, encode_frame};
+use kassa_eventlog::{AppendRequest, EventLog, StateWrite, Table};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+
+/// Bounds of a relay. Units last.
+#[derive(Debug, Clone, Copy)]
+pub struct RelayConfig {
+    pub batch_events_max: usize,
+    pub retry_backoff_ms: u64,
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        RelayConfig { batch_events_max: 2048, retry_backoff_ms: 200 }
+    }
+}
+
+fn position_key(topic: &str) -> Vec<u8> {
+    format!("relay/{topic}").into_bytes()
+}
+
+/// The last log position published to `topic` (0: none).
+pub fn relayed_position(log: &EventLog, topic: &str) -> u64 {
+    log.get(Table::Positions, &position_key(topic))
+        .ok()
+        .flatten()
+        .and_then(|v| v.try_into().ok().map(u64::from_be_bytes))
+        .unwrap_or(0)
+}
+
+/// Publish every event of `log` that `select` picks to `topic`, until `stop` turns true.
+pub async fn run_relay(
+    log: Arc<EventLog>,
+    bus: Arc<dyn Bus>,
+    topic: &'static str,
+    select: fn(&Envelope) -> bool,
+    config: RelayConfig,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut head = log.watch_head();
+    let mut position = relayed_position(&log, topic);
+    loop {
+        if *stop.borrow() {
+            return;
+        }
+        if *head.borrow_and_update() <= position {
+            tokio::select! {
+                _ = head.changed() => {}
+                _ = stop.changed() => {}
+            }
+            continue;
+        }
+        let batch = {
+            let log = Arc::clone(&log);
+            let from = position + 1;
+            tokio::task::spawn_blocking(move || log.read_from(from, config.batch_events_max)).await
+        };
+        let envelopes = match batch {
+            Ok(Ok(envelopes)) => envelopes,
+            Ok(Err(error)) => {
+                tracing::error!(%topic, %error, "relay cannot read its log; stopping (the service must restart)");
+                return;
+            }
+            Err(error) => {
+                tracing::error!(%topic, %error, "relay read task failed");
+                return;
+            }
+        };
+        let Some(last) = envelopes.last().map(|e| e.position) else { continue };
+        let records: Vec<Record> = envelopes
+            .iter()
+            .filter(|e| select(e))
+            .map(|e| Record {
+                topic: topic.to_owned(),
+                key: payment_key(e.stream_id),
+                payload: encode_frame(e),
+                timestamp_ms: e.timestamp_ms,
+            })
+            .collect();
+        if !records.is_empty()
+            && let Err(error) = bus.produce(records).await
+        {
+            tracing::warn!(%topic, %error, "relay cannot publish; retrying");
+            tokio::time::sleep(Duration::from_millis(config.retry_backoff_ms)).await;
+            continue;
+        }
+        let write =
+            StateWrite { table: Table::Positions, key: position_key(topic), value: Some(last.to_be_bytes().to_vec()) };
+        if let Err(error) = log.append(AppendRequest { writes: vec![write], ..Default::default() }).await {
+            tracing::error!(%topic, %error, "relay cannot store its position; stopping");
+            return;
+        }
+        position = last;
+    }
+}

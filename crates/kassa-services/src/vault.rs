@@ -1,0 +1,55 @@
+//! Card data between accepting a payment and authorizing it: in memory only,
+//! never written anywhere. A crash loses it, and a payment whose card is gone
+//! before it could be authorized is declined `card_data_unavailable` — one
+//! clear outcome rather than a card number on disk.
+
+use kassa_domain::{CardDetails, PaymentId};
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+#[derive(Debug)]
+pub struct CardVault {
+    cards: Mutex<HashMap<PaymentId, CardDetails>>,
+    cards_max: usize,
+}
+
+/// The vault holds `cards_max` cards already: shed load (503) rather than grow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("too many payments waiting for authorization; retry shortly")]
+pub struct VaultFull;
+
+impl CardVault {
+    pub fn new(cards_max: usize) -> Self {
+        CardVault { cards: Mutex::new(HashMap::new()), cards_max }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<PaymentId, CardDetails>> {
+        self.cards.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn put(&self, payment_id: PaymentId, card: CardDetails) -> Result<(), VaultFull> {
+        let mut cards = self.lock();
+        if cards.len() >= self.cards_max {
+            return Err(VaultFull);
+        }
+        cards.insert(payment_id, card);
+        Ok(())
+    }
+
+    pub fn get(&self, payment_id: PaymentId) -> Option<CardDetails> {
+        self.lock().get(&payment_id).cloned()
+    }
+
+    /// Forget a card once its payment no longer needs an authorization.
+    pub fn remove(&self, payment_id: PaymentId) {
+        self.lock().remove(&payment_id);
+    }
+
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}

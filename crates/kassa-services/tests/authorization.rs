@@ -1,0 +1,316 @@
+//! The authorization service over the real embedded bus and RocksDB logs,
+//! with simulated acquirers: outcomes, failover, unknown outcomes, and
+//! provider calls owed after capture/void/refund.
+
+use kassa_bus::{Bus, BusConfig, EmbeddedBus, Record, TopicSpec};
+use kassa_codec::{Envelope, EventPayload, decode_frame, encode_frame};
+use kassa_domain::*;
+use kassa_eventlog::{EventLog, LogConfig};
+use kassa_providers::{Connector, Fault, LedgerState, SimulatedAcquirer, SimulatorConfig};
+use kassa_services::authorization::{AuthorizationConfig, AuthorizationService};
+use kassa_services::messages::{COMMAND_REJECTED, CommandRejected, PaymentCommandMessage};
+use kassa_services::topics::{PAYMENT_COMMANDS, PAYMENT_EVENTS};
+use kassa_services::vault::CardVault;
+use kassa_services::{SystemClock, payment_key};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+
+struct World {
+    _dir: tempfile::TempDir,
+    bus: Arc<EmbeddedBus>,
+    vault: Arc<CardVault>,
+    sims: Vec<Arc<SimulatedAcquirer>>,
+    stop: watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    next_id: u128,
+}
+
+fn topics() -> Vec<TopicSpec> {
+    vec![TopicSpec::new(PAYMENT_COMMANDS, 2), TopicSpec::new(PAYMENT_EVENTS, 2)]
+}
+
+impl World {
+    fn start(dir: tempfile::TempDir, sims: Vec<Arc<SimulatedAcquirer>>, vault: Arc<CardVault>) -> World {
+        let bus = Arc::new(EmbeddedBus::open(dir.path().join("bus"), BusConfig::new(topics())).unwrap());
+        let log = Arc::new(EventLog::open(dir.path().join("authorization"), LogConfig::default()).unwrap());
+        let providers: Vec<Arc<dyn Connector>> = sims.iter().map(|s| Arc::clone(s) as Arc<dyn Connector>).collect();
+        let config = AuthorizationConfig { provider_timeout_ms: 300, retry_backoff_ms: 20, ..Default::default() };
+        let service = Arc::new(AuthorizationService::new(
+            log,
+            bus.clone(),
+            providers,
+            Arc::clone(&vault),
+            Arc::new(SystemClock),
+            config,
+        ));
+        let (stop, stop_rx) = watch::channel(false);
+        let tasks = service.spawn(stop_rx).unwrap();
+        World { _dir: dir, bus, vault, sims, stop, tasks, next_id: 1 }
+    }
+
+    fn new() -> World {
+        let sims = ["acq-alpha", "acq-beta", "acq-gamma"]
+            .iter()
+            .map(|n| {
+                Arc::new(SimulatedAcquirer::new(*n, SimulatorConfig { latency_ms_min: 1, latency_ms_max: 5, seed: 7 }))
+            })
+            .collect();
+        World::start(tempfile::tempdir().unwrap(), sims, Arc::new(CardVault::new(10_000)))
+    }
+
+    async fn stop(self) -> (tempfile::TempDir, Vec<Arc<SimulatedAcquirer>>, Arc<CardVault>) {
+        self.stop.send(true).unwrap();
+        for task in self.tasks {
+            let _ = task.await;
+        }
+        (self._dir, self.sims, self.vault)
+    }
+
+    async fn send(&mut self, message: PaymentCommandMessage) -> u128 {
+        self.next_id += 1;
+        let event_id = self.next_id << 64;
+        let envelope = Envelope {
+            event_id,
+            event_type: message.event_type().to_owned(),
+            stream_id: message.payment_id().as_u128(),
+            stream_seq: 1,
+            position: 1,
+            timestamp_ms: 0,
+            causation_id: None,
+            correlation_id: None,
+            payload: message.encode_payload(),
+            prev_hash: [0; 32],
+        };
+        let record = Record {
+            topic: PAYMENT_COMMANDS.into(),
+            key: payment_key(envelope.stream_id),
+            payload: encode_frame(&envelope),
+            timestamp_ms: 0,
+        };
+        self.bus.produce(vec![record]).await.unwrap();
+        event_id
+    }
+
+    async fn pay(&mut self, number: &str, amount: i64, capture: bool) -> PaymentId {
+        self.next_id += 1;
+        let payment_id = PaymentId::from_parts(1_795_651_200_000, self.next_id);
+        let card = CardDetails::parse(number, 12, 2030, "123", Timestamp(1_795_651_200_000)).unwrap();
+        let summary = card.summarize(b"k");
+        self.vault.put(payment_id, card).unwrap();
+        self.send(PaymentCommandMessage::Requested(PaymentRequested {
+            payment_id,
+            merchant_id: MerchantId::from_u128(1),
+            amount: Money::new(amount, Currency::from_code("EUR").unwrap()),
+            card: summary,
+            capture,
+            reference: None,
+            metadata: BTreeMap::new(),
+            requested_at: Timestamp(1_795_651_200_000),
+        }))
+        .await;
+        payment_id
+    }
+
+    /// Every event published on payments.events, per payment.
+    async fn published(&self) -> HashMap<PaymentId, Vec<Envelope>> {
+        let mut out: HashMap<PaymentId, Vec<Envelope>> = HashMap::new();
+        for partition in 0..2 {
+            let mut offset = 0;
+            loop {
+                let batch = self.bus.fetch(PAYMENT_EVENTS, partition, offset, 1000, Duration::ZERO).await.unwrap();
+                if batch.is_empty() {
+                    break;
+                }
+                for message in batch {
+                    offset = message.offset + 1;
+                    let envelope = decode_frame(&message.payload).unwrap();
+                    out.entry(PaymentId::from_u128(envelope.stream_id)).or_default().push(envelope);
+                }
+            }
+        }
+        out
+    }
+
+    async fn state(&self, payment_id: PaymentId) -> PaymentState {
+        let events = self.published().await.remove(&payment_id).unwrap_or_default();
+        let mut state = PaymentState::default();
+        let mut seen = std::collections::HashSet::new();
+        for envelope in events {
+            if envelope.event_type == COMMAND_REJECTED || !seen.insert(envelope.event_id) {
+                continue;
+            }
+            apply(&mut state, &PaymentEvent::decode_payload(&envelope.event_type, &envelope.payload).unwrap());
+        }
+        state
+    }
+
+    /// Wait until the published state satisfies `done` (bounded: 10 s).
+    async fn until(&self, payment_id: PaymentId, done: impl Fn(&PaymentState) -> bool) -> PaymentState {
+        for _ in 0..1000 {
+            let state = self.state(payment_id).await;
+            if done(&state) {
+                return state;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("payment {payment_id} did not get there: {:?}", self.state(payment_id).await);
+    }
+
+    fn held(&self, payment_id: PaymentId) -> usize {
+        self.sims
+            .iter()
+            .flat_map(|s| s.ledger())
+            .filter(|e| e.payment_id == payment_id && e.state != LedgerState::Reversed)
+            .count()
+    }
+}
+
+fn settled_outcome(state: &PaymentState) -> bool {
+    !matches!(state.stage, Stage::New | Stage::Requested | Stage::Authorizing)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn approvals_declines_and_failover() {
+    let mut world = World::new();
+    let approved = world.pay("4242424242424242", 1999, true).await;
+    let hard = world.pay("4000000000000002", 1999, true).await;
+    let soft = world.pay("4000000000009995", 1999, true).await;
+    let error = world.pay("4000000000000119", 1999, true).await;
+
+    let state = world.until(approved, settled_outcome).await;
+    assert_eq!(state.status(), Some(PaymentStatus::Captured));
+    assert_eq!(state.provider.as_deref(), Some("acq-alpha"));
+    let state = world.until(hard, settled_outcome).await;
+    assert_eq!(state.decline_code.as_deref(), Some("do_not_honor"));
+    assert_eq!(state.attempts.len(), 1, "a hard decline is never retried elsewhere");
+    let state = world.until(soft, settled_outcome).await;
+    assert_eq!(state.decline_code.as_deref(), Some("insufficient_funds"));
+    assert_eq!(state.attempts.len(), 1, "insufficient funds is not retried elsewhere");
+    let state = world.until(error, settled_outcome).await;
+    assert_eq!(state.decline_code.as_deref(), Some("providers_unavailable"));
+    assert_eq!(state.attempts.len(), 3, "a processing error fails over to every provider");
+
+    // The capture reached the provider.
+    world.until(approved, |_| true).await;
+    for _ in 0..500 {
+        if world.sims[0].ledger().iter().any(|e| e.payment_id == approved && e.state == LedgerState::Captured) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(world.sims[0].ledger().iter().any(|e| e.payment_id == approved && e.state == LedgerState::Captured));
+    assert!(world.vault.is_empty(), "cards are forgotten once authorized or declined");
+    world.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provider_that_is_down_is_routed_around() {
+    let mut world = World::new();
+    world.sims[0].set_fault(Some(Fault::Down));
+    let payment = world.pay("4242424242424242", 500, true).await;
+    let state = world.until(payment, settled_outcome).await;
+    assert_eq!(state.status(), Some(PaymentStatus::Captured));
+    assert_eq!(state.provider.as_deref(), Some("acq-beta"));
+    assert_eq!(world.held(payment), 1);
+    world.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timeout_after_accept_is_resolved_by_inquiry_never_a_second_charge() {
+    let mut world = World::new();
+    world.sims[0].set_fault(Some(Fault::TimeoutAfterAccept));
+    let payments = [world.pay("4242424242424242", 700, true).await, world.pay("5555555555554444", 800, false).await];
+    // The provider recovers while the outcomes are unknown; inquiries find the authorizations.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    world.sims[0].set_fault(None);
+    for payment in payments {
+        let state = world.until(payment, settled_outcome).await;
+        assert!(matches!(state.status(), Some(PaymentStatus::Captured | PaymentStatus::Authorized)), "{state:?}");
+        assert_eq!(state.provider.as_deref(), Some("acq-alpha"), "the first provider's authorization is used");
+        assert_eq!(world.held(payment), 1, "exactly one authorization stands");
+    }
+    world.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn capture_void_refund_and_refusals() {
+    let mut world = World::new();
+    let manual = world.pay("4242424242424242", 1000, false).await;
+    world.until(manual, |s| s.stage == Stage::Authorized).await;
+    world
+        .send(PaymentCommandMessage::Capture {
+            payment_id: manual,
+            capture_id: CaptureId::from_u128(1),
+            amount_minor: Some(600),
+        })
+        .await;
+    world.until(manual, |s| s.captured_minor == 600).await;
+    world
+        .send(PaymentCommandMessage::Refund {
+            payment_id: manual,
+            refund_id: RefundId::from_u128(2),
+            amount_minor: None,
+        })
+        .await;
+    let state = world.until(manual, |s| s.refunded_minor == 600).await;
+    assert_eq!(state.status(), Some(PaymentStatus::Refunded));
+    // Over-refunding is refused, and the refusal is published for the caller.
+    let command = world
+        .send(PaymentCommandMessage::Refund {
+            payment_id: manual,
+            refund_id: RefundId::from_u128(3),
+            amount_minor: Some(1),
+        })
+        .await;
+    let mut rejection = None;
+    for _ in 0..500 {
+        let events = world.published().await.remove(&manual).unwrap_or_default();
+        rejection = events
+            .iter()
+            .find(|e| e.event_type == COMMAND_REJECTED)
+            .map(|e| CommandRejected::decode(&e.payload).unwrap());
+        if rejection.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let rejection = rejection.expect("the refusal is published");
+    assert_eq!(rejection.command_id, command);
+    assert_eq!(rejection.code, "amount_too_large");
+
+    let voided = world.pay("4242424242424242", 300, false).await;
+    world.until(voided, |s| s.stage == Stage::Authorized).await;
+    world.send(PaymentCommandMessage::Void { payment_id: voided }).await;
+    world.until(voided, |s| s.stage == Stage::Voided).await;
+    for _ in 0..500 {
+        if world.held(voided) == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(world.held(voided), 0, "the void released the authorization at the provider");
+    world.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_resumes_and_duplicates_are_dropped() {
+    let mut world = World::new();
+    let first = world.pay("4242424242424242", 100, true).await;
+    world.until(first, settled_outcome).await;
+    let before = world.published().await[&first].len();
+    let (dir, sims, vault) = world.stop().await;
+
+    let mut world = World::start(dir, sims, vault);
+    world.next_id = 1000;
+    // A re-published request (the ingest relay crashed before storing its position) changes nothing.
+    let state = world.state(first).await;
+    let request = state.request.clone().unwrap();
+    world.send(PaymentCommandMessage::Requested(request)).await;
+    let second = world.pay("5555555555554444", 200, true).await;
+    world.until(second, settled_outcome).await;
+    assert_eq!(world.published().await[&first].len(), before, "no new events for the duplicate");
+    assert_eq!(world.held(first), 1);
+    world.stop().await;
+}
