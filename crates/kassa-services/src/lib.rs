@@ -6,6 +6,8 @@
 //! outbox relay) and call providers. See ARCHITECTURE.md.
 
 pub mod authorization;
+pub mod http;
+pub mod ingest;
 pub mod messages;
 pub mod relay;
 pub mod runtime;

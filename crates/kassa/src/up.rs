@@ -1,26 +1,32 @@
-//! `kassa up`: every service in one process over the embedded log.
-//!
-//! Today this opens the per-service event logs and the embedded bus, checks
-//! them, and serves the health endpoint; the services themselves and the
-//! payments API are wired in here as they land (see the issues).
+//! `kassa up`: the services in one process over the embedded durable bus,
+//! with three simulated acquirers, serving the payments API.
 
 use anyhow::Context;
-use axum::Router;
-use axum::http::StatusCode;
-use axum::routing::get;
 use clap::Args;
-use kassa_bus::{BusConfig, EmbeddedBus, TopicSpec};
+use kassa_bus::{Bus, BusConfig, EmbeddedBus, TopicSpec};
 use kassa_eventlog::{EventLog, LogConfig};
+use kassa_providers::{Connector, SimulatedAcquirer, SimulatorConfig};
+use kassa_services::authorization::{AuthorizationConfig, AuthorizationService};
+use kassa_services::ingest::{IngestConfig, IngestService};
+use kassa_services::topics::{PAYMENT_COMMANDS, PAYMENT_EVENTS};
+use kassa_services::vault::CardVault;
+use kassa_services::{Clock, SystemClock};
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
-/// The services, each with its own event log under the data directory.
-pub const SERVICES: [&str; 4] = ["ingest", "authorization", "settlement", "reconciliation"];
+/// Simulated acquirers, in routing priority order.
+pub const PROVIDERS: [&str; 3] = ["acq-alpha", "acq-beta", "acq-gamma"];
+/// Partitions of each topic: the unit of parallelism of every service.
+pub const PARTITIONS: u32 = 8;
+/// Cards accepted and waiting for authorization, at most (503 beyond).
+pub const CARDS_WAITING_MAX: usize = 100_000;
 
 #[derive(Args, Debug)]
 pub struct UpArgs {
-    /// Where all state lives (event logs and the bus). Created if missing.
+    /// Where all state lives (event logs, the bus, keys). Created if missing.
     #[arg(long, default_value = "./kassa-data", env = "KASSA_DATA_DIR")]
     pub data_dir: PathBuf,
     /// Address the HTTP API listens on.
@@ -28,26 +34,53 @@ pub struct UpArgs {
     pub listen: SocketAddr,
 }
 
+/// Read a secret file, or create it with `bytes` fresh random bytes (mode 0600).
+fn secret_file(path: &Path, bytes: usize) -> anyhow::Result<Vec<u8>> {
+    if path.exists() {
+        let key = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+        anyhow::ensure!(
+            key.len() == bytes,
+            "{} should hold {bytes} bytes; delete it to make a new one",
+            path.display()
+        );
+        return Ok(key);
+    }
+    let key: Vec<u8> = (0..bytes).map(|_| rand::random::<u8>()).collect();
+    write_private(path, &key)?;
+    Ok(key)
+}
+
+fn write_private(path: &Path, contents: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut file = options.open(path).with_context(|| format!("creating {}", path.display()))?;
+    file.write_all(contents)?;
+    file.sync_all()?;
+    Ok(())
+}
+
 pub fn run(args: UpArgs) -> anyhow::Result<()> {
-    std::fs::create_dir_all(&args.data_dir)
-        .with_context(|| format!("creating the data directory {}", args.data_dir.display()))?;
-    let mut logs = Vec::new();
-    for service in SERVICES {
-        let path = args.data_dir.join(service);
+    let dir = &args.data_dir;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating the data directory {}", dir.display()))?;
+    let open_log = |service: &str| -> anyhow::Result<Arc<EventLog>> {
+        let path = dir.join(service);
         let log = EventLog::open(&path, LogConfig::default())
             .with_context(|| format!("opening the {service} event log at {}", path.display()))?;
         tracing::info!(service, path = %path.display(), head = log.head_position(), "event log open");
-        logs.push(Arc::new(log));
-    }
-    let topics = vec![
-        TopicSpec::new("payments.commands", 8),
-        TopicSpec::new("payments.events", 8),
-        TopicSpec::new("settlement.events", 4),
-    ];
-    let bus_path = args.data_dir.join("bus");
-    let bus = EmbeddedBus::open(&bus_path, BusConfig::new(topics))
-        .with_context(|| format!("opening the embedded bus at {}", bus_path.display()))?;
-    let bus = Arc::new(bus);
+        Ok(Arc::new(log))
+    };
+    let ingest_log = open_log("ingest")?;
+    let authorization_log = open_log("authorization")?;
+    let topics = vec![TopicSpec::new(PAYMENT_COMMANDS, PARTITIONS), TopicSpec::new(PAYMENT_EVENTS, PARTITIONS)];
+    let bus_path = dir.join("bus");
+    let bus: Arc<dyn Bus> = Arc::new(
+        EmbeddedBus::open(&bus_path, BusConfig::new(topics))
+            .with_context(|| format!("opening the embedded bus at {}", bus_path.display()))?,
+    );
+    let token_key = secret_file(&dir.join("token.key"), 32)?;
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -55,17 +88,69 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
         .build()
         .context("starting the async runtime")?;
     runtime.block_on(async move {
-        let app = Router::new().route("/healthz", get(|| async { (StatusCode::OK, "ok\n") }));
+        let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+        let vault = Arc::new(CardVault::new(CARDS_WAITING_MAX));
+        let providers: Vec<Arc<dyn Connector>> = PROVIDERS
+            .iter()
+            .enumerate()
+            .map(|(i, name)| {
+                let config = SimulatorConfig { latency_ms_min: 15, latency_ms_max: 60, seed: i as u64 + 1 };
+                Arc::new(SimulatedAcquirer::new(*name, config)) as Arc<dyn Connector>
+            })
+            .collect();
+        let ingest = Arc::new(IngestService::new(
+            Arc::clone(&ingest_log),
+            Arc::clone(&bus),
+            Arc::clone(&vault),
+            Arc::clone(&clock),
+            IngestConfig { token_key, ..IngestConfig::default() },
+        ));
+        let authorization = Arc::new(AuthorizationService::new(
+            Arc::clone(&authorization_log),
+            Arc::clone(&bus),
+            providers,
+            vault,
+            clock,
+            AuthorizationConfig::default(),
+        ));
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let mut tasks = ingest.spawn(stop_rx.clone())?;
+        tasks.extend(authorization.spawn(stop_rx)?);
+
+        let key_path = dir.join("demo-merchant.key");
+        if key_path.exists() {
+            println!("demo merchant API key: in {}", key_path.display());
+        } else {
+            let (merchant_id, key) =
+                ingest.create_merchant("demo").await.map_err(|e| anyhow::anyhow!("creating the demo merchant: {e}"))?;
+            write_private(&key_path, format!("{}\n", key.reveal()).as_bytes())?;
+            println!("demo merchant {merchant_id} created; API key: {} (also in {})", key.reveal(), key_path.display());
+        }
+
+        let ready = Arc::new(AtomicBool::new(false));
+        let app = kassa_services::http::router(Arc::clone(&ingest), Arc::clone(&ready));
         let listener = tokio::net::TcpListener::bind(args.listen)
             .await
             .with_context(|| format!("binding {}; is another kassa running there?", args.listen))?;
-        tracing::info!(listen = %args.listen, data_dir = %args.data_dir.display(), "kassa is up");
+        ready.store(true, Ordering::Release);
+        tracing::info!(listen = %args.listen, data_dir = %dir.display(), "kassa is up");
+        println!("kassa is up on http://{}", args.listen);
         axum::serve(listener, app).with_graceful_shutdown(shutdown_signal()).await.context("serving HTTP")?;
-        tracing::info!("shutting down: flushing event logs");
-        drop(bus);
-        drop(logs);
+
+        tracing::info!("shutting down: stopping services, flushing event logs");
+        let _ = stop_tx.send(true);
+        for task in tasks {
+            if tokio::time::timeout(Duration::from_secs(10), task).await.is_err() {
+                tracing::warn!("a service task did not stop within 10 s");
+            }
+        }
         anyhow::Ok(())
-    })
+    })?;
+    // Dropping the runtime drops the last handles on the logs and the bus, which
+    // joins their writer threads: everything acknowledged is on disk.
+    drop(runtime);
+    tracing::info!("stopped");
+    Ok(())
 }
 
 /// Resolves on SIGTERM or Ctrl-C.

@@ -1,0 +1,205 @@
+//! The payments API over HTTP (axum). Thin: it moves bytes and headers in and
+//! out and calls the ingest service; every rule lives below it.
+
+use crate::ingest::{Answer, IngestService};
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::rejection::{BytesRejection, QueryRejection};
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use kassa_api::{ApiError, ErrorType};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// Largest request body accepted (413 beyond).
+pub const BODY_BYTES_MAX: usize = 64 * 1024;
+
+#[derive(Debug, Clone)]
+struct App {
+    ingest: Arc<IngestService>,
+    ready: Arc<AtomicBool>,
+}
+
+/// The API's routes. `ready` flips to true once Kassa takes payments.
+pub fn router(ingest: Arc<IngestService>, ready: Arc<AtomicBool>) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/v1/payments", post(create_payment).get(list_payments))
+        .route("/v1/payments/{id}", get(get_payment))
+        .route("/v1/payments/{id}/capture", post(capture))
+        .route("/v1/payments/{id}/void", post(void))
+        .route("/v1/payments/{id}/refunds", post(refund))
+        .route("/v1/payments/{id}/events", get(payment_events))
+        .fallback(|| async { error_response(&ApiError::not_found("route")) })
+        .layer(DefaultBodyLimit::max(BODY_BYTES_MAX))
+        .with_state(App { ingest, ready })
+}
+
+fn error_response(error: &ApiError) -> Response {
+    let status = StatusCode::from_u16(error.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let mut response = (status, axum::Json(error.body())).into_response();
+    if error.status == 503 || error.status == 429 {
+        response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    }
+    response
+}
+
+fn answer_response(answer: Answer) -> Response {
+    let status = StatusCode::from_u16(answer.status).unwrap_or(StatusCode::OK);
+    let mut response = (status, axum::Json(answer.body)).into_response();
+    if answer.replayed {
+        response.headers_mut().insert("Idempotent-Replayed", HeaderValue::from_static("true"));
+    }
+    response
+}
+
+fn respond(result: Result<Answer, ApiError>) -> Response {
+    match result {
+        Ok(answer) => answer_response(answer),
+        Err(error) => error_response(&error),
+    }
+}
+
+fn json(result: Result<serde_json::Value, ApiError>) -> Response {
+    respond(result.map(|body| Answer { status: 200, body, replayed: false }))
+}
+
+fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Result<Option<&'a str>, ApiError> {
+    match headers.get(name) {
+        None => Ok(None),
+        Some(value) => value
+            .to_str()
+            .map(Some)
+            .map_err(|_| ApiError::invalid("header_invalid", name, format!("the {name} header must be visible ASCII"))),
+    }
+}
+
+/// Checks shared by every call: ready, authenticated.
+fn merchant(app: &App, headers: &HeaderMap) -> Result<kassa_domain::MerchantId, ApiError> {
+    if !app.ready.load(Ordering::Acquire) {
+        return Err(ApiError::new(503, ErrorType::RateLimitError, "not_ready", "Kassa is starting; retry shortly"));
+    }
+    app.ingest.authenticate(header_str(headers, "authorization")?)
+}
+
+/// POST bodies: size and content type.
+fn post_body(headers: &HeaderMap, body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
+    let body = body.map_err(|rejection| {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::new(
+                413,
+                ErrorType::InvalidRequestError,
+                "request_too_large",
+                format!("request body is over {BODY_BYTES_MAX} bytes"),
+            )
+        } else {
+            ApiError::new(400, ErrorType::InvalidRequestError, "invalid_body", rejection.body_text())
+        }
+    })?;
+    if !body.is_empty() {
+        let content_type = header_str(headers, "content-type")?.unwrap_or("");
+        let media = content_type.split(';').next().unwrap_or("").trim();
+        if !media.eq_ignore_ascii_case("application/json") {
+            return Err(ApiError::new(
+                415,
+                ErrorType::InvalidRequestError,
+                "unsupported_media_type",
+                format!("send JSON with Content-Type: application/json (got {content_type:?})"),
+            ));
+        }
+    }
+    Ok(body)
+}
+
+async fn healthz(State(app): State<App>) -> Response {
+    if app.ready.load(Ordering::Acquire) {
+        (StatusCode::OK, "ok\n").into_response()
+    } else {
+        error_response(&ApiError::new(503, ErrorType::RateLimitError, "not_ready", "Kassa is starting"))
+    }
+}
+
+async fn create_payment(State(app): State<App>, headers: HeaderMap, body: Result<Bytes, BytesRejection>) -> Response {
+    let result = async {
+        let merchant = merchant(&app, &headers)?;
+        let body = post_body(&headers, body)?;
+        let key = header_str(&headers, "idempotency-key")?;
+        app.ingest.create_payment(merchant, key, &body).await
+    };
+    respond(result.await)
+}
+
+async fn list_payments(
+    State(app): State<App>,
+    headers: HeaderMap,
+    query: Result<Query<HashMap<String, String>>, QueryRejection>,
+) -> Response {
+    json((|| {
+        let merchant = merchant(&app, &headers)?;
+        let Ok(Query(query)) = query else {
+            return Err(ApiError::invalid("parameter_invalid", "query", "the query string does not parse"));
+        };
+        app.ingest.list_payments(merchant, kassa_api::parse_list_query(&query)?)
+    })())
+}
+
+async fn get_payment(State(app): State<App>, headers: HeaderMap, Path(id): Path<String>) -> Response {
+    json((|| {
+        let merchant = merchant(&app, &headers)?;
+        app.ingest.get_payment(merchant, IngestService::parse_payment_id(&id)?)
+    })())
+}
+
+async fn payment_events(State(app): State<App>, headers: HeaderMap, Path(id): Path<String>) -> Response {
+    json((|| {
+        let merchant = merchant(&app, &headers)?;
+        app.ingest.payment_events(merchant, IngestService::parse_payment_id(&id)?)
+    })())
+}
+
+async fn command(
+    app: App,
+    headers: HeaderMap,
+    id: String,
+    action: &str,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let result = async {
+        let merchant = merchant(&app, &headers)?;
+        let payment_id = IngestService::parse_payment_id(&id)?;
+        let body = post_body(&headers, body)?;
+        let key = header_str(&headers, "idempotency-key")?;
+        app.ingest.command(merchant, payment_id, action, key, &body).await
+    };
+    respond(result.await)
+}
+
+async fn capture(
+    State(app): State<App>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    command(app, headers, id, "capture", body).await
+}
+
+async fn void(
+    State(app): State<App>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    command(app, headers, id, "void", body).await
+}
+
+async fn refund(
+    State(app): State<App>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    command(app, headers, id, "refunds", body).await
+}

@@ -1,0 +1,763 @@
+//! The ingest service: the payments API's side of Kassa.
+//!
+//! It accepts requests (merchant auth, validation, idempotency), records each
+//! accepted payment or command in its own log — the outbox its relay
+//! publishes to `payments.commands` — and keeps a read model of every
+//! payment, fed by `payments.events`, which answers reads and tells waiting
+//! requests when their payment has an outcome.
+
+use crate::messages::{COMMAND_REJECTED, CommandRejected, PaymentCommandMessage};
+use crate::relay::{RelayConfig, run_relay};
+use crate::runtime::Clock;
+use crate::topics::{PAYMENT_COMMANDS, PAYMENT_EVENTS};
+use crate::vault::CardVault;
+use kassa_api::{ApiError, ApiKey, ErrorType, fingerprint};
+use kassa_bus::{Bus, Subscription, SubscriptionConfig};
+use kassa_codec::{EventPayload, decode_frame, decode_value, encode_value};
+use kassa_domain::{
+    CaptureId, MerchantId, PaymentCommand, PaymentEvent, PaymentId, PaymentState, RefundId, RequestPayment, apply,
+    decide,
+};
+use kassa_eventlog::{AppendRequest, EventLog, NewEvent, StateWrite, Table};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{Notify, watch};
+use tokio::task::JoinHandle;
+
+/// Bounds of the ingest service. Units last.
+#[derive(Debug, Clone)]
+pub struct IngestConfig {
+    /// How long a request waits for its payment's outcome before answering 202.
+    pub outcome_wait_ms: u64,
+    /// Key for card tokens (HMAC-SHA256). Keep it secret and stable.
+    pub token_key: Vec<u8>,
+    pub idempotency_key_chars_max: usize,
+}
+
+impl Default for IngestConfig {
+    fn default() -> Self {
+        IngestConfig {
+            outcome_wait_ms: 2000,
+            token_key: b"kassa-default-token-key".to_vec(),
+            idempotency_key_chars_max: 255,
+        }
+    }
+}
+
+/// A payment as the read model keeps it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct PaymentView {
+    pub state: PaymentState,
+    /// Last stream sequence applied (drops re-published duplicates).
+    pub applied_seq: u64,
+    pub history: Vec<HistoryEntry>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HistoryEntry {
+    pub sequence: u64,
+    pub event_type: String,
+    pub at_ms: i64,
+    pub data: String,
+}
+
+/// An idempotency record: the request's fingerprint, and the response once given.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct IdempotencyRecord {
+    fingerprint: String,
+    response: Option<(u16, String)>,
+}
+
+/// A response body with its status, and whether it was replayed.
+#[derive(Debug, Clone)]
+pub struct Answer {
+    pub status: u16,
+    pub body: serde_json::Value,
+    pub replayed: bool,
+}
+
+#[derive(Debug, Default)]
+struct Waiters {
+    payments: Mutex<HashMap<PaymentId, Arc<Notify>>>,
+    rejections: Mutex<HashMap<u128, CommandRejected>>,
+}
+
+impl Waiters {
+    fn notify_for(&self, payment_id: PaymentId) -> Arc<Notify> {
+        let mut map = self.payments.lock().unwrap_or_else(|e| e.into_inner());
+        Arc::clone(map.entry(payment_id).or_default())
+    }
+
+    fn wake(&self, payment_id: PaymentId) {
+        let notify = self.payments.lock().unwrap_or_else(|e| e.into_inner()).remove(&payment_id);
+        if let Some(notify) = notify {
+            notify.notify_waiters();
+        }
+    }
+}
+
+/// The ingest service. Share behind an `Arc`.
+#[derive(Debug)]
+pub struct IngestService {
+    log: Arc<EventLog>,
+    bus: Arc<dyn Bus>,
+    vault: Arc<CardVault>,
+    clock: Arc<dyn Clock>,
+    config: IngestConfig,
+    waiters: Waiters,
+    /// Idempotency keys being processed: a second request with the same key waits for the first.
+    in_progress: Mutex<HashMap<Vec<u8>, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+fn view_key(payment_id: PaymentId) -> Vec<u8> {
+    let mut key = b"view/".to_vec();
+    key.extend_from_slice(&payment_id.as_u128().to_be_bytes());
+    key
+}
+
+fn merchant_key_key(hash_hex: &str) -> Vec<u8> {
+    format!("merchant-key/{hash_hex}").into_bytes()
+}
+
+/// Newest first: the index key holds the id inverted.
+fn merchant_index_key(merchant_id: MerchantId, payment_id: PaymentId) -> Vec<u8> {
+    let mut key = format!("merchant-payments/{merchant_id}/").into_bytes();
+    key.extend_from_slice(&(u128::MAX - payment_id.as_u128()).to_be_bytes());
+    key
+}
+
+fn idempotency_key(merchant_id: MerchantId, key: &str) -> Vec<u8> {
+    format!("{merchant_id}/{key}").into_bytes()
+}
+
+fn internal(error: impl std::fmt::Display) -> ApiError {
+    tracing::error!(%error, "ingest failed");
+    ApiError::new(
+        500,
+        ErrorType::ApiError,
+        "internal_error",
+        "Kassa could not complete the request; retry with the same Idempotency-Key",
+    )
+}
+
+fn position_key(partition: u32) -> Vec<u8> {
+    format!("{PAYMENT_EVENTS}/{partition}").into_bytes()
+}
+
+impl IngestService {
+    pub fn new(
+        log: Arc<EventLog>,
+        bus: Arc<dyn Bus>,
+        vault: Arc<CardVault>,
+        clock: Arc<dyn Clock>,
+        config: IngestConfig,
+    ) -> Self {
+        IngestService {
+            log,
+            bus,
+            vault,
+            clock,
+            config,
+            waiters: Waiters::default(),
+            in_progress: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Start the outbox relay and the read model's consumers.
+    pub fn spawn(self: &Arc<Self>, stop: watch::Receiver<bool>) -> Result<Vec<JoinHandle<()>>, kassa_bus::BusError> {
+        let mut tasks = vec![tokio::spawn(run_relay(
+            Arc::clone(&self.log),
+            Arc::clone(&self.bus),
+            PAYMENT_COMMANDS,
+            |e| e.event_type == "payment.requested" || e.event_type.starts_with("command."),
+            RelayConfig::default(),
+            stop.clone(),
+        ))];
+        for partition in 0..self.bus.partitions(PAYMENT_EVENTS)? {
+            let service = Arc::clone(self);
+            let stop = stop.clone();
+            tasks.push(tokio::spawn(async move { service.run_read_model(partition, stop).await }));
+        }
+        Ok(tasks)
+    }
+
+    // ---------- merchants ----------
+
+    /// Create a merchant; returns its id and its API key (shown once, stored hashed).
+    pub async fn create_merchant(&self, name: &str) -> Result<(MerchantId, ApiKey), ApiError> {
+        if name.trim().is_empty() || name.chars().count() > 100 {
+            return Err(ApiError::invalid(
+                "parameter_invalid_string",
+                "name",
+                "merchant name must be 1 to 100 characters",
+            ));
+        }
+        let now = self.clock.now();
+        let merchant_id = MerchantId::from_parts(now.unix_ms() as u64, rand::random());
+        let key = ApiKey::from_random(rand::random());
+        let event = NewEvent {
+            event_id: rand::random(),
+            event_type: "merchant.created".into(),
+            stream_id: merchant_id.as_u128(),
+            timestamp_ms: now.unix_ms(),
+            causation_id: None,
+            correlation_id: None,
+            payload: encode_value(&(merchant_id, name, key.hash_hex())),
+        };
+        let writes = vec![StateWrite {
+            table: Table::State,
+            key: merchant_key_key(&key.hash_hex()),
+            value: Some(merchant_id.as_u128().to_be_bytes().to_vec()),
+        }];
+        self.log.append(AppendRequest { events: vec![event], expected: Vec::new(), writes }).await.map_err(internal)?;
+        Ok((merchant_id, key))
+    }
+
+    /// The merchant an `Authorization` header belongs to (401 otherwise).
+    pub fn authenticate(&self, header: Option<&str>) -> Result<MerchantId, ApiError> {
+        let key = ApiKey::from_authorization(header).map_err(|_| ApiError::unauthorized())?;
+        let stored = self.log.get(Table::State, &merchant_key_key(&key.hash_hex())).map_err(internal)?;
+        let bytes: [u8; 16] = stored.and_then(|b| b.try_into().ok()).ok_or_else(ApiError::unauthorized)?;
+        Ok(MerchantId::from_u128(u128::from_be_bytes(bytes)))
+    }
+
+    // ---------- reads ----------
+
+    fn view(&self, payment_id: PaymentId) -> Result<Option<PaymentView>, ApiError> {
+        match self.log.get(Table::State, &view_key(payment_id)).map_err(internal)? {
+            Some(bytes) => decode_value(&bytes, "payment view").map(Some).map_err(internal),
+            None => Ok(None),
+        }
+    }
+
+    /// A merchant's payment, or 404 (also for another merchant's: never 403).
+    fn own_view(&self, merchant_id: MerchantId, payment_id: PaymentId) -> Result<PaymentView, ApiError> {
+        match self.view(payment_id)? {
+            Some(view) if view.state.request.as_ref().is_some_and(|r| r.merchant_id == merchant_id) => Ok(view),
+            _ => Err(ApiError::not_found("payment")),
+        }
+    }
+
+    pub fn parse_payment_id(text: &str) -> Result<PaymentId, ApiError> {
+        PaymentId::parse(text).map_err(|_| ApiError::not_found("payment"))
+    }
+
+    pub fn get_payment(&self, merchant_id: MerchantId, payment_id: PaymentId) -> Result<serde_json::Value, ApiError> {
+        Ok(payment_json(payment_id, &self.own_view(merchant_id, payment_id)?.state))
+    }
+
+    pub fn payment_events(
+        &self,
+        merchant_id: MerchantId,
+        payment_id: PaymentId,
+    ) -> Result<serde_json::Value, ApiError> {
+        let view = self.own_view(merchant_id, payment_id)?;
+        let data: Vec<_> = view
+            .history
+            .iter()
+            .map(|h| {
+                serde_json::json!({
+                    "sequence": h.sequence,
+                    "type": h.event_type,
+                    "at": kassa_domain::Timestamp(h.at_ms).to_string(),
+                    "data": serde_json::from_str::<serde_json::Value>(&h.data).unwrap_or(serde_json::Value::Null),
+                })
+            })
+            .collect();
+        Ok(serde_json::json!({ "data": data }))
+    }
+
+    pub fn list_payments(
+        &self,
+        merchant_id: MerchantId,
+        query: kassa_api::ListQuery,
+    ) -> Result<serde_json::Value, ApiError> {
+        let prefix = format!("merchant-payments/{merchant_id}/").into_bytes();
+        let entries = self.log.scan(Table::State, &prefix).map_err(internal)?;
+        let mut ids = entries.into_iter().filter_map(|(key, _)| {
+            let bytes: [u8; 16] = key.get(key.len() - 16..)?.try_into().ok()?;
+            Some(PaymentId::from_u128(u128::MAX - u128::from_be_bytes(bytes)))
+        });
+        if let Some(after) = query.starting_after {
+            for id in ids.by_ref() {
+                if id == after {
+                    break;
+                }
+            }
+        }
+        let mut data = Vec::new();
+        let mut has_more = false;
+        for id in ids {
+            if data.len() == query.limit as usize {
+                has_more = true;
+                break;
+            }
+            match self.view(id)? {
+                Some(view) => data.push(payment_json(id, &view.state)),
+                // Accepted, not yet in the read model: processing.
+                None => continue,
+            }
+        }
+        Ok(serde_json::json!({ "data": data, "has_more": has_more }))
+    }
+
+    // ---------- writes ----------
+
+    fn check_idempotency_key(&self, key: Option<&str>) -> Result<Option<String>, ApiError> {
+        match key {
+            None => Ok(None),
+            Some(key)
+                if key.is_empty()
+                    || key.chars().count() > self.config.idempotency_key_chars_max
+                    || key.chars().any(char::is_control) =>
+            {
+                Err(ApiError::invalid(
+                    "idempotency_key_invalid",
+                    "Idempotency-Key",
+                    format!(
+                        "Idempotency-Key must be 1 to {} printable characters",
+                        self.config.idempotency_key_chars_max
+                    ),
+                ))
+            }
+            Some(key) => Ok(Some(key.to_owned())),
+        }
+    }
+
+    /// Run `work` once per (merchant, Idempotency-Key): a repeat with the same
+    /// request replays the first answer; with a different request it is 409.
+    async fn idempotent<F, Fut>(
+        &self,
+        merchant_id: MerchantId,
+        key: Option<&str>,
+        print: String,
+        work: F,
+    ) -> Result<Answer, ApiError>
+    where
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = Result<Answer, ApiError>>,
+    {
+        let Some(key) = self.check_idempotency_key(key)? else { return work().await };
+        let storage_key = idempotency_key(merchant_id, &key);
+        let lock = {
+            let mut map = self.in_progress.lock().unwrap_or_else(|e| e.into_inner());
+            Arc::clone(map.entry(storage_key.clone()).or_default())
+        };
+        let _guard = lock.lock().await;
+        let stored = self.log.get(Table::Idempotency, &storage_key).map_err(internal)?;
+        if let Some(bytes) = stored {
+            let record: IdempotencyRecord = decode_value(&bytes, "idempotency record").map_err(internal)?;
+            if record.fingerprint != print {
+                return Err(ApiError::new(
+                    409,
+                    ErrorType::IdempotencyError,
+                    "idempotency_key_reused",
+                    "this Idempotency-Key was used with a different request; use a new key for a new request",
+                ));
+            }
+            if let Some((status, body)) = record.response {
+                let body = serde_json::from_str(&body).map_err(internal)?;
+                return Ok(Answer { status, body, replayed: true });
+            }
+        }
+        let answer = work().await;
+        let record = match &answer {
+            Ok(answer) => {
+                IdempotencyRecord { fingerprint: print, response: Some((answer.status, answer.body.to_string())) }
+            }
+            // A 4xx is an answer too; a 5xx may be retried with the same key.
+            Err(error) if error.status < 500 => {
+                IdempotencyRecord { fingerprint: print, response: Some((error.status, error.body().to_string())) }
+            }
+            Err(_) => return answer,
+        };
+        let write =
+            StateWrite { table: Table::Idempotency, key: storage_key.clone(), value: Some(encode_value(&record)) };
+        self.log.append(AppendRequest { writes: vec![write], ..Default::default() }).await.map_err(internal)?;
+        drop(_guard);
+        self.in_progress.lock().unwrap_or_else(|e| e.into_inner()).remove(&storage_key);
+        answer
+    }
+
+    /// `POST /v1/payments`.
+    pub async fn create_payment(
+        &self,
+        merchant_id: MerchantId,
+        idempotency: Option<&str>,
+        body: &[u8],
+    ) -> Result<Answer, ApiError> {
+        let print = fingerprint("POST", "/v1/payments", body);
+        self.idempotent(merchant_id, idempotency, print, || async {
+            let now = self.clock.now();
+            let request = kassa_api::parse_create_payment(body, now)?;
+            let payment_id = PaymentId::from_parts(now.unix_ms() as u64, rand::random());
+            let command = PaymentCommand::Request(RequestPayment {
+                payment_id,
+                merchant_id,
+                amount: request.amount,
+                card: request.card.summarize(&self.config.token_key),
+                capture: request.capture,
+                reference: request.reference,
+                metadata: request.metadata,
+            });
+            let events = decide(&PaymentState::default(), command, now).map_err(|r| internal(r.to_string()))?;
+            self.vault
+                .put(payment_id, request.card)
+                .map_err(|full| ApiError::new(503, ErrorType::RateLimitError, "overloaded", full.to_string()))?;
+            let new_events = events
+                .iter()
+                .map(|event| NewEvent {
+                    event_id: rand::random(),
+                    event_type: event.event_type().to_owned(),
+                    stream_id: payment_id.as_u128(),
+                    timestamp_ms: now.unix_ms(),
+                    causation_id: None,
+                    correlation_id: Some(payment_id.as_u128()),
+                    payload: event.encode_payload(),
+                })
+                .collect();
+            let writes = vec![StateWrite {
+                table: Table::State,
+                key: merchant_index_key(merchant_id, payment_id),
+                value: Some(Vec::new()),
+            }];
+            if let Err(error) =
+                self.log.append(AppendRequest { events: new_events, expected: Vec::new(), writes }).await
+            {
+                self.vault.remove(payment_id);
+                return Err(internal(error));
+            }
+            let state = self
+                .wait_for(payment_id, |s| s.status().is_some_and(|st| st != kassa_domain::PaymentStatus::Processing))
+                .await?;
+            Ok(match state {
+                Some(state) => Answer { status: 200, body: payment_json(payment_id, &state), replayed: false },
+                None => {
+                    // Durable and on its way, no outcome within the bound yet.
+                    let mut state = PaymentState::default();
+                    for event in &events {
+                        apply(&mut state, event);
+                    }
+                    Answer { status: 202, body: payment_json(payment_id, &state), replayed: false }
+                }
+            })
+        })
+        .await
+    }
+
+    /// `POST /v1/payments/{id}/capture|void|refunds`.
+    pub async fn command(
+        &self,
+        merchant_id: MerchantId,
+        payment_id: PaymentId,
+        action: &str,
+        idempotency: Option<&str>,
+        body: &[u8],
+    ) -> Result<Answer, ApiError> {
+        let print = fingerprint("POST", &format!("/v1/payments/{payment_id}/{action}"), body);
+        self.idempotent(merchant_id, idempotency, print, || async {
+            let view = self.own_view(merchant_id, payment_id)?;
+            let amount = match action {
+                "void" => {
+                    if !body.iter().all(u8::is_ascii_whitespace) && body != b"{}" {
+                        return Err(ApiError::invalid("parameter_unknown", "body", "void takes no parameters"));
+                    }
+                    None
+                }
+                _ => kassa_api::parse_amount_request(body)?.amount_minor,
+            };
+            let message = match action {
+                "capture" => PaymentCommandMessage::Capture {
+                    payment_id,
+                    capture_id: CaptureId::from_u128(rand::random()),
+                    amount_minor: amount,
+                },
+                "void" => PaymentCommandMessage::Void { payment_id },
+                _ => PaymentCommandMessage::Refund {
+                    payment_id,
+                    refund_id: RefundId::from_u128(rand::random()),
+                    amount_minor: amount,
+                },
+            };
+            let before = view.applied_seq;
+            let command_id: u128 = rand::random();
+            let now = self.clock.now();
+            let event = NewEvent {
+                event_id: command_id,
+                event_type: message.event_type().to_owned(),
+                stream_id: payment_id.as_u128(),
+                timestamp_ms: now.unix_ms(),
+                causation_id: None,
+                correlation_id: Some(payment_id.as_u128()),
+                payload: message.encode_payload(),
+            };
+            self.log.append(AppendRequest { events: vec![event], ..Default::default() }).await.map_err(internal)?;
+            // Wait for the command's outcome: a new event on the payment, or its refusal.
+            let deadline = tokio::time::Instant::now() + Duration::from_millis(self.config.outcome_wait_ms);
+            loop {
+                let notified = self.waiters.notify_for(payment_id);
+                let wait = notified.notified();
+                if let Some(rejected) =
+                    self.waiters.rejections.lock().unwrap_or_else(|e| e.into_inner()).remove(&command_id)
+                {
+                    let status = if rejected.code == "resource_missing" {
+                        404
+                    } else if rejected.code.starts_with("amount") {
+                        400
+                    } else {
+                        409
+                    };
+                    let mut error = ApiError::new(
+                        status,
+                        ErrorType::InvalidRequestError,
+                        "payment_state_conflict",
+                        rejected.message,
+                    );
+                    error.code = match rejected.code.as_str() {
+                        "amount_too_large" => "amount_too_large",
+                        "amount_too_small" => "amount_too_small",
+                        "resource_missing" => "resource_missing",
+                        _ => "payment_state_conflict",
+                    };
+                    if status == 400 {
+                        error.param = Some("amount".into());
+                    }
+                    return Err(error);
+                }
+                let view = self.own_view(merchant_id, payment_id)?;
+                let changed = view.history.iter().any(|h| h.sequence > before && h.event_type != COMMAND_REJECTED);
+                if changed {
+                    return Ok(Answer { status: 200, body: payment_json(payment_id, &view.state), replayed: false });
+                }
+                if tokio::time::timeout_at(deadline, wait).await.is_err() {
+                    return Ok(Answer { status: 202, body: payment_json(payment_id, &view.state), replayed: false });
+                }
+            }
+        })
+        .await
+    }
+
+    /// Wait (bounded) until the read model's state for a payment satisfies `done`.
+    async fn wait_for(
+        &self,
+        payment_id: PaymentId,
+        done: impl Fn(&PaymentState) -> bool,
+    ) -> Result<Option<PaymentState>, ApiError> {
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(self.config.outcome_wait_ms);
+        loop {
+            let notify = self.waiters.notify_for(payment_id);
+            let wait = notify.notified();
+            if let Some(view) = self.view(payment_id)?
+                && done(&view.state)
+            {
+                return Ok(Some(view.state));
+            }
+            if tokio::time::timeout_at(deadline, wait).await.is_err() {
+                return Ok(None);
+            }
+        }
+    }
+
+    // ---------- the read model ----------
+
+    fn stored_position(&self, partition: u32) -> u64 {
+        self.log
+            .get(Table::Positions, &position_key(partition))
+            .ok()
+            .flatten()
+            .and_then(|v| v.try_into().ok().map(u64::from_be_bytes))
+            .unwrap_or(0)
+    }
+
+    async fn run_read_model(self: Arc<Self>, partition: u32, mut stop: watch::Receiver<bool>) {
+        let offset = self.stored_position(partition);
+        let mut subscription = Subscription::start(
+            Arc::clone(&self.bus),
+            PAYMENT_EVENTS,
+            partition,
+            offset,
+            SubscriptionConfig::default(),
+        );
+        loop {
+            let first = tokio::select! {
+                _ = stop.changed() => return,
+                message = subscription.recv() => message,
+            };
+            let mut messages = match first {
+                Some(Ok(message)) => vec![message],
+                Some(Err(error)) => {
+                    tracing::warn!(partition, %error, "read model fetch failed");
+                    continue;
+                }
+                None => return,
+            };
+            while subscription.buffered() > 0 && messages.len() < 1024 {
+                match subscription.recv().await {
+                    Some(Ok(message)) => messages.push(message),
+                    _ => break,
+                }
+            }
+            if let Err(error) = self.apply_to_read_model(partition, messages).await {
+                tracing::error!(partition, %error, "read model update failed; stopping it (restart to recover)");
+                return;
+            }
+        }
+    }
+
+    async fn apply_to_read_model(&self, partition: u32, messages: Vec<kassa_bus::Message>) -> Result<(), ApiError> {
+        let mut views: HashMap<PaymentId, PaymentView> = HashMap::new();
+        let mut rejections = Vec::new();
+        let last_offset = messages.last().map(|m| m.offset);
+        for message in messages {
+            let envelope = match decode_frame(&message.payload) {
+                Ok(envelope) => envelope,
+                Err(error) => {
+                    tracing::error!(partition, offset = message.offset, %error, "undecodable event skipped");
+                    continue;
+                }
+            };
+            let payment_id = PaymentId::from_u128(envelope.stream_id);
+            let view = match views.remove(&payment_id) {
+                Some(view) => view,
+                None => self.view(payment_id)?.unwrap_or_default(),
+            };
+            let mut view = view;
+            if envelope.stream_seq <= view.applied_seq {
+                views.insert(payment_id, view);
+                continue; // re-published
+            }
+            view.applied_seq = envelope.stream_seq;
+            let data = if envelope.event_type == COMMAND_REJECTED {
+                match CommandRejected::decode(&envelope.payload) {
+                    Ok(rejected) => {
+                        let data = serde_json::json!({"code": rejected.code, "message": rejected.message}).to_string();
+                        rejections.push(rejected);
+                        data
+                    }
+                    Err(error) => {
+                        tracing::error!(%error, "undecodable rejection skipped");
+                        views.insert(payment_id, view);
+                        continue;
+                    }
+                }
+            } else {
+                match PaymentEvent::decode_payload(&envelope.event_type, &envelope.payload) {
+                    Ok(event) => {
+                        let data = event_data(&event);
+                        apply(&mut view.state, &event);
+                        data
+                    }
+                    Err(error) => {
+                        tracing::error!(%error, event_type = %envelope.event_type, "unknown payment event skipped");
+                        views.insert(payment_id, view);
+                        continue;
+                    }
+                }
+            };
+            view.history.push(HistoryEntry {
+                sequence: envelope.stream_seq,
+                event_type: envelope.event_type.clone(),
+                at_ms: envelope.timestamp_ms,
+                data,
+            });
+            views.insert(payment_id, view);
+        }
+        let mut writes: Vec<StateWrite> = views
+            .iter()
+            .map(|(id, view)| StateWrite { table: Table::State, key: view_key(*id), value: Some(encode_value(view)) })
+            .collect();
+        if let Some(offset) = last_offset {
+            writes.push(StateWrite {
+                table: Table::Positions,
+                key: position_key(partition),
+                value: Some((offset + 1).to_be_bytes().to_vec()),
+            });
+        }
+        self.log.append(AppendRequest { writes, ..Default::default() }).await.map_err(internal)?;
+        {
+            let mut map = self.waiters.rejections.lock().unwrap_or_else(|e| e.into_inner());
+            for rejected in rejections {
+                map.insert(rejected.command_id, rejected);
+            }
+        }
+        for payment_id in views.keys() {
+            self.waiters.wake(*payment_id);
+        }
+        Ok(())
+    }
+}
+
+/// The payment as the API shows it.
+pub fn payment_json(payment_id: PaymentId, state: &PaymentState) -> serde_json::Value {
+    let Some(request) = state.request.as_ref() else {
+        return serde_json::json!({ "id": payment_id.to_string(), "status": "processing" });
+    };
+    let status = state.status().map_or("processing", |s| match s {
+        kassa_domain::PaymentStatus::Processing => "processing",
+        kassa_domain::PaymentStatus::Authorized => "authorized",
+        kassa_domain::PaymentStatus::Captured => "captured",
+        kassa_domain::PaymentStatus::Declined => "declined",
+        kassa_domain::PaymentStatus::Voided => "voided",
+        kassa_domain::PaymentStatus::Refunded => "refunded",
+    });
+    serde_json::json!({
+        "id": payment_id.to_string(),
+        "object": "payment",
+        "status": status,
+        "amount": request.amount.minor,
+        "currency": request.amount.currency.code(),
+        "amount_authorized": state.authorized_minor,
+        "amount_captured": state.captured_minor,
+        "amount_refunded": state.refunded_minor,
+        "capture": request.capture,
+        "card": {
+            "brand": request.card.brand.as_str(),
+            "last4": request.card.last4,
+            "exp_month": request.card.expiry.month,
+            "exp_year": request.card.expiry.year,
+        },
+        "provider": state.provider,
+        "authorization_code": state.authorization_code,
+        "decline_code": state.decline_code,
+        "reference": request.reference,
+        "metadata": request.metadata,
+        "created_at": request.requested_at.to_string(),
+    })
+}
+
+/// An event's data for the history endpoint: amounts and ids, never card data.
+fn event_data(event: &PaymentEvent) -> String {
+    let value = match event {
+        PaymentEvent::Requested(r) => {
+            serde_json::json!({"amount": r.amount.minor, "currency": r.amount.currency.code(), "capture": r.capture})
+        }
+        PaymentEvent::AuthorizationStarted { attempt_id, provider } => {
+            serde_json::json!({"attempt_id": attempt_id.to_string(), "provider": provider})
+        }
+        PaymentEvent::Authorized { attempt_id, provider, authorization_code, amount } => {
+            serde_json::json!({"attempt_id": attempt_id.to_string(), "provider": provider, "authorization_code": authorization_code, "amount": amount.minor})
+        }
+        PaymentEvent::Declined { provider, code, category, .. } => {
+            serde_json::json!({"provider": provider, "code": code, "category": category})
+        }
+        PaymentEvent::AuthorizationFailed { attempt_id, provider, reason }
+        | PaymentEvent::AuthorizationOutcomeUnknown { attempt_id, provider, reason } => {
+            serde_json::json!({"attempt_id": attempt_id.to_string(), "provider": provider, "reason": reason})
+        }
+        PaymentEvent::AuthorizationReversed { attempt_id, provider } => {
+            serde_json::json!({"attempt_id": attempt_id.to_string(), "provider": provider})
+        }
+        PaymentEvent::Captured { capture_id, amount } => {
+            serde_json::json!({"capture_id": capture_id.to_string(), "amount": amount.minor})
+        }
+        PaymentEvent::Voided { amount } => serde_json::json!({"amount": amount.minor}),
+        PaymentEvent::Refunded { refund_id, amount } => {
+            serde_json::json!({"refund_id": refund_id.to_string(), "amount": amount.minor})
+        }
+        PaymentEvent::Settled { batch_id } => serde_json::json!({"batch_id": batch_id.to_string()}),
+        PaymentEvent::Reconciled { report_id } => serde_json::json!({"report_id": report_id.to_string()}),
+    };
+    value.to_string()
+}

@@ -1,0 +1,304 @@
+//! End to end against the real `kassa up` binary over real HTTP: the payments
+//! API's contract, and durability through SIGKILL.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+struct Kassa {
+    child: Child,
+    addr: String,
+    key: String,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+impl Kassa {
+    fn start(dir: &Path) -> Kassa {
+        let addr = format!("127.0.0.1:{}", free_port());
+        let child = Command::new(env!("CARGO_BIN_EXE_kassa"))
+            .args(["up", "--listen", &addr, "--data-dir"])
+            .arg(dir)
+            .env("KASSA_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn kassa up");
+        let started = Instant::now();
+        loop {
+            if let Ok(response) = request(&addr, "GET", "/healthz", None, &[], b"")
+                && response.0 == 200
+            {
+                break;
+            }
+            assert!(started.elapsed() < Duration::from_secs(60), "kassa up did not become healthy");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let key = std::fs::read_to_string(dir.join("demo-merchant.key")).unwrap().trim().to_owned();
+        Kassa { child, addr, key }
+    }
+
+    fn call(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&str>,
+        headers: &[(&str, &str)],
+    ) -> (u16, Vec<(String, String)>, serde_json::Value) {
+        let auth = format!("Bearer {}", self.key);
+        let mut all = vec![("Authorization", auth.as_str())];
+        all.extend_from_slice(headers);
+        let (status, headers, body) =
+            request(&self.addr, method, path, body.map(|_| "application/json"), &all, body.unwrap_or("").as_bytes())
+                .unwrap();
+        let json = serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null);
+        (status, headers, json)
+    }
+
+    fn kill(mut self) {
+        self.child.kill().unwrap(); // SIGKILL
+        self.child.wait().unwrap();
+    }
+
+    fn terminate(mut self) -> std::process::ExitStatus {
+        Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status().unwrap();
+        self.child.wait().unwrap()
+    }
+}
+
+/// Status, lower-cased headers, body.
+type Response = (u16, Vec<(String, String)>, Vec<u8>);
+
+/// A minimal HTTP/1.1 client: one request per connection.
+fn request(
+    addr: &str,
+    method: &str,
+    path: &str,
+    content_type: Option<&str>,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> std::io::Result<Response> {
+    let mut stream = TcpStream::connect(addr)?;
+    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let mut head =
+        format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n", body.len());
+    if let Some(content_type) = content_type {
+        head.push_str(&format!("Content-Type: {content_type}\r\n"));
+    }
+    for (name, value) in headers {
+        head.push_str(&format!("{name}: {value}\r\n"));
+    }
+    head.push_str("\r\n");
+    stream.write_all(head.as_bytes())?;
+    stream.write_all(body)?;
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw)?;
+    let split = raw.windows(4).position(|w| w == b"\r\n\r\n").ok_or(std::io::ErrorKind::InvalidData)?;
+    let head = String::from_utf8_lossy(&raw[..split]).to_string();
+    let mut lines = head.lines();
+    let status: u16 = lines.next().and_then(|l| l.split_whitespace().nth(1)).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    Ok((status, headers, raw[split + 4..].to_vec()))
+}
+
+fn pay(number: &str, amount: i64, capture: bool) -> String {
+    format!(
+        r#"{{"amount": {amount}, "currency": "EUR", "capture": {capture}, "reference": "order-1",
+            "card": {{"number": "{number}", "exp_month": 12, "exp_year": 2030, "cvc": "123"}}}}"#
+    )
+}
+
+#[test]
+fn the_payments_api_over_http() {
+    let dir = tempfile::tempdir().unwrap();
+    let kassa = Kassa::start(dir.path());
+
+    let (status, _, payment) = kassa.call("POST", "/v1/payments", Some(&pay("4242424242424242", 1999, true)), &[]);
+    assert_eq!(status, 200, "{payment}");
+    assert_eq!(payment["status"], "captured");
+    assert_eq!(payment["amount_captured"], 1999);
+    assert_eq!(payment["card"]["last4"], "4242");
+    assert!(!payment.to_string().contains("4242424242424242"), "no full card number in a response");
+    let id = payment["id"].as_str().unwrap().to_owned();
+    assert!(id.starts_with("pay_"));
+
+    for (number, code, attempts) in [
+        ("4000000000000002", "do_not_honor", 1),
+        ("4000000000009995", "insufficient_funds", 1),
+        ("4000000000000119", "providers_unavailable", 3),
+    ] {
+        let (status, _, declined) = kassa.call("POST", "/v1/payments", Some(&pay(number, 500, true)), &[]);
+        assert_eq!(status, 200);
+        assert_eq!(declined["status"], "declined", "{declined}");
+        assert_eq!(declined["decline_code"], code);
+        let path = format!("/v1/payments/{}/events", declined["id"].as_str().unwrap());
+        let (_, _, events) = kassa.call("GET", &path, None, &[]);
+        let started =
+            events["data"].as_array().unwrap().iter().filter(|e| e["type"] == "payment.authorization_started").count();
+        assert_eq!(started, attempts, "{code}");
+    }
+
+    // Authorize only, capture part, refund part, refuse what is not allowed.
+    let (_, _, held) = kassa.call("POST", "/v1/payments", Some(&pay("5555555555554444", 1000, false)), &[]);
+    assert_eq!(held["status"], "authorized");
+    let base = format!("/v1/payments/{}", held["id"].as_str().unwrap());
+    let (status, _, captured) = kassa.call("POST", &format!("{base}/capture"), Some(r#"{"amount": 600}"#), &[]);
+    assert_eq!((status, captured["amount_captured"].as_i64()), (200, Some(600)), "{captured}");
+    let (status, _, refunded) = kassa.call("POST", &format!("{base}/refunds"), Some(r#"{"amount": 200}"#), &[]);
+    assert_eq!((status, refunded["amount_refunded"].as_i64()), (200, Some(200)), "{refunded}");
+    let (status, _, error) = kassa.call("POST", &format!("{base}/refunds"), Some(r#"{"amount": 401}"#), &[]);
+    assert_eq!((status, error["error"]["code"].as_str()), (400, Some("amount_too_large")), "{error}");
+    let (status, _, error) = kassa.call("POST", &format!("{base}/void"), None, &[]);
+    assert_eq!((status, error["error"]["code"].as_str()), (409, Some("payment_state_conflict")), "{error}");
+    let (_, _, events) = kassa.call("GET", &format!("{base}/events"), None, &[]);
+    let types: Vec<&str> = events["data"].as_array().unwrap().iter().map(|e| e["type"].as_str().unwrap()).collect();
+    assert_eq!(
+        &types[..5],
+        [
+            "payment.requested",
+            "payment.authorization_started",
+            "payment.authorized",
+            "payment.captured",
+            "payment.refunded"
+        ]
+    );
+
+    // Idempotency: same key and body replays; same key, other body is refused.
+    let headers = [("Idempotency-Key", "order-77")];
+    let (status, _, first) = kassa.call("POST", "/v1/payments", Some(&pay("4242424242424242", 777, true)), &headers);
+    assert_eq!(status, 200);
+    let (status, replay_headers, again) =
+        kassa.call("POST", "/v1/payments", Some(&pay("4242424242424242", 777, true)), &headers);
+    assert_eq!((status, &again), (200, &first));
+    assert!(replay_headers.iter().any(|(k, v)| k == "idempotent-replayed" && v == "true"));
+    let (status, _, error) = kassa.call("POST", "/v1/payments", Some(&pay("4242424242424242", 778, true)), &headers);
+    assert_eq!((status, error["error"]["code"].as_str()), (409, Some("idempotency_key_reused")));
+
+    // Listing: newest first, paged.
+    let (status, _, page) = kassa.call("GET", "/v1/payments?limit=2", None, &[]);
+    assert_eq!(status, 200);
+    assert_eq!(page["data"].as_array().unwrap().len(), 2);
+    assert_eq!(page["data"][0]["id"], first["id"]);
+    assert_eq!(page["has_more"], true);
+
+    // Bad input: clear errors, nothing written.
+    let (status, _, error) = kassa.call("POST", "/v1/payments", Some(r#"{"amount": 19.99, "currency": "EUR"}"#), &[]);
+    assert_eq!((status, error["error"]["param"].as_str()), (400, Some("amount")));
+    let (status, _, _) = kassa.call("GET", &format!("/v1/payments/{}", "pay_00000000000000000000000000"), None, &[]);
+    assert_eq!(status, 404);
+    let (status, _, _) = kassa.call("GET", "/v1/payments/not-an-id", None, &[]);
+    assert_eq!(status, 404);
+    let (status, _, _) = {
+        let r = request(&kassa.addr, "GET", "/v1/payments", None, &[], b"").unwrap();
+        (r.0, r.1, r.2)
+    };
+    assert_eq!(status, 401);
+    let r = request(
+        &kassa.addr,
+        "POST",
+        "/v1/payments",
+        Some("text/plain"),
+        &[("Authorization", &format!("Bearer {}", kassa.key))],
+        b"{}",
+    )
+    .unwrap();
+    assert_eq!(r.0, 415);
+    let big = vec![b' '; 70 * 1024];
+    let r = request(
+        &kassa.addr,
+        "POST",
+        "/v1/payments",
+        Some("application/json"),
+        &[("Authorization", &format!("Bearer {}", kassa.key))],
+        &big,
+    )
+    .unwrap();
+    assert_eq!(r.0, 413);
+
+    // SIGTERM: a clean stop, exit 0; and the data is still there after a restart.
+    assert!(kassa.terminate().success());
+    let kassa = Kassa::start(dir.path());
+    let (status, _, again) = kassa.call("GET", &format!("/v1/payments/{id}"), None, &[]);
+    assert_eq!((status, again["status"].as_str()), (200, Some("captured")));
+    kassa.kill();
+}
+
+#[test]
+fn a_payment_answered_2xx_survives_sigkill() {
+    let dir = tempfile::tempdir().unwrap();
+    let kassa = Kassa::start(dir.path());
+    let addr = kassa.addr.clone();
+    let key = kassa.key.clone();
+    let clients: Vec<_> = (0..4)
+        .map(|c| {
+            let (addr, key) = (addr.clone(), key.clone());
+            std::thread::spawn(move || {
+                let mut answered = Vec::new();
+                for i in 0..15 {
+                    let card = if (c + i) % 5 == 0 { "4000000000000002" } else { "4242424242424242" };
+                    let body = pay(card, 100 + i, i % 2 == 0);
+                    let auth = format!("Bearer {key}");
+                    let idem = format!("c{c}-{i}");
+                    let r = request(
+                        &addr,
+                        "POST",
+                        "/v1/payments",
+                        Some("application/json"),
+                        &[("Authorization", &auth), ("Idempotency-Key", &idem)],
+                        body.as_bytes(),
+                    )
+                    .unwrap();
+                    if (200..300).contains(&r.0) {
+                        let json: serde_json::Value = serde_json::from_slice(&r.2).unwrap();
+                        answered.push((
+                            json["id"].as_str().unwrap().to_owned(),
+                            json["status"].as_str().unwrap().to_owned(),
+                        ));
+                    }
+                }
+                answered
+            })
+        })
+        .collect();
+    let answered: Vec<(String, String)> = clients.into_iter().flat_map(|c| c.join().unwrap()).collect();
+    // The instant after the last response: no warning, no flush.
+    kassa.kill();
+    assert_eq!(answered.len(), 60);
+
+    let kassa = Kassa::start(dir.path());
+    for (id, status) in &answered {
+        // A payment still processing when killed resolves to one outcome.
+        let started = Instant::now();
+        let after = loop {
+            let (code, _, payment) = kassa.call("GET", &format!("/v1/payments/{id}"), None, &[]);
+            if code == 200 && payment["status"] != "processing" {
+                break payment;
+            }
+            assert!(started.elapsed() < Duration::from_secs(30), "{id} did not resolve: {code} {payment}");
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        if status != "processing" {
+            assert_eq!(after["status"].as_str(), Some(status.as_str()), "{id} changed across the crash");
+        }
+        let (_, _, events) = kassa.call("GET", &format!("/v1/payments/{id}/events"), None, &[]);
+        let authorized =
+            events["data"].as_array().unwrap().iter().filter(|e| e["type"] == "payment.authorized").count();
+        assert!(authorized <= 1, "{id} authorized {authorized} times");
+    }
+    assert!(kassa.terminate().success());
+    for service in ["ingest", "authorization"] {
+        let output = Command::new(env!("CARGO_BIN_EXE_kassa"))
+            .args(["log", "verify", "--path"])
+            .arg(dir.path().join(service))
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{service}: {}", String::from_utf8_lossy(&output.stderr));
+    }
+}
