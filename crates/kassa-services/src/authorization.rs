@@ -189,7 +189,13 @@ impl AuthorizationService {
 
     async fn run_partition(self: Arc<Self>, partition: u32, mut stop: watch::Receiver<bool>) {
         let (effects_tx, mut effects_rx) = mpsc::channel::<EffectResult>(4096);
-        let mut actor = PartitionActor { service: Arc::clone(&self), partition, cache: HashMap::new(), effects_tx };
+        let mut actor = PartitionActor {
+            service: Arc::clone(&self),
+            partition,
+            cache: HashMap::new(),
+            effects_tx,
+            ops_in_flight: HashSet::new(),
+        };
         // Resume every payment that had work left when the service stopped.
         let mut resume = Vec::new();
         match self.log.scan(Table::State, format!("active/{partition:05}/").as_bytes()) {
@@ -261,6 +267,10 @@ struct PartitionActor {
     partition: u32,
     cache: HashMap<PaymentId, PaymentRecord>,
     effects_tx: mpsc::Sender<EffectResult>,
+    /// Payments with a provider call (capture, void, refund) under way: one at
+    /// a time per payment, in the order owed, or a refund could reach the
+    /// provider before the capture it refunds.
+    ops_in_flight: HashSet<PaymentId>,
 }
 
 /// One batch being decided: changed records, events and effects, written together.
@@ -517,16 +527,24 @@ impl PartitionActor {
                 (payment_id, PaymentCommand::ReverseAuthorization { attempt_id })
             }
             EffectResult::OpDone { payment_id, op, result } => {
-                match result {
-                    Ok(()) => record.pending.retain(|p| p.id() != op.id()),
+                let delay_ms = match result {
+                    Ok(()) => {
+                        record.pending.retain(|p| p.id() != op.id());
+                        0
+                    }
                     Err(ProviderError::Refused { reason }) => {
                         tracing::error!(%payment_id, ?op, %reason, "provider refused an owed call; needs an operator");
                         record.pending.retain(|p| p.id() != op.id());
+                        0
                     }
                     Err(error) => {
                         tracing::warn!(%payment_id, ?op, %error, "provider call failed; retrying");
-                        batch.effects.push(Effect::Op { payment_id, op, delay_ms });
+                        delay_ms
                     }
+                };
+                // The next owed call (or the same one again), in order.
+                if let Some(next) = record.pending.first() {
+                    batch.effects.push(Effect::Op { payment_id, op: next.clone(), delay_ms });
                 }
                 batch.records.insert(payment_id, record.clone());
                 return;
@@ -633,6 +651,9 @@ impl PartitionActor {
                 | EffectResult::Reversed { payment_id, .. }
                 | EffectResult::OpDone { payment_id, .. } => *payment_id,
             };
+            if matches!(result, EffectResult::OpDone { .. }) {
+                self.ops_in_flight.remove(&payment_id);
+            }
             let mut record = self.load(&mut batch, payment_id)?;
             self.apply_result(&mut batch, &mut record, result);
         }
@@ -683,6 +704,11 @@ impl PartitionActor {
         }
         self.cache.extend(batch.records);
         for effect in batch.effects {
+            if let Effect::Op { payment_id, .. } = &effect
+                && !self.ops_in_flight.insert(*payment_id)
+            {
+                continue; // started when the call under way completes
+            }
             self.start(effect);
         }
         Ok(())

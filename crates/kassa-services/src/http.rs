@@ -10,6 +10,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use kassa_api::{ApiError, ErrorType};
+use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -21,12 +22,17 @@ pub const BODY_BYTES_MAX: usize = 64 * 1024;
 struct App {
     ingest: Arc<IngestService>,
     ready: Arc<AtomicBool>,
+    /// SHA-256 of the operator token for `/admin/…`.
+    admin_token_hash: [u8; 32],
 }
 
-/// The API's routes. `ready` flips to true once Kassa takes payments.
-pub fn router(ingest: Arc<IngestService>, ready: Arc<AtomicBool>) -> Router {
+/// The API's routes. `ready` flips to true once Kassa takes payments;
+/// `admin_token` guards `/admin/…` (`Authorization: Bearer …`).
+pub fn router(ingest: Arc<IngestService>, ready: Arc<AtomicBool>, admin_token: &str) -> Router {
+    let admin_token_hash = Sha256::digest(admin_token.as_bytes()).into();
     Router::new()
         .route("/healthz", get(healthz))
+        .route("/admin/merchants", post(create_merchant))
         .route("/v1/payments", post(create_payment).get(list_payments))
         .route("/v1/payments/{id}", get(get_payment))
         .route("/v1/payments/{id}/capture", post(capture))
@@ -35,7 +41,7 @@ pub fn router(ingest: Arc<IngestService>, ready: Arc<AtomicBool>) -> Router {
         .route("/v1/payments/{id}/events", get(payment_events))
         .fallback(|| async { error_response(&ApiError::not_found("route")) })
         .layer(DefaultBodyLimit::max(BODY_BYTES_MAX))
-        .with_state(App { ingest, ready })
+        .with_state(App { ingest, ready, admin_token_hash })
 }
 
 fn error_response(error: &ApiError) -> Response {
@@ -202,4 +208,45 @@ async fn refund(
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     command(app, headers, id, "refunds", body).await
+}
+
+/// Operator calls: the admin token, compared by hash so timing says nothing.
+fn operator(app: &App, headers: &HeaderMap) -> Result<(), ApiError> {
+    let token = header_str(headers, "authorization")?.and_then(|h| h.strip_prefix("Bearer ")).unwrap_or("");
+    let hash: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+    if token.is_empty() || hash != app.admin_token_hash {
+        return Err(ApiError::new(
+            401,
+            ErrorType::AuthenticationError,
+            "invalid_admin_token",
+            "missing or invalid operator token (see DIR/admin.token)",
+        ));
+    }
+    Ok(())
+}
+
+async fn create_merchant(State(app): State<App>, headers: HeaderMap, body: Result<Bytes, BytesRejection>) -> Response {
+    let result = async {
+        operator(&app, &headers)?;
+        let body = post_body(&headers, body)?;
+        let value: serde_json::Value = serde_json::from_slice(&body).map_err(|e| {
+            ApiError::new(
+                400,
+                ErrorType::InvalidRequestError,
+                "invalid_json",
+                format!("request body is not valid JSON: {e}"),
+            )
+        })?;
+        let name = value
+            .get("name")
+            .and_then(|n| n.as_str())
+            .ok_or_else(|| ApiError::invalid("parameter_missing", "name", "send {\"name\": \"…\"}"))?;
+        let (merchant_id, key) = app.ingest.create_merchant(name).await?;
+        Ok(Answer {
+            status: 201,
+            body: serde_json::json!({"id": merchant_id.to_string(), "name": name, "api_key": key.reveal()}),
+            replayed: false,
+        })
+    };
+    respond(result.await)
 }

@@ -187,32 +187,9 @@ impl IngestService {
 
     /// Create a merchant; returns its id and its API key (shown once, stored hashed).
     pub async fn create_merchant(&self, name: &str) -> Result<(MerchantId, ApiKey), ApiError> {
-        if name.trim().is_empty() || name.chars().count() > 100 {
-            return Err(ApiError::invalid(
-                "parameter_invalid_string",
-                "name",
-                "merchant name must be 1 to 100 characters",
-            ));
-        }
-        let now = self.clock.now();
-        let merchant_id = MerchantId::from_parts(now.unix_ms() as u64, rand::random());
-        let key = ApiKey::from_random(rand::random());
-        let event = NewEvent {
-            event_id: rand::random(),
-            event_type: "merchant.created".into(),
-            stream_id: merchant_id.as_u128(),
-            timestamp_ms: now.unix_ms(),
-            causation_id: None,
-            correlation_id: None,
-            payload: encode_value(&(merchant_id, name, key.hash_hex())),
-        };
-        let writes = vec![StateWrite {
-            table: Table::State,
-            key: merchant_key_key(&key.hash_hex()),
-            value: Some(merchant_id.as_u128().to_be_bytes().to_vec()),
-        }];
-        self.log.append(AppendRequest { events: vec![event], expected: Vec::new(), writes }).await.map_err(internal)?;
-        Ok((merchant_id, key))
+        let request = new_merchant(name, self.clock.now())?;
+        self.log.append(request.0).await.map_err(internal)?;
+        Ok((request.1, request.2))
     }
 
     /// The merchant an `Authorization` header belongs to (401 otherwise).
@@ -687,6 +664,36 @@ impl IngestService {
         }
         Ok(())
     }
+}
+
+/// The append that creates a merchant, with its id and key: for the running
+/// service and for `kassa merchant create` on a stopped one alike.
+pub fn new_merchant(name: &str, now: kassa_domain::Timestamp) -> Result<(AppendRequest, MerchantId, ApiKey), ApiError> {
+    if name.trim().is_empty() || name.chars().count() > 100 || name.chars().any(char::is_control) {
+        return Err(ApiError::invalid(
+            "parameter_invalid_string",
+            "name",
+            "merchant name must be 1 to 100 printable characters",
+        ));
+    }
+    let merchant_id = MerchantId::from_parts(now.unix_ms() as u64, rand::random());
+    let key = ApiKey::from_random(rand::random());
+    let event = NewEvent {
+        event_id: rand::random(),
+        event_type: "merchant.created".into(),
+        stream_id: merchant_id.as_u128(),
+        timestamp_ms: now.unix_ms(),
+        causation_id: None,
+        correlation_id: None,
+        // The key's hash only: a stored key cannot be used.
+        payload: encode_value(&(merchant_id, name, key.hash_hex())),
+    };
+    let writes = vec![StateWrite {
+        table: Table::State,
+        key: merchant_key_key(&key.hash_hex()),
+        value: Some(merchant_id.as_u128().to_be_bytes().to_vec()),
+    }];
+    Ok((AppendRequest { events: vec![event], expected: Vec::new(), writes }, merchant_id, key))
 }
 
 /// The payment as the API shows it.

@@ -256,6 +256,18 @@ async fn capture_void_refund_and_refusals() {
         .await;
     let state = world.until(manual, |s| s.refunded_minor == 600).await;
     assert_eq!(state.status(), Some(PaymentStatus::Refunded));
+    // The owed provider calls arrive in order: the capture before the refund of it.
+    let mut provider_view = (0, 0);
+    for _ in 0..500 {
+        if let Some(entry) = world.sims[0].ledger().into_iter().find(|e| e.payment_id == manual) {
+            provider_view = (entry.captured_minor, entry.refunded_minor);
+            if provider_view == (600, 600) {
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(provider_view, (600, 600), "the provider captured and refunded what Kassa recorded");
     // Over-refunding is refused, and the refusal is published for the caller.
     let command = world
         .send(PaymentCommandMessage::Refund {

@@ -1,6 +1,7 @@
 //! The `kassa` binary: configuration, telemetry, signals and wiring. Nothing else.
 
 mod log_cmd;
+mod merchant_cmd;
 mod up;
 
 use clap::{Parser, Subcommand};
@@ -20,6 +21,9 @@ enum Command {
     /// Inspect and verify a service's event log.
     #[command(subcommand)]
     Log(log_cmd::LogCommand),
+    /// Manage merchants (works whether or not `kassa up` runs on the data directory).
+    #[command(subcommand)]
+    Merchant(merchant_cmd::MerchantCommand),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -32,5 +36,6 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Up(args) => up::run(args),
         Command::Log(command) => log_cmd::run(command),
+        Command::Merchant(command) => merchant_cmd::run(command),
     }
 }

@@ -21,6 +21,8 @@ use std::time::Duration;
 pub const PROVIDERS: [&str; 3] = ["acq-alpha", "acq-beta", "acq-gamma"];
 /// Partitions of each topic: the unit of parallelism of every service.
 pub const PARTITIONS: u32 = 8;
+/// The file in the data directory naming the address a running `kassa up` listens on.
+pub const ADDRESS_FILE: &str = "kassa.addr";
 /// Cards accepted and waiting for authorization, at most (503 beyond).
 pub const CARDS_WAITING_MAX: usize = 100_000;
 
@@ -50,7 +52,7 @@ fn secret_file(path: &Path, bytes: usize) -> anyhow::Result<Vec<u8>> {
     Ok(key)
 }
 
-fn write_private(path: &Path, contents: &[u8]) -> anyhow::Result<()> {
+pub fn write_private(path: &Path, contents: &[u8]) -> anyhow::Result<()> {
     use std::io::Write;
     let mut options = std::fs::OpenOptions::new();
     options.write(true).create_new(true);
@@ -81,6 +83,11 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
             .with_context(|| format!("opening the embedded bus at {}", bus_path.display()))?,
     );
     let token_key = secret_file(&dir.join("token.key"), 32)?;
+    let admin_token = format!("at_{}", hex::encode(secret_file(&dir.join("admin.secret"), 20)?));
+    let admin_token_path = dir.join("admin.token");
+    if !admin_token_path.exists() {
+        write_private(&admin_token_path, format!("{admin_token}\n").as_bytes())?;
+    }
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -128,10 +135,13 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
         }
 
         let ready = Arc::new(AtomicBool::new(false));
-        let app = kassa_services::http::router(Arc::clone(&ingest), Arc::clone(&ready));
+        let app = kassa_services::http::router(Arc::clone(&ingest), Arc::clone(&ready), &admin_token);
         let listener = tokio::net::TcpListener::bind(args.listen)
             .await
             .with_context(|| format!("binding {}; is another kassa running there?", args.listen))?;
+        // Where `kassa merchant create` finds this instance.
+        std::fs::write(dir.join(ADDRESS_FILE), listener.local_addr()?.to_string())
+            .with_context(|| format!("writing {}", dir.join(ADDRESS_FILE).display()))?;
         ready.store(true, Ordering::Release);
         tracing::info!(listen = %args.listen, data_dir = %dir.display(), "kassa is up");
         println!("kassa is up on http://{}", args.listen);

@@ -302,3 +302,53 @@ fn a_payment_answered_2xx_survives_sigkill() {
         assert!(output.status.success(), "{service}: {}", String::from_utf8_lossy(&output.stderr));
     }
 }
+
+fn create_merchant(dir: &Path, name: &str) -> String {
+    let output = Command::new(env!("CARGO_BIN_EXE_kassa"))
+        .args(["merchant", "create", name, "--data-dir"])
+        .arg(dir)
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let text = String::from_utf8(output.stdout).unwrap();
+    text.split_whitespace().find(|w| w.starts_with("sk_")).expect("a key is printed").to_owned()
+}
+
+#[test]
+fn merchants_are_created_running_or_stopped_and_see_only_their_own_payments() {
+    let dir = tempfile::tempdir().unwrap();
+    let kassa = Kassa::start(dir.path());
+    let (_, _, demo_payment) = kassa.call("POST", "/v1/payments", Some(&pay("4242424242424242", 100, true)), &[]);
+
+    // While kassa up holds the data directory: through its admin API.
+    let other = Kassa {
+        key: create_merchant(dir.path(), "Other Shop"),
+        addr: kassa.addr.clone(),
+        child: Command::new("true").spawn().unwrap(),
+    };
+    let (status, _, own) = other.call("POST", "/v1/payments", Some(&pay("4242424242424242", 200, true)), &[]);
+    assert_eq!((status, own["status"].as_str()), (200, Some("captured")));
+    let (status, _, _) =
+        other.call("GET", &format!("/v1/payments/{}", demo_payment["id"].as_str().unwrap()), None, &[]);
+    assert_eq!(status, 404, "another merchant's payment does not exist for you");
+    let (_, _, list) = other.call("GET", "/v1/payments", None, &[]);
+    assert_eq!(list["data"].as_array().unwrap().len(), 1);
+    let (status, _, _) = kassa.call("POST", "/admin/merchants", Some(r#"{"name": "x"}"#), &[]);
+    assert_eq!(status, 401, "a merchant key is not the operator token");
+    assert!(kassa.terminate().success());
+
+    // While stopped: straight into the log.
+    let third_key = create_merchant(dir.path(), "Third");
+    let kassa = Kassa::start(dir.path());
+    let third = Kassa { key: third_key, addr: kassa.addr.clone(), child: Command::new("true").spawn().unwrap() };
+    let (status, _, _) = third.call("GET", "/v1/payments", None, &[]);
+    assert_eq!(status, 200);
+    kassa.kill();
+
+    let missing = Command::new(env!("CARGO_BIN_EXE_kassa"))
+        .args(["merchant", "create", "x", "--data-dir", "/nonexistent/kassa"])
+        .output()
+        .unwrap();
+    assert!(!missing.status.success());
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("no Kassa data directory"));
+}
