@@ -406,9 +406,7 @@ impl IngestService {
                 self.vault.remove(payment_id);
                 return Err(internal(error));
             }
-            let state = self
-                .wait_for(payment_id, |s| s.status().is_some_and(|st| st != kassa_domain::PaymentStatus::Processing))
-                .await?;
+            let state = self.wait_for(payment_id, has_outcome).await?;
             Ok(match state {
                 Some(state) => Answer { status: 200, body: payment_json(payment_id, &state), replayed: false },
                 None => {
@@ -694,6 +692,18 @@ pub fn new_merchant(name: &str, now: kassa_domain::Timestamp) -> Result<(AppendR
         value: Some(merchant_id.as_u128().to_be_bytes().to_vec()),
     }];
     Ok((AppendRequest { events: vec![event], expected: Vec::new(), writes }, merchant_id, key))
+}
+
+/// A payment has its outcome when it is no longer processing — and, when it
+/// was asked to capture, not merely authorized (the read model may apply the
+/// authorization and the automatic capture in separate batches).
+fn has_outcome(state: &PaymentState) -> bool {
+    use kassa_domain::PaymentStatus;
+    match state.status() {
+        None | Some(PaymentStatus::Processing) => false,
+        Some(PaymentStatus::Authorized) => !state.request.as_ref().is_some_and(|r| r.capture),
+        Some(_) => true,
+    }
 }
 
 /// The payment as the API shows it.

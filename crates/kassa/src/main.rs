@@ -1,5 +1,6 @@
 //! The `kassa` binary: configuration, telemetry, signals and wiring. Nothing else.
 
+mod bench_cmd;
 mod log_cmd;
 mod merchant_cmd;
 mod up;
@@ -21,6 +22,8 @@ enum Command {
     /// Inspect and verify a service's event log.
     #[command(subcommand)]
     Log(log_cmd::LogCommand),
+    /// Pipeline benchmark: payments through ingest and authorization, in process, durable.
+    Bench(bench_cmd::BenchArgs),
     /// Manage merchants (works whether or not `kassa up` runs on the data directory).
     #[command(subcommand)]
     Merchant(merchant_cmd::MerchantCommand),
@@ -37,5 +40,6 @@ fn main() -> anyhow::Result<()> {
         Command::Up(args) => up::run(args),
         Command::Log(command) => log_cmd::run(command),
         Command::Merchant(command) => merchant_cmd::run(command),
+        Command::Bench(args) => bench_cmd::run(args),
     }
 }

@@ -1,0 +1,160 @@
+//! `kassa bench`: the pipeline benchmark. Drives payments through ingest and
+//! authorization in one process — durable logs, the embedded bus, simulated
+//! acquirers — and reports payments/s and latency percentiles.
+
+use anyhow::Context;
+use clap::Args;
+use kassa_bus::{Bus, BusConfig, EmbeddedBus, TopicSpec};
+use kassa_eventlog::{EventLog, LogConfig};
+use kassa_providers::{Connector, SimulatedAcquirer, SimulatorConfig};
+use kassa_services::authorization::{AuthorizationConfig, AuthorizationService};
+use kassa_services::ingest::{IngestConfig, IngestService};
+use kassa_services::topics::{PAYMENT_COMMANDS, PAYMENT_EVENTS};
+use kassa_services::vault::CardVault;
+use kassa_services::{Clock, SystemClock};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    /// Payments to drive through the pipeline.
+    #[arg(long, default_value_t = 20_000)]
+    pub payments: u64,
+    /// Payments in flight at once.
+    #[arg(long, default_value_t = 512)]
+    pub concurrency: u64,
+    /// Simulated acquirer latency, lower and upper bound (ms).
+    #[arg(long, default_value_t = 15)]
+    pub latency_ms_min: u64,
+    #[arg(long, default_value_t = 60)]
+    pub latency_ms_max: u64,
+    /// Where the logs go (a fresh temporary directory by default: put it on the disk you want to measure).
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+}
+
+fn percentile(sorted: &[Duration], per_mille: usize) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    sorted[((sorted.len() - 1) * per_mille) / 1000]
+}
+
+pub fn run(args: BenchArgs) -> anyhow::Result<()> {
+    let temp = tempfile::tempdir()?;
+    let dir = args.data_dir.clone().unwrap_or_else(|| temp.path().to_path_buf());
+    std::fs::create_dir_all(&dir)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(async move {
+        let ingest_log = Arc::new(EventLog::open(dir.join("ingest"), LogConfig::default())?);
+        let authorization_log = Arc::new(EventLog::open(dir.join("authorization"), LogConfig::default())?);
+        let topics = vec![
+            TopicSpec::new(PAYMENT_COMMANDS, crate::up::PARTITIONS),
+            TopicSpec::new(PAYMENT_EVENTS, crate::up::PARTITIONS),
+        ];
+        let bus: Arc<dyn Bus> = Arc::new(EmbeddedBus::open(dir.join("bus"), BusConfig::new(topics))?);
+        let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+        let vault = Arc::new(CardVault::new(crate::up::CARDS_WAITING_MAX));
+        let providers: Vec<Arc<dyn Connector>> = crate::up::PROVIDERS
+            .iter()
+            .enumerate()
+            .map(|(i, name)| {
+                let config =
+                    SimulatorConfig { latency_ms_min: args.latency_ms_min, latency_ms_max: args.latency_ms_max, seed: i as u64 + 1 };
+                Arc::new(SimulatedAcquirer::new(*name, config)) as Arc<dyn Connector>
+            })
+            .collect();
+        // Wait for each outcome (no 202 cut-off), so latency is time to the final answer.
+        let config = IngestConfig { outcome_wait_ms: 60_000, ..IngestConfig::default() };
+        let ingest =
+            Arc::new(IngestService::new(ingest_log, Arc::clone(&bus), Arc::clone(&vault), Arc::clone(&clock), config));
+        let authorization = Arc::new(AuthorizationService::new(
+            authorization_log,
+            Arc::clone(&bus),
+            providers,
+            vault,
+            clock,
+            AuthorizationConfig::default(),
+        ));
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let mut tasks = ingest.spawn(stop_rx.clone())?;
+        tasks.extend(authorization.spawn(stop_rx)?);
+        let (merchant, _) = ingest.create_merchant("bench").await.map_err(|e| anyhow::anyhow!("{e}"))?;
+
+        println!(
+            "pipeline benchmark: {} payments, {} in flight, acquirer latency {}-{} ms, durable logs (fsync), embedded bus, {} partitions",
+            args.payments, args.concurrency, args.latency_ms_min, args.latency_ms_max, crate::up::PARTITIONS
+        );
+        let started = Instant::now();
+        let next = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let workers: Vec<_> = (0..args.concurrency)
+            .map(|_| {
+                let (ingest, next) = (Arc::clone(&ingest), Arc::clone(&next));
+                let total = args.payments;
+                tokio::spawn(async move {
+                    let mut latencies = Vec::new();
+                    let mut outcomes = [0u64; 3];
+                    loop {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        if i >= total {
+                            return (latencies, outcomes);
+                        }
+                        let card = if i % 10 == 9 { "4000000000000002" } else { "4242424242424242" };
+                        let body = format!(
+                            r#"{{"amount": {}, "currency": "EUR", "card": {{"number": "{card}", "exp_month": 12, "exp_year": 2030, "cvc": "123"}}}}"#,
+                            100 + i % 5000
+                        );
+                        let at = Instant::now();
+                        let answer = ingest.create_payment(merchant, None, body.as_bytes()).await;
+                        latencies.push(at.elapsed());
+                        match answer.as_ref().map(|a| a.body["status"].as_str().unwrap_or("").to_owned()) {
+                            Ok(status) if status == "captured" => outcomes[0] += 1,
+                            Ok(status) if status == "declined" => outcomes[1] += 1,
+                            other => {
+                                tracing::warn!(payment = i, ?other, "payment ended neither captured nor declined");
+                                outcomes[2] += 1
+                            }
+                        }
+                    }
+                })
+            })
+            .collect();
+        let mut latencies = Vec::new();
+        let mut outcomes = [0u64; 3];
+        for worker in workers {
+            let (l, o) = worker.await?;
+            latencies.extend(l);
+            for k in 0..3 {
+                outcomes[k] += o[k];
+            }
+        }
+        let elapsed = started.elapsed();
+        latencies.sort_unstable();
+        let ms = |d: Duration| d.as_micros() as u64 / 1000;
+        println!(
+            "end to end: {} payments/s  ({} payments in {} ms; captured {}, declined {}, other {})",
+            args.payments * 1000 / (elapsed.as_millis() as u64).max(1),
+            args.payments,
+            elapsed.as_millis(),
+            outcomes[0],
+            outcomes[1],
+            outcomes[2]
+        );
+        println!(
+            "latency to outcome: p50 {} ms  p99 {} ms  p999 {} ms  max {} ms",
+            ms(percentile(&latencies, 500)),
+            ms(percentile(&latencies, 990)),
+            ms(percentile(&latencies, 999)),
+            ms(*latencies.last().unwrap_or(&Duration::ZERO))
+        );
+        let _ = stop_tx.send(true);
+        for task in tasks {
+            let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
+        }
+        anyhow::Ok(())
+    })
+    .context("pipeline benchmark")?;
+    drop(runtime);
+    Ok(())
+}
