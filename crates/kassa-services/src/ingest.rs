@@ -67,7 +67,26 @@ pub struct HistoryEntry {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct IdempotencyRecord {
     fingerprint: String,
+    /// The payment the request created or changed, recorded in the same
+    /// append as the change itself: a retry after a crash in between finds it
+    /// instead of creating a second payment.
+    payment_id: Option<PaymentId>,
     response: Option<(u16, String)>,
+}
+
+/// What a request under an Idempotency-Key writes with its change.
+#[derive(Debug, Clone)]
+pub struct IdempotencySlot {
+    key: Vec<u8>,
+    fingerprint: String,
+}
+
+impl IdempotencySlot {
+    fn write(&self, payment_id: PaymentId) -> StateWrite {
+        let record =
+            IdempotencyRecord { fingerprint: self.fingerprint.clone(), payment_id: Some(payment_id), response: None };
+        StateWrite { table: Table::Idempotency, key: self.key.clone(), value: Some(encode_value(&record)) }
+    }
 }
 
 /// A response body with its status, and whether it was replayed.
@@ -313,16 +332,38 @@ impl IngestService {
         work: F,
     ) -> Result<Answer, ApiError>
     where
-        F: FnOnce() -> Fut,
+        F: FnOnce(Option<IdempotencySlot>) -> Fut,
         Fut: std::future::Future<Output = Result<Answer, ApiError>>,
     {
-        let Some(key) = self.check_idempotency_key(key)? else { return work().await };
+        let Some(key) = self.check_idempotency_key(key)? else { return work(None).await };
         let storage_key = idempotency_key(merchant_id, &key);
         let lock = {
             let mut map = self.in_progress.lock().unwrap_or_else(|e| e.into_inner());
             Arc::clone(map.entry(storage_key.clone()).or_default())
         };
-        let _guard = lock.lock().await;
+        let answer = {
+            let _guard = lock.lock().await;
+            self.idempotent_locked(merchant_id, storage_key.clone(), print, work).await
+        };
+        // Forget the lock once nobody else waits on it.
+        let mut map = self.in_progress.lock().unwrap_or_else(|e| e.into_inner());
+        if map.get(&storage_key).is_some_and(|l| Arc::strong_count(l) <= 2) {
+            map.remove(&storage_key);
+        }
+        answer
+    }
+
+    async fn idempotent_locked<F, Fut>(
+        &self,
+        merchant_id: MerchantId,
+        storage_key: Vec<u8>,
+        print: String,
+        work: F,
+    ) -> Result<Answer, ApiError>
+    where
+        F: FnOnce(Option<IdempotencySlot>) -> Fut,
+        Fut: std::future::Future<Output = Result<Answer, ApiError>>,
+    {
         let stored = self.log.get(Table::Idempotency, &storage_key).map_err(internal)?;
         if let Some(bytes) = stored {
             let record: IdempotencyRecord = decode_value(&bytes, "idempotency record").map_err(internal)?;
@@ -338,23 +379,33 @@ impl IngestService {
                 let body = serde_json::from_str(&body).map_err(internal)?;
                 return Ok(Answer { status, body, replayed: true });
             }
+            if let Some(payment_id) = record.payment_id {
+                // The change was recorded but never answered (a crash in between): answer from the payment.
+                let state = self.wait_for(payment_id, has_outcome).await?;
+                let view = self.own_view(merchant_id, payment_id).ok();
+                let state = state.or(view.map(|v| v.state)).unwrap_or_default();
+                let status = if has_outcome(&state) { 200 } else { 202 };
+                return Ok(Answer { status, body: payment_json(payment_id, &state), replayed: true });
+            }
         }
-        let answer = work().await;
+        let slot = IdempotencySlot { key: storage_key.clone(), fingerprint: print.clone() };
+        let answer = work(Some(slot)).await;
         let record = match &answer {
-            Ok(answer) => {
-                IdempotencyRecord { fingerprint: print, response: Some((answer.status, answer.body.to_string())) }
-            }
+            Ok(answer) => IdempotencyRecord {
+                fingerprint: print,
+                payment_id: answer.body["id"].as_str().and_then(|id| PaymentId::parse(id).ok()),
+                response: Some((answer.status, answer.body.to_string())),
+            },
             // A 4xx is an answer too; a 5xx may be retried with the same key.
-            Err(error) if error.status < 500 => {
-                IdempotencyRecord { fingerprint: print, response: Some((error.status, error.body().to_string())) }
-            }
+            Err(error) if error.status < 500 => IdempotencyRecord {
+                fingerprint: print,
+                payment_id: None,
+                response: Some((error.status, error.body().to_string())),
+            },
             Err(_) => return answer,
         };
-        let write =
-            StateWrite { table: Table::Idempotency, key: storage_key.clone(), value: Some(encode_value(&record)) };
+        let write = StateWrite { table: Table::Idempotency, key: storage_key, value: Some(encode_value(&record)) };
         self.log.append(AppendRequest { writes: vec![write], ..Default::default() }).await.map_err(internal)?;
-        drop(_guard);
-        self.in_progress.lock().unwrap_or_else(|e| e.into_inner()).remove(&storage_key);
         answer
     }
 
@@ -366,7 +417,7 @@ impl IngestService {
         body: &[u8],
     ) -> Result<Answer, ApiError> {
         let print = fingerprint("POST", "/v1/payments", body);
-        self.idempotent(merchant_id, idempotency, print, || async {
+        self.idempotent(merchant_id, idempotency, print, |slot| async move {
             let now = self.clock.now();
             let request = kassa_api::parse_create_payment(body, now)?;
             let payment_id = PaymentId::from_parts(now.unix_ms() as u64, rand::random());
@@ -395,11 +446,12 @@ impl IngestService {
                     payload: event.encode_payload(),
                 })
                 .collect();
-            let writes = vec![StateWrite {
+            let mut writes = vec![StateWrite {
                 table: Table::State,
                 key: merchant_index_key(merchant_id, payment_id),
                 value: Some(Vec::new()),
             }];
+            writes.extend(slot.map(|slot| slot.write(payment_id)));
             if let Err(error) =
                 self.log.append(AppendRequest { events: new_events, expected: Vec::new(), writes }).await
             {
@@ -432,7 +484,7 @@ impl IngestService {
         body: &[u8],
     ) -> Result<Answer, ApiError> {
         let print = fingerprint("POST", &format!("/v1/payments/{payment_id}/{action}"), body);
-        self.idempotent(merchant_id, idempotency, print, || async {
+        self.idempotent(merchant_id, idempotency, print, |slot| async move {
             let view = self.own_view(merchant_id, payment_id)?;
             let amount = match action {
                 "void" => {
@@ -468,7 +520,11 @@ impl IngestService {
                 correlation_id: Some(payment_id.as_u128()),
                 payload: message.encode_payload(),
             };
-            self.log.append(AppendRequest { events: vec![event], ..Default::default() }).await.map_err(internal)?;
+            let writes = slot.map(|slot| slot.write(payment_id)).into_iter().collect();
+            self.log
+                .append(AppendRequest { events: vec![event], expected: Vec::new(), writes })
+                .await
+                .map_err(internal)?;
             // Wait for the command's outcome: a new event on the payment, or its refusal.
             let deadline = tokio::time::Instant::now() + Duration::from_millis(self.config.outcome_wait_ms);
             loop {

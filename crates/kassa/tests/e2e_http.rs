@@ -260,6 +260,8 @@ fn a_payment_answered_2xx_survives_sigkill() {
                         answered.push((
                             json["id"].as_str().unwrap().to_owned(),
                             json["status"].as_str().unwrap().to_owned(),
+                            idem,
+                            body,
                         ));
                     }
                 }
@@ -267,13 +269,13 @@ fn a_payment_answered_2xx_survives_sigkill() {
             })
         })
         .collect();
-    let answered: Vec<(String, String)> = clients.into_iter().flat_map(|c| c.join().unwrap()).collect();
+    let answered: Vec<(String, String, String, String)> = clients.into_iter().flat_map(|c| c.join().unwrap()).collect();
     // The instant after the last response: no warning, no flush.
     kassa.kill();
     assert_eq!(answered.len(), 60);
 
     let kassa = Kassa::start(dir.path());
-    for (id, status) in &answered {
+    for (id, status, idem, body) in &answered {
         // A payment still processing when killed resolves to one outcome.
         let started = Instant::now();
         let after = loop {
@@ -291,7 +293,13 @@ fn a_payment_answered_2xx_survives_sigkill() {
         let authorized =
             events["data"].as_array().unwrap().iter().filter(|e| e["type"] == "payment.authorized").count();
         assert!(authorized <= 1, "{id} authorized {authorized} times");
+        // A client retrying after the crash gets the same payment, never a second one.
+        let (code, _, again) = kassa.call("POST", "/v1/payments", Some(body), &[("Idempotency-Key", idem)]);
+        assert!((200..300).contains(&code), "retry of {idem}: {code}");
+        assert_eq!(again["id"].as_str(), Some(id.as_str()), "retry of {idem}");
     }
+    let (_, _, all) = kassa.call("GET", "/v1/payments?limit=100", None, &[]);
+    assert_eq!(all["data"].as_array().unwrap().len(), answered.len(), "no payment was created twice");
     assert!(kassa.terminate().success());
     for service in ["ingest", "authorization"] {
         let output = Command::new(env!("CARGO_BIN_EXE_kassa"))
