@@ -21,12 +21,13 @@ pub struct BenchArgs {
     /// Payments to drive through the pipeline.
     #[arg(long, default_value_t = 20_000)]
     pub payments: u64,
-    /// Payments in flight at once.
-    #[arg(long, default_value_t = 512)]
+    /// Payments in flight at once (concurrent API calls).
+    #[arg(long, default_value_t = 2048)]
     pub concurrency: u64,
-    /// Simulated acquirer latency, lower and upper bound (ms).
+    /// Simulated acquirer latency, lower bound (ms).
     #[arg(long, default_value_t = 15)]
     pub latency_ms_min: u64,
+    /// Simulated acquirer latency, upper bound (ms).
     #[arg(long, default_value_t = 60)]
     pub latency_ms_max: u64,
     /// Where the logs go (a fresh temporary directory by default: put it on the disk you want to measure).

@@ -17,7 +17,8 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Run all services in one process over the embedded durable log.
+    /// Run Kassa on one machine: the services in one process over the embedded durable bus,
+    /// three simulated acquirers, and the payments API.
     Up(up::UpArgs),
     /// Inspect and verify a service's event log.
     #[command(subcommand)]
