@@ -7,6 +7,7 @@
 //! envelope per type and fail CI when today's code stops decoding them.
 
 use crate::envelope::{CodecError, FRAME_BYTES_MAX};
+use kassa_domain::settlement::BatchEvent;
 use kassa_domain::{PaymentEvent, PaymentRequested};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -139,6 +140,43 @@ impl EventPayload for PaymentEvent {
             }
             "payment.settled" => E::Settled { batch_id: decode_value(payload, t)? },
             "payment.reconciled" => E::Reconciled { report_id: decode_value(payload, t)? },
+            other => return Err(CodecError::UnknownEventType { event_type: other.to_owned() }),
+        })
+    }
+}
+
+impl EventPayload for BatchEvent {
+    const EVENT_TYPES: &'static [&'static str] =
+        &["settlement.batch_opened", "settlement.entry_added", "settlement.batch_closed"];
+
+    fn event_type(&self) -> &'static str {
+        match self {
+            BatchEvent::Opened { .. } => "settlement.batch_opened",
+            BatchEvent::EntryAdded { .. } => "settlement.entry_added",
+            BatchEvent::Closed { .. } => "settlement.batch_closed",
+        }
+    }
+
+    fn encode_payload(&self) -> Vec<u8> {
+        match self {
+            BatchEvent::Opened { batch_id, key, opened_at } => encode_value(&(batch_id, key, opened_at)),
+            BatchEvent::EntryAdded { entry } => encode_value(entry),
+            BatchEvent::Closed { totals, closed_at } => encode_value(&(totals, closed_at)),
+        }
+    }
+
+    fn decode_payload(event_type: &str, payload: &[u8]) -> Result<Self, CodecError> {
+        let t = event_type;
+        Ok(match event_type {
+            "settlement.batch_opened" => {
+                let (batch_id, key, opened_at) = decode_value(payload, t)?;
+                BatchEvent::Opened { batch_id, key, opened_at }
+            }
+            "settlement.entry_added" => BatchEvent::EntryAdded { entry: decode_value(payload, t)? },
+            "settlement.batch_closed" => {
+                let (totals, closed_at) = decode_value(payload, t)?;
+                BatchEvent::Closed { totals, closed_at }
+            }
             other => return Err(CodecError::UnknownEventType { event_type: other.to_owned() }),
         })
     }

@@ -6,6 +6,7 @@
 //! `KASSA_BLESS_GOLDEN=1 cargo test -p kassa-codec --test golden`.
 
 use kassa_codec::{Envelope, EventPayload, decode_frame, encode_frame};
+use kassa_domain::settlement::{BatchEvent, BatchKey, BatchTotals, EntryKind, SettlementEntry};
 use kassa_domain::*;
 use proptest::prelude::*;
 use std::collections::BTreeMap;
@@ -73,7 +74,7 @@ fn samples() -> Vec<PaymentEvent> {
     ]
 }
 
-fn envelope_for(index: usize, event: &PaymentEvent) -> Envelope {
+fn envelope_for<E: EventPayload>(index: usize, event: &E) -> Envelope {
     Envelope {
         event_id: 0x0193_0000_0000_0000_0000_0000_0001_0000 + index as u128,
         event_type: event.event_type().to_owned(),
@@ -97,12 +98,11 @@ fn every_event_type_has_a_sample() {
     assert_eq!(names, all);
 }
 
-#[test]
-fn golden_files_still_decode() {
+fn check_golden<E: EventPayload + PartialEq + std::fmt::Debug>(samples: &[E], offset: usize) {
     let bless = std::env::var_os("KASSA_BLESS_GOLDEN").is_some();
-    for (index, event) in samples().iter().enumerate() {
+    for (index, event) in samples.iter().enumerate() {
         let path = golden_dir().join(format!("{}.bin", event.event_type()));
-        let expected = envelope_for(index, event);
+        let expected = envelope_for(index + offset, event);
         if bless && !path.exists() {
             std::fs::create_dir_all(golden_dir()).unwrap();
             std::fs::write(&path, encode_frame(&expected)).unwrap();
@@ -111,11 +111,46 @@ fn golden_files_still_decode() {
             .unwrap_or_else(|e| panic!("golden file {} is missing ({e}); see this file's docs", path.display()));
         let envelope = decode_frame(&bytes).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         assert_eq!(envelope, expected, "{}", path.display());
-        let decoded = PaymentEvent::decode_payload(&envelope.event_type, &envelope.payload).unwrap();
+        let decoded = E::decode_payload(&envelope.event_type, &envelope.payload).unwrap();
         assert_eq!(&decoded, event);
         // The writer still produces the same bytes for format version 1.
         assert_eq!(encode_frame(&expected), bytes, "encoding of {} drifted", path.display());
     }
+}
+
+#[test]
+fn golden_files_still_decode() {
+    check_golden(&samples(), 0);
+    check_golden(&batch_samples(), 100);
+}
+
+fn batch_samples() -> Vec<BatchEvent> {
+    let key = BatchKey {
+        provider: "acq-alpha".into(),
+        merchant_id: MerchantId::from_u128(0x0193_0000_0000_0000_0000_0000_0000_00BB),
+        currency: Currency::from_code("EUR").unwrap(),
+    };
+    vec![
+        BatchEvent::Opened { batch_id: BatchId::from_u128(99), key, opened_at: Timestamp(1_795_651_200_000) },
+        BatchEvent::EntryAdded {
+            entry: SettlementEntry {
+                entry_id: 77,
+                payment_id: PaymentId::from_u128(0x0193_0000_0000_0000_0000_0000_0000_00AA),
+                kind: EntryKind::Refund,
+                amount: eur(250),
+            },
+        },
+        BatchEvent::Closed {
+            totals: BatchTotals { captured: eur(2999), refunded: eur(500), fees: eur(137), net: eur(2362), entries: 3 },
+            closed_at: Timestamp(1_795_654_800_000),
+        },
+    ]
+}
+
+#[test]
+fn every_batch_event_type_has_a_sample() {
+    let names: Vec<&str> = batch_samples().iter().map(|e| e.event_type()).collect();
+    assert_eq!(names, BatchEvent::EVENT_TYPES);
 }
 
 #[test]
@@ -135,6 +170,8 @@ fn persisted_enum_indexes_are_stable() {
     for (index, brand) in brands.iter().enumerate() {
         assert_eq!(encode_value(brand), vec![index as u8], "{brand:?}");
     }
+    assert_eq!(encode_value(&EntryKind::Capture), vec![0]);
+    assert_eq!(encode_value(&EntryKind::Refund), vec![1]);
     assert_eq!(encode_value(&DeclineCategory::Hard), vec![0]);
     assert_eq!(encode_value(&DeclineCategory::Soft), vec![1]);
 }

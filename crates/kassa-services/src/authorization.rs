@@ -385,6 +385,10 @@ impl PartitionActor {
                 refund_id,
                 amount: money(amount_minor, state.captured_minor - state.refunded_minor),
             },
+            PaymentCommandMessage::RecordSettlement { batch_id, .. } => PaymentCommand::RecordSettlement { batch_id },
+            PaymentCommandMessage::RecordReconciliation { report_id, .. } => {
+                PaymentCommand::RecordReconciliation { report_id }
+            }
         }
     }
 

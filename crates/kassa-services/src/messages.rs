@@ -3,7 +3,7 @@
 //! domain events: stable type names, fields in a fixed order.
 
 use kassa_codec::{CodecError, EventPayload, decode_value, encode_value};
-use kassa_domain::{CaptureId, PaymentEvent, PaymentId, PaymentRequested, RefundId};
+use kassa_domain::{BatchId, CaptureId, PaymentEvent, PaymentId, PaymentRequested, RefundId, ReportId};
 
 /// What arrives on `payments.commands`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -23,11 +23,23 @@ pub enum PaymentCommandMessage {
         refund_id: RefundId,
         amount_minor: Option<i64>,
     },
+    /// From settlement: the payment's capture is in a closed batch.
+    RecordSettlement {
+        payment_id: PaymentId,
+        batch_id: BatchId,
+    },
+    /// From reconciliation: the provider's report matched the payment.
+    RecordReconciliation {
+        payment_id: PaymentId,
+        report_id: ReportId,
+    },
 }
 
 pub const CAPTURE: &str = "command.capture_payment";
 pub const VOID: &str = "command.void_payment";
 pub const REFUND: &str = "command.refund_payment";
+pub const RECORD_SETTLEMENT: &str = "command.record_settlement";
+pub const RECORD_RECONCILIATION: &str = "command.record_reconciliation";
 pub const COMMAND_REJECTED: &str = "payment.command_rejected";
 
 impl PaymentCommandMessage {
@@ -36,7 +48,9 @@ impl PaymentCommandMessage {
             PaymentCommandMessage::Requested(r) => r.payment_id,
             PaymentCommandMessage::Capture { payment_id, .. }
             | PaymentCommandMessage::Void { payment_id }
-            | PaymentCommandMessage::Refund { payment_id, .. } => *payment_id,
+            | PaymentCommandMessage::Refund { payment_id, .. }
+            | PaymentCommandMessage::RecordSettlement { payment_id, .. }
+            | PaymentCommandMessage::RecordReconciliation { payment_id, .. } => *payment_id,
         }
     }
 
@@ -46,6 +60,8 @@ impl PaymentCommandMessage {
             PaymentCommandMessage::Capture { .. } => CAPTURE,
             PaymentCommandMessage::Void { .. } => VOID,
             PaymentCommandMessage::Refund { .. } => REFUND,
+            PaymentCommandMessage::RecordSettlement { .. } => RECORD_SETTLEMENT,
+            PaymentCommandMessage::RecordReconciliation { .. } => RECORD_RECONCILIATION,
         }
     }
 
@@ -58,6 +74,10 @@ impl PaymentCommandMessage {
             PaymentCommandMessage::Void { payment_id } => encode_value(payment_id),
             PaymentCommandMessage::Refund { payment_id, refund_id, amount_minor } => {
                 encode_value(&(payment_id, refund_id, amount_minor))
+            }
+            PaymentCommandMessage::RecordSettlement { payment_id, batch_id } => encode_value(&(payment_id, batch_id)),
+            PaymentCommandMessage::RecordReconciliation { payment_id, report_id } => {
+                encode_value(&(payment_id, report_id))
             }
         }
     }
@@ -76,6 +96,14 @@ impl PaymentCommandMessage {
             REFUND => {
                 let (payment_id, refund_id, amount_minor) = decode_value(payload, event_type)?;
                 PaymentCommandMessage::Refund { payment_id, refund_id, amount_minor }
+            }
+            RECORD_SETTLEMENT => {
+                let (payment_id, batch_id) = decode_value(payload, event_type)?;
+                PaymentCommandMessage::RecordSettlement { payment_id, batch_id }
+            }
+            RECORD_RECONCILIATION => {
+                let (payment_id, report_id) = decode_value(payload, event_type)?;
+                PaymentCommandMessage::RecordReconciliation { payment_id, report_id }
             }
             other => return Err(CodecError::UnknownEventType { event_type: other.to_owned() }),
         })
@@ -120,6 +148,14 @@ mod tests {
                 payment_id: PaymentId::from_u128(1),
                 refund_id: RefundId::from_u128(3),
                 amount_minor: None,
+            },
+            PaymentCommandMessage::RecordSettlement {
+                payment_id: PaymentId::from_u128(1),
+                batch_id: BatchId::from_u128(4),
+            },
+            PaymentCommandMessage::RecordReconciliation {
+                payment_id: PaymentId::from_u128(1),
+                report_id: ReportId::from_u128(5),
             },
         ];
         for message in messages {

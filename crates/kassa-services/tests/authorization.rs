@@ -326,3 +326,31 @@ async fn a_restart_resumes_and_duplicates_are_dropped() {
     assert_eq!(world.held(first), 1);
     world.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settlement_and_reconciliation_are_recorded_once() {
+    let mut world = World::new();
+    let payment = world.pay("4242424242424242", 1000, true).await;
+    world.until(payment, |s| s.stage == Stage::Captured).await;
+    world.send(PaymentCommandMessage::RecordSettlement { payment_id: payment, batch_id: BatchId::from_u128(7) }).await;
+    let state = world.until(payment, |s| s.stage == Stage::Settled).await;
+    assert_eq!(state.batch_id, Some(BatchId::from_u128(7)));
+    assert_eq!(state.status(), Some(PaymentStatus::Captured), "settled is not a status a merchant sees");
+    let twice = world
+        .send(PaymentCommandMessage::RecordSettlement { payment_id: payment, batch_id: BatchId::from_u128(8) })
+        .await;
+    world
+        .send(PaymentCommandMessage::RecordReconciliation { payment_id: payment, report_id: ReportId::from_u128(9) })
+        .await;
+    let state = world.until(payment, |s| s.stage == Stage::Reconciled).await;
+    assert_eq!(state.batch_id, Some(BatchId::from_u128(7)), "a payment is settled in one batch only");
+    let events = world.published().await.remove(&payment).unwrap();
+    let rejected: Vec<_> = events
+        .iter()
+        .filter(|e| e.event_type == COMMAND_REJECTED)
+        .map(|e| CommandRejected::decode(&e.payload).unwrap())
+        .collect();
+    assert_eq!(rejected.len(), 1);
+    assert_eq!(rejected[0].command_id, twice);
+    world.stop().await;
+}
