@@ -11,6 +11,7 @@ pub mod ingest;
 pub mod messages;
 pub mod relay;
 pub mod runtime;
+pub mod settlement;
 pub mod vault;
 
 pub use runtime::{Clock, IdSource, SystemClock};

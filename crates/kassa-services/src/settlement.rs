@@ -1,0 +1,501 @@
+//! The settlement batching service.
+//!
+//! It follows `payments.events`: every capture and refund becomes an entry in
+//! the open batch of its provider, merchant and currency. At a cut-off (on a
+//! schedule, or asked by an operator) every open batch closes with its totals
+//! and fees, and each captured payment in it is recorded settled — a
+//! `command.record_settlement` its relay publishes to `payments.commands`.
+//!
+//! One actor owns every batch (batches span payment partitions): the
+//! partitions' messages are merged into its single input, and each input
+//! batch is decided by the pure rules (`kassa_domain::settlement`) and written
+//! with the consumed offsets in one append.
+
+use crate::messages::PaymentCommandMessage;
+use crate::relay::{RelayConfig, run_relay};
+use crate::runtime::{Clock, derived_id};
+use crate::topics::{PAYMENT_COMMANDS, PAYMENT_EVENTS};
+use kassa_bus::{Bus, Message, Subscription, SubscriptionConfig};
+use kassa_codec::{EventPayload, decode_frame, decode_value, encode_value};
+use kassa_domain::settlement::{
+    BatchCommand, BatchKey, BatchState, EntryKind, FeeSchedule, SettlementEntry, apply_batch, decide_batch,
+};
+use kassa_domain::{BatchId, Currency, MerchantId, PaymentEvent, PaymentId};
+use kassa_eventlog::{AppendRequest, EventLog, LogError, NewEvent, StateWrite, Table};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+
+/// Bounds and rules of settlement. Units last.
+#[derive(Debug, Clone)]
+pub struct SettlementConfig {
+    /// Close every open batch this often (0: only when an operator asks).
+    pub cutoff_interval_ms: u64,
+    /// Fees per provider; `default_fees` for the others.
+    pub fees: HashMap<String, FeeSchedule>,
+    pub default_fees: FeeSchedule,
+    /// Messages decided and written in one append, at most.
+    pub batch_inputs_max: usize,
+}
+
+impl Default for SettlementConfig {
+    fn default() -> Self {
+        SettlementConfig {
+            cutoff_interval_ms: 60_000,
+            fees: HashMap::new(),
+            default_fees: FeeSchedule { capture_basis_points: 290, capture_fixed_minor: 25 },
+            batch_inputs_max: 1024,
+        }
+    }
+}
+
+/// What settlement needs to know of a payment before its captures arrive.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct PaymentInfo {
+    merchant_id: Option<MerchantId>,
+    currency: Option<Currency>,
+    provider: Option<String>,
+    /// Stream sequence applied last: drops re-published events.
+    applied_seq: u64,
+}
+
+enum Input {
+    Messages(u32, Vec<Message>),
+    Cutoff(Option<oneshot::Sender<Result<Vec<BatchId>, LogError>>>),
+}
+
+/// The service; share behind an `Arc`.
+#[derive(Debug)]
+pub struct SettlementService {
+    log: Arc<EventLog>,
+    bus: Arc<dyn Bus>,
+    clock: Arc<dyn Clock>,
+    config: SettlementConfig,
+    inputs: mpsc::Sender<Input>,
+    receiver: std::sync::Mutex<Option<mpsc::Receiver<Input>>>,
+}
+
+impl std::fmt::Debug for Input {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Input::Messages(partition, messages) => write!(f, "Messages({partition}, {})", messages.len()),
+            Input::Cutoff(_) => write!(f, "Cutoff"),
+        }
+    }
+}
+
+fn key_bytes(prefix: &str, id: u128) -> Vec<u8> {
+    let mut key = prefix.as_bytes().to_vec();
+    key.extend_from_slice(&id.to_be_bytes());
+    key
+}
+
+fn open_key(key: &BatchKey) -> Vec<u8> {
+    let mut bytes = b"open/".to_vec();
+    bytes.extend_from_slice(&encode_value(key));
+    bytes
+}
+
+fn merchant_batches_key(merchant_id: MerchantId, batch_id: BatchId) -> Vec<u8> {
+    let mut key = format!("merchant-batches/{merchant_id}/").into_bytes();
+    key.extend_from_slice(&(u128::MAX - batch_id.as_u128()).to_be_bytes());
+    key
+}
+
+fn offset_key(partition: u32) -> Vec<u8> {
+    format!("{PAYMENT_EVENTS}/{partition}").into_bytes()
+}
+
+impl SettlementService {
+    pub fn new(log: Arc<EventLog>, bus: Arc<dyn Bus>, clock: Arc<dyn Clock>, config: SettlementConfig) -> Self {
+        let (inputs, receiver) = mpsc::channel(64);
+        SettlementService { log, bus, clock, config, inputs, receiver: std::sync::Mutex::new(Some(receiver)) }
+    }
+
+    /// Start the actor, one reader per partition of `payments.events`, the
+    /// cut-off timer, and the relay of settlement commands.
+    pub fn spawn(self: &Arc<Self>, stop: watch::Receiver<bool>) -> Result<Vec<JoinHandle<()>>, kassa_bus::BusError> {
+        let receiver = self.receiver.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let Some(mut receiver) = receiver else { return Ok(Vec::new()) };
+        let mut tasks = Vec::new();
+        for partition in 0..self.bus.partitions(PAYMENT_EVENTS)? {
+            let service = Arc::clone(self);
+            let mut stop = stop.clone();
+            tasks.push(tokio::spawn(async move {
+                let offset = service.stored_offset(partition);
+                let mut subscription = Subscription::start(
+                    Arc::clone(&service.bus),
+                    PAYMENT_EVENTS,
+                    partition,
+                    offset,
+                    SubscriptionConfig::default(),
+                );
+                loop {
+                    let first = tokio::select! {
+                        _ = stop.changed() => return,
+                        message = subscription.recv() => message,
+                    };
+                    let mut messages = match first {
+                        Some(Ok(message)) => vec![message],
+                        Some(Err(_)) => continue,
+                        None => return,
+                    };
+                    while subscription.buffered() > 0 && messages.len() < service.config.batch_inputs_max {
+                        match subscription.recv().await {
+                            Some(Ok(message)) => messages.push(message),
+                            _ => break,
+                        }
+                    }
+                    if service.inputs.send(Input::Messages(partition, messages)).await.is_err() {
+                        return;
+                    }
+                }
+            }));
+        }
+        if self.config.cutoff_interval_ms > 0 {
+            let service = Arc::clone(self);
+            let mut stop = stop.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_millis(service.config.cutoff_interval_ms));
+                tick.tick().await;
+                loop {
+                    tokio::select! {
+                        _ = stop.changed() => return,
+                        _ = tick.tick() => {
+                            if service.inputs.send(Input::Cutoff(None)).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
+            }));
+        }
+        let service = Arc::clone(self);
+        let mut actor_stop = stop.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut actor = Actor { service: Arc::clone(&service), infos: HashMap::new(), batches: HashMap::new() };
+            loop {
+                let input = tokio::select! {
+                    _ = actor_stop.changed() => return,
+                    input = receiver.recv() => input,
+                };
+                let Some(input) = input else { return };
+                let result = match input {
+                    Input::Messages(partition, messages) => actor.consume(partition, messages).await.map(|_| ()),
+                    Input::Cutoff(reply) => {
+                        let closed = actor.cutoff().await;
+                        let failed = closed.as_ref().err().cloned();
+                        if let Some(reply) = reply {
+                            let _ = reply.send(closed);
+                        }
+                        failed.map_or(Ok(()), Err)
+                    }
+                };
+                if let Err(error) = result {
+                    tracing::error!(%error, "settlement failed; stopping it (restart to recover)");
+                    return;
+                }
+            }
+        }));
+        tasks.push(tokio::spawn(run_relay(
+            Arc::clone(&self.log),
+            Arc::clone(&self.bus),
+            PAYMENT_COMMANDS,
+            |e| e.event_type.starts_with("command."),
+            RelayConfig::default(),
+            stop,
+        )));
+        Ok(tasks)
+    }
+
+    fn stored_offset(&self, partition: u32) -> u64 {
+        self.log
+            .get(Table::Positions, &offset_key(partition))
+            .ok()
+            .flatten()
+            .and_then(|v| v.try_into().ok().map(u64::from_be_bytes))
+            .unwrap_or(0)
+    }
+
+    /// Close every open batch now; returns the closed batches' ids.
+    pub async fn cutoff(&self) -> Result<Vec<BatchId>, LogError> {
+        let (reply, answer) = oneshot::channel();
+        self.inputs.send(Input::Cutoff(Some(reply))).await.map_err(|_| LogError::Closed)?;
+        answer.await.map_err(|_| LogError::Closed)?
+    }
+
+    /// A batch as stored.
+    pub fn batch(&self, batch_id: BatchId) -> Result<Option<BatchState>, LogError> {
+        match self.log.get(Table::State, &key_bytes("batch/", batch_id.as_u128()))? {
+            Some(bytes) => decode_value(&bytes, "batch")
+                .map(Some)
+                .map_err(|e| LogError::BadSnapshot { name: format!("batch {batch_id}"), reason: e.to_string() }),
+            None => Ok(None),
+        }
+    }
+
+    /// A merchant's batches, newest first.
+    pub fn batches(&self, merchant_id: MerchantId, limit: usize) -> Result<Vec<BatchState>, LogError> {
+        let prefix = format!("merchant-batches/{merchant_id}/").into_bytes();
+        let mut out = Vec::new();
+        for (key, _) in self.log.scan(Table::State, &prefix)?.into_iter().take(limit) {
+            let Some(bytes) = key.get(key.len() - 16..).and_then(|b| <[u8; 16]>::try_from(b).ok()) else { continue };
+            let batch_id = BatchId::from_u128(u128::MAX - u128::from_be_bytes(bytes));
+            if let Some(batch) = self.batch(batch_id)? {
+                out.push(batch);
+            }
+        }
+        Ok(out)
+    }
+}
+
+struct Actor {
+    service: Arc<SettlementService>,
+    infos: HashMap<PaymentId, PaymentInfo>,
+    /// Open batches by key, loaded on first use.
+    batches: HashMap<BatchKey, BatchState>,
+}
+
+impl Actor {
+    fn info(&mut self, payment_id: PaymentId) -> Result<PaymentInfo, LogError> {
+        if let Some(info) = self.infos.get(&payment_id) {
+            return Ok(info.clone());
+        }
+        Ok(match self.service.log.get(Table::State, &key_bytes("info/", payment_id.as_u128()))? {
+            Some(bytes) => decode_value(&bytes, "payment info").unwrap_or_default(),
+            None => PaymentInfo::default(),
+        })
+    }
+
+    fn open_batch(&mut self, key: &BatchKey) -> Result<Option<BatchState>, LogError> {
+        if let Some(batch) = self.batches.get(key) {
+            return Ok(Some(batch.clone()));
+        }
+        let Some(id) = self.service.log.get(Table::State, &open_key(key))? else { return Ok(None) };
+        let Ok(bytes) = <[u8; 16]>::try_from(id.as_slice()) else { return Ok(None) };
+        self.service.batch(BatchId::from_u128(u128::from_be_bytes(bytes)))
+    }
+
+    fn record(
+        &self,
+        events: &mut Vec<NewEvent>,
+        stream: u128,
+        cause: u128,
+        index: u64,
+        event_type: &str,
+        payload: Vec<u8>,
+    ) {
+        events.push(NewEvent {
+            event_id: derived_id(cause, event_type, index),
+            event_type: event_type.to_owned(),
+            stream_id: stream,
+            timestamp_ms: self.service.clock.now().unix_ms(),
+            causation_id: Some(cause),
+            correlation_id: None,
+            payload,
+        });
+    }
+
+    async fn consume(&mut self, partition: u32, messages: Vec<Message>) -> Result<(), LogError> {
+        let now = self.service.clock.now();
+        let mut events = Vec::new();
+        let mut writes = Vec::new();
+        let mut changed_infos: BTreeMap<PaymentId, PaymentInfo> = BTreeMap::new();
+        let mut changed_batches: HashMap<BatchKey, BatchState> = HashMap::new();
+        let last_offset = messages.last().map(|m| m.offset);
+        for message in messages {
+            let Ok(envelope) = decode_frame(&message.payload) else {
+                tracing::error!(partition, offset = message.offset, "undecodable event skipped");
+                continue;
+            };
+            let payment_id = PaymentId::from_u128(envelope.stream_id);
+            let mut info = match changed_infos.get(&payment_id) {
+                Some(info) => info.clone(),
+                None => self.info(payment_id)?,
+            };
+            if envelope.stream_seq <= info.applied_seq {
+                continue;
+            }
+            info.applied_seq = envelope.stream_seq;
+            let Ok(event) = PaymentEvent::decode_payload(&envelope.event_type, &envelope.payload) else {
+                changed_infos.insert(payment_id, info);
+                continue; // not a payment event (a rejection): nothing to settle
+            };
+            let entry = match event {
+                PaymentEvent::Requested(r) => {
+                    info.merchant_id = Some(r.merchant_id);
+                    info.currency = Some(r.amount.currency);
+                    None
+                }
+                PaymentEvent::Authorized { provider, .. } => {
+                    info.provider = Some(provider);
+                    None
+                }
+                PaymentEvent::Captured { capture_id, amount } => Some(SettlementEntry {
+                    entry_id: capture_id.as_u128(),
+                    payment_id,
+                    kind: EntryKind::Capture,
+                    amount,
+                }),
+                PaymentEvent::Refunded { refund_id, amount } => {
+                    Some(SettlementEntry { entry_id: refund_id.as_u128(), payment_id, kind: EntryKind::Refund, amount })
+                }
+                _ => None,
+            };
+            if let (Some(entry), Some(merchant_id), Some(currency), Some(provider)) =
+                (entry, info.merchant_id, info.currency, info.provider.clone())
+            {
+                let key = BatchKey { provider, merchant_id, currency };
+                let mut batch = match changed_batches.remove(&key) {
+                    Some(batch) => batch,
+                    None => self.open_batch(&key)?.unwrap_or_default(),
+                };
+                if batch.key.is_none() {
+                    let batch_id = BatchId::from_u128(derived_id(entry.entry_id, "batch", 0));
+                    let open = decide_batch(&batch, BatchCommand::Open { batch_id, key: key.clone() }, now)
+                        .map_err(|r| LogError::BadChunk { position: 0, reason: r.to_string() })?;
+                    for event in open {
+                        apply_batch(&mut batch, &event);
+                        self.record(
+                            &mut events,
+                            batch_id.as_u128(),
+                            entry.entry_id,
+                            0,
+                            event.event_type(),
+                            event.encode_payload(),
+                        );
+                    }
+                    writes.push(StateWrite {
+                        table: Table::State,
+                        key: open_key(&key),
+                        value: Some(batch_id.as_u128().to_be_bytes().to_vec()),
+                    });
+                    writes.push(StateWrite {
+                        table: Table::State,
+                        key: merchant_batches_key(merchant_id, batch_id),
+                        value: Some(Vec::new()),
+                    });
+                }
+                let batch_id = batch.batch_id.expect("opened above");
+                let entry_key = key_bytes("entry/", entry.entry_id);
+                if self.service.log.get(Table::State, &entry_key)?.is_none() {
+                    match decide_batch(&batch, BatchCommand::Add { entry: entry.clone() }, now) {
+                        Ok(added) => {
+                            for event in added {
+                                apply_batch(&mut batch, &event);
+                                self.record(
+                                    &mut events,
+                                    batch_id.as_u128(),
+                                    entry.entry_id,
+                                    1,
+                                    event.event_type(),
+                                    event.encode_payload(),
+                                );
+                            }
+                            writes.push(StateWrite {
+                                table: Table::State,
+                                key: entry_key,
+                                value: Some(batch_id.as_u128().to_be_bytes().to_vec()),
+                            });
+                        }
+                        Err(rejection) => {
+                            tracing::error!(entry = entry.entry_id, %rejection, "entry not batched; needs an operator")
+                        }
+                    }
+                }
+                changed_batches.insert(key, batch);
+            }
+            changed_infos.insert(payment_id, info);
+        }
+        for (payment_id, info) in &changed_infos {
+            writes.push(StateWrite {
+                table: Table::State,
+                key: key_bytes("info/", payment_id.as_u128()),
+                value: Some(encode_value(info)),
+            });
+        }
+        for batch in changed_batches.values() {
+            let id = batch.batch_id.expect("stored batches are open").as_u128();
+            writes.push(StateWrite {
+                table: Table::State,
+                key: key_bytes("batch/", id),
+                value: Some(encode_value(batch)),
+            });
+        }
+        if let Some(offset) = last_offset {
+            writes.push(StateWrite {
+                table: Table::Positions,
+                key: offset_key(partition),
+                value: Some((offset + 1).to_be_bytes().to_vec()),
+            });
+        }
+        self.service.log.append(AppendRequest { events, expected: Vec::new(), writes }).await?;
+        if self.infos.len() > 100_000 {
+            self.infos.clear();
+        }
+        self.infos.extend(changed_infos);
+        self.batches.extend(changed_batches);
+        Ok(())
+    }
+
+    /// Close every open batch; record each captured payment in it settled.
+    async fn cutoff(&mut self) -> Result<Vec<BatchId>, LogError> {
+        let now = self.service.clock.now();
+        let open = self.service.log.scan(Table::State, b"open/")?;
+        let mut events = Vec::new();
+        let mut writes = Vec::new();
+        let mut closed = Vec::new();
+        for (open_key_bytes, id) in open {
+            let Ok(bytes) = <[u8; 16]>::try_from(id.as_slice()) else { continue };
+            let batch_id = BatchId::from_u128(u128::from_be_bytes(bytes));
+            let Some(mut batch) = self.service.batch(batch_id)? else { continue };
+            let key = batch.key.clone().expect("a stored batch has a key");
+            let fees = self.service.config.fees.get(&key.provider).copied().unwrap_or(self.service.config.default_fees);
+            match decide_batch(&batch, BatchCommand::Close { fees }, now) {
+                Ok(close) => {
+                    for event in close {
+                        apply_batch(&mut batch, &event);
+                        self.record(
+                            &mut events,
+                            batch_id.as_u128(),
+                            batch_id.as_u128(),
+                            2,
+                            event.event_type(),
+                            event.encode_payload(),
+                        );
+                    }
+                }
+                Err(rejection) => {
+                    tracing::warn!(%batch_id, %rejection, "batch not closed");
+                    continue;
+                }
+            }
+            for entry in batch.entries.iter().filter(|e| e.kind == EntryKind::Capture) {
+                let command = PaymentCommandMessage::RecordSettlement { payment_id: entry.payment_id, batch_id };
+                self.record(
+                    &mut events,
+                    entry.payment_id.as_u128(),
+                    entry.entry_id,
+                    3,
+                    command.event_type(),
+                    command.encode_payload(),
+                );
+            }
+            writes.push(StateWrite {
+                table: Table::State,
+                key: key_bytes("batch/", batch_id.as_u128()),
+                value: Some(encode_value(&batch)),
+            });
+            writes.push(StateWrite { table: Table::State, key: open_key_bytes, value: None });
+            self.batches.remove(&key);
+            closed.push(batch_id);
+        }
+        if !events.is_empty() {
+            self.service.log.append(AppendRequest { events, expected: Vec::new(), writes }).await?;
+        }
+        Ok(closed)
+    }
+}

@@ -1,0 +1,182 @@
+//! Settlement batching over the real bus and logs: captures and refunds land
+//! in one batch per provider, merchant and currency; a cut-off closes it with
+//! exact totals and records every captured payment settled once.
+
+use kassa_bus::{Bus, BusConfig, EmbeddedBus, Record, TopicSpec};
+use kassa_codec::{Envelope, EventPayload, decode_frame, encode_frame};
+use kassa_domain::settlement::EntryKind;
+use kassa_domain::*;
+use kassa_eventlog::{EventLog, LogConfig};
+use kassa_providers::{Connector, SimulatedAcquirer, SimulatorConfig};
+use kassa_services::authorization::{AuthorizationConfig, AuthorizationService};
+use kassa_services::messages::PaymentCommandMessage;
+use kassa_services::settlement::{SettlementConfig, SettlementService};
+use kassa_services::topics::{PAYMENT_COMMANDS, PAYMENT_EVENTS};
+use kassa_services::vault::CardVault;
+use kassa_services::{SystemClock, payment_key};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+
+const MERCHANT: u128 = 1;
+
+async fn send(bus: &EmbeddedBus, id: u128, message: PaymentCommandMessage) {
+    let envelope = Envelope {
+        event_id: id,
+        event_type: message.event_type().to_owned(),
+        stream_id: message.payment_id().as_u128(),
+        stream_seq: 1,
+        position: 1,
+        timestamp_ms: 0,
+        causation_id: None,
+        correlation_id: None,
+        payload: message.encode_payload(),
+        prev_hash: [0; 32],
+    };
+    let record = Record {
+        topic: PAYMENT_COMMANDS.into(),
+        key: payment_key(envelope.stream_id),
+        payload: encode_frame(&envelope),
+        timestamp_ms: 0,
+    };
+    bus.produce(vec![record]).await.unwrap();
+}
+
+async fn stage_of(bus: &EmbeddedBus, payment_id: PaymentId) -> PaymentState {
+    let mut state = PaymentState::default();
+    for partition in 0..2 {
+        let messages = bus.fetch(PAYMENT_EVENTS, partition, 0, 10_000, Duration::ZERO).await.unwrap();
+        let mut seen = 0;
+        for message in messages {
+            let envelope = decode_frame(&message.payload).unwrap();
+            if envelope.stream_id != payment_id.as_u128() || envelope.stream_seq <= seen {
+                continue;
+            }
+            seen = envelope.stream_seq;
+            if let Ok(event) = PaymentEvent::decode_payload(&envelope.event_type, &envelope.payload) {
+                apply(&mut state, &event);
+            }
+        }
+    }
+    state
+}
+
+async fn until(bus: &EmbeddedBus, payment_id: PaymentId, done: impl Fn(&PaymentState) -> bool) -> PaymentState {
+    for _ in 0..1000 {
+        let state = stage_of(bus, payment_id).await;
+        if done(&state) {
+            return state;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("{payment_id}: {:?}", stage_of(bus, payment_id).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cutoff_closes_exact_batches_and_settles_each_payment_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let topics = vec![TopicSpec::new(PAYMENT_COMMANDS, 2), TopicSpec::new(PAYMENT_EVENTS, 2)];
+    let bus = Arc::new(EmbeddedBus::open(dir.path().join("bus"), BusConfig::new(topics)).unwrap());
+    let vault = Arc::new(CardVault::new(100));
+    let sim = Arc::new(SimulatedAcquirer::new(
+        "acq-alpha",
+        SimulatorConfig { latency_ms_min: 1, latency_ms_max: 3, seed: 3 },
+    ));
+    let authorization = Arc::new(AuthorizationService::new(
+        Arc::new(EventLog::open(dir.path().join("authorization"), LogConfig::default()).unwrap()),
+        bus.clone(),
+        vec![sim as Arc<dyn Connector>],
+        Arc::clone(&vault),
+        Arc::new(SystemClock),
+        AuthorizationConfig::default(),
+    ));
+    let config = SettlementConfig { cutoff_interval_ms: 0, ..SettlementConfig::default() };
+    let settlement = Arc::new(SettlementService::new(
+        Arc::new(EventLog::open(dir.path().join("settlement"), LogConfig::default()).unwrap()),
+        bus.clone(),
+        Arc::new(SystemClock),
+        config,
+    ));
+    let (stop, stop_rx) = watch::channel(false);
+    let mut tasks = authorization.spawn(stop_rx.clone()).unwrap();
+    tasks.extend(settlement.spawn(stop_rx).unwrap());
+
+    let eur = |m| Money::new(m, Currency::from_code("EUR").unwrap());
+    let mut payments = Vec::new();
+    for (i, amount) in [1999i64, 1000, 500].into_iter().enumerate() {
+        let payment_id = PaymentId::from_parts(1_795_651_200_000, i as u128 + 1);
+        let card = CardDetails::parse("4242424242424242", 12, 2030, "123", Timestamp(1_795_651_200_000)).unwrap();
+        let summary = card.summarize(b"k");
+        vault.put(payment_id, card).unwrap();
+        send(
+            &bus,
+            100 + i as u128,
+            PaymentCommandMessage::Requested(PaymentRequested {
+                payment_id,
+                merchant_id: MerchantId::from_u128(MERCHANT),
+                amount: eur(amount),
+                card: summary,
+                capture: true,
+                reference: None,
+                metadata: BTreeMap::new(),
+                requested_at: Timestamp(1_795_651_200_000),
+            }),
+        )
+        .await;
+        payments.push(payment_id);
+    }
+    for payment in &payments {
+        until(&bus, *payment, |s| s.stage == Stage::Captured).await;
+    }
+    send(
+        &bus,
+        200,
+        PaymentCommandMessage::Refund {
+            payment_id: payments[1],
+            refund_id: RefundId::from_u128(5),
+            amount_minor: Some(300),
+        },
+    )
+    .await;
+    until(&bus, payments[1], |s| s.refunded_minor == 300).await;
+
+    // Wait until settlement has batched all four entries.
+    let mut batch = None;
+    for _ in 0..500 {
+        let batches = settlement.batches(MerchantId::from_u128(MERCHANT), 10).unwrap();
+        if batches.len() == 1 && batches[0].entries.len() == 4 {
+            batch = Some(batches[0].clone());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let batch = batch.expect("one open batch with four entries");
+    assert_eq!(batch.captured_minor, 3499);
+    assert_eq!(batch.refunded_minor, 300);
+    assert_eq!(batch.entries.iter().filter(|e| e.kind == EntryKind::Refund).count(), 1);
+
+    let closed = settlement.cutoff().await.unwrap();
+    assert_eq!(closed.len(), 1);
+    let batch = settlement.batch(closed[0]).unwrap().unwrap();
+    let (totals, _) = batch.closed.expect("closed");
+    // 2.9% + 0.25 per capture, rounded half up: 58+25, 29+25, 15+25.
+    assert_eq!(totals.fees, eur(177));
+    assert_eq!(totals.net, eur(3499 - 300 - 177));
+    assert_eq!(
+        totals.net.minor + totals.fees.minor + totals.refunded.minor,
+        totals.captured.minor,
+        "money is conserved"
+    );
+    for payment in &payments {
+        let state = until(&bus, *payment, |s| s.stage == Stage::Settled).await;
+        assert_eq!(state.batch_id, Some(closed[0]));
+    }
+    // A second cut-off has nothing open: nothing is settled twice.
+    assert!(settlement.cutoff().await.unwrap().is_empty());
+
+    stop.send(true).unwrap();
+    for task in tasks {
+        let _ = task.await;
+    }
+}
