@@ -2,6 +2,7 @@
 //! out and calls the ingest service; every rule lives below it.
 
 use crate::ingest::{Answer, IngestService};
+use crate::settlement::SettlementService;
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, QueryRejection};
@@ -10,6 +11,8 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use kassa_api::{ApiError, ErrorType};
+use kassa_domain::BatchId;
+use kassa_domain::settlement::BatchState;
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -21,6 +24,7 @@ pub const BODY_BYTES_MAX: usize = 64 * 1024;
 #[derive(Debug, Clone)]
 struct App {
     ingest: Arc<IngestService>,
+    settlement: Arc<SettlementService>,
     ready: Arc<AtomicBool>,
     /// SHA-256 of the operator token for `/admin/…`.
     admin_token_hash: [u8; 32],
@@ -28,11 +32,19 @@ struct App {
 
 /// The API's routes. `ready` flips to true once Kassa takes payments;
 /// `admin_token` guards `/admin/…` (`Authorization: Bearer …`).
-pub fn router(ingest: Arc<IngestService>, ready: Arc<AtomicBool>, admin_token: &str) -> Router {
+pub fn router(
+    ingest: Arc<IngestService>,
+    settlement: Arc<SettlementService>,
+    ready: Arc<AtomicBool>,
+    admin_token: &str,
+) -> Router {
     let admin_token_hash = Sha256::digest(admin_token.as_bytes()).into();
     Router::new()
         .route("/healthz", get(healthz))
         .route("/admin/merchants", post(create_merchant))
+        .route("/admin/settlement/cutoff", post(cutoff))
+        .route("/v1/settlement/batches", get(list_batches))
+        .route("/v1/settlement/batches/{id}", get(get_batch))
         .route("/v1/payments", post(create_payment).get(list_payments))
         .route("/v1/payments/{id}", get(get_payment))
         .route("/v1/payments/{id}/capture", post(capture))
@@ -41,7 +53,7 @@ pub fn router(ingest: Arc<IngestService>, ready: Arc<AtomicBool>, admin_token: &
         .route("/v1/payments/{id}/events", get(payment_events))
         .fallback(|| async { error_response(&ApiError::not_found("route")) })
         .layer(DefaultBodyLimit::max(BODY_BYTES_MAX))
-        .with_state(App { ingest, ready, admin_token_hash })
+        .with_state(App { ingest, settlement, ready, admin_token_hash })
 }
 
 fn error_response(error: &ApiError) -> Response {
@@ -247,6 +259,65 @@ async fn create_merchant(State(app): State<App>, headers: HeaderMap, body: Resul
             body: serde_json::json!({"id": merchant_id.to_string(), "name": name, "api_key": key.reveal()}),
             replayed: false,
         })
+    };
+    respond(result.await)
+}
+
+fn storage_error(error: kassa_eventlog::LogError) -> ApiError {
+    tracing::error!(%error, "settlement read failed");
+    ApiError::new(500, ErrorType::ApiError, "internal_error", "Kassa could not read settlement; retry")
+}
+
+/// A batch as the API shows it.
+pub fn batch_json(batch: &BatchState) -> serde_json::Value {
+    let key = batch.key.as_ref();
+    let closed = batch.closed.as_ref();
+    serde_json::json!({
+        "id": batch.batch_id.map(|id| id.to_string()),
+        "object": "settlement_batch",
+        "status": if closed.is_some() { "closed" } else { "open" },
+        "provider": key.map(|k| k.provider.clone()),
+        "currency": key.map(|k| k.currency.code()),
+        "opened_at": batch.opened_at.map(|t| t.to_string()),
+        "closed_at": closed.map(|(_, at)| at.to_string()),
+        "entries": batch.entries.len(),
+        "amount_captured": batch.captured_minor,
+        "amount_refunded": batch.refunded_minor,
+        "fees": closed.map(|(t, _)| t.fees.minor),
+        "net": closed.map(|(t, _)| t.net.minor),
+        "lines": batch.entries.iter().map(|e| serde_json::json!({
+            "payment": e.payment_id.to_string(),
+            "kind": e.kind,
+            "amount": e.amount.minor,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+async fn list_batches(State(app): State<App>, headers: HeaderMap) -> Response {
+    json((|| {
+        let merchant = merchant(&app, &headers)?;
+        let batches = app.settlement.batches(merchant, 100).map_err(storage_error)?;
+        Ok(serde_json::json!({ "data": batches.iter().map(batch_json).collect::<Vec<_>>() }))
+    })())
+}
+
+async fn get_batch(State(app): State<App>, headers: HeaderMap, Path(id): Path<String>) -> Response {
+    json((|| {
+        let merchant = merchant(&app, &headers)?;
+        let batch_id = BatchId::parse(&id).map_err(|_| ApiError::not_found("batch"))?;
+        match app.settlement.batch(batch_id).map_err(storage_error)? {
+            Some(batch) if batch.key.as_ref().is_some_and(|k| k.merchant_id == merchant) => Ok(batch_json(&batch)),
+            _ => Err(ApiError::not_found("batch")),
+        }
+    })())
+}
+
+async fn cutoff(State(app): State<App>, headers: HeaderMap) -> Response {
+    let result = async {
+        operator(&app, &headers)?;
+        let closed = app.settlement.cutoff().await.map_err(storage_error)?;
+        let ids: Vec<String> = closed.iter().map(ToString::to_string).collect();
+        Ok(Answer { status: 200, body: serde_json::json!({ "closed": ids }), replayed: false })
     };
     respond(result.await)
 }

@@ -8,6 +8,7 @@ use kassa_eventlog::{EventLog, LogConfig};
 use kassa_providers::{Connector, SimulatedAcquirer, SimulatorConfig};
 use kassa_services::authorization::{AuthorizationConfig, AuthorizationService};
 use kassa_services::ingest::{IngestConfig, IngestService};
+use kassa_services::settlement::{SettlementConfig, SettlementService};
 use kassa_services::topics::{PAYMENT_COMMANDS, PAYMENT_EVENTS};
 use kassa_services::vault::CardVault;
 use kassa_services::{Clock, SystemClock};
@@ -34,6 +35,9 @@ pub struct UpArgs {
     /// Address the HTTP API listens on.
     #[arg(long, default_value = "127.0.0.1:8080", env = "KASSA_LISTEN")]
     pub listen: SocketAddr,
+    /// Close open settlement batches this often, in seconds (0: only on `POST /admin/settlement/cutoff`).
+    #[arg(long, default_value_t = 3600, env = "KASSA_CUTOFF_INTERVAL_S")]
+    pub cutoff_interval_s: u64,
 }
 
 /// Read a secret file, or create it with `bytes` fresh random bytes (mode 0600).
@@ -76,6 +80,7 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
     };
     let ingest_log = open_log("ingest")?;
     let authorization_log = open_log("authorization")?;
+    let settlement_log = open_log("settlement")?;
     let topics = vec![TopicSpec::new(PAYMENT_COMMANDS, PARTITIONS), TopicSpec::new(PAYMENT_EVENTS, PARTITIONS)];
     let bus_path = dir.join("bus");
     let bus: Arc<dyn Bus> = Arc::new(
@@ -120,9 +125,19 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
             clock,
             AuthorizationConfig::default(),
         ));
+        let settlement = Arc::new(SettlementService::new(
+            Arc::clone(&settlement_log),
+            Arc::clone(&bus),
+            Arc::new(SystemClock),
+            SettlementConfig {
+                cutoff_interval_ms: args.cutoff_interval_s.saturating_mul(1000),
+                ..SettlementConfig::default()
+            },
+        ));
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let mut tasks = ingest.spawn(stop_rx.clone())?;
-        tasks.extend(authorization.spawn(stop_rx)?);
+        tasks.extend(authorization.spawn(stop_rx.clone())?);
+        tasks.extend(settlement.spawn(stop_rx)?);
 
         let key_path = dir.join("demo-merchant.key");
         if key_path.exists() {
@@ -135,7 +150,7 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
         }
 
         let ready = Arc::new(AtomicBool::new(false));
-        let app = kassa_services::http::router(Arc::clone(&ingest), Arc::clone(&ready), &admin_token);
+        let app = kassa_services::http::router(Arc::clone(&ingest), settlement, Arc::clone(&ready), &admin_token);
         let listener = tokio::net::TcpListener::bind(args.listen)
             .await
             .with_context(|| format!("binding {}; is another kassa running there?", args.listen))?;

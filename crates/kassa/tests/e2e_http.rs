@@ -360,3 +360,64 @@ fn merchants_are_created_running_or_stopped_and_see_only_their_own_payments() {
     assert!(!missing.status.success());
     assert!(String::from_utf8_lossy(&missing.stderr).contains("no Kassa data directory"));
 }
+
+#[test]
+fn settlement_cutoff_over_http() {
+    let dir = tempfile::tempdir().unwrap();
+    let kassa = Kassa::start(dir.path());
+    let mut ids = Vec::new();
+    for amount in [1999, 1000] {
+        let (_, _, payment) = kassa.call("POST", "/v1/payments", Some(&pay("4242424242424242", amount, true)), &[]);
+        assert_eq!(payment["status"], "captured");
+        ids.push(payment["id"].as_str().unwrap().to_owned());
+    }
+    let (status, _, _) =
+        kassa.call("POST", &format!("/v1/payments/{}/refunds", ids[1]), Some(r#"{"amount": 300}"#), &[]);
+    assert_eq!(status, 200);
+    let admin = std::fs::read_to_string(dir.path().join("admin.token")).unwrap().trim().to_owned();
+    let operator = Kassa { key: String::new(), addr: kassa.addr.clone(), child: Command::new("true").spawn().unwrap() };
+    let cut = |token: &str| {
+        let auth = format!("Bearer {token}");
+        let r = request(&operator.addr, "POST", "/admin/settlement/cutoff", None, &[("Authorization", &auth)], b"")
+            .unwrap();
+        (r.0, serde_json::from_slice::<serde_json::Value>(&r.2).unwrap_or_default())
+    };
+    assert_eq!(cut(&kassa.key).0, 401, "a merchant key cannot cut off");
+    // Settlement follows the events asynchronously: cut until the batch holds all three entries.
+    let started = Instant::now();
+    let batch = loop {
+        let (status, body) = cut(&admin);
+        assert_eq!(status, 200, "{body}");
+        let (_, _, batches) = kassa.call("GET", "/v1/settlement/batches", None, &[]);
+        let closed: Vec<_> =
+            batches["data"].as_array().unwrap().iter().filter(|b| b["status"] == "closed").cloned().collect();
+        let entries: u64 = closed.iter().map(|b| b["entries"].as_u64().unwrap()).sum();
+        if entries == 3 {
+            break closed;
+        }
+        assert!(started.elapsed() < Duration::from_secs(30), "settlement did not batch the entries: {batches}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let captured: i64 = batch.iter().map(|b| b["amount_captured"].as_i64().unwrap()).sum();
+    let refunded: i64 = batch.iter().map(|b| b["amount_refunded"].as_i64().unwrap()).sum();
+    let fees: i64 = batch.iter().map(|b| b["fees"].as_i64().unwrap()).sum();
+    let net: i64 = batch.iter().map(|b| b["net"].as_i64().unwrap()).sum();
+    assert_eq!((captured, refunded), (2999, 300));
+    assert_eq!(net, captured - refunded - fees, "money is conserved");
+    let batch_id = batch[0]["id"].as_str().unwrap();
+    let (status, _, one) = kassa.call("GET", &format!("/v1/settlement/batches/{batch_id}"), None, &[]);
+    assert_eq!((status, one["id"].as_str()), (200, Some(batch_id)));
+    for id in &ids {
+        let started = Instant::now();
+        loop {
+            let (_, _, events) = kassa.call("GET", &format!("/v1/payments/{id}/events"), None, &[]);
+            let settled = events["data"].as_array().unwrap().iter().filter(|e| e["type"] == "payment.settled").count();
+            if settled == 1 {
+                break;
+            }
+            assert!(settled == 0 && started.elapsed() < Duration::from_secs(30), "{id} settled {settled} times");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    kassa.kill();
+}
