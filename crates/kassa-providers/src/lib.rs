@@ -12,7 +12,7 @@ mod simulator;
 pub use simulator::{Fault, LedgerEntry, LedgerState, SimulatedAcquirer, SimulatorConfig, test_card_outcome};
 
 use async_trait::async_trait;
-use kassa_domain::{AttemptId, CardDetails, DeclineCategory, MerchantId, Money, PaymentId, RefundId};
+use kassa_domain::{AttemptId, CaptureId, CardDetails, DeclineCategory, MerchantId, Money, PaymentId, RefundId};
 use std::time::Duration;
 
 /// What a provider needs to authorize. Holds the card in clear: in memory only.
@@ -70,10 +70,20 @@ pub trait Connector: Send + Sync + std::fmt::Debug + 'static {
     fn name(&self) -> &str;
     async fn authorize(&self, request: AuthorizeRequest, deadline: Duration)
     -> Result<AuthorizeOutcome, ProviderError>;
-    async fn capture(&self, attempt_id: AttemptId, amount: Money, deadline: Duration) -> Result<(), ProviderError>;
+    /// Capture `amount` of an authorization. Idempotent by `capture_id`: a
+    /// retried capture (after a timeout or a restart) is applied once.
+    async fn capture(
+        &self,
+        attempt_id: AttemptId,
+        capture_id: CaptureId,
+        amount: Money,
+        deadline: Duration,
+    ) -> Result<(), ProviderError>;
     /// Release an authorization (void before capture, or reversal of an attempt
-    /// whose outcome was unknown). Reversing an unknown attempt is a no-op.
+    /// whose outcome was unknown). Reversing an attempt the provider has not
+    /// seen yet makes it refuse that attempt if it arrives late.
     async fn reverse(&self, attempt_id: AttemptId, deadline: Duration) -> Result<(), ProviderError>;
+    /// Refund part of what was captured. Idempotent by `refund_id`.
     async fn refund(
         &self,
         attempt_id: AttemptId,

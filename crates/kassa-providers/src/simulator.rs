@@ -4,7 +4,7 @@
 
 use crate::{AttemptStatus, AuthorizeOutcome, AuthorizeRequest, Connector, ProviderError};
 use async_trait::async_trait;
-use kassa_domain::{AttemptId, DeclineCategory, Money, PaymentId, RefundId};
+use kassa_domain::{AttemptId, CaptureId, DeclineCategory, Money, PaymentId, RefundId};
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
@@ -71,6 +71,11 @@ impl Default for SimulatorConfig {
 #[derive(Debug, Default)]
 struct Inner {
     ledger: HashMap<AttemptId, LedgerEntry>,
+    /// Captures and refunds applied, by their ids: a retry is applied once.
+    captures_applied: std::collections::HashSet<CaptureId>,
+    refunds_applied: std::collections::HashSet<RefundId>,
+    /// Attempts reversed before they were seen: refused if they arrive late.
+    reversed_unseen: std::collections::HashSet<AttemptId>,
     declined: HashMap<AttemptId, (String, DeclineCategory)>,
     fault: Option<Fault>,
     rng: u64,
@@ -157,7 +162,9 @@ impl Connector for SimulatedAcquirer {
         let outcome = {
             let mut inner = self.lock();
             // Idempotent by attempt id: a retried request gets the first answer.
-            if let Some(entry) = inner.ledger.get(&request.attempt_id) {
+            if inner.reversed_unseen.contains(&request.attempt_id) {
+                Err(ProviderError::Unavailable { reason: "attempt was reversed before it arrived".into() })
+            } else if let Some(entry) = inner.ledger.get(&request.attempt_id) {
                 Ok(AuthorizeOutcome::Approved { authorization_code: entry.authorization_code.clone() })
             } else if let Some((code, category)) = inner.declined.get(&request.attempt_id) {
                 Ok(AuthorizeOutcome::Declined { code: code.clone(), category: *category })
@@ -196,9 +203,18 @@ impl Connector for SimulatedAcquirer {
         outcome
     }
 
-    async fn capture(&self, attempt_id: AttemptId, amount: Money, deadline: Duration) -> Result<(), ProviderError> {
+    async fn capture(
+        &self,
+        attempt_id: AttemptId,
+        capture_id: CaptureId,
+        amount: Money,
+        deadline: Duration,
+    ) -> Result<(), ProviderError> {
         self.respond(deadline).await?;
         let mut inner = self.lock();
+        if inner.captures_applied.contains(&capture_id) {
+            return Ok(());
+        }
         let entry = inner.ledger.get_mut(&attempt_id).ok_or_else(|| refused("unknown attempt"))?;
         if entry.state == LedgerState::Reversed || entry.amount.currency != amount.currency {
             return Err(refused("nothing held to capture"));
@@ -208,6 +224,7 @@ impl Connector for SimulatedAcquirer {
         }
         entry.captured_minor += amount.minor;
         entry.state = LedgerState::Captured;
+        inner.captures_applied.insert(capture_id);
         Ok(())
     }
 
@@ -220,19 +237,25 @@ impl Connector for SimulatedAcquirer {
                 entry.state = LedgerState::Reversed;
                 Ok(())
             }
-            None => Ok(()),
+            None => {
+                inner.reversed_unseen.insert(attempt_id);
+                Ok(())
+            }
         }
     }
 
     async fn refund(
         &self,
         attempt_id: AttemptId,
-        _refund_id: RefundId,
+        refund_id: RefundId,
         amount: Money,
         deadline: Duration,
     ) -> Result<(), ProviderError> {
         self.respond(deadline).await?;
         let mut inner = self.lock();
+        if inner.refunds_applied.contains(&refund_id) {
+            return Ok(());
+        }
         let entry = inner.ledger.get_mut(&attempt_id).ok_or_else(|| refused("unknown attempt"))?;
         if entry.refunded_minor + amount.minor > entry.captured_minor {
             return Err(refused("refund exceeds the captured amount"));
@@ -241,6 +264,7 @@ impl Connector for SimulatedAcquirer {
         if entry.refunded_minor == entry.captured_minor {
             entry.state = LedgerState::Refunded;
         }
+        inner.refunds_applied.insert(refund_id);
         Ok(())
     }
 

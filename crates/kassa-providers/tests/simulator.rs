@@ -70,6 +70,12 @@ async fn timeout_after_accept_holds_money_that_inquiry_finds_and_reversal_releas
     sim.reverse(attempt, DEADLINE).await.unwrap();
     assert_eq!(sim.inquire(attempt, DEADLINE).await, Ok(AttemptStatus::Reversed));
     assert_eq!(sim.inquire(AttemptId::from_u128(9), DEADLINE).await, Ok(AttemptStatus::NotFound));
+    // Reversing an attempt never seen makes a late arrival of it refused.
+    sim.reverse(AttemptId::from_u128(9), DEADLINE).await.unwrap();
+    assert!(matches!(
+        sim.authorize(request(9, "4242424242424242"), DEADLINE).await,
+        Err(ProviderError::Unavailable { .. })
+    ));
 }
 
 #[tokio::test(start_paused = true)]
@@ -95,8 +101,14 @@ async fn captures_and_refunds_stay_within_what_is_held() {
     sim.authorize(request(1, "4242424242424242"), DEADLINE).await.unwrap();
     let attempt = AttemptId::from_u128(1);
     let eur = |m| Money::new(m, Currency::from_code("EUR").unwrap());
-    sim.capture(attempt, eur(1000), DEADLINE).await.unwrap();
-    assert!(matches!(sim.capture(attempt, eur(1000), DEADLINE).await, Err(ProviderError::Refused { .. })));
+    sim.capture(attempt, CaptureId::from_u128(1), eur(1000), DEADLINE).await.unwrap();
+    // A retried capture (same id) is applied once; a new one over the amount is refused.
+    sim.capture(attempt, CaptureId::from_u128(1), eur(1000), DEADLINE).await.unwrap();
+    assert!(matches!(
+        sim.capture(attempt, CaptureId::from_u128(2), eur(1000), DEADLINE).await,
+        Err(ProviderError::Refused { .. })
+    ));
+    sim.refund(attempt, RefundId::from_u128(1), eur(400), DEADLINE).await.unwrap();
     sim.refund(attempt, RefundId::from_u128(1), eur(400), DEADLINE).await.unwrap();
     assert!(matches!(
         sim.refund(attempt, RefundId::from_u128(2), eur(601), DEADLINE).await,

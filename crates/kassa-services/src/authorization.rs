@@ -112,6 +112,18 @@ enum EffectResult {
     OpDone { payment_id: PaymentId, op: ProviderOp, result: Result<(), ProviderError> },
 }
 
+/// A provider call with a hard stop a little past its deadline, in case a
+/// connector ignores the deadline it was given: past it, the outcome is unknown.
+async fn bounded<T>(
+    deadline: Duration,
+    call: impl std::future::Future<Output = Result<T, ProviderError>>,
+) -> Result<T, ProviderError> {
+    let deadline_ms = deadline.as_millis() as u64;
+    tokio::time::timeout(deadline + Duration::from_millis(500), call)
+        .await
+        .unwrap_or(Err(ProviderError::Timeout { deadline_ms }))
+}
+
 /// The service. Share it behind an `Arc` and call [`AuthorizationService::spawn`].
 #[derive(Debug)]
 pub struct AuthorizationService {
@@ -493,13 +505,17 @@ impl PartitionActor {
                         attempt_id,
                         result: AuthorizationResult::Declined { code, category },
                     },
-                    // Nothing held at the provider: the attempt is closed.
+                    // Nothing held at the provider now. The request may still be on its
+                    // way there: reverse it first (a late arrival is then refused), and
+                    // close the attempt only when the reversal is acknowledged.
                     Ok(AttemptStatus::NotFound | AttemptStatus::Reversed) => {
                         if !record.state.in_flight.outcome_unknown {
                             // The authorize call's own answer is still due; wait for it.
                             return;
                         }
-                        PaymentCommand::ReverseAuthorization { attempt_id }
+                        batch.effects.push(Effect::Reverse { payment_id, attempt_id, provider, delay_ms: 0 });
+                        batch.records.insert(payment_id, record.clone());
+                        return;
                     }
                     Err(error) => {
                         record.inquiries += 1;
@@ -569,8 +585,17 @@ impl PartitionActor {
     }
 
     async fn resume(&mut self, payments: Vec<PaymentId>) -> Result<(), ActorError> {
+        // In chunks, so no single append exceeds the log's per-request bound.
+        let chunk = self.service.config.batch_inputs_max.max(1);
+        for payments in payments.chunks(chunk) {
+            self.resume_chunk(payments).await?;
+        }
+        Ok(())
+    }
+
+    async fn resume_chunk(&mut self, payments: &[PaymentId]) -> Result<(), ActorError> {
         let mut batch = Batch::default();
-        for payment_id in payments {
+        for &payment_id in payments {
             let mut record = self.load(&mut batch, payment_id)?;
             match record.state.stage {
                 Stage::Requested => self.advance(&mut batch, &mut record, payment_id),
@@ -738,7 +763,29 @@ impl PartitionActor {
             },
         };
         let Some(connector) = self.provider(&provider_name) else {
+            // Not configured (any more): answer as a provider that is down, so nothing waits forever.
             tracing::error!(provider = %provider_name, "no connector for provider; call not made");
+            let unavailable =
+                || ProviderError::Unavailable { reason: format!("provider {provider_name} is not configured") };
+            let result = match effect {
+                Effect::Authorize { payment_id, attempt_id, .. } => {
+                    EffectResult::Authorized { payment_id, attempt_id, result: Err(unavailable()) }
+                }
+                Effect::Inquire { payment_id, attempt_id, .. } => {
+                    EffectResult::Inquired { payment_id, attempt_id, result: Err(unavailable()) }
+                }
+                Effect::Reverse { payment_id, attempt_id, .. } => {
+                    EffectResult::Reversed { payment_id, attempt_id, result: Err(unavailable()) }
+                }
+                Effect::Op { payment_id, op, .. } => {
+                    EffectResult::OpDone { payment_id, op, result: Err(unavailable()) }
+                }
+            };
+            let tx = self.effects_tx.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(1000)).await;
+                let _ = tx.send(result).await;
+            });
             return;
         };
         tokio::spawn(async move {
@@ -747,7 +794,7 @@ impl PartitionActor {
                     let result = match vault.get(payment_id) {
                         Some(card) => {
                             let request = AuthorizeRequest { attempt_id, payment_id, merchant_id, amount, card };
-                            connector.authorize(request, deadline).await
+                            bounded(deadline, connector.authorize(request, deadline)).await
                         }
                         // Gone (another path finished the payment): the provider was not called.
                         None => Err(ProviderError::Unavailable { reason: "card data no longer held".into() }),
@@ -759,7 +806,7 @@ impl PartitionActor {
                     EffectResult::Inquired {
                         payment_id,
                         attempt_id,
-                        result: connector.inquire(attempt_id, deadline).await,
+                        result: bounded(deadline, connector.inquire(attempt_id, deadline)).await,
                     }
                 }
                 Effect::Reverse { payment_id, attempt_id, delay_ms, .. } => {
@@ -767,18 +814,20 @@ impl PartitionActor {
                     EffectResult::Reversed {
                         payment_id,
                         attempt_id,
-                        result: connector.reverse(attempt_id, deadline).await,
+                        result: bounded(deadline, connector.reverse(attempt_id, deadline)).await,
                     }
                 }
                 Effect::Op { payment_id, op, delay_ms } => {
                     tokio::time::sleep(Duration::from_millis(delay_ms)).await;
                     let result = match &op {
-                        ProviderOp::Capture { attempt_id, amount, .. } => {
-                            connector.capture(*attempt_id, *amount, deadline).await
+                        ProviderOp::Capture { attempt_id, capture_id, amount, .. } => {
+                            bounded(deadline, connector.capture(*attempt_id, *capture_id, *amount, deadline)).await
                         }
-                        ProviderOp::Reverse { attempt_id, .. } => connector.reverse(*attempt_id, deadline).await,
+                        ProviderOp::Reverse { attempt_id, .. } => {
+                            bounded(deadline, connector.reverse(*attempt_id, deadline)).await
+                        }
                         ProviderOp::Refund { refund_id, attempt_id, amount, .. } => {
-                            connector.refund(*attempt_id, *refund_id, *amount, deadline).await
+                            bounded(deadline, connector.refund(*attempt_id, *refund_id, *amount, deadline)).await
                         }
                     };
                     EffectResult::OpDone { payment_id, op, result }

@@ -61,6 +61,8 @@ pub struct HistoryEntry {
     pub event_type: String,
     pub at_ms: i64,
     pub data: String,
+    /// The command (event id) that caused it, so a waiting request knows its own outcome.
+    pub caused_by: Option<u128>,
 }
 
 /// An idempotency record: the request's fingerprint, and the response once given.
@@ -109,6 +111,14 @@ impl Waiters {
         Arc::clone(map.entry(payment_id).or_default())
     }
 
+    /// Drop a payment's entry once no request waits on it any more.
+    fn release(&self, payment_id: PaymentId) {
+        let mut map = self.payments.lock().unwrap_or_else(|e| e.into_inner());
+        if map.get(&payment_id).is_some_and(|n| Arc::strong_count(n) == 1) {
+            map.remove(&payment_id);
+        }
+    }
+
     fn wake(&self, payment_id: PaymentId) {
         let notify = self.payments.lock().unwrap_or_else(|e| e.into_inner()).remove(&payment_id);
         if let Some(notify) = notify {
@@ -129,6 +139,9 @@ pub struct IngestService {
     /// Idempotency keys being processed: a second request with the same key waits for the first.
     in_progress: Mutex<HashMap<Vec<u8>, Arc<tokio::sync::Mutex<()>>>>,
 }
+
+/// Command refusals kept for requests still waiting on them, at most.
+const REJECTIONS_KEPT_MAX: usize = 10_000;
 
 fn view_key(payment_id: PaymentId) -> Vec<u8> {
     let mut key = b"view/".to_vec();
@@ -484,94 +497,117 @@ impl IngestService {
         body: &[u8],
     ) -> Result<Answer, ApiError> {
         let print = fingerprint("POST", &format!("/v1/payments/{payment_id}/{action}"), body);
-        self.idempotent(merchant_id, idempotency, print, |slot| async move {
-            let view = self.own_view(merchant_id, payment_id)?;
-            let amount = match action {
-                "void" => {
-                    if !body.iter().all(u8::is_ascii_whitespace) && body != b"{}" {
-                        return Err(ApiError::invalid("parameter_unknown", "body", "void takes no parameters"));
-                    }
-                    None
-                }
-                _ => kassa_api::parse_amount_request(body)?.amount_minor,
-            };
-            let message = match action {
-                "capture" => PaymentCommandMessage::Capture {
-                    payment_id,
-                    capture_id: CaptureId::from_u128(rand::random()),
-                    amount_minor: amount,
-                },
-                "void" => PaymentCommandMessage::Void { payment_id },
-                _ => PaymentCommandMessage::Refund {
-                    payment_id,
-                    refund_id: RefundId::from_u128(rand::random()),
-                    amount_minor: amount,
-                },
-            };
-            let before = view.applied_seq;
-            let command_id: u128 = rand::random();
-            let now = self.clock.now();
-            let event = NewEvent {
-                event_id: command_id,
-                event_type: message.event_type().to_owned(),
-                stream_id: payment_id.as_u128(),
-                timestamp_ms: now.unix_ms(),
-                causation_id: None,
-                correlation_id: Some(payment_id.as_u128()),
-                payload: message.encode_payload(),
-            };
-            let writes = slot.map(|slot| slot.write(payment_id)).into_iter().collect();
-            self.log
-                .append(AppendRequest { events: vec![event], expected: Vec::new(), writes })
-                .await
-                .map_err(internal)?;
-            // Wait for the command's outcome: a new event on the payment, or its refusal.
-            let deadline = tokio::time::Instant::now() + Duration::from_millis(self.config.outcome_wait_ms);
-            loop {
-                let notified = self.waiters.notify_for(payment_id);
-                let wait = notified.notified();
-                if let Some(rejected) =
-                    self.waiters.rejections.lock().unwrap_or_else(|e| e.into_inner()).remove(&command_id)
-                {
-                    let status = if rejected.code == "resource_missing" {
-                        404
-                    } else if rejected.code.starts_with("amount") {
-                        400
-                    } else {
-                        409
-                    };
-                    let mut error = ApiError::new(
-                        status,
-                        ErrorType::InvalidRequestError,
-                        "payment_state_conflict",
-                        rejected.message,
-                    );
-                    error.code = match rejected.code.as_str() {
-                        "amount_too_large" => "amount_too_large",
-                        "amount_too_small" => "amount_too_small",
-                        "resource_missing" => "resource_missing",
-                        _ => "payment_state_conflict",
-                    };
-                    if status == 400 {
-                        error.param = Some("amount".into());
-                    }
-                    return Err(error);
-                }
+        let answer = self
+            .idempotent(merchant_id, idempotency, print, |slot| async move {
                 let view = self.own_view(merchant_id, payment_id)?;
-                let changed = view.history.iter().any(|h| h.sequence > before && h.event_type != COMMAND_REJECTED);
-                if changed {
-                    return Ok(Answer { status: 200, body: payment_json(payment_id, &view.state), replayed: false });
+                let amount = match action {
+                    "void" => {
+                        if !body.iter().all(u8::is_ascii_whitespace) && body != b"{}" {
+                            return Err(ApiError::invalid("parameter_unknown", "body", "void takes no parameters"));
+                        }
+                        None
+                    }
+                    _ => kassa_api::parse_amount_request(body)?.amount_minor,
+                };
+                let message = match action {
+                    "capture" => PaymentCommandMessage::Capture {
+                        payment_id,
+                        capture_id: CaptureId::from_u128(rand::random()),
+                        amount_minor: amount,
+                    },
+                    "void" => PaymentCommandMessage::Void { payment_id },
+                    _ => PaymentCommandMessage::Refund {
+                        payment_id,
+                        refund_id: RefundId::from_u128(rand::random()),
+                        amount_minor: amount,
+                    },
+                };
+                let before = view.applied_seq;
+                let command_id: u128 = rand::random();
+                let now = self.clock.now();
+                let event = NewEvent {
+                    event_id: command_id,
+                    event_type: message.event_type().to_owned(),
+                    stream_id: payment_id.as_u128(),
+                    timestamp_ms: now.unix_ms(),
+                    causation_id: None,
+                    correlation_id: Some(payment_id.as_u128()),
+                    payload: message.encode_payload(),
+                };
+                let writes = slot.map(|slot| slot.write(payment_id)).into_iter().collect();
+                self.log
+                    .append(AppendRequest { events: vec![event], expected: Vec::new(), writes })
+                    .await
+                    .map_err(internal)?;
+                // Wait for the command's outcome: a new event on the payment, or its refusal.
+                let deadline = tokio::time::Instant::now() + Duration::from_millis(self.config.outcome_wait_ms);
+                loop {
+                    let notified = self.waiters.notify_for(payment_id);
+                    let wait = notified.notified();
+                    if let Some(rejected) =
+                        self.waiters.rejections.lock().unwrap_or_else(|e| e.into_inner()).remove(&command_id)
+                    {
+                        let status = if rejected.code == "resource_missing" {
+                            404
+                        } else if rejected.code.starts_with("amount") {
+                            400
+                        } else {
+                            409
+                        };
+                        let mut error = ApiError::new(
+                            status,
+                            ErrorType::InvalidRequestError,
+                            "payment_state_conflict",
+                            rejected.message,
+                        );
+                        error.code = match rejected.code.as_str() {
+                            "amount_too_large" => "amount_too_large",
+                            "amount_too_small" => "amount_too_small",
+                            "resource_missing" => "resource_missing",
+                            _ => "payment_state_conflict",
+                        };
+                        if status == 400 {
+                            error.param = Some("amount".into());
+                        }
+                        return Err(error);
+                    }
+                    let view = self.own_view(merchant_id, payment_id)?;
+                    let changed = view.history.iter().any(|h| {
+                        h.sequence > before && h.caused_by == Some(command_id) && h.event_type != COMMAND_REJECTED
+                    });
+                    if changed {
+                        return Ok(Answer {
+                            status: 200,
+                            body: payment_json(payment_id, &view.state),
+                            replayed: false,
+                        });
+                    }
+                    if tokio::time::timeout_at(deadline, wait).await.is_err() {
+                        return Ok(Answer {
+                            status: 202,
+                            body: payment_json(payment_id, &view.state),
+                            replayed: false,
+                        });
+                    }
                 }
-                if tokio::time::timeout_at(deadline, wait).await.is_err() {
-                    return Ok(Answer { status: 202, body: payment_json(payment_id, &view.state), replayed: false });
-                }
-            }
-        })
-        .await
+            })
+            .await;
+        self.waiters.release(payment_id);
+        answer
     }
 
     /// Wait (bounded) until the read model's state for a payment satisfies `done`.
     async fn wait_for(
+        &self,
+        payment_id: PaymentId,
+        done: impl Fn(&PaymentState) -> bool,
+    ) -> Result<Option<PaymentState>, ApiError> {
+        let result = self.wait_for_inner(payment_id, done).await;
+        self.waiters.release(payment_id);
+        result
+    }
+
+    async fn wait_for_inner(
         &self,
         payment_id: PaymentId,
         done: impl Fn(&PaymentState) -> bool,
@@ -692,6 +728,7 @@ impl IngestService {
                 event_type: envelope.event_type.clone(),
                 at_ms: envelope.timestamp_ms,
                 data,
+                caused_by: envelope.causation_id,
             });
             views.insert(payment_id, view);
         }
@@ -709,6 +746,10 @@ impl IngestService {
         self.log.append(AppendRequest { writes, ..Default::default() }).await.map_err(internal)?;
         {
             let mut map = self.waiters.rejections.lock().unwrap_or_else(|e| e.into_inner());
+            // Rejections nobody waited for (the caller had its 202) must not pile up.
+            if map.len() > REJECTIONS_KEPT_MAX {
+                map.clear();
+            }
             for rejected in rejections {
                 map.insert(rejected.command_id, rejected);
             }

@@ -354,3 +354,20 @@ async fn settlement_and_reconciliation_are_recorded_once() {
     assert_eq!(rejected[0].command_id, twice);
     world.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timeout_the_provider_never_saw_is_reversed_before_failing_over() {
+    let mut world = World::new();
+    world.sims[0].set_fault(Some(Fault::Slow { extra_ms: 5000 }));
+    let payment = world.pay("4242424242424242", 900, true).await;
+    // Inquiries at a slow provider time out too; once it answers again, it has nothing:
+    // the attempt is reversed there (a late arrival would be refused), then beta is tried.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    world.sims[0].set_fault(None);
+    let state = world.until(payment, settled_outcome).await;
+    assert_eq!(state.provider.as_deref(), Some("acq-beta"), "{state:?}");
+    assert_eq!(state.attempts.len(), 2);
+    assert_eq!(world.held(payment), 1);
+    assert!(world.sims[0].ledger().is_empty());
+    world.stop().await;
+}
