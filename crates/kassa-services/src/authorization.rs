@@ -12,6 +12,7 @@
 //! outcome, resolved by a status inquiry (or a reversal) before any other
 //! provider is tried, so at most one authorization per payment ever stands.
 
+use crate::consume::stored_offset;
 use crate::messages::{COMMAND_REJECTED, CommandRejected, PaymentCommandMessage};
 use crate::relay::{RelayConfig, run_relay};
 use crate::runtime::{Clock, derived_id};
@@ -190,15 +191,6 @@ impl AuthorizationService {
         Ok(tasks)
     }
 
-    fn stored_offset(&self, partition: u32) -> u64 {
-        self.log
-            .get(Table::Positions, &offset_key(partition))
-            .ok()
-            .flatten()
-            .and_then(|v| v.try_into().ok().map(u64::from_be_bytes))
-            .unwrap_or(0)
-    }
-
     async fn run_partition(self: Arc<Self>, partition: u32, mut stop: watch::Receiver<bool>) {
         let (effects_tx, mut effects_rx) = mpsc::channel::<EffectResult>(4096);
         let mut actor = PartitionActor {
@@ -230,7 +222,13 @@ impl AuthorizationService {
                 return;
             }
         }
-        let offset = self.stored_offset(partition);
+        let offset = match stored_offset(&self.log, &offset_key(partition)) {
+            Ok(offset) => offset,
+            Err(error) => {
+                tracing::error!(partition, %error, "cannot read the stored offset; partition stopped");
+                return;
+            }
+        };
         let mut subscription = Subscription::start(
             Arc::clone(&self.bus),
             PAYMENT_COMMANDS,

@@ -6,6 +6,7 @@
 //! payment, fed by `payments.events`, which answers reads and tells waiting
 //! requests when their payment has an outcome.
 
+use crate::consume::{next_batch, stored_offset};
 use crate::messages::{COMMAND_REJECTED, CommandRejected, PaymentCommandMessage};
 use crate::relay::{RelayConfig, run_relay};
 use crate::runtime::Clock;
@@ -629,17 +630,14 @@ impl IngestService {
 
     // ---------- the read model ----------
 
-    fn stored_position(&self, partition: u32) -> u64 {
-        self.log
-            .get(Table::Positions, &position_key(partition))
-            .ok()
-            .flatten()
-            .and_then(|v| v.try_into().ok().map(u64::from_be_bytes))
-            .unwrap_or(0)
-    }
-
     async fn run_read_model(self: Arc<Self>, partition: u32, mut stop: watch::Receiver<bool>) {
-        let offset = self.stored_position(partition);
+        let offset = match stored_offset(&self.log, &position_key(partition)) {
+            Ok(offset) => offset,
+            Err(error) => {
+                tracing::error!(partition, %error, "read model cannot read its position; stopped");
+                return;
+            }
+        };
         let mut subscription = Subscription::start(
             Arc::clone(&self.bus),
             PAYMENT_EVENTS,
@@ -647,25 +645,7 @@ impl IngestService {
             offset,
             SubscriptionConfig::default(),
         );
-        loop {
-            let first = tokio::select! {
-                _ = stop.changed() => return,
-                message = subscription.recv() => message,
-            };
-            let mut messages = match first {
-                Some(Ok(message)) => vec![message],
-                Some(Err(error)) => {
-                    tracing::warn!(partition, %error, "read model fetch failed");
-                    continue;
-                }
-                None => return,
-            };
-            while subscription.buffered() > 0 && messages.len() < 1024 {
-                match subscription.recv().await {
-                    Some(Ok(message)) => messages.push(message),
-                    _ => break,
-                }
-            }
+        while let Some(messages) = next_batch(&mut subscription, 1024, &mut stop).await {
             if let Err(error) = self.apply_to_read_model(partition, messages).await {
                 tracing::error!(partition, %error, "read model update failed; stopping it (restart to recover)");
                 return;

@@ -29,12 +29,8 @@ fn position_key(topic: &str) -> Vec<u8> {
 }
 
 /// The last log position published to `topic` (0: none).
-pub fn relayed_position(log: &EventLog, topic: &str) -> u64 {
-    log.get(Table::Positions, &position_key(topic))
-        .ok()
-        .flatten()
-        .and_then(|v| v.try_into().ok().map(u64::from_be_bytes))
-        .unwrap_or(0)
+pub fn relayed_position(log: &EventLog, topic: &str) -> Result<u64, kassa_eventlog::LogError> {
+    crate::consume::stored_offset(log, &position_key(topic))
 }
 
 /// Publish every event of `log` that `select` picks to `topic`, until `stop` turns true.
@@ -47,7 +43,13 @@ pub async fn run_relay(
     mut stop: watch::Receiver<bool>,
 ) {
     let mut head = log.watch_head();
-    let mut position = relayed_position(&log, topic);
+    let mut position = match relayed_position(&log, topic) {
+        Ok(position) => position,
+        Err(error) => {
+            tracing::error!(%topic, %error, "relay cannot read its position; stopping (the service must restart)");
+            return;
+        }
+    };
     loop {
         if *stop.borrow() {
             return;

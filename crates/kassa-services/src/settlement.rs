@@ -11,6 +11,7 @@
 //! batch is decided by the pure rules (`kassa_domain::settlement`) and written
 //! with the consumed offsets in one append.
 
+use crate::consume::{next_batch, stored_offset};
 use crate::messages::PaymentCommandMessage;
 use crate::relay::{RelayConfig, run_relay};
 use crate::runtime::{Clock, derived_id};
@@ -125,7 +126,13 @@ impl SettlementService {
             let service = Arc::clone(self);
             let mut stop = stop.clone();
             tasks.push(tokio::spawn(async move {
-                let offset = service.stored_offset(partition);
+                let offset = match stored_offset(&service.log, &offset_key(partition)) {
+                    Ok(offset) => offset,
+                    Err(error) => {
+                        tracing::error!(partition, %error, "settlement cannot read its position; reader stopped");
+                        return;
+                    }
+                };
                 let mut subscription = Subscription::start(
                     Arc::clone(&service.bus),
                     PAYMENT_EVENTS,
@@ -133,22 +140,9 @@ impl SettlementService {
                     offset,
                     SubscriptionConfig::default(),
                 );
-                loop {
-                    let first = tokio::select! {
-                        _ = stop.changed() => return,
-                        message = subscription.recv() => message,
-                    };
-                    let mut messages = match first {
-                        Some(Ok(message)) => vec![message],
-                        Some(Err(_)) => continue,
-                        None => return,
-                    };
-                    while subscription.buffered() > 0 && messages.len() < service.config.batch_inputs_max {
-                        match subscription.recv().await {
-                            Some(Ok(message)) => messages.push(message),
-                            _ => break,
-                        }
-                    }
+                while let Some(messages) =
+                    next_batch(&mut subscription, service.config.batch_inputs_max, &mut stop).await
+                {
                     if service.inputs.send(Input::Messages(partition, messages)).await.is_err() {
                         return;
                     }
@@ -209,15 +203,6 @@ impl SettlementService {
             stop,
         )));
         Ok(tasks)
-    }
-
-    fn stored_offset(&self, partition: u32) -> u64 {
-        self.log
-            .get(Table::Positions, &offset_key(partition))
-            .ok()
-            .flatten()
-            .and_then(|v| v.try_into().ok().map(u64::from_be_bytes))
-            .unwrap_or(0)
     }
 
     /// Close every open batch now; returns the closed batches' ids.
