@@ -1,6 +1,7 @@
 //! The `kassa` binary: configuration, telemetry, signals and wiring. Nothing else.
 
 mod bench_cmd;
+mod config;
 mod log_cmd;
 mod merchant_cmd;
 mod up;

@@ -1,9 +1,11 @@
 //! `kassa up`: the services in one process over the embedded durable bus,
 //! with three simulated acquirers, serving the payments API.
 
+use crate::config::Config;
 use anyhow::Context;
 use clap::Args;
 use kassa_bus::{Bus, BusConfig, EmbeddedBus, TopicSpec};
+use kassa_domain::settlement::FeeSchedule;
 use kassa_eventlog::{EventLog, LogConfig};
 use kassa_providers::{Connector, SimulatedAcquirer, SimulatorConfig};
 use kassa_services::authorization::{AuthorizationConfig, AuthorizationService};
@@ -29,15 +31,19 @@ pub const CARDS_WAITING_MAX: usize = 100_000;
 
 #[derive(Args, Debug)]
 pub struct UpArgs {
-    /// Where all state lives (event logs, the bus, keys). Created if missing.
-    #[arg(long, default_value = "./kassa-data", env = "KASSA_DATA_DIR")]
-    pub data_dir: PathBuf,
-    /// Address the HTTP API listens on.
-    #[arg(long, default_value = "127.0.0.1:8080", env = "KASSA_LISTEN")]
-    pub listen: SocketAddr,
-    /// Close open settlement batches this often, in seconds (0: only on `POST /admin/settlement/cutoff`).
-    #[arg(long, default_value_t = 3600, env = "KASSA_CUTOFF_INTERVAL_S")]
-    pub cutoff_interval_s: u64,
+    /// Where all state lives (event logs, the bus, keys). Created if missing. [default: ./kassa-data]
+    #[arg(long, env = "KASSA_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Address the HTTP API listens on. [default: 127.0.0.1:8080]
+    #[arg(long, env = "KASSA_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// Close open settlement batches this often, in seconds (0: only on `POST /admin/settlement/cutoff`). [default: 3600]
+    #[arg(long, env = "KASSA_CUTOFF_INTERVAL_S")]
+    pub cutoff_interval_s: Option<u64>,
+    /// A TOML file with settings flags do not cover (providers, fees, timeouts); flags win over it.
+    /// See README.md for its keys.
+    #[arg(long, env = "KASSA_CONFIG")]
+    pub config: Option<PathBuf>,
 }
 
 /// Read a secret file, or create it with `bytes` fresh random bytes (mode 0600).
@@ -69,7 +75,14 @@ pub fn write_private(path: &Path, contents: &[u8]) -> anyhow::Result<()> {
 }
 
 pub fn run(args: UpArgs) -> anyhow::Result<()> {
-    let dir = &args.data_dir;
+    let config = match &args.config {
+        Some(path) => Config::load(path)?,
+        None => Config::default(),
+    };
+    let data_dir = args.data_dir.clone().or(config.data_dir.clone()).unwrap_or_else(|| PathBuf::from("./kassa-data"));
+    let listen = args.listen.or(config.listen).unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8080)));
+    let cutoff_interval_s = args.cutoff_interval_s.or(config.cutoff_interval_s).unwrap_or(3600);
+    let dir = &data_dir;
     std::fs::create_dir_all(dir).with_context(|| format!("creating the data directory {}", dir.display()))?;
     let open_log = |service: &str| -> anyhow::Result<Arc<EventLog>> {
         let path = dir.join(service);
@@ -102,12 +115,26 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
     runtime.block_on(async move {
         let clock: Arc<dyn Clock> = Arc::new(SystemClock);
         let vault = Arc::new(CardVault::new(CARDS_WAITING_MAX));
-        let providers: Vec<Arc<dyn Connector>> = PROVIDERS
+        let provider_configs = config.providers();
+        let providers: Vec<Arc<dyn Connector>> = provider_configs
             .iter()
             .enumerate()
-            .map(|(i, name)| {
-                let config = SimulatorConfig { latency_ms_min: 15, latency_ms_max: 60, seed: i as u64 + 1 };
-                Arc::new(SimulatedAcquirer::new(*name, config)) as Arc<dyn Connector>
+            .map(|(i, p)| {
+                let simulator = SimulatorConfig {
+                    latency_ms_min: p.latency_ms_min,
+                    latency_ms_max: p.latency_ms_max,
+                    seed: i as u64 + 1,
+                };
+                Arc::new(SimulatedAcquirer::new(p.name.clone(), simulator)) as Arc<dyn Connector>
+            })
+            .collect();
+        let fees = provider_configs
+            .iter()
+            .map(|p| {
+                (
+                    p.name.clone(),
+                    FeeSchedule { capture_basis_points: p.fee_basis_points, capture_fixed_minor: p.fee_fixed_minor },
+                )
             })
             .collect();
         let ingest = Arc::new(IngestService::new(
@@ -115,7 +142,11 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
             Arc::clone(&bus),
             Arc::clone(&vault),
             Arc::clone(&clock),
-            IngestConfig { token_key, ..IngestConfig::default() },
+            IngestConfig {
+                token_key,
+                outcome_wait_ms: config.outcome_wait_ms.unwrap_or(IngestConfig::default().outcome_wait_ms),
+                ..IngestConfig::default()
+            },
         ));
         let authorization = Arc::new(AuthorizationService::new(
             Arc::clone(&authorization_log),
@@ -123,14 +154,20 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
             providers,
             vault,
             clock,
-            AuthorizationConfig::default(),
+            AuthorizationConfig {
+                provider_timeout_ms: config
+                    .provider_timeout_ms
+                    .unwrap_or(AuthorizationConfig::default().provider_timeout_ms),
+                ..AuthorizationConfig::default()
+            },
         ));
         let settlement = Arc::new(SettlementService::new(
             Arc::clone(&settlement_log),
             Arc::clone(&bus),
             Arc::new(SystemClock),
             SettlementConfig {
-                cutoff_interval_ms: args.cutoff_interval_s.saturating_mul(1000),
+                cutoff_interval_ms: cutoff_interval_s.saturating_mul(1000),
+                fees,
                 ..SettlementConfig::default()
             },
         ));
@@ -151,15 +188,15 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
 
         let ready = Arc::new(AtomicBool::new(false));
         let app = kassa_services::http::router(Arc::clone(&ingest), settlement, Arc::clone(&ready), &admin_token);
-        let listener = tokio::net::TcpListener::bind(args.listen)
+        let listener = tokio::net::TcpListener::bind(listen)
             .await
-            .with_context(|| format!("binding {}; is another kassa running there?", args.listen))?;
+            .with_context(|| format!("binding {}; is another kassa running there?", listen))?;
         // Where `kassa merchant create` finds this instance.
         std::fs::write(dir.join(ADDRESS_FILE), listener.local_addr()?.to_string())
             .with_context(|| format!("writing {}", dir.join(ADDRESS_FILE).display()))?;
         ready.store(true, Ordering::Release);
-        tracing::info!(listen = %args.listen, data_dir = %dir.display(), "kassa is up");
-        println!("kassa is up on http://{}", args.listen);
+        tracing::info!(listen = %listen, data_dir = %dir.display(), "kassa is up");
+        println!("kassa is up on http://{}", listen);
         axum::serve(listener, app).with_graceful_shutdown(shutdown_signal()).await.context("serving HTTP")?;
 
         tracing::info!("shutting down: stopping services, flushing event logs");

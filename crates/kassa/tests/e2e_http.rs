@@ -19,9 +19,15 @@ fn free_port() -> u16 {
 
 impl Kassa {
     fn start(dir: &Path) -> Kassa {
+        Kassa::start_with(dir, &[])
+    }
+
+    fn start_with(dir: &Path, extra: &[&str]) -> Kassa {
         let addr = format!("127.0.0.1:{}", free_port());
         let child = Command::new(env!("CARGO_BIN_EXE_kassa"))
-            .args(["up", "--listen", &addr, "--data-dir"])
+            .args(["up", "--listen", &addr])
+            .args(extra)
+            .arg("--data-dir")
             .arg(dir)
             .env("KASSA_LOG", "warn")
             .stdout(Stdio::null())
@@ -420,4 +426,30 @@ fn settlement_cutoff_over_http() {
         }
     }
     kassa.kill();
+}
+
+#[test]
+fn a_config_file_sets_providers_and_bad_ones_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("kassa.toml");
+    std::fs::write(
+        &config,
+        "outcome_wait_ms = 5000\n[[providers]]\nname = \"acq-north\"\nlatency_ms_min = 1\nlatency_ms_max = 2\n",
+    )
+    .unwrap();
+    let data = dir.path().join("data");
+    let kassa = Kassa::start_with(&data, &["--config", config.to_str().unwrap()]);
+    let (_, _, payment) = kassa.call("POST", "/v1/payments", Some(&pay("4242424242424242", 100, true)), &[]);
+    assert_eq!(payment["provider"], "acq-north", "{payment}");
+    kassa.kill();
+
+    std::fs::write(&config, "[[providers]]\nname = \"acq-north\"\nlatency_ms = 5\n").unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_kassa"))
+        .args(["up", "--config", config.to_str().unwrap(), "--data-dir"])
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("latency_ms") && stderr.contains("kassa.toml"), "{stderr}");
 }
