@@ -339,7 +339,8 @@ impl Actor {
                     None => self.open_batch(&key)?.unwrap_or_default(),
                 };
                 if batch.key.is_none() {
-                    let batch_id = BatchId::from_u128(derived_id(entry.entry_id, "batch", 0));
+                    // Time-ordered (newest-first listings), unique by its first entry.
+                    let batch_id = BatchId::from_parts(now.unix_ms() as u64, derived_id(entry.entry_id, "batch", 0));
                     let open = decide_batch(&batch, BatchCommand::Open { batch_id, key: key.clone() }, now)
                         .map_err(|r| LogError::BadChunk { position: 0, reason: r.to_string() })?;
                     for event in open {
