@@ -12,6 +12,7 @@ mod simulator;
 pub use simulator::{Fault, LedgerEntry, LedgerState, SimulatedAcquirer, SimulatorConfig, test_card_outcome};
 
 use async_trait::async_trait;
+pub use kassa_domain::reconciliation::ReportLine;
 use kassa_domain::{AttemptId, CaptureId, CardDetails, DeclineCategory, MerchantId, Money, PaymentId, RefundId};
 use std::time::Duration;
 
@@ -92,4 +93,9 @@ pub trait Connector: Send + Sync + std::fmt::Debug + 'static {
         deadline: Duration,
     ) -> Result<(), ProviderError>;
     async fn inquire(&self, attempt_id: AttemptId, deadline: Duration) -> Result<AttemptStatus, ProviderError>;
+    /// The provider's settlement report for a batch Kassa submits: for each
+    /// capture or refund id, the line the provider itself recorded (absent
+    /// when it has none).
+    async fn settlement_report(&self, entry_ids: &[u128], deadline: Duration)
+    -> Result<Vec<ReportLine>, ProviderError>;
 }

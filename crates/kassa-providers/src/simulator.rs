@@ -2,8 +2,9 @@
 //! generator, injectable faults, and a ledger of every authorization it holds
 //! (which is what tests check for double charges).
 
-use crate::{AttemptStatus, AuthorizeOutcome, AuthorizeRequest, Connector, ProviderError};
+use crate::{AttemptStatus, AuthorizeOutcome, AuthorizeRequest, Connector, ProviderError, ReportLine};
 use async_trait::async_trait;
+use kassa_domain::settlement::EntryKind;
 use kassa_domain::{AttemptId, CaptureId, DeclineCategory, Money, PaymentId, RefundId};
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -73,6 +74,8 @@ struct Inner {
     ledger: HashMap<AttemptId, LedgerEntry>,
     /// Captures and refunds applied, by their ids: a retry is applied once.
     captures_applied: std::collections::HashSet<CaptureId>,
+    /// What it will report as settled, by capture or refund id.
+    settled_lines: HashMap<u128, ReportLine>,
     refunds_applied: std::collections::HashSet<RefundId>,
     /// Attempts reversed before they were seen: refused if they arrive late.
     reversed_unseen: std::collections::HashSet<AttemptId>,
@@ -225,6 +228,8 @@ impl Connector for SimulatedAcquirer {
         entry.captured_minor += amount.minor;
         entry.state = LedgerState::Captured;
         inner.captures_applied.insert(capture_id);
+        let line = ReportLine { entry_id: capture_id.as_u128(), kind: EntryKind::Capture, amount };
+        inner.settled_lines.insert(capture_id.as_u128(), line);
         Ok(())
     }
 
@@ -265,7 +270,19 @@ impl Connector for SimulatedAcquirer {
             entry.state = LedgerState::Refunded;
         }
         inner.refunds_applied.insert(refund_id);
+        let line = ReportLine { entry_id: refund_id.as_u128(), kind: EntryKind::Refund, amount };
+        inner.settled_lines.insert(refund_id.as_u128(), line);
         Ok(())
+    }
+
+    async fn settlement_report(
+        &self,
+        entry_ids: &[u128],
+        deadline: Duration,
+    ) -> Result<Vec<ReportLine>, ProviderError> {
+        self.respond(deadline).await?;
+        let inner = self.lock();
+        Ok(entry_ids.iter().filter_map(|id| inner.settled_lines.get(id).cloned()).collect())
     }
 
     async fn inquire(&self, attempt_id: AttemptId, deadline: Duration) -> Result<AttemptStatus, ProviderError> {

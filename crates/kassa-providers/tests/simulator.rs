@@ -101,11 +101,11 @@ async fn captures_and_refunds_stay_within_what_is_held() {
     sim.authorize(request(1, "4242424242424242"), DEADLINE).await.unwrap();
     let attempt = AttemptId::from_u128(1);
     let eur = |m| Money::new(m, Currency::from_code("EUR").unwrap());
-    sim.capture(attempt, CaptureId::from_u128(1), eur(1000), DEADLINE).await.unwrap();
+    sim.capture(attempt, CaptureId::from_u128(11), eur(1000), DEADLINE).await.unwrap();
     // A retried capture (same id) is applied once; a new one over the amount is refused.
-    sim.capture(attempt, CaptureId::from_u128(1), eur(1000), DEADLINE).await.unwrap();
+    sim.capture(attempt, CaptureId::from_u128(11), eur(1000), DEADLINE).await.unwrap();
     assert!(matches!(
-        sim.capture(attempt, CaptureId::from_u128(2), eur(1000), DEADLINE).await,
+        sim.capture(attempt, CaptureId::from_u128(12), eur(1000), DEADLINE).await,
         Err(ProviderError::Refused { .. })
     ));
     sim.refund(attempt, RefundId::from_u128(1), eur(400), DEADLINE).await.unwrap();
@@ -115,6 +115,11 @@ async fn captures_and_refunds_stay_within_what_is_held() {
         Err(ProviderError::Refused { .. })
     ));
     assert!(matches!(sim.reverse(attempt, DEADLINE).await, Err(ProviderError::Refused { .. })));
+    // The settlement report lists what the provider recorded, once per id.
+    let report = sim.settlement_report(&[11, 1, 99], DEADLINE).await.unwrap();
+    assert_eq!(report.len(), 2, "id 99 was never captured or refunded");
+    assert_eq!((report[0].entry_id, report[0].amount), (11, eur(1000)));
+    assert_eq!((report[1].entry_id, report[1].amount), (1, eur(400)));
     let entry = &sim.ledger()[0];
     assert_eq!((entry.captured_minor, entry.refunded_minor), (1000, 400));
 }

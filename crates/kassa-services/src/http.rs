@@ -2,6 +2,7 @@
 //! out and calls the ingest service; every rule lives below it.
 
 use crate::ingest::{Answer, IngestService};
+use crate::reconciliation::{ReconciliationReport, ReconciliationService};
 use crate::settlement::SettlementService;
 use axum::Router;
 use axum::body::Bytes;
@@ -25,6 +26,7 @@ pub const BODY_BYTES_MAX: usize = 64 * 1024;
 struct App {
     ingest: Arc<IngestService>,
     settlement: Arc<SettlementService>,
+    reconciliation: Arc<ReconciliationService>,
     ready: Arc<AtomicBool>,
     /// SHA-256 of the operator token for `/admin/…`.
     admin_token_hash: [u8; 32],
@@ -35,6 +37,7 @@ struct App {
 pub fn router(
     ingest: Arc<IngestService>,
     settlement: Arc<SettlementService>,
+    reconciliation: Arc<ReconciliationService>,
     ready: Arc<AtomicBool>,
     admin_token: &str,
 ) -> Router {
@@ -45,6 +48,7 @@ pub fn router(
         .route("/admin/settlement/cutoff", post(cutoff))
         .route("/v1/settlement/batches", get(list_batches))
         .route("/v1/settlement/batches/{id}", get(get_batch))
+        .route("/v1/reconciliation/reports", get(list_reports))
         .route("/v1/payments", post(create_payment).get(list_payments))
         .route("/v1/payments/{id}", get(get_payment))
         .route("/v1/payments/{id}/capture", post(capture))
@@ -53,7 +57,7 @@ pub fn router(
         .route("/v1/payments/{id}/events", get(payment_events))
         .fallback(|| async { error_response(&ApiError::not_found("route")) })
         .layer(DefaultBodyLimit::max(BODY_BYTES_MAX))
-        .with_state(App { ingest, settlement, ready, admin_token_hash })
+        .with_state(App { ingest, settlement, reconciliation, ready, admin_token_hash })
 }
 
 fn error_response(error: &ApiError) -> Response {
@@ -320,4 +324,36 @@ async fn cutoff(State(app): State<App>, headers: HeaderMap) -> Response {
         Ok(Answer { status: 200, body: serde_json::json!({ "closed": ids }), replayed: false })
     };
     respond(result.await)
+}
+
+/// A reconciliation report as the API shows it.
+pub fn report_json(report: &ReconciliationReport) -> serde_json::Value {
+    let line = |e: &kassa_domain::settlement::SettlementEntry| serde_json::json!({"payment": e.payment_id.to_string(), "kind": e.kind, "amount": e.amount.minor});
+    let r = &report.result;
+    serde_json::json!({
+        "id": report.report_id.to_string(),
+        "object": "reconciliation_report",
+        "batch": report.batch_id.to_string(),
+        "provider": report.provider,
+        "created_at": report.created_at.to_string(),
+        "status": if r.is_clean() && report.provider_error.is_none() { "matched" } else { "discrepancies" },
+        "matched": r.matched.len(),
+        "missing": r.missing.iter().map(line).collect::<Vec<_>>(),
+        "amount_mismatch": r.amount_mismatch.iter().map(|m| serde_json::json!({
+            "payment": m.entry.payment_id.to_string(),
+            "kind": m.entry.kind,
+            "amount": m.entry.amount.minor,
+            "reported_amount": m.reported.amount.minor,
+        })).collect::<Vec<_>>(),
+        "unexpected": r.unexpected.iter().map(|l| serde_json::json!({"kind": l.kind, "amount": l.amount.minor})).collect::<Vec<_>>(),
+        "provider_error": report.provider_error,
+    })
+}
+
+async fn list_reports(State(app): State<App>, headers: HeaderMap) -> Response {
+    json((|| {
+        let merchant = merchant(&app, &headers)?;
+        let reports = app.reconciliation.reports(merchant, 100).map_err(storage_error)?;
+        Ok(serde_json::json!({ "data": reports.iter().map(report_json).collect::<Vec<_>>() }))
+    })())
 }

@@ -10,6 +10,7 @@ pub mod consume;
 pub mod http;
 pub mod ingest;
 pub mod messages;
+pub mod reconciliation;
 pub mod relay;
 pub mod runtime;
 pub mod settlement;
@@ -23,6 +24,8 @@ pub mod topics {
     pub const PAYMENT_COMMANDS: &str = "payments.commands";
     /// Authorization → everyone: the payment's event stream (single writer).
     pub const PAYMENT_EVENTS: &str = "payments.events";
+    /// Settlement → reconciliation: every batch's events, keyed by batch id.
+    pub const SETTLEMENT_EVENTS: &str = "settlement.events";
 }
 
 /// Partition key of a payment's messages.

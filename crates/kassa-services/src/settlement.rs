@@ -15,7 +15,7 @@ use crate::consume::{next_batch, stored_offset};
 use crate::messages::PaymentCommandMessage;
 use crate::relay::{RelayConfig, run_relay};
 use crate::runtime::{Clock, derived_id};
-use crate::topics::{PAYMENT_COMMANDS, PAYMENT_EVENTS};
+use crate::topics::{PAYMENT_COMMANDS, PAYMENT_EVENTS, SETTLEMENT_EVENTS};
 use kassa_bus::{Bus, Message, Subscription, SubscriptionConfig};
 use kassa_codec::{EventPayload, decode_frame, decode_value, encode_value};
 use kassa_domain::settlement::{
@@ -199,6 +199,14 @@ impl SettlementService {
             Arc::clone(&self.bus),
             PAYMENT_COMMANDS,
             |e| e.event_type.starts_with("command."),
+            RelayConfig::default(),
+            stop.clone(),
+        )));
+        tasks.push(tokio::spawn(run_relay(
+            Arc::clone(&self.log),
+            Arc::clone(&self.bus),
+            SETTLEMENT_EVENTS,
+            |e| e.event_type.starts_with("settlement."),
             RelayConfig::default(),
             stop,
         )));

@@ -10,8 +10,9 @@ use kassa_eventlog::{EventLog, LogConfig};
 use kassa_providers::{Connector, SimulatedAcquirer, SimulatorConfig};
 use kassa_services::authorization::{AuthorizationConfig, AuthorizationService};
 use kassa_services::messages::PaymentCommandMessage;
+use kassa_services::reconciliation::{ReconciliationConfig, ReconciliationService};
 use kassa_services::settlement::{SettlementConfig, SettlementService};
-use kassa_services::topics::{PAYMENT_COMMANDS, PAYMENT_EVENTS};
+use kassa_services::topics::{PAYMENT_COMMANDS, PAYMENT_EVENTS, SETTLEMENT_EVENTS};
 use kassa_services::vault::CardVault;
 use kassa_services::{SystemClock, payment_key};
 use std::collections::BTreeMap;
@@ -76,17 +77,22 @@ async fn until(bus: &EmbeddedBus, payment_id: PaymentId, done: impl Fn(&PaymentS
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cutoff_closes_exact_batches_and_settles_each_payment_once() {
     let dir = tempfile::tempdir().unwrap();
-    let topics = vec![TopicSpec::new(PAYMENT_COMMANDS, 2), TopicSpec::new(PAYMENT_EVENTS, 2)];
+    let topics = vec![
+        TopicSpec::new(PAYMENT_COMMANDS, 2),
+        TopicSpec::new(PAYMENT_EVENTS, 2),
+        TopicSpec::new(SETTLEMENT_EVENTS, 2),
+    ];
     let bus = Arc::new(EmbeddedBus::open(dir.path().join("bus"), BusConfig::new(topics)).unwrap());
     let vault = Arc::new(CardVault::new(100));
     let sim = Arc::new(SimulatedAcquirer::new(
         "acq-alpha",
         SimulatorConfig { latency_ms_min: 1, latency_ms_max: 3, seed: 3 },
     ));
+    let providers: Vec<Arc<dyn Connector>> = vec![sim];
     let authorization = Arc::new(AuthorizationService::new(
         Arc::new(EventLog::open(dir.path().join("authorization"), LogConfig::default()).unwrap()),
         bus.clone(),
-        vec![sim as Arc<dyn Connector>],
+        providers.clone(),
         Arc::clone(&vault),
         Arc::new(SystemClock),
         AuthorizationConfig::default(),
@@ -98,9 +104,17 @@ async fn a_cutoff_closes_exact_batches_and_settles_each_payment_once() {
         Arc::new(SystemClock),
         config,
     ));
+    let reconciliation = Arc::new(ReconciliationService::new(
+        Arc::new(EventLog::open(dir.path().join("reconciliation"), LogConfig::default()).unwrap()),
+        bus.clone(),
+        providers,
+        Arc::new(SystemClock),
+        ReconciliationConfig { retry_delay_ms: 50, ..ReconciliationConfig::default() },
+    ));
     let (stop, stop_rx) = watch::channel(false);
     let mut tasks = authorization.spawn(stop_rx.clone()).unwrap();
-    tasks.extend(settlement.spawn(stop_rx).unwrap());
+    tasks.extend(settlement.spawn(stop_rx.clone()).unwrap());
+    tasks.extend(reconciliation.spawn(stop_rx).unwrap());
 
     let eur = |m| Money::new(m, Currency::from_code("EUR").unwrap());
     let mut payments = Vec::new();
@@ -169,11 +183,30 @@ async fn a_cutoff_closes_exact_batches_and_settles_each_payment_once() {
         "money is conserved"
     );
     for payment in &payments {
-        let state = until(&bus, *payment, |s| s.stage == Stage::Settled).await;
+        // Settled — or already reconciled, which follows settlement.
+        let state = until(&bus, *payment, |s| matches!(s.stage, Stage::Settled | Stage::Reconciled)).await;
         assert_eq!(state.batch_id, Some(closed[0]));
     }
     // A second cut-off has nothing open: nothing is settled twice.
     assert!(settlement.cutoff().await.unwrap().is_empty());
+
+    // Reconciliation asks the provider for its report on the batch: every line matches.
+    let mut report = None;
+    for _ in 0..500 {
+        if let Some(found) = reconciliation.reports(MerchantId::from_u128(MERCHANT), 10).unwrap().into_iter().next() {
+            report = Some(found);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let report = report.expect("a reconciliation report for the closed batch");
+    assert_eq!(report.batch_id, closed[0]);
+    assert!(report.result.is_clean(), "{:?}", report.result);
+    assert_eq!(report.result.matched.len(), 4);
+    for payment in &payments {
+        let state = until(&bus, *payment, |s| s.stage == Stage::Reconciled).await;
+        assert_eq!(state.report_id, Some(report.report_id));
+    }
 
     stop.send(true).unwrap();
     for task in tasks {

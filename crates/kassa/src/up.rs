@@ -10,8 +10,9 @@ use kassa_eventlog::{EventLog, LogConfig};
 use kassa_providers::{Connector, SimulatedAcquirer, SimulatorConfig};
 use kassa_services::authorization::{AuthorizationConfig, AuthorizationService};
 use kassa_services::ingest::{IngestConfig, IngestService};
+use kassa_services::reconciliation::{ReconciliationConfig, ReconciliationService};
 use kassa_services::settlement::{SettlementConfig, SettlementService};
-use kassa_services::topics::{PAYMENT_COMMANDS, PAYMENT_EVENTS};
+use kassa_services::topics::{PAYMENT_COMMANDS, PAYMENT_EVENTS, SETTLEMENT_EVENTS};
 use kassa_services::vault::CardVault;
 use kassa_services::{Clock, SystemClock};
 use std::net::SocketAddr;
@@ -94,7 +95,12 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
     let ingest_log = open_log("ingest")?;
     let authorization_log = open_log("authorization")?;
     let settlement_log = open_log("settlement")?;
-    let topics = vec![TopicSpec::new(PAYMENT_COMMANDS, PARTITIONS), TopicSpec::new(PAYMENT_EVENTS, PARTITIONS)];
+    let reconciliation_log = open_log("reconciliation")?;
+    let topics = vec![
+        TopicSpec::new(PAYMENT_COMMANDS, PARTITIONS),
+        TopicSpec::new(PAYMENT_EVENTS, PARTITIONS),
+        TopicSpec::new(SETTLEMENT_EVENTS, PARTITIONS),
+    ];
     let bus_path = dir.join("bus");
     let bus: Arc<dyn Bus> = Arc::new(
         EmbeddedBus::open(&bus_path, BusConfig::new(topics))
@@ -151,7 +157,7 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
         let authorization = Arc::new(AuthorizationService::new(
             Arc::clone(&authorization_log),
             Arc::clone(&bus),
-            providers,
+            providers.clone(),
             vault,
             clock,
             AuthorizationConfig {
@@ -174,7 +180,15 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let mut tasks = ingest.spawn(stop_rx.clone())?;
         tasks.extend(authorization.spawn(stop_rx.clone())?);
-        tasks.extend(settlement.spawn(stop_rx)?);
+        tasks.extend(settlement.spawn(stop_rx.clone())?);
+        let reconciliation = Arc::new(ReconciliationService::new(
+            Arc::clone(&reconciliation_log),
+            Arc::clone(&bus),
+            providers,
+            Arc::new(SystemClock),
+            ReconciliationConfig::default(),
+        ));
+        tasks.extend(reconciliation.spawn(stop_rx)?);
 
         let key_path = dir.join("demo-merchant.key");
         if key_path.exists() {
@@ -187,7 +201,13 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
         }
 
         let ready = Arc::new(AtomicBool::new(false));
-        let app = kassa_services::http::router(Arc::clone(&ingest), settlement, Arc::clone(&ready), &admin_token);
+        let app = kassa_services::http::router(
+            Arc::clone(&ingest),
+            settlement,
+            reconciliation,
+            Arc::clone(&ready),
+            &admin_token,
+        );
         let listener = tokio::net::TcpListener::bind(listen)
             .await
             .with_context(|| format!("binding {}; is another kassa running there?", listen))?;

@@ -425,6 +425,20 @@ fn settlement_cutoff_over_http() {
             std::thread::sleep(Duration::from_millis(50));
         }
     }
+    // Reconciliation matched the acquirer's report against each closed batch.
+    let started = Instant::now();
+    loop {
+        let (status, _, reports) = kassa.call("GET", "/v1/reconciliation/reports", None, &[]);
+        assert_eq!(status, 200);
+        let data = reports["data"].as_array().unwrap();
+        let matched: u64 = data.iter().map(|r| r["matched"].as_u64().unwrap()).sum();
+        if matched == 3 {
+            assert!(data.iter().all(|r| r["status"] == "matched"), "{reports}");
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(30), "no clean reconciliation: {reports}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
     kassa.kill();
 }
 

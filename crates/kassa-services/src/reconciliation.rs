@@ -1,0 +1,299 @@
+//! The reconciliation service: for every closed settlement batch, ask the
+//! batch's provider for its settlement report and match it, line by line,
+//! against what Kassa batched (`kassa_domain::reconciliation`). Matched
+//! captures are recorded reconciled on their payments; every discrepancy is
+//! kept in the report for an operator.
+//!
+//! It follows `settlement.events` (keyed by batch id, so one batch's events
+//! arrive in order on one partition) and folds each batch's events itself.
+//! Lines the provider has not recorded yet are asked again a few times before
+//! they are reported missing: a provider settles what it has been told, and
+//! an owed capture may still be on its way.
+
+use crate::consume::{next_batch, stored_offset};
+use crate::messages::PaymentCommandMessage;
+use crate::relay::{RelayConfig, run_relay};
+use crate::runtime::{Clock, derived_id};
+use crate::topics::{PAYMENT_COMMANDS, SETTLEMENT_EVENTS};
+use kassa_bus::{Bus, Message, Subscription, SubscriptionConfig};
+use kassa_codec::{EventPayload, decode_frame, decode_value, encode_value};
+use kassa_domain::reconciliation::{Reconciliation, reconcile};
+use kassa_domain::settlement::{BatchEvent, BatchState, EntryKind, apply_batch};
+use kassa_domain::{BatchId, MerchantId, ReportId, Timestamp};
+use kassa_eventlog::{AppendRequest, EventLog, LogError, NewEvent, StateWrite, Table};
+use kassa_providers::Connector;
+use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+/// Bounds of reconciliation. Units last.
+#[derive(Debug, Clone, Copy)]
+pub struct ReconciliationConfig {
+    /// Times the provider is asked for lines it has not recorded yet.
+    pub report_attempts_max: u32,
+    /// Pause between those asks.
+    pub retry_delay_ms: u64,
+    /// Deadline of one report call.
+    pub provider_timeout_ms: u64,
+}
+
+impl Default for ReconciliationConfig {
+    fn default() -> Self {
+        ReconciliationConfig { report_attempts_max: 5, retry_delay_ms: 1000, provider_timeout_ms: 5000 }
+    }
+}
+
+/// A stored reconciliation report.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ReconciliationReport {
+    pub report_id: ReportId,
+    pub batch_id: BatchId,
+    pub provider: String,
+    pub merchant_id: MerchantId,
+    pub created_at: Timestamp,
+    pub result: Reconciliation,
+    /// The provider could not be asked at all (down past every attempt).
+    pub provider_error: Option<String>,
+}
+
+pub const REPORT_RECORDED: &str = "reconciliation.report_recorded";
+
+/// The service; share behind an `Arc`.
+#[derive(Debug)]
+pub struct ReconciliationService {
+    log: Arc<EventLog>,
+    bus: Arc<dyn Bus>,
+    providers: Vec<Arc<dyn Connector>>,
+    clock: Arc<dyn Clock>,
+    config: ReconciliationConfig,
+}
+
+fn key_bytes(prefix: &str, id: u128) -> Vec<u8> {
+    let mut key = prefix.as_bytes().to_vec();
+    key.extend_from_slice(&id.to_be_bytes());
+    key
+}
+
+fn merchant_reports_key(merchant_id: MerchantId, report_id: ReportId) -> Vec<u8> {
+    let mut key = format!("merchant-reports/{merchant_id}/").into_bytes();
+    key.extend_from_slice(&(u128::MAX - report_id.as_u128()).to_be_bytes());
+    key
+}
+
+fn offset_key(partition: u32) -> Vec<u8> {
+    format!("{SETTLEMENT_EVENTS}/{partition}").into_bytes()
+}
+
+impl ReconciliationService {
+    pub fn new(
+        log: Arc<EventLog>,
+        bus: Arc<dyn Bus>,
+        providers: Vec<Arc<dyn Connector>>,
+        clock: Arc<dyn Clock>,
+        config: ReconciliationConfig,
+    ) -> Self {
+        ReconciliationService { log, bus, providers, clock, config }
+    }
+
+    /// One reader per partition of `settlement.events`, and the relay of its commands.
+    pub fn spawn(self: &Arc<Self>, stop: watch::Receiver<bool>) -> Result<Vec<JoinHandle<()>>, kassa_bus::BusError> {
+        let mut tasks = Vec::new();
+        for partition in 0..self.bus.partitions(SETTLEMENT_EVENTS)? {
+            let service = Arc::clone(self);
+            let mut stop = stop.clone();
+            tasks.push(tokio::spawn(async move {
+                let offset = match stored_offset(&service.log, &offset_key(partition)) {
+                    Ok(offset) => offset,
+                    Err(error) => {
+                        tracing::error!(partition, %error, "reconciliation cannot read its position; stopped");
+                        return;
+                    }
+                };
+                let mut subscription = Subscription::start(
+                    Arc::clone(&service.bus),
+                    SETTLEMENT_EVENTS,
+                    partition,
+                    offset,
+                    SubscriptionConfig::default(),
+                );
+                while let Some(messages) = next_batch(&mut subscription, 256, &mut stop).await {
+                    if let Err(error) = service.consume(partition, messages).await {
+                        tracing::error!(partition, %error, "reconciliation failed; stopping it (restart to recover)");
+                        return;
+                    }
+                }
+            }));
+        }
+        tasks.push(tokio::spawn(run_relay(
+            Arc::clone(&self.log),
+            Arc::clone(&self.bus),
+            PAYMENT_COMMANDS,
+            |e| e.event_type.starts_with("command."),
+            RelayConfig::default(),
+            stop,
+        )));
+        Ok(tasks)
+    }
+
+    fn stored_batch(&self, batch_id: BatchId) -> Result<BatchState, LogError> {
+        Ok(match self.log.get(Table::State, &key_bytes("batch/", batch_id.as_u128()))? {
+            Some(bytes) => decode_value(&bytes, "batch").unwrap_or_default(),
+            None => BatchState::default(),
+        })
+    }
+
+    async fn consume(&self, partition: u32, messages: Vec<Message>) -> Result<(), LogError> {
+        let last_offset = messages.last().map(|m| m.offset);
+        for message in messages {
+            let Ok(envelope) = decode_frame(&message.payload) else {
+                tracing::error!(partition, offset = message.offset, "undecodable settlement event skipped");
+                continue;
+            };
+            let Ok(event) = BatchEvent::decode_payload(&envelope.event_type, &envelope.payload) else { continue };
+            let batch_id = BatchId::from_u128(envelope.stream_id);
+            let mut batch = self.stored_batch(batch_id)?;
+            // Re-published events: the batch already holds them.
+            let duplicate = match &event {
+                BatchEvent::Opened { .. } => batch.key.is_some(),
+                BatchEvent::EntryAdded { entry } => batch.entry_ids.contains(&entry.entry_id),
+                BatchEvent::Closed { .. } => batch.closed.is_some(),
+            };
+            if duplicate {
+                continue;
+            }
+            apply_batch(&mut batch, &event);
+            let mut writes = vec![StateWrite {
+                table: Table::State,
+                key: key_bytes("batch/", batch_id.as_u128()),
+                value: Some(encode_value(&batch)),
+            }];
+            let mut events = Vec::new();
+            if batch.closed.is_some() {
+                let report = self.reconcile_batch(&batch).await;
+                writes.push(StateWrite {
+                    table: Table::State,
+                    key: key_bytes("report/", report.report_id.as_u128()),
+                    value: Some(encode_value(&report)),
+                });
+                writes.push(StateWrite {
+                    table: Table::State,
+                    key: merchant_reports_key(report.merchant_id, report.report_id),
+                    value: Some(Vec::new()),
+                });
+                let summary = (
+                    report.report_id,
+                    report.batch_id,
+                    report.result.matched.len() as u64,
+                    report.result.missing.len() as u64,
+                    report.result.amount_mismatch.len() as u64,
+                    report.result.unexpected.len() as u64,
+                );
+                events.push(self.event(
+                    report.report_id.as_u128(),
+                    batch_id.as_u128(),
+                    0,
+                    REPORT_RECORDED,
+                    encode_value(&summary),
+                ));
+                for (index, entry) in report.result.matched.iter().filter(|e| e.kind == EntryKind::Capture).enumerate()
+                {
+                    let command = PaymentCommandMessage::RecordReconciliation {
+                        payment_id: entry.payment_id,
+                        report_id: report.report_id,
+                    };
+                    events.push(self.event(
+                        entry.payment_id.as_u128(),
+                        report.report_id.as_u128(),
+                        index as u64 + 1,
+                        command.event_type(),
+                        command.encode_payload(),
+                    ));
+                }
+            }
+            self.log.append(AppendRequest { events, expected: Vec::new(), writes }).await?;
+        }
+        if let Some(offset) = last_offset {
+            let write = StateWrite {
+                table: Table::Positions,
+                key: offset_key(partition),
+                value: Some((offset + 1).to_be_bytes().to_vec()),
+            };
+            self.log.append(AppendRequest { writes: vec![write], ..Default::default() }).await?;
+        }
+        Ok(())
+    }
+
+    fn event(&self, stream: u128, cause: u128, index: u64, event_type: &str, payload: Vec<u8>) -> NewEvent {
+        NewEvent {
+            event_id: derived_id(cause, event_type, index),
+            event_type: event_type.to_owned(),
+            stream_id: stream,
+            timestamp_ms: self.clock.now().unix_ms(),
+            causation_id: Some(cause),
+            correlation_id: None,
+            payload,
+        }
+    }
+
+    /// Ask the provider for its lines (again while some are not there yet) and match them.
+    async fn reconcile_batch(&self, batch: &BatchState) -> ReconciliationReport {
+        let batch_id = batch.batch_id.expect("a closed batch has an id");
+        let key = batch.key.clone().expect("a closed batch has a key");
+        let ids: Vec<u128> = batch.entries.iter().map(|e| e.entry_id).collect();
+        let deadline = Duration::from_millis(self.config.provider_timeout_ms);
+        let provider = self.providers.iter().find(|p| p.name() == key.provider);
+        let mut result = reconcile(&batch.entries, &[]);
+        let mut provider_error = None;
+        for attempt in 0..self.config.report_attempts_max.max(1) {
+            if attempt > 0 {
+                tokio::time::sleep(Duration::from_millis(self.config.retry_delay_ms)).await;
+            }
+            let Some(provider) = provider else {
+                provider_error = Some(format!("provider {} is not configured", key.provider));
+                break;
+            };
+            match provider.settlement_report(&ids, deadline).await {
+                Ok(lines) => {
+                    provider_error = None;
+                    result = reconcile(&batch.entries, &lines);
+                    if result.missing.is_empty() {
+                        break;
+                    }
+                }
+                Err(error) => provider_error = Some(error.to_string()),
+            }
+        }
+        if !result.is_clean() || provider_error.is_some() {
+            tracing::warn!(%batch_id, missing = result.missing.len(), mismatched = result.amount_mismatch.len(),
+                unexpected = result.unexpected.len(), error = ?provider_error, "reconciliation found discrepancies");
+        }
+        let created_at = self.clock.now();
+        ReconciliationReport {
+            report_id: ReportId::from_parts(created_at.unix_ms() as u64, derived_id(batch_id.as_u128(), "report", 0)),
+            batch_id,
+            provider: key.provider,
+            merchant_id: key.merchant_id,
+            created_at,
+            result,
+            provider_error,
+        }
+    }
+
+    /// A merchant's reports, newest first.
+    pub fn reports(&self, merchant_id: MerchantId, limit: usize) -> Result<Vec<ReconciliationReport>, LogError> {
+        let prefix = format!("merchant-reports/{merchant_id}/").into_bytes();
+        let mut out = Vec::new();
+        for (key, _) in self.log.scan(Table::State, &prefix)?.into_iter().take(limit) {
+            let Some(bytes) = key.get(key.len() - 16..).and_then(|b| <[u8; 16]>::try_from(b).ok()) else { continue };
+            let report_id = u128::MAX - u128::from_be_bytes(bytes);
+            if let Some(bytes) = self.log.get(Table::State, &key_bytes("report/", report_id))?
+                && let Ok(report) = decode_value(&bytes, "report")
+            {
+                out.push(report);
+            }
+        }
+        Ok(out)
+    }
+}
