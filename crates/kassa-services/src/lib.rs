@@ -6,6 +6,7 @@
 //! outbox relay) and call providers. See ARCHITECTURE.md.
 
 pub mod authorization;
+pub mod batch_store;
 pub mod consume;
 pub mod http;
 pub mod ingest;

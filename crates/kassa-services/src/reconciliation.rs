@@ -10,19 +10,22 @@
 //! they are reported missing: a provider settles what it has been told, and
 //! an owed capture may still be on its way.
 
+use crate::batch_store::{batch_writes, load_batch};
 use crate::consume::{next_batch, stored_offset};
 use crate::messages::PaymentCommandMessage;
 use crate::relay::{RelayConfig, run_relay};
 use crate::runtime::{Clock, derived_id};
+use crate::settlement::EVENTS_PER_APPEND_MAX;
 use crate::topics::{PAYMENT_COMMANDS, SETTLEMENT_EVENTS};
 use kassa_bus::{Bus, Message, Subscription, SubscriptionConfig};
 use kassa_codec::{EventPayload, decode_frame, decode_value, encode_value};
 use kassa_domain::reconciliation::{Reconciliation, reconcile};
-use kassa_domain::settlement::{BatchEvent, BatchState, EntryKind, apply_batch};
+use kassa_domain::settlement::{BatchEvent, BatchState, EntryKind, SettlementEntry, apply_batch};
 use kassa_domain::{BatchId, MerchantId, ReportId, Timestamp};
 use kassa_eventlog::{AppendRequest, EventLog, LogError, NewEvent, StateWrite, Table};
 use kassa_providers::Connector;
 use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
@@ -68,6 +71,8 @@ pub struct ReconciliationService {
     providers: Vec<Arc<dyn Connector>>,
     clock: Arc<dyn Clock>,
     config: ReconciliationConfig,
+    /// Open batches being followed, so each event does not reload its batch.
+    open: std::sync::Mutex<HashMap<BatchId, BatchState>>,
 }
 
 fn key_bytes(prefix: &str, id: u128) -> Vec<u8> {
@@ -94,7 +99,7 @@ impl ReconciliationService {
         clock: Arc<dyn Clock>,
         config: ReconciliationConfig,
     ) -> Self {
-        ReconciliationService { log, bus, providers, clock, config }
+        ReconciliationService { log, bus, providers, clock, config, open: std::sync::Mutex::new(HashMap::new()) }
     }
 
     /// One reader per partition of `settlement.events`, and the relay of its commands.
@@ -137,15 +142,11 @@ impl ReconciliationService {
         Ok(tasks)
     }
 
-    fn stored_batch(&self, batch_id: BatchId) -> Result<BatchState, LogError> {
-        Ok(match self.log.get(Table::State, &key_bytes("batch/", batch_id.as_u128()))? {
-            Some(bytes) => decode_value(&bytes, "batch").unwrap_or_default(),
-            None => BatchState::default(),
-        })
-    }
-
     async fn consume(&self, partition: u32, messages: Vec<Message>) -> Result<(), LogError> {
         let last_offset = messages.last().map(|m| m.offset);
+        let mut batches: HashMap<BatchId, BatchState> = HashMap::new();
+        let mut new_entries: HashMap<BatchId, Vec<SettlementEntry>> = HashMap::new();
+        let mut closed_now = Vec::new();
         for message in messages {
             let Ok(envelope) = decode_frame(&message.payload) else {
                 tracing::error!(partition, offset = message.offset, "undecodable settlement event skipped");
@@ -153,7 +154,17 @@ impl ReconciliationService {
             };
             let Ok(event) = BatchEvent::decode_payload(&envelope.event_type, &envelope.payload) else { continue };
             let batch_id = BatchId::from_u128(envelope.stream_id);
-            let mut batch = self.stored_batch(batch_id)?;
+            let batch = match batches.entry(batch_id) {
+                std::collections::hash_map::Entry::Occupied(entry) => entry.into_mut(),
+                std::collections::hash_map::Entry::Vacant(slot) => {
+                    let cached = self.open.lock().unwrap_or_else(|e| e.into_inner()).remove(&batch_id);
+                    let batch = match cached {
+                        Some(batch) => batch,
+                        None => load_batch(&self.log, batch_id)?.unwrap_or_default(),
+                    };
+                    slot.insert(batch)
+                }
+            };
             // Re-published events: the batch already holds them.
             let duplicate = match &event {
                 BatchEvent::Opened { .. } => batch.key.is_some(),
@@ -163,65 +174,82 @@ impl ReconciliationService {
             if duplicate {
                 continue;
             }
-            apply_batch(&mut batch, &event);
-            let mut writes = vec![StateWrite {
-                table: Table::State,
-                key: key_bytes("batch/", batch_id.as_u128()),
-                value: Some(encode_value(&batch)),
-            }];
-            let mut events = Vec::new();
-            if batch.closed.is_some() {
-                let report = self.reconcile_batch(&batch).await;
-                writes.push(StateWrite {
-                    table: Table::State,
-                    key: key_bytes("report/", report.report_id.as_u128()),
-                    value: Some(encode_value(&report)),
-                });
-                writes.push(StateWrite {
-                    table: Table::State,
-                    key: merchant_reports_key(report.merchant_id, report.report_id),
-                    value: Some(Vec::new()),
-                });
-                let summary = (
-                    report.report_id,
-                    report.batch_id,
-                    report.result.matched.len() as u64,
-                    report.result.missing.len() as u64,
-                    report.result.amount_mismatch.len() as u64,
-                    report.result.unexpected.len() as u64,
-                );
-                events.push(self.event(
-                    report.report_id.as_u128(),
-                    batch_id.as_u128(),
-                    0,
-                    REPORT_RECORDED,
-                    encode_value(&summary),
-                ));
-                for (index, entry) in report.result.matched.iter().filter(|e| e.kind == EntryKind::Capture).enumerate()
-                {
-                    let command = PaymentCommandMessage::RecordReconciliation {
-                        payment_id: entry.payment_id,
-                        report_id: report.report_id,
-                    };
-                    events.push(self.event(
-                        entry.payment_id.as_u128(),
-                        report.report_id.as_u128(),
-                        index as u64 + 1,
-                        command.event_type(),
-                        command.encode_payload(),
-                    ));
-                }
+            apply_batch(batch, &event);
+            match event {
+                BatchEvent::EntryAdded { entry } => new_entries.entry(batch_id).or_default().push(entry),
+                BatchEvent::Closed { .. } => closed_now.push(batch_id),
+                BatchEvent::Opened { .. } => {}
             }
-            self.log.append(AppendRequest { events, expected: Vec::new(), writes }).await?;
+        }
+        let mut writes = Vec::new();
+        for (batch_id, batch) in &batches {
+            writes.extend(batch_writes(batch, new_entries.get(batch_id).map_or(&[][..], Vec::as_slice)));
+        }
+        let mut report_events = Vec::new();
+        let mut commands = Vec::new();
+        for batch_id in closed_now {
+            let report = self.reconcile_batch(&batches[&batch_id]).await;
+            writes.push(StateWrite {
+                table: Table::State,
+                key: key_bytes("report/", report.report_id.as_u128()),
+                value: Some(encode_value(&report)),
+            });
+            writes.push(StateWrite {
+                table: Table::State,
+                key: merchant_reports_key(report.merchant_id, report.report_id),
+                value: Some(Vec::new()),
+            });
+            let summary = (
+                report.report_id,
+                report.batch_id,
+                report.result.matched.len() as u64,
+                report.result.missing.len() as u64,
+                report.result.amount_mismatch.len() as u64,
+                report.result.unexpected.len() as u64,
+            );
+            report_events.push(self.event(
+                report.report_id.as_u128(),
+                batch_id.as_u128(),
+                0,
+                REPORT_RECORDED,
+                encode_value(&summary),
+            ));
+            for (index, entry) in report.result.matched.iter().filter(|e| e.kind == EntryKind::Capture).enumerate() {
+                let command = PaymentCommandMessage::RecordReconciliation {
+                    payment_id: entry.payment_id,
+                    report_id: report.report_id,
+                };
+                commands.push(self.event(
+                    entry.payment_id.as_u128(),
+                    report.report_id.as_u128(),
+                    index as u64 + 1,
+                    command.event_type(),
+                    command.encode_payload(),
+                ));
+            }
+        }
+        // Commands first, in chunks; the reports, batches and offset last: a
+        // crash in between re-does the reports, and a payment already
+        // reconciled refuses the repeat.
+        while !commands.is_empty() {
+            let rest = commands.split_off(commands.len().min(EVENTS_PER_APPEND_MAX));
+            let chunk = std::mem::replace(&mut commands, rest);
+            self.log.append(AppendRequest { events: chunk, ..Default::default() }).await?;
         }
         if let Some(offset) = last_offset {
-            let write = StateWrite {
+            writes.push(StateWrite {
                 table: Table::Positions,
                 key: offset_key(partition),
                 value: Some((offset + 1).to_be_bytes().to_vec()),
-            };
-            self.log.append(AppendRequest { writes: vec![write], ..Default::default() }).await?;
+            });
         }
+        self.log.append(AppendRequest { events: report_events, expected: Vec::new(), writes }).await?;
+        // Keep open batches in memory; closed ones are done.
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        if open.len() > 10_000 {
+            open.clear();
+        }
+        open.extend(batches.into_iter().filter(|(_, b)| b.closed.is_none()));
         Ok(())
     }
 

@@ -11,6 +11,7 @@
 //! batch is decided by the pure rules (`kassa_domain::settlement`) and written
 //! with the consumed offsets in one append.
 
+use crate::batch_store::{batch_writes, load_batch};
 use crate::consume::{next_batch, stored_offset};
 use crate::messages::PaymentCommandMessage;
 use crate::relay::{RelayConfig, run_relay};
@@ -29,6 +30,9 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
+
+/// Events in one append, at most (below the log's own per-request bound).
+pub const EVENTS_PER_APPEND_MAX: usize = 2048;
 
 /// Bounds and rules of settlement. Units last.
 #[derive(Debug, Clone)]
@@ -220,14 +224,9 @@ impl SettlementService {
         answer.await.map_err(|_| LogError::Closed)?
     }
 
-    /// A batch as stored.
+    /// A batch as stored, with its entries.
     pub fn batch(&self, batch_id: BatchId) -> Result<Option<BatchState>, LogError> {
-        match self.log.get(Table::State, &key_bytes("batch/", batch_id.as_u128()))? {
-            Some(bytes) => decode_value(&bytes, "batch")
-                .map(Some)
-                .map_err(|e| LogError::BadSnapshot { name: format!("batch {batch_id}"), reason: e.to_string() }),
-            None => Ok(None),
-        }
+        load_batch(&self.log, batch_id)
     }
 
     /// A merchant's batches, newest first.
@@ -298,6 +297,7 @@ impl Actor {
         let mut writes = Vec::new();
         let mut changed_infos: BTreeMap<PaymentId, PaymentInfo> = BTreeMap::new();
         let mut changed_batches: HashMap<BatchKey, BatchState> = HashMap::new();
+        let mut new_entries: HashMap<BatchKey, Vec<SettlementEntry>> = HashMap::new();
         let last_offset = messages.last().map(|m| m.offset);
         for message in messages {
             let Ok(envelope) = decode_frame(&message.payload) else {
@@ -394,6 +394,7 @@ impl Actor {
                                 key: entry_key,
                                 value: Some(batch_id.as_u128().to_be_bytes().to_vec()),
                             });
+                            new_entries.entry(key.clone()).or_default().push(entry.clone());
                         }
                         Err(rejection) => {
                             tracing::error!(entry = entry.entry_id, %rejection, "entry not batched; needs an operator")
@@ -411,13 +412,8 @@ impl Actor {
                 value: Some(encode_value(info)),
             });
         }
-        for batch in changed_batches.values() {
-            let id = batch.batch_id.expect("stored batches are open").as_u128();
-            writes.push(StateWrite {
-                table: Table::State,
-                key: key_bytes("batch/", id),
-                value: Some(encode_value(batch)),
-            });
+        for (key, batch) in &changed_batches {
+            writes.extend(batch_writes(batch, new_entries.get(key).map_or(&[][..], Vec::as_slice)));
         }
         if let Some(offset) = last_offset {
             writes.push(StateWrite {
@@ -439,8 +435,6 @@ impl Actor {
     async fn cutoff(&mut self) -> Result<Vec<BatchId>, LogError> {
         let now = self.service.clock.now();
         let open = self.service.log.scan(Table::State, b"open/")?;
-        let mut events = Vec::new();
-        let mut writes = Vec::new();
         let mut closed = Vec::new();
         for (open_key_bytes, id) in open {
             let Ok(bytes) = <[u8; 16]>::try_from(id.as_slice()) else { continue };
@@ -448,17 +442,19 @@ impl Actor {
             let Some(mut batch) = self.service.batch(batch_id)? else { continue };
             let key = batch.key.clone().expect("a stored batch has a key");
             let fees = self.service.config.fees.get(&key.provider).copied().unwrap_or(self.service.config.default_fees);
+            let mut close_events = Vec::new();
             match decide_batch(&batch, BatchCommand::Close { fees }, now) {
                 Ok(close) => {
                     for event in close {
                         apply_batch(&mut batch, &event);
+                        let payload = event.encode_payload();
                         self.record(
-                            &mut events,
+                            &mut close_events,
                             batch_id.as_u128(),
                             batch_id.as_u128(),
                             2,
                             event.event_type(),
-                            event.encode_payload(),
+                            payload,
                         );
                     }
                 }
@@ -467,28 +463,34 @@ impl Actor {
                     continue;
                 }
             }
+            // A batch can hold more captures than one append may carry: the
+            // settlement commands go first, in chunks, and the close last. A
+            // crash in between leaves the batch open; the next cut-off sends
+            // the commands again, and a payment already settled refuses the
+            // repeat, so none is settled twice.
+            let mut commands = Vec::new();
             for entry in batch.entries.iter().filter(|e| e.kind == EntryKind::Capture) {
                 let command = PaymentCommandMessage::RecordSettlement { payment_id: entry.payment_id, batch_id };
+                let payload = command.encode_payload();
                 self.record(
-                    &mut events,
+                    &mut commands,
                     entry.payment_id.as_u128(),
                     entry.entry_id,
                     3,
                     command.event_type(),
-                    command.encode_payload(),
+                    payload,
                 );
             }
-            writes.push(StateWrite {
-                table: Table::State,
-                key: key_bytes("batch/", batch_id.as_u128()),
-                value: Some(encode_value(&batch)),
-            });
+            while !commands.is_empty() {
+                let rest = commands.split_off(commands.len().min(EVENTS_PER_APPEND_MAX));
+                let chunk = std::mem::replace(&mut commands, rest);
+                self.service.log.append(AppendRequest { events: chunk, ..Default::default() }).await?;
+            }
+            let mut writes = batch_writes(&batch, &[]);
             writes.push(StateWrite { table: Table::State, key: open_key_bytes, value: None });
+            self.service.log.append(AppendRequest { events: close_events, expected: Vec::new(), writes }).await?;
             self.batches.remove(&key);
             closed.push(batch_id);
-        }
-        if !events.is_empty() {
-            self.service.log.append(AppendRequest { events, expected: Vec::new(), writes }).await?;
         }
         Ok(closed)
     }

@@ -27,14 +27,27 @@ struct World {
     next_id: u128,
 }
 
+fn retry_open<T, E: std::fmt::Display>(open: impl Fn() -> Result<T, E>) -> T {
+    for _ in 0..100 {
+        match open() {
+            Ok(value) => return value,
+            Err(error) if error.to_string().contains("LOCK") => std::thread::sleep(Duration::from_millis(20)),
+            Err(error) => panic!("open failed: {error}"),
+        }
+    }
+    panic!("still locked after 2 s");
+}
+
 fn topics() -> Vec<TopicSpec> {
     vec![TopicSpec::new(PAYMENT_COMMANDS, 2), TopicSpec::new(PAYMENT_EVENTS, 2)]
 }
 
 impl World {
     fn start(dir: tempfile::TempDir, sims: Vec<Arc<SimulatedAcquirer>>, vault: Arc<CardVault>) -> World {
-        let bus = Arc::new(EmbeddedBus::open(dir.path().join("bus"), BusConfig::new(topics())).unwrap());
-        let log = Arc::new(EventLog::open(dir.path().join("authorization"), LogConfig::default()).unwrap());
+        // After a stop, aborted read-ahead tasks release their handle on the
+        // bus a moment later: retry the open (bounded) while its lock is held.
+        let bus = Arc::new(retry_open(|| EmbeddedBus::open(dir.path().join("bus"), BusConfig::new(topics()))));
+        let log = Arc::new(retry_open(|| EventLog::open(dir.path().join("authorization"), LogConfig::default())));
         let providers: Vec<Arc<dyn Connector>> = sims.iter().map(|s| Arc::clone(s) as Arc<dyn Connector>).collect();
         let config = AuthorizationConfig { provider_timeout_ms: 300, retry_backoff_ms: 20, ..Default::default() };
         let service = Arc::new(AuthorizationService::new(

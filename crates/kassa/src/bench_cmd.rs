@@ -1,6 +1,8 @@
-//! `kassa bench`: the pipeline benchmark. Drives payments through ingest and
-//! authorization in one process — durable logs, the embedded bus, simulated
-//! acquirers — and reports payments/s and latency percentiles.
+//! `kassa bench`: the pipeline benchmark. Drives payments through all four
+//! stages in one process — ingest and authorization (each call waits for its
+//! outcome), then settlement batching and reconciliation — over durable logs,
+//! the embedded bus and simulated acquirers, and reports payments/s and
+//! latency percentiles.
 
 use anyhow::Context;
 use clap::Args;
@@ -9,7 +11,9 @@ use kassa_eventlog::{EventLog, LogConfig};
 use kassa_providers::{Connector, SimulatedAcquirer, SimulatorConfig};
 use kassa_services::authorization::{AuthorizationConfig, AuthorizationService};
 use kassa_services::ingest::{IngestConfig, IngestService};
-use kassa_services::topics::{PAYMENT_COMMANDS, PAYMENT_EVENTS};
+use kassa_services::reconciliation::{ReconciliationConfig, ReconciliationService};
+use kassa_services::settlement::{SettlementConfig, SettlementService};
+use kassa_services::topics::{PAYMENT_COMMANDS, PAYMENT_EVENTS, SETTLEMENT_EVENTS};
 use kassa_services::vault::CardVault;
 use kassa_services::{Clock, SystemClock};
 use std::path::PathBuf;
@@ -53,6 +57,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         let topics = vec![
             TopicSpec::new(PAYMENT_COMMANDS, crate::up::PARTITIONS),
             TopicSpec::new(PAYMENT_EVENTS, crate::up::PARTITIONS),
+            TopicSpec::new(SETTLEMENT_EVENTS, crate::up::PARTITIONS),
         ];
         let bus: Arc<dyn Bus> = Arc::new(EmbeddedBus::open(dir.join("bus"), BusConfig::new(topics))?);
         let clock: Arc<dyn Clock> = Arc::new(SystemClock);
@@ -73,14 +78,29 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         let authorization = Arc::new(AuthorizationService::new(
             authorization_log,
             Arc::clone(&bus),
-            providers,
+            providers.clone(),
             vault,
             clock,
             AuthorizationConfig::default(),
         ));
+        let settlement = Arc::new(SettlementService::new(
+            Arc::new(EventLog::open(dir.join("settlement"), LogConfig::default())?),
+            Arc::clone(&bus),
+            Arc::new(SystemClock),
+            SettlementConfig { cutoff_interval_ms: 0, ..SettlementConfig::default() },
+        ));
+        let reconciliation = Arc::new(ReconciliationService::new(
+            Arc::new(EventLog::open(dir.join("reconciliation"), LogConfig::default())?),
+            Arc::clone(&bus),
+            providers,
+            Arc::new(SystemClock),
+            ReconciliationConfig { retry_delay_ms: 200, ..ReconciliationConfig::default() },
+        ));
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let mut tasks = ingest.spawn(stop_rx.clone())?;
-        tasks.extend(authorization.spawn(stop_rx)?);
+        tasks.extend(authorization.spawn(stop_rx.clone())?);
+        tasks.extend(settlement.spawn(stop_rx.clone())?);
+        tasks.extend(reconciliation.spawn(stop_rx)?);
         let (merchant, _) = ingest.create_merchant("bench").await.map_err(|e| anyhow::anyhow!("{e}"))?;
 
         println!(
@@ -148,6 +168,36 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             ms(percentile(&latencies, 990)),
             ms(percentile(&latencies, 999)),
             ms(*latencies.last().unwrap_or(&Duration::ZERO))
+        );
+        // Stages three and four: batch everything captured, close, reconcile.
+        let captured_entries = outcomes[0];
+        let settle_started = Instant::now();
+        let mut batched = 0u64;
+        while batched < captured_entries && settle_started.elapsed() < Duration::from_secs(120) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            batched = settlement.batches(merchant, 10_000)?.iter().map(|b| b.entries.len() as u64).sum();
+        }
+        let closed = settlement.cutoff().await?;
+        let mut reconciled = 0u64;
+        let mut clean = true;
+        while reconciled < captured_entries && settle_started.elapsed() < Duration::from_secs(300) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            let reports = reconciliation.reports(merchant, 10_000)?;
+            reconciled = reports.iter().map(|r| r.result.matched.len() as u64).sum();
+            clean = reports.iter().all(|r| r.result.is_clean());
+        }
+        let total = started.elapsed();
+        println!(
+            "settlement + reconciliation: {batched} entries in {} batches, {reconciled} lines matched{}, {} ms after the last outcome",
+            closed.len(),
+            if clean { ", no discrepancy" } else { ", DISCREPANCIES (see the reports)" },
+            settle_started.elapsed().as_millis()
+        );
+        println!(
+            "through all four stages: {} payments/s  ({} payments authorized, captured, batched and reconciled in {} ms)",
+            args.payments * 1000 / (total.as_millis() as u64).max(1),
+            args.payments,
+            total.as_millis()
         );
         let _ = stop_tx.send(true);
         for task in tasks {

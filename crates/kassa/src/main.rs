@@ -24,7 +24,7 @@ enum Command {
     /// Inspect and verify a service's event log.
     #[command(subcommand)]
     Log(log_cmd::LogCommand),
-    /// Pipeline benchmark: payments through ingest and authorization, in process, durable.
+    /// Pipeline benchmark: payments through all four services, in process, durable logs.
     Bench(bench_cmd::BenchArgs),
     /// Manage merchants (works whether or not `kassa up` runs on the data directory).
     #[command(subcommand)]
