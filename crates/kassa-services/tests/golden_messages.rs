@@ -1,0 +1,57 @@
+//! Golden files for the messages services exchange that are not domain events:
+//! commands on `payments.commands`, refusals, reconciliation reports. They are
+//! replayed and re-consumed later like events, so today's code must keep
+//! decoding them. Add a file for a new type (never rewrite one) with
+//! `KASSA_BLESS_GOLDEN=1 cargo test -p kassa-services --test golden_messages`.
+
+use kassa_codec::{decode_value, encode_value};
+use kassa_domain::{BatchId, CaptureId, PaymentId, RefundId, ReportId};
+use kassa_services::messages::{CommandRejected, PaymentCommandMessage};
+use kassa_services::reconciliation::REPORT_RECORDED;
+use std::path::PathBuf;
+
+fn golden_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/golden/v1")
+}
+
+fn check(name: &str, bytes: Vec<u8>) -> Vec<u8> {
+    let path = golden_dir().join(format!("{name}.payload.bin"));
+    if std::env::var_os("KASSA_BLESS_GOLDEN").is_some() && !path.exists() {
+        std::fs::write(&path, &bytes).unwrap();
+    }
+    let stored = std::fs::read(&path).unwrap_or_else(|e| panic!("golden file {} is missing ({e})", path.display()));
+    assert_eq!(stored, bytes, "the encoding of {name} drifted");
+    stored
+}
+
+#[test]
+fn command_payloads_still_decode() {
+    let payment_id = PaymentId::from_u128(0x0193_0000_0000_0000_0000_0000_0000_00AA);
+    let messages = [
+        PaymentCommandMessage::Capture { payment_id, capture_id: CaptureId::from_u128(7), amount_minor: Some(600) },
+        PaymentCommandMessage::Void { payment_id },
+        PaymentCommandMessage::Refund { payment_id, refund_id: RefundId::from_u128(8), amount_minor: None },
+        PaymentCommandMessage::RecordSettlement { payment_id, batch_id: BatchId::from_u128(9) },
+        PaymentCommandMessage::RecordReconciliation { payment_id, report_id: ReportId::from_u128(10) },
+    ];
+    for message in messages {
+        let stored = check(message.event_type(), message.encode_payload());
+        assert_eq!(PaymentCommandMessage::decode(message.event_type(), &stored).unwrap(), message);
+    }
+}
+
+#[test]
+fn refusals_and_reports_still_decode() {
+    let rejected = CommandRejected {
+        command_id: 42,
+        code: "amount_too_large".into(),
+        message: "refund of 7.00 EUR exceeds the 6.00 EUR still refundable".into(),
+    };
+    let stored = check("payment.command_rejected", rejected.encode_payload());
+    assert_eq!(CommandRejected::decode(&stored).unwrap(), rejected);
+
+    let summary = (ReportId::from_u128(10), BatchId::from_u128(9), 3u64, 1u64, 0u64, 2u64);
+    let stored = check(REPORT_RECORDED, encode_value(&summary));
+    let decoded: (ReportId, BatchId, u64, u64, u64, u64) = decode_value(&stored, REPORT_RECORDED).unwrap();
+    assert_eq!(decoded, summary);
+}
