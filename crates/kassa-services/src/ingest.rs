@@ -77,6 +77,27 @@ struct IdempotencyRecord {
     response: Option<(u16, String)>,
 }
 
+type KeyLocks = Mutex<HashMap<Vec<u8>, Arc<tokio::sync::Mutex<()>>>>;
+
+/// Removes an Idempotency-Key's lock from the map when its last user is done.
+struct ForgetLock<'a> {
+    map: &'a KeyLocks,
+    key: Vec<u8>,
+    lock: Option<Arc<tokio::sync::Mutex<()>>>,
+}
+
+impl Drop for ForgetLock<'_> {
+    fn drop(&mut self) {
+        self.lock.take();
+        let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        // One reference left (the map's, plus the caller's `lock` clone being dropped
+        // after this guard): nobody else waits.
+        if map.get(&self.key).is_some_and(|l| Arc::strong_count(l) <= 2) {
+            map.remove(&self.key);
+        }
+    }
+}
+
 /// What a request under an Idempotency-Key writes with its change.
 #[derive(Debug, Clone)]
 pub struct IdempotencySlot {
@@ -138,7 +159,7 @@ pub struct IngestService {
     config: IngestConfig,
     waiters: Waiters,
     /// Idempotency keys being processed: a second request with the same key waits for the first.
-    in_progress: Mutex<HashMap<Vec<u8>, Arc<tokio::sync::Mutex<()>>>>,
+    in_progress: KeyLocks,
 }
 
 /// Command refusals kept for requests still waiting on them, at most.
@@ -355,16 +376,11 @@ impl IngestService {
             let mut map = self.in_progress.lock().unwrap_or_else(|e| e.into_inner());
             Arc::clone(map.entry(storage_key.clone()).or_default())
         };
-        let answer = {
-            let _guard = lock.lock().await;
-            self.idempotent_locked(merchant_id, storage_key.clone(), print, work).await
-        };
-        // Forget the lock once nobody else waits on it.
-        let mut map = self.in_progress.lock().unwrap_or_else(|e| e.into_inner());
-        if map.get(&storage_key).is_some_and(|l| Arc::strong_count(l) <= 2) {
-            map.remove(&storage_key);
-        }
-        answer
+        // Forgets the lock once nobody else waits on it — also when the client
+        // goes away and this future is dropped mid-way.
+        let _forget = ForgetLock { map: &self.in_progress, key: storage_key.clone(), lock: Some(lock.clone()) };
+        let _guard = lock.lock().await;
+        self.idempotent_locked(merchant_id, storage_key, print, work).await
     }
 
     async fn idempotent_locked<F, Fut>(
