@@ -47,13 +47,13 @@ impl Default for IngestConfig {
     }
 }
 
-/// A payment as the read model keeps it.
+/// A payment as the read model keeps it. Its history is kept beside it, one
+/// key per event, so an update writes what changed and not the whole story.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct PaymentView {
     pub state: PaymentState,
     /// Last stream sequence applied (drops re-published duplicates).
     pub applied_seq: u64,
-    pub history: Vec<HistoryEntry>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -165,6 +165,18 @@ pub struct IngestService {
 /// Command refusals kept for requests still waiting on them, at most.
 const REJECTIONS_KEPT_MAX: usize = 10_000;
 
+fn history_prefix(payment_id: PaymentId) -> Vec<u8> {
+    let mut key = b"history/".to_vec();
+    key.extend_from_slice(&payment_id.as_u128().to_be_bytes());
+    key
+}
+
+fn history_key(payment_id: PaymentId, sequence: u64) -> Vec<u8> {
+    let mut key = history_prefix(payment_id);
+    key.extend_from_slice(&sequence.to_be_bytes());
+    key
+}
+
 fn view_key(payment_id: PaymentId) -> Vec<u8> {
     let mut key = b"view/".to_vec();
     key.extend_from_slice(&payment_id.as_u128().to_be_bytes());
@@ -271,6 +283,16 @@ impl IngestService {
         }
     }
 
+    /// A payment's history, oldest first.
+    fn history(&self, payment_id: PaymentId) -> Result<Vec<HistoryEntry>, ApiError> {
+        self.log
+            .scan(Table::State, &history_prefix(payment_id))
+            .map_err(internal)?
+            .into_iter()
+            .map(|(_, bytes)| decode_value(&bytes, "payment history").map_err(internal))
+            .collect()
+    }
+
     pub fn parse_payment_id(text: &str) -> Result<PaymentId, ApiError> {
         PaymentId::parse(text).map_err(|_| ApiError::not_found("payment"))
     }
@@ -284,9 +306,9 @@ impl IngestService {
         merchant_id: MerchantId,
         payment_id: PaymentId,
     ) -> Result<serde_json::Value, ApiError> {
-        let view = self.own_view(merchant_id, payment_id)?;
-        let data: Vec<_> = view
-            .history
+        self.own_view(merchant_id, payment_id)?;
+        let data: Vec<_> = self
+            .history(payment_id)?
             .iter()
             .map(|h| {
                 serde_json::json!({
@@ -589,9 +611,10 @@ impl IngestService {
                         return Err(error);
                     }
                     let view = self.own_view(merchant_id, payment_id)?;
-                    let changed = view.history.iter().any(|h| {
-                        h.sequence > before && h.caused_by == Some(command_id) && h.event_type != COMMAND_REJECTED
-                    });
+                    let changed = view.applied_seq > before
+                        && self.history(payment_id)?.iter().any(|h| {
+                            h.sequence > before && h.caused_by == Some(command_id) && h.event_type != COMMAND_REJECTED
+                        });
                     if changed {
                         return Ok(Answer {
                             status: 200,
@@ -671,6 +694,7 @@ impl IngestService {
 
     async fn apply_to_read_model(&self, partition: u32, messages: Vec<kassa_bus::Message>) -> Result<(), ApiError> {
         let mut views: HashMap<PaymentId, PaymentView> = HashMap::new();
+        let mut writes = Vec::new();
         let mut rejections = Vec::new();
         let last_offset = messages.last().map(|m| m.offset);
         for message in messages {
@@ -719,19 +743,25 @@ impl IngestService {
                     }
                 }
             };
-            view.history.push(HistoryEntry {
+            let entry = HistoryEntry {
                 sequence: envelope.stream_seq,
                 event_type: envelope.event_type.clone(),
                 at_ms: envelope.timestamp_ms,
                 data,
                 caused_by: envelope.causation_id,
+            };
+            writes.push(StateWrite {
+                table: Table::State,
+                key: history_key(payment_id, entry.sequence),
+                value: Some(encode_value(&entry)),
             });
             views.insert(payment_id, view);
         }
-        let mut writes: Vec<StateWrite> = views
-            .iter()
-            .map(|(id, view)| StateWrite { table: Table::State, key: view_key(*id), value: Some(encode_value(view)) })
-            .collect();
+        writes.extend(views.iter().map(|(id, view)| StateWrite {
+            table: Table::State,
+            key: view_key(*id),
+            value: Some(encode_value(view)),
+        }));
         if let Some(offset) = last_offset {
             writes.push(StateWrite {
                 table: Table::Positions,
