@@ -12,13 +12,13 @@
 //! outcome, resolved by a status inquiry (or a reversal) before any other
 //! provider is tried, so at most one authorization per payment ever stands.
 
-use crate::consume::stored_offset;
+use crate::consume::{id_key, resume_subscription};
 use crate::messages::{COMMAND_REJECTED, CommandRejected, PaymentCommandMessage};
 use crate::relay::{RelayConfig, run_relay};
 use crate::runtime::{Clock, derived_id};
 use crate::topics::{PAYMENT_COMMANDS, PAYMENT_EVENTS};
 use crate::vault::CardVault;
-use kassa_bus::{Bus, Message, Subscription, SubscriptionConfig};
+use kassa_bus::{Bus, Message};
 use kassa_codec::{EventPayload, decode_frame, decode_value, encode_value};
 use kassa_domain::{
     AttemptId, AuthorizationResult, CaptureId, DeclineCategory, MerchantId, Money, PaymentCommand, PaymentEvent,
@@ -137,21 +137,15 @@ pub struct AuthorizationService {
 }
 
 fn record_key(payment_id: PaymentId) -> Vec<u8> {
-    let mut key = b"payment/".to_vec();
-    key.extend_from_slice(&payment_id.as_u128().to_be_bytes());
-    key
+    id_key("payment/", payment_id.as_u128())
 }
 
 fn active_key(partition: u32, payment_id: PaymentId) -> Vec<u8> {
-    let mut key = format!("active/{partition:05}/").into_bytes();
-    key.extend_from_slice(&payment_id.as_u128().to_be_bytes());
-    key
+    id_key(&format!("active/{partition:05}/"), payment_id.as_u128())
 }
 
 fn seen_key(event_id: u128) -> Vec<u8> {
-    let mut key = b"seen/".to_vec();
-    key.extend_from_slice(&event_id.to_be_bytes());
-    key
+    id_key("seen/", event_id)
 }
 
 fn offset_key(partition: u32) -> Vec<u8> {
@@ -222,20 +216,15 @@ impl AuthorizationService {
                 return;
             }
         }
-        let offset = match stored_offset(&self.log, &offset_key(partition)) {
-            Ok(offset) => offset,
+        let subscription =
+            resume_subscription(&self.log, &self.bus, PAYMENT_COMMANDS, partition, &offset_key(partition));
+        let mut subscription = match subscription {
+            Ok(subscription) => subscription,
             Err(error) => {
                 tracing::error!(partition, %error, "cannot read the stored offset; partition stopped");
                 return;
             }
         };
-        let mut subscription = Subscription::start(
-            Arc::clone(&self.bus),
-            PAYMENT_COMMANDS,
-            partition,
-            offset,
-            SubscriptionConfig::default(),
-        );
         loop {
             let mut messages = Vec::new();
             let mut results = Vec::new();

@@ -3,21 +3,18 @@
 //! written once. Rewriting a whole batch on every change made a batch of n
 //! entries cost O(n²) bytes.
 
+use crate::consume::id_key;
 use kassa_codec::{decode_value, encode_value};
 use kassa_domain::BatchId;
 use kassa_domain::settlement::{BatchState, SettlementEntry};
 use kassa_eventlog::{EventLog, LogError, StateWrite, Table};
 
 fn header_key(batch_id: BatchId) -> Vec<u8> {
-    let mut key = b"batch/".to_vec();
-    key.extend_from_slice(&batch_id.as_u128().to_be_bytes());
-    key
+    id_key("batch/", batch_id.as_u128())
 }
 
 fn entries_prefix(batch_id: BatchId) -> Vec<u8> {
-    let mut key = b"batch-entry/".to_vec();
-    key.extend_from_slice(&batch_id.as_u128().to_be_bytes());
-    key
+    id_key("batch-entry/", batch_id.as_u128())
 }
 
 /// The writes that store `batch`, whose entries since the last store are `new_entries`.

@@ -1,9 +1,13 @@
 //! What every consumer of the bus does the same way: find the position it
 //! stored, and take messages in batches.
 
-use kassa_bus::{Message, Subscription};
-use kassa_eventlog::{EventLog, LogError, Table};
+use kassa_bus::{Bus, Message, Subscription, SubscriptionConfig};
+use kassa_eventlog::{AppendRequest, EventLog, LogError, NewEvent, Table};
+use std::sync::Arc;
 use tokio::sync::watch;
+
+/// Events in one append, at most (below the log's own per-request bound).
+pub const EVENTS_PER_APPEND_MAX: usize = 2048;
 
 /// The next offset (or log position) stored under `key` in the positions
 /// table; 0 when none is stored. A read error is an error, never "start over".
@@ -15,6 +19,38 @@ pub fn stored_offset(log: &EventLog, key: &[u8]) -> Result<u64, LogError> {
             reason: format!("a stored position is 8 bytes, found {}", bytes.len()),
         }),
     }
+}
+
+/// A state-table key: a text prefix and a 128-bit id, big-endian so keys of
+/// one prefix sort by id.
+pub fn id_key(prefix: &str, id: u128) -> Vec<u8> {
+    let mut key = prefix.as_bytes().to_vec();
+    key.extend_from_slice(&id.to_be_bytes());
+    key
+}
+
+/// Subscribe to `topic`/`partition` from the offset stored under `key`.
+pub fn resume_subscription(
+    log: &EventLog,
+    bus: &Arc<dyn Bus>,
+    topic: &str,
+    partition: u32,
+    key: &[u8],
+) -> Result<Subscription, LogError> {
+    let offset = stored_offset(log, key)?;
+    Ok(Subscription::start(Arc::clone(bus), topic, partition, offset, SubscriptionConfig::default()))
+}
+
+/// Append events that may be more than one append may carry, in order, in
+/// chunks of [`EVENTS_PER_APPEND_MAX`]. Not atomic as a whole: callers make
+/// the chunks safe to repeat (consumers drop repeats by event id).
+pub async fn append_in_chunks(log: &EventLog, mut events: Vec<NewEvent>) -> Result<(), LogError> {
+    while !events.is_empty() {
+        let rest = events.split_off(events.len().min(EVENTS_PER_APPEND_MAX));
+        let chunk = std::mem::replace(&mut events, rest);
+        log.append(AppendRequest { events: chunk, ..Default::default() }).await?;
+    }
+    Ok(())
 }
 
 /// Wait for the next message, then take whatever else is already fetched, up

@@ -6,14 +6,14 @@
 //! payment, fed by `payments.events`, which answers reads and tells waiting
 //! requests when their payment has an outcome.
 
-use crate::consume::{next_batch, stored_offset};
+use crate::consume::{id_key, next_batch, resume_subscription};
 use crate::messages::{COMMAND_REJECTED, CommandRejected, PaymentCommandMessage};
 use crate::relay::{RelayConfig, run_relay};
 use crate::runtime::Clock;
 use crate::topics::{PAYMENT_COMMANDS, PAYMENT_EVENTS};
 use crate::vault::CardVault;
 use kassa_api::{ApiError, ApiKey, ErrorType, fingerprint};
-use kassa_bus::{Bus, Subscription, SubscriptionConfig};
+use kassa_bus::Bus;
 use kassa_codec::{EventPayload, decode_frame, decode_value, encode_value};
 use kassa_domain::{
     CaptureId, MerchantId, PaymentCommand, PaymentEvent, PaymentId, PaymentState, RefundId, RequestPayment, apply,
@@ -166,9 +166,7 @@ pub struct IngestService {
 const REJECTIONS_KEPT_MAX: usize = 10_000;
 
 fn history_prefix(payment_id: PaymentId) -> Vec<u8> {
-    let mut key = b"history/".to_vec();
-    key.extend_from_slice(&payment_id.as_u128().to_be_bytes());
-    key
+    id_key("history/", payment_id.as_u128())
 }
 
 fn history_key(payment_id: PaymentId, sequence: u64) -> Vec<u8> {
@@ -178,9 +176,7 @@ fn history_key(payment_id: PaymentId, sequence: u64) -> Vec<u8> {
 }
 
 fn view_key(payment_id: PaymentId) -> Vec<u8> {
-    let mut key = b"view/".to_vec();
-    key.extend_from_slice(&payment_id.as_u128().to_be_bytes());
-    key
+    id_key("view/", payment_id.as_u128())
 }
 
 fn merchant_key_key(hash_hex: &str) -> Vec<u8> {
@@ -536,104 +532,71 @@ impl IngestService {
         body: &[u8],
     ) -> Result<Answer, ApiError> {
         let print = fingerprint("POST", &format!("/v1/payments/{payment_id}/{action}"), body);
-        let answer = self
-            .idempotent(merchant_id, idempotency, print, |slot| async move {
-                let view = self.own_view(merchant_id, payment_id)?;
-                let amount = match action {
-                    "void" => {
-                        if !body.iter().all(u8::is_ascii_whitespace) && body != b"{}" {
-                            return Err(ApiError::invalid("parameter_unknown", "body", "void takes no parameters"));
-                        }
-                        None
+        self.idempotent(merchant_id, idempotency, print, |slot| async move {
+            let view = self.own_view(merchant_id, payment_id)?;
+            let amount = match action {
+                "void" => {
+                    if !body.iter().all(u8::is_ascii_whitespace) && body != b"{}" {
+                        return Err(ApiError::invalid("parameter_unknown", "body", "void takes no parameters"));
                     }
-                    _ => kassa_api::parse_amount_request(body)?.amount_minor,
-                };
-                let message = match action {
-                    "capture" => PaymentCommandMessage::Capture {
-                        payment_id,
-                        capture_id: CaptureId::from_u128(rand::random()),
-                        amount_minor: amount,
-                    },
-                    "void" => PaymentCommandMessage::Void { payment_id },
-                    _ => PaymentCommandMessage::Refund {
-                        payment_id,
-                        refund_id: RefundId::from_u128(rand::random()),
-                        amount_minor: amount,
-                    },
-                };
-                let before = view.applied_seq;
-                let command_id: u128 = rand::random();
-                let now = self.clock.now();
-                let event = NewEvent {
-                    event_id: command_id,
-                    event_type: message.event_type().to_owned(),
-                    stream_id: payment_id.as_u128(),
-                    timestamp_ms: now.unix_ms(),
-                    causation_id: None,
-                    correlation_id: Some(payment_id.as_u128()),
-                    payload: message.encode_payload(),
-                };
-                let writes = slot.map(|slot| slot.write(payment_id)).into_iter().collect();
-                self.log
-                    .append(AppendRequest { events: vec![event], expected: Vec::new(), writes })
-                    .await
-                    .map_err(internal)?;
-                // Wait for the command's outcome: a new event on the payment, or its refusal.
-                let deadline = tokio::time::Instant::now() + Duration::from_millis(self.config.outcome_wait_ms);
-                loop {
-                    let notified = self.waiters.notify_for(payment_id);
-                    let wait = notified.notified();
-                    if let Some(rejected) =
-                        self.waiters.rejections.lock().unwrap_or_else(|e| e.into_inner()).remove(&command_id)
-                    {
-                        let status = if rejected.code == "resource_missing" {
-                            404
-                        } else if rejected.code.starts_with("amount") {
-                            400
-                        } else {
-                            409
-                        };
-                        let mut error = ApiError::new(
-                            status,
-                            ErrorType::InvalidRequestError,
-                            "payment_state_conflict",
-                            rejected.message,
-                        );
-                        error.code = match rejected.code.as_str() {
-                            "amount_too_large" => "amount_too_large",
-                            "amount_too_small" => "amount_too_small",
-                            "resource_missing" => "resource_missing",
-                            _ => "payment_state_conflict",
-                        };
-                        if status == 400 {
-                            error.param = Some("amount".into());
-                        }
-                        return Err(error);
+                    None
+                }
+                _ => kassa_api::parse_amount_request(body)?.amount_minor,
+            };
+            let message = match action {
+                "capture" => PaymentCommandMessage::Capture {
+                    payment_id,
+                    capture_id: CaptureId::from_u128(rand::random()),
+                    amount_minor: amount,
+                },
+                "void" => PaymentCommandMessage::Void { payment_id },
+                _ => PaymentCommandMessage::Refund {
+                    payment_id,
+                    refund_id: RefundId::from_u128(rand::random()),
+                    amount_minor: amount,
+                },
+            };
+            let before = view.applied_seq;
+            let command_id: u128 = rand::random();
+            let now = self.clock.now();
+            let event = NewEvent {
+                event_id: command_id,
+                event_type: message.event_type().to_owned(),
+                stream_id: payment_id.as_u128(),
+                timestamp_ms: now.unix_ms(),
+                causation_id: None,
+                correlation_id: Some(payment_id.as_u128()),
+                payload: message.encode_payload(),
+            };
+            let writes = slot.map(|slot| slot.write(payment_id)).into_iter().collect();
+            self.log
+                .append(AppendRequest { events: vec![event], expected: Vec::new(), writes })
+                .await
+                .map_err(internal)?;
+            // Wait for the command's outcome: an event it caused, or its refusal.
+            let outcome = self
+                .wait_until(payment_id, || {
+                    let refused = self.waiters.rejections.lock().unwrap_or_else(|e| e.into_inner()).remove(&command_id);
+                    if let Some(rejected) = refused {
+                        return Err(rejection_error(rejected));
                     }
                     let view = self.own_view(merchant_id, payment_id)?;
-                    let changed = view.applied_seq > before
+                    let caused = view.applied_seq > before
                         && self.history(payment_id)?.iter().any(|h| {
                             h.sequence > before && h.caused_by == Some(command_id) && h.event_type != COMMAND_REJECTED
                         });
-                    if changed {
-                        return Ok(Answer {
-                            status: 200,
-                            body: payment_json(payment_id, &view.state),
-                            replayed: false,
-                        });
-                    }
-                    if tokio::time::timeout_at(deadline, wait).await.is_err() {
-                        return Ok(Answer {
-                            status: 202,
-                            body: payment_json(payment_id, &view.state),
-                            replayed: false,
-                        });
-                    }
+                    Ok(caused.then_some(view.state))
+                })
+                .await?;
+            Ok(match outcome {
+                Some(state) => Answer { status: 200, body: payment_json(payment_id, &state), replayed: false },
+                None => {
+                    let state = self.own_view(merchant_id, payment_id)?.state;
+                    Answer { status: 202, body: payment_json(payment_id, &state), replayed: false }
                 }
             })
-            .await;
-        self.waiters.release(payment_id);
-        answer
+        })
+        .await
     }
 
     /// Wait (bounded) until the read model's state for a payment satisfies `done`.
@@ -642,48 +605,45 @@ impl IngestService {
         payment_id: PaymentId,
         done: impl Fn(&PaymentState) -> bool,
     ) -> Result<Option<PaymentState>, ApiError> {
-        let result = self.wait_for_inner(payment_id, done).await;
-        self.waiters.release(payment_id);
-        result
+        self.wait_until(payment_id, || Ok(self.view(payment_id)?.map(|v| v.state).filter(|s| done(s)))).await
     }
 
-    async fn wait_for_inner(
+    /// Check, and check again each time the read model changes the payment,
+    /// until `check` finds something or `outcome_wait_ms` passes (`None`).
+    async fn wait_until<T>(
         &self,
         payment_id: PaymentId,
-        done: impl Fn(&PaymentState) -> bool,
-    ) -> Result<Option<PaymentState>, ApiError> {
+        mut check: impl FnMut() -> Result<Option<T>, ApiError>,
+    ) -> Result<Option<T>, ApiError> {
         let deadline = tokio::time::Instant::now() + Duration::from_millis(self.config.outcome_wait_ms);
-        loop {
+        let result = loop {
+            // Registered before the check, so a change in between is not missed.
             let notify = self.waiters.notify_for(payment_id);
-            let wait = notify.notified();
-            if let Some(view) = self.view(payment_id)?
-                && done(&view.state)
-            {
-                return Ok(Some(view.state));
+            let changed = notify.notified();
+            match check() {
+                Ok(None) => {}
+                found => break found,
             }
-            if tokio::time::timeout_at(deadline, wait).await.is_err() {
-                return Ok(None);
+            if tokio::time::timeout_at(deadline, changed).await.is_err() {
+                break Ok(None);
             }
-        }
+        };
+        self.waiters.release(payment_id);
+        result
     }
 
     // ---------- the read model ----------
 
     async fn run_read_model(self: Arc<Self>, partition: u32, mut stop: watch::Receiver<bool>) {
-        let offset = match stored_offset(&self.log, &position_key(partition)) {
-            Ok(offset) => offset,
+        let subscription =
+            resume_subscription(&self.log, &self.bus, PAYMENT_EVENTS, partition, &position_key(partition));
+        let mut subscription = match subscription {
+            Ok(subscription) => subscription,
             Err(error) => {
                 tracing::error!(partition, %error, "read model cannot read its position; stopped");
                 return;
             }
         };
-        let mut subscription = Subscription::start(
-            Arc::clone(&self.bus),
-            PAYMENT_EVENTS,
-            partition,
-            offset,
-            SubscriptionConfig::default(),
-        );
         while let Some(messages) = next_batch(&mut subscription, 1024, &mut stop).await {
             if let Err(error) = self.apply_to_read_model(partition, messages).await {
                 tracing::error!(partition, %error, "read model update failed; stopping it (restart to recover)");
@@ -815,6 +775,21 @@ pub fn new_merchant(name: &str, now: kassa_domain::Timestamp) -> Result<(AppendR
         value: Some(merchant_id.as_u128().to_be_bytes().to_vec()),
     }];
     Ok((AppendRequest { events: vec![event], expected: Vec::new(), writes }, merchant_id, key))
+}
+
+/// The answer to a command the authorization service refused.
+fn rejection_error(rejected: CommandRejected) -> ApiError {
+    let (status, code) = match rejected.code.as_str() {
+        "resource_missing" => (404, "resource_missing"),
+        "amount_too_large" => (400, "amount_too_large"),
+        "amount_too_small" => (400, "amount_too_small"),
+        _ => (409, "payment_state_conflict"),
+    };
+    let mut error = ApiError::new(status, ErrorType::InvalidRequestError, code, rejected.message);
+    if status == 400 {
+        error.param = Some("amount".into());
+    }
+    error
 }
 
 /// A payment has its outcome when it is no longer processing — and, when it

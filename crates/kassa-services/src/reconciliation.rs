@@ -11,13 +11,12 @@
 //! an owed capture may still be on its way.
 
 use crate::batch_store::{batch_writes, load_batch};
-use crate::consume::{next_batch, stored_offset};
+use crate::consume::{append_in_chunks, id_key, next_batch, resume_subscription};
 use crate::messages::PaymentCommandMessage;
 use crate::relay::{RelayConfig, run_relay};
 use crate::runtime::{Clock, derived_id};
-use crate::settlement::EVENTS_PER_APPEND_MAX;
 use crate::topics::{PAYMENT_COMMANDS, SETTLEMENT_EVENTS};
-use kassa_bus::{Bus, Message, Subscription, SubscriptionConfig};
+use kassa_bus::{Bus, Message};
 use kassa_codec::{EventPayload, decode_frame, decode_value, encode_value};
 use kassa_domain::reconciliation::{Reconciliation, reconcile};
 use kassa_domain::settlement::{BatchEvent, BatchState, EntryKind, SettlementEntry, apply_batch};
@@ -75,12 +74,6 @@ pub struct ReconciliationService {
     open: std::sync::Mutex<HashMap<BatchId, BatchState>>,
 }
 
-fn key_bytes(prefix: &str, id: u128) -> Vec<u8> {
-    let mut key = prefix.as_bytes().to_vec();
-    key.extend_from_slice(&id.to_be_bytes());
-    key
-}
-
 fn merchant_reports_key(merchant_id: MerchantId, report_id: ReportId) -> Vec<u8> {
     let mut key = format!("merchant-reports/{merchant_id}/").into_bytes();
     key.extend_from_slice(&(u128::MAX - report_id.as_u128()).to_be_bytes());
@@ -109,20 +102,20 @@ impl ReconciliationService {
             let service = Arc::clone(self);
             let mut stop = stop.clone();
             tasks.push(tokio::spawn(async move {
-                let offset = match stored_offset(&service.log, &offset_key(partition)) {
-                    Ok(offset) => offset,
+                let subscription = resume_subscription(
+                    &service.log,
+                    &service.bus,
+                    SETTLEMENT_EVENTS,
+                    partition,
+                    &offset_key(partition),
+                );
+                let mut subscription = match subscription {
+                    Ok(subscription) => subscription,
                     Err(error) => {
                         tracing::error!(partition, %error, "reconciliation cannot read its position; stopped");
                         return;
                     }
                 };
-                let mut subscription = Subscription::start(
-                    Arc::clone(&service.bus),
-                    SETTLEMENT_EVENTS,
-                    partition,
-                    offset,
-                    SubscriptionConfig::default(),
-                );
                 while let Some(messages) = next_batch(&mut subscription, 256, &mut stop).await {
                     if let Err(error) = service.consume(partition, messages).await {
                         tracing::error!(partition, %error, "reconciliation failed; stopping it (restart to recover)");
@@ -191,7 +184,7 @@ impl ReconciliationService {
             let report = self.reconcile_batch(&batches[&batch_id]).await;
             writes.push(StateWrite {
                 table: Table::State,
-                key: key_bytes("report/", report.report_id.as_u128()),
+                key: id_key("report/", report.report_id.as_u128()),
                 value: Some(encode_value(&report)),
             });
             writes.push(StateWrite {
@@ -231,11 +224,7 @@ impl ReconciliationService {
         // Commands first, in chunks; the reports, batches and offset last: a
         // crash in between re-does the reports, and a payment already
         // reconciled refuses the repeat.
-        while !commands.is_empty() {
-            let rest = commands.split_off(commands.len().min(EVENTS_PER_APPEND_MAX));
-            let chunk = std::mem::replace(&mut commands, rest);
-            self.log.append(AppendRequest { events: chunk, ..Default::default() }).await?;
-        }
+        append_in_chunks(&self.log, commands).await?;
         if let Some(offset) = last_offset {
             writes.push(StateWrite {
                 table: Table::Positions,
@@ -316,7 +305,7 @@ impl ReconciliationService {
         for (key, _) in self.log.scan(Table::State, &prefix)?.into_iter().take(limit) {
             let Some(bytes) = key.get(key.len() - 16..).and_then(|b| <[u8; 16]>::try_from(b).ok()) else { continue };
             let report_id = u128::MAX - u128::from_be_bytes(bytes);
-            if let Some(bytes) = self.log.get(Table::State, &key_bytes("report/", report_id))?
+            if let Some(bytes) = self.log.get(Table::State, &id_key("report/", report_id))?
                 && let Ok(report) = decode_value(&bytes, "report")
             {
                 out.push(report);

@@ -12,12 +12,12 @@
 //! with the consumed offsets in one append.
 
 use crate::batch_store::{batch_writes, load_batch};
-use crate::consume::{next_batch, stored_offset};
+use crate::consume::{append_in_chunks, id_key, next_batch, resume_subscription};
 use crate::messages::PaymentCommandMessage;
 use crate::relay::{RelayConfig, run_relay};
 use crate::runtime::{Clock, derived_id};
 use crate::topics::{PAYMENT_COMMANDS, PAYMENT_EVENTS, SETTLEMENT_EVENTS};
-use kassa_bus::{Bus, Message, Subscription, SubscriptionConfig};
+use kassa_bus::{Bus, Message};
 use kassa_codec::{EventPayload, decode_frame, decode_value, encode_value};
 use kassa_domain::settlement::{
     BatchCommand, BatchKey, BatchState, EntryKind, FeeSchedule, SettlementEntry, apply_batch, decide_batch,
@@ -30,9 +30,6 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
-
-/// Events in one append, at most (below the log's own per-request bound).
-pub const EVENTS_PER_APPEND_MAX: usize = 2048;
 
 /// Bounds and rules of settlement. Units last.
 #[derive(Debug, Clone)]
@@ -92,12 +89,6 @@ impl std::fmt::Debug for Input {
     }
 }
 
-fn key_bytes(prefix: &str, id: u128) -> Vec<u8> {
-    let mut key = prefix.as_bytes().to_vec();
-    key.extend_from_slice(&id.to_be_bytes());
-    key
-}
-
 fn open_key(key: &BatchKey) -> Vec<u8> {
     let mut bytes = b"open/".to_vec();
     bytes.extend_from_slice(&encode_value(key));
@@ -130,20 +121,15 @@ impl SettlementService {
             let service = Arc::clone(self);
             let mut stop = stop.clone();
             tasks.push(tokio::spawn(async move {
-                let offset = match stored_offset(&service.log, &offset_key(partition)) {
-                    Ok(offset) => offset,
+                let subscription =
+                    resume_subscription(&service.log, &service.bus, PAYMENT_EVENTS, partition, &offset_key(partition));
+                let mut subscription = match subscription {
+                    Ok(subscription) => subscription,
                     Err(error) => {
                         tracing::error!(partition, %error, "settlement cannot read its position; reader stopped");
                         return;
                     }
                 };
-                let mut subscription = Subscription::start(
-                    Arc::clone(&service.bus),
-                    PAYMENT_EVENTS,
-                    partition,
-                    offset,
-                    SubscriptionConfig::default(),
-                );
                 while let Some(messages) =
                     next_batch(&mut subscription, service.config.batch_inputs_max, &mut stop).await
                 {
@@ -256,7 +242,7 @@ impl Actor {
         if let Some(info) = self.infos.get(&payment_id) {
             return Ok(info.clone());
         }
-        Ok(match self.service.log.get(Table::State, &key_bytes("info/", payment_id.as_u128()))? {
+        Ok(match self.service.log.get(Table::State, &id_key("info/", payment_id.as_u128()))? {
             Some(bytes) => decode_value(&bytes, "payment info").unwrap_or_default(),
             None => PaymentInfo::default(),
         })
@@ -374,7 +360,7 @@ impl Actor {
                     });
                 }
                 let batch_id = batch.batch_id.expect("opened above");
-                let entry_key = key_bytes("entry/", entry.entry_id);
+                let entry_key = id_key("entry/", entry.entry_id);
                 if self.service.log.get(Table::State, &entry_key)?.is_none() {
                     match decide_batch(&batch, BatchCommand::Add { entry: entry.clone() }, now) {
                         Ok(added) => {
@@ -408,7 +394,7 @@ impl Actor {
         for (payment_id, info) in &changed_infos {
             writes.push(StateWrite {
                 table: Table::State,
-                key: key_bytes("info/", payment_id.as_u128()),
+                key: id_key("info/", payment_id.as_u128()),
                 value: Some(encode_value(info)),
             });
         }
@@ -481,11 +467,7 @@ impl Actor {
                     payload,
                 );
             }
-            while !commands.is_empty() {
-                let rest = commands.split_off(commands.len().min(EVENTS_PER_APPEND_MAX));
-                let chunk = std::mem::replace(&mut commands, rest);
-                self.service.log.append(AppendRequest { events: chunk, ..Default::default() }).await?;
-            }
+            append_in_chunks(&self.service.log, commands).await?;
             let mut writes = batch_writes(&batch, &[]);
             writes.push(StateWrite { table: Table::State, key: open_key_bytes, value: None });
             self.service.log.append(AppendRequest { events: close_events, expected: Vec::new(), writes }).await?;

@@ -2,16 +2,18 @@
 //! with simulated acquirers: outcomes, failover, unknown outcomes, and
 //! provider calls owed after capture/void/refund.
 
-use kassa_bus::{Bus, BusConfig, EmbeddedBus, Record, TopicSpec};
-use kassa_codec::{Envelope, EventPayload, decode_frame, encode_frame};
+mod common;
+
+use kassa_bus::{Bus, BusConfig, EmbeddedBus, TopicSpec};
+use kassa_codec::{Envelope, EventPayload, decode_frame};
 use kassa_domain::*;
 use kassa_eventlog::{EventLog, LogConfig};
 use kassa_providers::{Connector, Fault, LedgerState, SimulatedAcquirer, SimulatorConfig};
+use kassa_services::SystemClock;
 use kassa_services::authorization::{AuthorizationConfig, AuthorizationService};
 use kassa_services::messages::{COMMAND_REJECTED, CommandRejected, PaymentCommandMessage};
 use kassa_services::topics::{PAYMENT_COMMANDS, PAYMENT_EVENTS};
 use kassa_services::vault::CardVault;
-use kassa_services::{SystemClock, payment_key};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
@@ -84,25 +86,7 @@ impl World {
     async fn send(&mut self, message: PaymentCommandMessage) -> u128 {
         self.next_id += 1;
         let event_id = self.next_id << 64;
-        let envelope = Envelope {
-            event_id,
-            event_type: message.event_type().to_owned(),
-            stream_id: message.payment_id().as_u128(),
-            stream_seq: 1,
-            position: 1,
-            timestamp_ms: 0,
-            causation_id: None,
-            correlation_id: None,
-            payload: message.encode_payload(),
-            prev_hash: [0; 32],
-        };
-        let record = Record {
-            topic: PAYMENT_COMMANDS.into(),
-            key: payment_key(envelope.stream_id),
-            payload: encode_frame(&envelope),
-            timestamp_ms: 0,
-        };
-        self.bus.produce(vec![record]).await.unwrap();
+        common::send_command(self.bus.as_ref(), event_id, message).await;
         event_id
     }
 

@@ -2,19 +2,21 @@
 //! in one batch per provider, merchant and currency; a cut-off closes it with
 //! exact totals and records every captured payment settled once.
 
-use kassa_bus::{Bus, BusConfig, EmbeddedBus, Record, TopicSpec};
-use kassa_codec::{Envelope, EventPayload, decode_frame, encode_frame};
+mod common;
+
+use kassa_bus::{Bus, BusConfig, EmbeddedBus, TopicSpec};
+use kassa_codec::{EventPayload, decode_frame};
 use kassa_domain::settlement::EntryKind;
 use kassa_domain::*;
 use kassa_eventlog::{EventLog, LogConfig};
 use kassa_providers::{Connector, SimulatedAcquirer, SimulatorConfig};
+use kassa_services::SystemClock;
 use kassa_services::authorization::{AuthorizationConfig, AuthorizationService};
 use kassa_services::messages::PaymentCommandMessage;
 use kassa_services::reconciliation::{ReconciliationConfig, ReconciliationService};
 use kassa_services::settlement::{SettlementConfig, SettlementService};
 use kassa_services::topics::{PAYMENT_COMMANDS, PAYMENT_EVENTS, SETTLEMENT_EVENTS};
 use kassa_services::vault::CardVault;
-use kassa_services::{SystemClock, payment_key};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,25 +25,7 @@ use tokio::sync::watch;
 const MERCHANT: u128 = 1;
 
 async fn send(bus: &EmbeddedBus, id: u128, message: PaymentCommandMessage) {
-    let envelope = Envelope {
-        event_id: id,
-        event_type: message.event_type().to_owned(),
-        stream_id: message.payment_id().as_u128(),
-        stream_seq: 1,
-        position: 1,
-        timestamp_ms: 0,
-        causation_id: None,
-        correlation_id: None,
-        payload: message.encode_payload(),
-        prev_hash: [0; 32],
-    };
-    let record = Record {
-        topic: PAYMENT_COMMANDS.into(),
-        key: payment_key(envelope.stream_id),
-        payload: encode_frame(&envelope),
-        timestamp_ms: 0,
-    };
-    bus.produce(vec![record]).await.unwrap();
+    common::send_command(bus, id, message).await;
 }
 
 async fn stage_of(bus: &EmbeddedBus, payment_id: PaymentId) -> PaymentState {
