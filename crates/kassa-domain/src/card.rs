@@ -39,6 +39,14 @@ impl CardBrand {
         }
     }
 
+    /// The brand named by [`CardBrand::as_str`]'s text.
+    pub fn from_name(name: &str) -> Option<CardBrand> {
+        use CardBrand::*;
+        [Visa, Mastercard, Amex, Discover, Jcb, DinersClub, UnionPay, Maestro, Unknown]
+            .into_iter()
+            .find(|b| b.as_str() == name)
+    }
+
     /// The brand from the leading digits (IIN ranges as published by the schemes).
     pub fn from_digits(digits: &[u8]) -> CardBrand {
         let prefix = |n: usize| -> u32 { digits.iter().take(n).fold(0u32, |acc, d| acc * 10 + u32::from(*d)) };

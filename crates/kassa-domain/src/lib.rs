@@ -10,6 +10,7 @@ pub mod id;
 pub mod money;
 pub mod payment;
 pub mod reconciliation;
+pub mod routing;
 pub mod settlement;
 pub mod time;
 
