@@ -7,9 +7,16 @@
 //! means the provider certainly did not act (try another), while
 //! [`ProviderError::Timeout`] means it may have (inquire first, or reverse).
 
+mod http_connector;
+pub mod http_sim;
+pub mod protocol;
 mod simulator;
 
-pub use simulator::{Fault, LedgerEntry, LedgerState, SimulatedAcquirer, SimulatorConfig, test_card_outcome};
+pub use http_connector::HttpConnector;
+
+pub use simulator::{
+    Fault, FaultMode, LedgerEntry, LedgerState, SimulatedAcquirer, SimulatorConfig, test_card_outcome,
+};
 
 use async_trait::async_trait;
 pub use kassa_domain::reconciliation::ReportLine;

@@ -24,15 +24,59 @@ pub fn test_card_outcome(pan_digits: &str) -> Result<AuthorizeOutcome, ProviderE
     }
 }
 
-/// A fault to inject.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Fault {
-    /// Refuse every call: the provider did not act.
+/// What a fault does to a call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FaultMode {
+    /// Refuse the call: the provider did not act (over HTTP, the port refuses connections).
     Down,
-    /// Record the authorization, then never answer in time: the nastiest real failure.
+    /// Answer a server error before acting.
+    Error,
+    /// Add `latency_ms` to the call.
+    Slow,
+    /// Act (record the authorization), then never answer in time: the nastiest real failure.
     TimeoutAfterAccept,
-    /// Add this much latency to every call.
-    Slow { extra_ms: u64 },
+    /// Decline authorizations as `issuer_unavailable` (a soft decline another route may approve).
+    SoftDeclineBurst,
+}
+
+impl FaultMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FaultMode::Down => "down",
+            FaultMode::Error => "error",
+            FaultMode::Slow => "slow",
+            FaultMode::TimeoutAfterAccept => "timeout_after_accept",
+            FaultMode::SoftDeclineBurst => "soft_decline_burst",
+        }
+    }
+}
+
+/// A fault to inject: a mode, the share of calls it hits, and how long it lasts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fault {
+    pub mode: FaultMode,
+    /// Calls hit, per mille (1000: every call). `Down` always hits every call.
+    pub rate_per_mille: u32,
+    /// Extra latency of `Slow`.
+    pub latency_ms: u64,
+    /// When the fault clears by itself; `None`: when cleared.
+    pub until: Option<tokio::time::Instant>,
+}
+
+impl Fault {
+    /// Every call, until cleared.
+    pub fn always(mode: FaultMode) -> Fault {
+        Fault { mode, rate_per_mille: 1000, latency_ms: 0, until: None }
+    }
+
+    pub fn slow(latency_ms: u64) -> Fault {
+        Fault { latency_ms, ..Fault::always(FaultMode::Slow) }
+    }
+
+    fn active(&self, now: tokio::time::Instant) -> bool {
+        self.until.is_none_or(|until| now < until)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -82,6 +126,8 @@ struct Inner {
     declined: HashMap<AttemptId, (String, DeclineCategory)>,
     fault: Option<Fault>,
     rng: u64,
+    /// Protocol calls answered (for load tests: is traffic reaching it?).
+    calls: u64,
     codes_issued: u64,
 }
 
@@ -91,12 +137,19 @@ pub struct SimulatedAcquirer {
     name: String,
     config: SimulatorConfig,
     inner: Mutex<Inner>,
+    /// Bumped on every fault change, so an HTTP server can close or reopen its port.
+    fault_changed: tokio::sync::watch::Sender<u64>,
 }
 
 impl SimulatedAcquirer {
     pub fn new(name: impl Into<String>, config: SimulatorConfig) -> Self {
         let inner = Inner { rng: config.seed.max(1), ..Inner::default() };
-        SimulatedAcquirer { name: name.into(), config, inner: Mutex::new(inner) }
+        SimulatedAcquirer {
+            name: name.into(),
+            config,
+            inner: Mutex::new(inner),
+            fault_changed: tokio::sync::watch::channel(0).0,
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -104,8 +157,49 @@ impl SimulatedAcquirer {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
     pub fn set_fault(&self, fault: Option<Fault>) {
         self.lock().fault = fault;
+        self.fault_changed.send_modify(|n| *n += 1);
+    }
+
+    /// The fault in force now (an expired one is none).
+    pub fn fault(&self) -> Option<Fault> {
+        self.lock().fault.filter(|f| f.active(tokio::time::Instant::now()))
+    }
+
+    /// Whether the provider refuses connections now.
+    pub fn is_down(&self) -> bool {
+        self.fault().is_some_and(|f| f.mode == FaultMode::Down)
+    }
+
+    /// Wait until the provider is down (`true`) or up (`false`): on a change,
+    /// or when a timed fault runs out.
+    pub async fn wait_down(&self, down: bool) {
+        let mut changed = self.fault_changed.subscribe();
+        loop {
+            if self.is_down() == down {
+                return;
+            }
+            let until = self.fault().and_then(|f| f.until);
+            tokio::select! {
+                _ = changed.changed() => {}
+                _ = async {
+                    match until {
+                        Some(until) => tokio::time::sleep_until(until).await,
+                        None => std::future::pending().await,
+                    }
+                } => {}
+            }
+        }
+    }
+
+    /// Protocol calls answered so far.
+    pub fn calls(&self) -> u64 {
+        self.lock().calls
     }
 
     /// Every authorization this provider holds, in attempt order.
@@ -115,27 +209,49 @@ impl SimulatedAcquirer {
         entries
     }
 
-    /// Latency for the next call: uniform in the configured range (xorshift64*).
-    fn latency(&self) -> (Duration, Option<Fault>) {
-        let mut inner = self.lock();
+    fn next_random(inner: &mut Inner) -> u64 {
         let mut x = inner.rng;
         x ^= x >> 12;
         x ^= x << 25;
         x ^= x >> 27;
         inner.rng = x;
+        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    /// Latency for the next call (uniform in the configured range, xorshift64*)
+    /// and the fault that hits it, if any.
+    fn latency(&self) -> (Duration, Option<FaultMode>) {
+        let mut inner = self.lock();
+        inner.calls += 1;
         let span = self.config.latency_ms_max.saturating_sub(self.config.latency_ms_min) + 1;
-        let mut ms = self.config.latency_ms_min + x.wrapping_mul(0x2545_F491_4F6C_DD1D) % span;
-        if let Some(Fault::Slow { extra_ms }) = inner.fault {
-            ms += extra_ms;
-        }
-        (Duration::from_millis(ms), inner.fault)
+        let mut ms = self.config.latency_ms_min + Self::next_random(&mut inner) % span;
+        let fault = inner.fault.filter(|f| f.active(tokio::time::Instant::now()));
+        let hit = match fault {
+            Some(f)
+                if f.mode == FaultMode::Down || Self::next_random(&mut inner) % 1000 < u64::from(f.rate_per_mille) =>
+            {
+                if f.mode == FaultMode::Slow {
+                    ms += f.latency_ms;
+                }
+                Some(f.mode)
+            }
+            _ => None,
+        };
+        (Duration::from_millis(ms), hit)
     }
 
     /// Sleep the call's latency; past the deadline the caller sees a timeout.
-    async fn respond(&self, deadline: Duration) -> Result<Option<Fault>, ProviderError> {
+    async fn respond(&self, deadline: Duration) -> Result<Option<FaultMode>, ProviderError> {
         let (latency, fault) = self.latency();
-        if fault == Some(Fault::Down) {
-            return Err(ProviderError::Unavailable { reason: format!("{} refused the connection", self.name) });
+        match fault {
+            Some(FaultMode::Down) => {
+                return Err(ProviderError::Unavailable { reason: format!("{} refused the connection", self.name) });
+            }
+            Some(FaultMode::Error) => {
+                tokio::time::sleep(latency.min(deadline)).await;
+                return Err(ProviderError::Unavailable { reason: format!("{} answered 503", self.name) });
+            }
+            _ => {}
         }
         if latency > deadline {
             tokio::time::sleep(deadline).await;
@@ -171,6 +287,10 @@ impl Connector for SimulatedAcquirer {
                 Ok(AuthorizeOutcome::Approved { authorization_code: entry.authorization_code.clone() })
             } else if let Some((code, category)) = inner.declined.get(&request.attempt_id) {
                 Ok(AuthorizeOutcome::Declined { code: code.clone(), category: *category })
+            } else if fault == Some(FaultMode::SoftDeclineBurst) {
+                let (code, category) = ("issuer_unavailable".to_owned(), DeclineCategory::Soft);
+                inner.declined.insert(request.attempt_id, (code.clone(), category));
+                Ok(AuthorizeOutcome::Declined { code, category })
             } else {
                 match test_card_outcome(&request.card.pan.expose_digits()) {
                     Ok(AuthorizeOutcome::Approved { .. }) => {
@@ -198,7 +318,7 @@ impl Connector for SimulatedAcquirer {
                 }
             }
         };
-        if fault == Some(Fault::TimeoutAfterAccept) {
+        if fault == Some(FaultMode::TimeoutAfterAccept) {
             // Acted, but the answer never arrives in time.
             tokio::time::sleep(deadline).await;
             return Err(ProviderError::Timeout { deadline_ms: deadline.as_millis() as u64 });

@@ -60,7 +60,7 @@ async fn a_retried_attempt_is_authorized_once() {
 #[tokio::test(start_paused = true)]
 async fn timeout_after_accept_holds_money_that_inquiry_finds_and_reversal_releases() {
     let sim = sim();
-    sim.set_fault(Some(Fault::TimeoutAfterAccept));
+    sim.set_fault(Some(Fault::always(FaultMode::TimeoutAfterAccept)));
     let answer = sim.authorize(request(1, "4242424242424242"), DEADLINE).await;
     assert_eq!(answer, Err(ProviderError::Timeout { deadline_ms: 2000 }));
     assert_eq!(sim.ledger()[0].state, LedgerState::Authorized, "the provider acted");
@@ -81,13 +81,13 @@ async fn timeout_after_accept_holds_money_that_inquiry_finds_and_reversal_releas
 #[tokio::test(start_paused = true)]
 async fn down_refuses_without_acting_and_slow_misses_deadlines() {
     let sim = sim();
-    sim.set_fault(Some(Fault::Down));
+    sim.set_fault(Some(Fault::always(FaultMode::Down)));
     assert!(matches!(
         sim.authorize(request(1, "4242424242424242"), DEADLINE).await,
         Err(ProviderError::Unavailable { .. })
     ));
     assert!(sim.ledger().is_empty());
-    sim.set_fault(Some(Fault::Slow { extra_ms: 5000 }));
+    sim.set_fault(Some(Fault::slow(5000)));
     assert_eq!(
         sim.authorize(request(2, "4242424242424242"), DEADLINE).await,
         Err(ProviderError::Timeout { deadline_ms: 2000 })

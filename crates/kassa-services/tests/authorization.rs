@@ -8,7 +8,7 @@ use kassa_bus::{Bus, BusConfig, EmbeddedBus, TopicSpec};
 use kassa_codec::{Envelope, EventPayload, decode_frame};
 use kassa_domain::*;
 use kassa_eventlog::{EventLog, LogConfig};
-use kassa_providers::{Connector, Fault, LedgerState, SimulatedAcquirer, SimulatorConfig};
+use kassa_providers::{Connector, Fault, FaultMode, LedgerState, SimulatedAcquirer, SimulatorConfig};
 use kassa_services::SystemClock;
 use kassa_services::authorization::{AuthorizationConfig, AuthorizationService};
 use kassa_services::messages::{COMMAND_REJECTED, CommandRejected, PaymentCommandMessage};
@@ -205,7 +205,7 @@ async fn approvals_declines_and_failover() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_provider_that_is_down_is_routed_around() {
     let mut world = World::new();
-    world.sims[0].set_fault(Some(Fault::Down));
+    world.sims[0].set_fault(Some(Fault::always(FaultMode::Down)));
     let payment = world.pay("4242424242424242", 500, true).await;
     let state = world.until(payment, settled_outcome).await;
     assert_eq!(state.status(), Some(PaymentStatus::Captured));
@@ -217,7 +217,7 @@ async fn a_provider_that_is_down_is_routed_around() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_timeout_after_accept_is_resolved_by_inquiry_never_a_second_charge() {
     let mut world = World::new();
-    world.sims[0].set_fault(Some(Fault::TimeoutAfterAccept));
+    world.sims[0].set_fault(Some(Fault::always(FaultMode::TimeoutAfterAccept)));
     let payments = [world.pay("4242424242424242", 700, true).await, world.pay("5555555555554444", 800, false).await];
     // The provider recovers while the outcomes are unknown; inquiries find the authorizations.
     tokio::time::sleep(Duration::from_millis(400)).await;
@@ -355,7 +355,7 @@ async fn settlement_and_reconciliation_are_recorded_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_timeout_the_provider_never_saw_is_reversed_before_failing_over() {
     let mut world = World::new();
-    world.sims[0].set_fault(Some(Fault::Slow { extra_ms: 5000 }));
+    world.sims[0].set_fault(Some(Fault::slow(5000)));
     let payment = world.pay("4242424242424242", 900, true).await;
     // Inquiries at a slow provider time out too; once it answers again, it has nothing:
     // the attempt is reversed there (a late arrival would be refused), then beta is tried.
