@@ -57,6 +57,7 @@ impl EventPayload for PaymentEvent {
         "payment.refunded",
         "payment.settled",
         "payment.reconciled",
+        "payment.attempt_declined",
     ];
 
     fn event_type(&self) -> &'static str {
@@ -66,6 +67,7 @@ impl EventPayload for PaymentEvent {
             PaymentEvent::Authorized { .. } => "payment.authorized",
             PaymentEvent::Declined { .. } => "payment.declined",
             PaymentEvent::AuthorizationFailed { .. } => "payment.authorization_failed",
+            PaymentEvent::AttemptDeclined { .. } => "payment.attempt_declined",
             PaymentEvent::AuthorizationOutcomeUnknown { .. } => "payment.authorization_outcome_unknown",
             PaymentEvent::AuthorizationReversed { .. } => "payment.authorization_reversed",
             PaymentEvent::Captured { .. } => "payment.captured",
@@ -91,6 +93,7 @@ impl EventPayload for PaymentEvent {
             | E::AuthorizationOutcomeUnknown { attempt_id, provider, reason } => {
                 encode_value(&(attempt_id, provider, reason))
             }
+            E::AttemptDeclined { attempt_id, provider, code } => encode_value(&(attempt_id, provider, code)),
             E::AuthorizationReversed { attempt_id, provider } => encode_value(&(attempt_id, provider)),
             E::Captured { capture_id, amount } => encode_value(&(capture_id, amount)),
             E::Voided { amount } => encode_value(amount),
@@ -120,6 +123,10 @@ impl EventPayload for PaymentEvent {
             "payment.authorization_failed" => {
                 let (attempt_id, provider, reason) = decode_value(payload, t)?;
                 E::AuthorizationFailed { attempt_id, provider, reason }
+            }
+            "payment.attempt_declined" => {
+                let (attempt_id, provider, code) = decode_value(payload, t)?;
+                E::AttemptDeclined { attempt_id, provider, code }
             }
             "payment.authorization_outcome_unknown" => {
                 let (attempt_id, provider, reason) = decode_value(payload, t)?;

@@ -71,6 +71,11 @@ fn samples() -> Vec<PaymentEvent> {
         PaymentEvent::Refunded { refund_id: RefundId::from_u128(88), amount: eur(250) },
         PaymentEvent::Settled { batch_id: BatchId::from_u128(99) },
         PaymentEvent::Reconciled { report_id: ReportId::from_u128(111) },
+        PaymentEvent::AttemptDeclined {
+            attempt_id: attempt,
+            provider: "acq-beta".into(),
+            code: "issuer_unavailable".into(),
+        },
     ]
 }
 

@@ -3,7 +3,7 @@
 //! ```text
 //! New ─Request→ Requested ─StartAuthorization→ Authorizing ─┬─Approved→ Authorized ─Capture→ Captured ─Settle→ Settled ─Reconcile→ Reconciled
 //!                  │  ▲                                      ├─Declined→ Declined (terminal)      │  Void→ Voided (terminal)
-//!                  │  └──────Failed / Reversed───────────────┤                                   Refund (≤ captured) in Captured, Settled, Reconciled
+//!                  │  └──Failed / Reversed / AttemptDeclined──┤                                   Refund (≤ captured) in Captured, Settled, Reconciled
 //!                  └─Decline→ Declined                       └─Unknown→ Authorizing (outcome unknown: inquire, or reverse)
 //! ```
 //!
@@ -101,6 +101,11 @@ pub enum AuthorizationResult {
     Unknown {
         reason: String,
     },
+    /// A soft decline the scheme rules allow retrying with another provider
+    /// (the issuer or a switch was unreachable, and the card's retry limit holds).
+    RetryableDecline {
+        code: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -187,17 +192,59 @@ pub struct PaymentRequested {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum PaymentEvent {
     Requested(PaymentRequested),
-    AuthorizationStarted { attempt_id: AttemptId, provider: String },
-    Authorized { attempt_id: AttemptId, provider: String, authorization_code: String, amount: Money },
-    Declined { attempt_id: Option<AttemptId>, provider: Option<String>, code: String, category: DeclineCategory },
-    AuthorizationFailed { attempt_id: AttemptId, provider: String, reason: String },
-    AuthorizationOutcomeUnknown { attempt_id: AttemptId, provider: String, reason: String },
-    AuthorizationReversed { attempt_id: AttemptId, provider: String },
-    Captured { capture_id: CaptureId, amount: Money },
-    Voided { amount: Money },
-    Refunded { refund_id: RefundId, amount: Money },
-    Settled { batch_id: BatchId },
-    Reconciled { report_id: ReportId },
+    AuthorizationStarted {
+        attempt_id: AttemptId,
+        provider: String,
+    },
+    Authorized {
+        attempt_id: AttemptId,
+        provider: String,
+        authorization_code: String,
+        amount: Money,
+    },
+    Declined {
+        attempt_id: Option<AttemptId>,
+        provider: Option<String>,
+        code: String,
+        category: DeclineCategory,
+    },
+    AuthorizationFailed {
+        attempt_id: AttemptId,
+        provider: String,
+        reason: String,
+    },
+    /// Declined, but another provider may approve: the payment goes back to be routed again.
+    AttemptDeclined {
+        attempt_id: AttemptId,
+        provider: String,
+        code: String,
+    },
+    AuthorizationOutcomeUnknown {
+        attempt_id: AttemptId,
+        provider: String,
+        reason: String,
+    },
+    AuthorizationReversed {
+        attempt_id: AttemptId,
+        provider: String,
+    },
+    Captured {
+        capture_id: CaptureId,
+        amount: Money,
+    },
+    Voided {
+        amount: Money,
+    },
+    Refunded {
+        refund_id: RefundId,
+        amount: Money,
+    },
+    Settled {
+        batch_id: BatchId,
+    },
+    Reconciled {
+        report_id: ReportId,
+    },
 }
 
 /// Why a command was refused. Each says what was wrong.
@@ -397,6 +444,9 @@ pub fn decide(state: &PaymentState, command: PaymentCommand, now: Timestamp) -> 
                 AuthorizationResult::Unknown { reason } => {
                     vec![E::AuthorizationOutcomeUnknown { attempt_id, provider, reason }]
                 }
+                AuthorizationResult::RetryableDecline { code } => {
+                    vec![E::AttemptDeclined { attempt_id, provider, code }]
+                }
             })
         }
         C::ReverseAuthorization { attempt_id } => {
@@ -510,6 +560,14 @@ pub fn apply(state: &mut PaymentState, event: &PaymentEvent) {
             }
             state.stage = Stage::Requested;
             state.in_flight = InFlight::default();
+        }
+        E::AttemptDeclined { attempt_id, code, .. } => {
+            if state.stage != Stage::Authorizing || state.in_flight.attempt_id != Some(*attempt_id) {
+                bad(state)
+            }
+            state.stage = Stage::Requested;
+            state.in_flight = InFlight::default();
+            state.decline_code = Some(code.clone());
         }
         E::AuthorizationOutcomeUnknown { attempt_id, .. } => {
             if state.stage != Stage::Authorizing || state.in_flight.attempt_id != Some(*attempt_id) {

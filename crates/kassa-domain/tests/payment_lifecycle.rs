@@ -211,6 +211,26 @@ fn failure_returns_to_requested_so_another_provider_can_be_tried() {
 }
 
 #[test]
+fn a_retryable_decline_goes_back_to_be_routed_and_remembers_the_code() {
+    let declined = PaymentEvent::AttemptDeclined {
+        attempt_id: ATT,
+        provider: "acq-alpha".into(),
+        code: "issuer_unavailable".into(),
+    };
+    let state = given(&[requested(1999, true), started(ATT)])
+        .when(PaymentCommand::RecordAuthorizationResult {
+            attempt_id: ATT,
+            result: AuthorizationResult::RetryableDecline { code: "issuer_unavailable".into() },
+        })
+        .then(std::slice::from_ref(&declined));
+    assert_eq!(state.stage, Stage::Requested);
+    assert_eq!(state.decline_code.as_deref(), Some("issuer_unavailable"));
+    given(&[requested(1999, true), started(ATT), declined])
+        .when(PaymentCommand::StartAuthorization { attempt_id: ATT2, provider: "acq-beta".into() })
+        .then(&[PaymentEvent::AuthorizationStarted { attempt_id: ATT2, provider: "acq-beta".into() }]);
+}
+
+#[test]
 fn unknown_outcome_keeps_the_attempt_in_flight_until_resolved() {
     let unknown = PaymentEvent::AuthorizationOutcomeUnknown {
         attempt_id: ATT,

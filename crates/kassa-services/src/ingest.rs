@@ -864,6 +864,9 @@ fn event_data(event: &PaymentEvent) -> String {
         PaymentEvent::AuthorizationReversed { attempt_id, provider } => {
             serde_json::json!({"attempt_id": attempt_id.to_string(), "provider": provider})
         }
+        PaymentEvent::AttemptDeclined { attempt_id, provider, code } => {
+            serde_json::json!({"attempt_id": attempt_id.to_string(), "provider": provider, "code": code})
+        }
         PaymentEvent::Captured { capture_id, amount } => {
             serde_json::json!({"capture_id": capture_id.to_string(), "amount": amount.minor})
         }
