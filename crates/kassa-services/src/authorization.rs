@@ -8,18 +8,27 @@
 //! the consumed offset — in one append. Provider calls start only after that
 //! append is durable, so a crash never loses the fact that an attempt was made.
 //!
-//! Routing here is a fixed priority with failover; a timeout is an *unknown*
-//! outcome, resolved by a status inquiry (or a reversal) before any other
-//! provider is tried, so at most one authorization per payment ever stands.
+//! Each attempt goes where the routing engine ([`crate::routing`]) says, and
+//! the decision is recorded with all its inputs (`routing.decided`, on the
+//! payment's routing stream). A refused connection, a 503 or an open breaker
+//! fails over to the next candidate within the same request; a decline fails
+//! over only where the scheme rules say another route can succeed. A timeout
+//! is an *unknown* outcome, resolved by a status inquiry (or a reversal)
+//! before any other provider is tried, so at most one authorization per
+//! payment ever stands.
 
 use crate::consume::{id_key, resume_subscription};
 use crate::messages::{COMMAND_REJECTED, CommandRejected, PaymentCommandMessage};
 use crate::relay::{RelayConfig, run_relay};
+use crate::routing::{RoutingEngine, RoutingSettings};
 use crate::runtime::{Clock, derived_id};
-use crate::topics::{PAYMENT_COMMANDS, PAYMENT_EVENTS};
+use crate::topics::{PAYMENT_COMMANDS, PAYMENT_EVENTS, PROVIDER_HEALTH};
 use crate::vault::CardVault;
 use kassa_bus::{Bus, Message};
 use kassa_codec::{EventPayload, decode_frame, decode_value, encode_value};
+use kassa_domain::routing::decline::{RetryAdvice, classify_decline};
+use kassa_domain::routing::health::OutcomeClass;
+use kassa_domain::routing::{PaymentFacts, RoutingDecision, RoutingInput, RoutingOutcome};
 use kassa_domain::{
     AttemptId, AuthorizationResult, CaptureId, DeclineCategory, MerchantId, Money, PaymentCommand, PaymentEvent,
     PaymentId, PaymentState, RefundId, Rejection, RequestPayment, Stage, apply, decide,
@@ -107,10 +116,28 @@ enum Effect {
 
 #[derive(Debug)]
 enum EffectResult {
-    Authorized { payment_id: PaymentId, attempt_id: AttemptId, result: Result<AuthorizeOutcome, ProviderError> },
-    Inquired { payment_id: PaymentId, attempt_id: AttemptId, result: Result<AttemptStatus, ProviderError> },
-    Reversed { payment_id: PaymentId, attempt_id: AttemptId, result: Result<(), ProviderError> },
-    OpDone { payment_id: PaymentId, op: ProviderOp, result: Result<(), ProviderError> },
+    Authorized {
+        payment_id: PaymentId,
+        attempt_id: AttemptId,
+        provider: String,
+        latency_ms: u32,
+        result: Result<AuthorizeOutcome, ProviderError>,
+    },
+    Inquired {
+        payment_id: PaymentId,
+        attempt_id: AttemptId,
+        result: Result<AttemptStatus, ProviderError>,
+    },
+    Reversed {
+        payment_id: PaymentId,
+        attempt_id: AttemptId,
+        result: Result<(), ProviderError>,
+    },
+    OpDone {
+        payment_id: PaymentId,
+        op: ProviderOp,
+        result: Result<(), ProviderError>,
+    },
 }
 
 /// A provider call with a hard stop a little past its deadline, in case a
@@ -134,6 +161,34 @@ pub struct AuthorizationService {
     vault: Arc<CardVault>,
     clock: Arc<dyn Clock>,
     config: AuthorizationConfig,
+    routing: Arc<RoutingEngine>,
+}
+
+/// Event type of a routing decision (JSON payload: [`RoutingDecided`]).
+pub const ROUTING_DECIDED: &str = "routing.decided";
+/// Event type of a rule set replaced through the API (JSON payload: the rule set).
+pub const ROUTING_RULES_CHANGED: &str = "routing.rules_changed";
+const RULES_KEY: &[u8] = b"routing/rules";
+/// Event type of a provider health change (JSON payload: [`crate::routing::HealthChange`]).
+pub const PROVIDER_HEALTH_CHANGED: &str = "provider.health_changed";
+
+/// A routing decision with everything it was made from: run
+/// [`kassa_domain::routing::route`] on `input` and you get `decision`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoutingDecided {
+    pub attempt: u64,
+    pub input: RoutingInput,
+    pub decision: RoutingDecision,
+}
+
+/// The stream a payment's routing decisions are recorded on.
+pub fn routing_stream(payment_id: PaymentId) -> u128 {
+    derived_id(payment_id.as_u128(), "routing-stream", 0)
+}
+
+/// The stream a provider's health changes are recorded on.
+pub fn health_stream(provider: &str) -> u128 {
+    derived_id(0, &format!("provider-health/{provider}"), 0)
 }
 
 fn record_key(payment_id: PaymentId) -> Vec<u8> {
@@ -161,12 +216,136 @@ impl AuthorizationService {
         clock: Arc<dyn Clock>,
         config: AuthorizationConfig,
     ) -> Self {
-        AuthorizationService { log, bus, providers, vault, clock, config }
+        let names: Vec<String> = providers.iter().map(|p| p.name().to_owned()).collect();
+        let routing = Arc::new(
+            RoutingEngine::new(RoutingSettings::default(), &names).expect("default routing settings are valid"),
+        );
+        AuthorizationService { log, bus, providers, vault, clock, config, routing }
+    }
+
+    /// Route with this engine instead of the default (every provider in order).
+    pub fn with_routing(mut self, routing: Arc<RoutingEngine>) -> Self {
+        self.routing = routing;
+        self
+    }
+
+    pub fn routing(&self) -> &Arc<RoutingEngine> {
+        &self.routing
+    }
+
+    /// Replace the routing rules: recorded (`routing.rules_changed`) and kept
+    /// across restarts, in effect for the next decision. Returns the new version.
+    pub async fn set_rules(&self, rules: kassa_domain::routing::RuleSet) -> Result<u64, String> {
+        let version = self.routing.set_rules(rules)?;
+        let rules = self.routing.rules();
+        let json = serde_json::to_vec(&*rules).map_err(|e| e.to_string())?;
+        let event = NewEvent {
+            event_id: rand::random::<u128>(),
+            event_type: ROUTING_RULES_CHANGED.to_owned(),
+            stream_id: derived_id(0, "routing-rules", 0),
+            timestamp_ms: self.clock.now().unix_ms(),
+            causation_id: None,
+            correlation_id: None,
+            payload: json.clone(),
+        };
+        let write = StateWrite { table: Table::State, key: RULES_KEY.to_vec(), value: Some(json) };
+        self.log
+            .append(AppendRequest { events: vec![event], expected: Vec::new(), writes: vec![write] })
+            .await
+            .map_err(|e| format!("recording the rules: {e}"))?;
+        Ok(version)
+    }
+
+    /// Add a maintenance window to a provider's calendar, kept across restarts.
+    pub async fn add_maintenance(
+        &self,
+        provider: &str,
+        window: kassa_domain::routing::maintenance::MaintenanceWindow,
+    ) -> Result<(), String> {
+        self.routing.add_maintenance(provider, window.clone(), self.clock.now())?;
+        let key = format!("maintenance/{provider}/{:020}", window.start_ms).into_bytes();
+        let json = serde_json::to_vec(&window).map_err(|e| e.to_string())?;
+        let write = StateWrite { table: Table::State, key, value: Some(json) };
+        self.log
+            .append(AppendRequest { writes: vec![write], ..Default::default() })
+            .await
+            .map(drop)
+            .map_err(|e| format!("recording the maintenance window: {e}"))
+    }
+
+    /// Put back what operators changed through the API before a restart.
+    fn restore_routing(&self) -> Result<(), String> {
+        if let Some(json) = self.log.get(Table::State, RULES_KEY).map_err(|e| e.to_string())? {
+            let rules: kassa_domain::routing::RuleSet =
+                serde_json::from_slice(&json).map_err(|e| format!("stored routing rules: {e}"))?;
+            if rules.version > self.routing.rules().version {
+                self.routing.set_rules(rules)?;
+            }
+        }
+        let now = self.clock.now();
+        for (key, json) in self.log.scan(Table::State, b"maintenance/").map_err(|e| e.to_string())? {
+            let text = String::from_utf8_lossy(&key);
+            let provider = text.split('/').nth(1).unwrap_or_default().to_owned();
+            let window: kassa_domain::routing::maintenance::MaintenanceWindow =
+                serde_json::from_slice(&json).map_err(|e| format!("stored maintenance window {text}: {e}"))?;
+            if window.end_ms > now.unix_ms()
+                && let Err(error) = self.routing.add_maintenance(&provider, window, now)
+            {
+                tracing::warn!(%provider, %error, "a stored maintenance window no longer applies");
+            }
+        }
+        Ok(())
+    }
+
+    /// A payment's routing decisions, oldest first.
+    pub fn routing_decisions(&self, payment_id: PaymentId) -> Result<Vec<RoutingDecided>, kassa_eventlog::LogError> {
+        let envelopes = self.log.read_stream(routing_stream(payment_id), 1, 10_000)?;
+        Ok(envelopes
+            .iter()
+            .filter(|e| e.event_type == ROUTING_DECIDED)
+            .filter_map(|e| serde_json::from_slice(&e.payload).ok())
+            .collect())
+    }
+
+    /// Record health changes on each provider's stream, and let time-driven
+    /// ones (breakers half-opening, maintenance windows) happen.
+    async fn run_health(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+        let mut interval = tokio::time::interval(Duration::from_millis(250));
+        loop {
+            tokio::select! {
+                _ = stop.changed() => return,
+                _ = interval.tick() => {}
+            }
+            let now = self.clock.now();
+            self.routing.tick(now);
+            let changes = self.routing.take_health_changes();
+            if changes.is_empty() {
+                continue;
+            }
+            let events = changes
+                .iter()
+                .map(|change| NewEvent {
+                    event_id: rand::random::<u128>(),
+                    event_type: PROVIDER_HEALTH_CHANGED.to_owned(),
+                    stream_id: health_stream(&change.provider),
+                    timestamp_ms: change.at_ms,
+                    causation_id: None,
+                    correlation_id: None,
+                    payload: serde_json::to_vec(change).unwrap_or_default(),
+                })
+                .collect();
+            if let Err(error) = self.log.append(AppendRequest { events, ..Default::default() }).await {
+                tracing::error!(%error, "cannot record provider health changes");
+            }
+        }
     }
 
     /// Start one actor per partition of `payments.commands`, and the relay
     /// that publishes the service's events to `payments.events`.
     pub fn spawn(self: &Arc<Self>, stop: watch::Receiver<bool>) -> Result<Vec<JoinHandle<()>>, kassa_bus::BusError> {
+        if let Err(error) = self.restore_routing() {
+            tracing::error!(%error, "cannot restore routing changes made through the API; using the configured ones");
+        }
         let partitions = self.bus.partitions(PAYMENT_COMMANDS)?;
         let mut tasks = Vec::new();
         for partition in 0..partitions {
@@ -174,11 +353,20 @@ impl AuthorizationService {
             let stop = stop.clone();
             tasks.push(tokio::spawn(async move { service.run_partition(partition, stop).await }));
         }
+        tasks.push(tokio::spawn(Arc::clone(self).run_health(stop.clone())));
         tasks.push(tokio::spawn(run_relay(
             Arc::clone(&self.log),
             Arc::clone(&self.bus),
             PAYMENT_EVENTS,
-            |_| true,
+            |e| e.event_type.starts_with("payment."),
+            RelayConfig::default(),
+            stop.clone(),
+        )));
+        tasks.push(tokio::spawn(run_relay(
+            Arc::clone(&self.log),
+            Arc::clone(&self.bus),
+            PROVIDER_HEALTH,
+            |e| e.event_type == PROVIDER_HEALTH_CHANGED,
             RelayConfig::default(),
             stop,
         )));
@@ -424,33 +612,86 @@ impl PartitionActor {
         owed
     }
 
-    /// Move a payment on: start the next attempt, or decline when none is left.
+    /// Move a payment on: route its next attempt, or decline when routing says so.
     fn advance(&self, batch: &mut Batch, record: &mut PaymentRecord, payment_id: PaymentId) {
         if record.state.stage != Stage::Requested {
             return;
         }
-        let cause = derived_id(payment_id.as_u128(), "attempt", record.state.attempts.len() as u64);
-        let tried: HashSet<&str> = record.state.attempts.iter().map(|(_, p)| p.as_str()).collect();
-        let next = self.service.providers.iter().find(|p| !tried.contains(p.name())).map(|p| p.name().to_owned());
-        let decline = |code: &str| PaymentCommand::Decline { code: code.into(), category: DeclineCategory::Soft };
+        let Some(request) = record.state.request.clone() else { return };
+        let attempt = record.state.attempts.len() as u64;
+        let cause = derived_id(payment_id.as_u128(), "attempt", attempt);
+        let decline = |code: String, category: DeclineCategory| PaymentCommand::Decline { code, category };
         let command = if self.service.vault.get(payment_id).is_none() {
-            decline("card_data_unavailable")
-        } else if let (Some(provider), Some(request)) = (next, record.state.request.as_ref()) {
-            let attempt_id = AttemptId::from_u128(cause);
-            batch.effects.push(Effect::Authorize {
+            decline("card_data_unavailable".into(), DeclineCategory::Soft)
+        } else {
+            let routing = &self.service.routing;
+            let facts = PaymentFacts {
                 payment_id,
-                attempt_id,
-                provider: provider.clone(),
                 merchant_id: request.merchant_id,
                 amount: request.amount,
-            });
-            PaymentCommand::StartAuthorization { attempt_id, provider }
-        } else {
-            decline("providers_unavailable")
+                brand: request.card.brand,
+                bin_country: routing.bin_country(&request.card.bin),
+                bin: request.card.bin.clone(),
+                card_token: request.card.token,
+            };
+            let tried = record.state.attempts.iter().map(|(_, p)| p.clone()).collect();
+            let (input, decision) = routing.decide(facts, tried, self.now());
+            let outcome = decision.outcome.clone();
+            self.record_decision(batch, record, payment_id, cause, RoutingDecided { attempt, input, decision });
+            match outcome {
+                RoutingOutcome::Route { provider, .. } => {
+                    let attempt_id = AttemptId::from_u128(cause);
+                    batch.effects.push(Effect::Authorize {
+                        payment_id,
+                        attempt_id,
+                        provider: provider.clone(),
+                        merchant_id: request.merchant_id,
+                        amount: request.amount,
+                    });
+                    PaymentCommand::StartAuthorization { attempt_id, provider }
+                }
+                RoutingOutcome::DeclineForRisk { check, .. } => decline(format!("risk_{check}"), DeclineCategory::Hard),
+                RoutingOutcome::Exhausted => decline(
+                    record.state.decline_code.clone().unwrap_or_else(|| "providers_unavailable".into()),
+                    DeclineCategory::Soft,
+                ),
+                // Stand-in is never enabled yet (see ARCHITECTURE.md): both answer unavailable.
+                RoutingOutcome::ProvidersUnavailable { .. } | RoutingOutcome::StandIn => {
+                    decline("providers_unavailable".into(), DeclineCategory::Soft)
+                }
+            }
         };
         if let Err(rejection) = self.run(batch, record, payment_id, command, cause) {
             tracing::error!(%payment_id, %rejection, "advancing a payment was refused; this is a bug");
         }
+    }
+
+    /// Queue a routing decision as an event on the payment's routing stream.
+    fn record_decision(
+        &self,
+        batch: &mut Batch,
+        record: &PaymentRecord,
+        payment_id: PaymentId,
+        cause: u128,
+        decided: RoutingDecided,
+    ) {
+        let payload = match serde_json::to_vec(&decided) {
+            Ok(payload) => payload,
+            Err(error) => {
+                tracing::error!(%payment_id, %error, "cannot encode a routing decision");
+                return;
+            }
+        };
+        batch.events.push(NewEvent {
+            // Unique per payment: each decision is followed by an event on the payment's stream.
+            event_id: derived_id(payment_id.as_u128(), "routing", record.events_written),
+            event_type: ROUTING_DECIDED.to_owned(),
+            stream_id: routing_stream(payment_id),
+            timestamp_ms: self.now().unix_ms(),
+            causation_id: Some(cause),
+            correlation_id: Some(payment_id.as_u128()),
+            payload,
+        });
     }
 
     fn apply_result(&self, batch: &mut Batch, record: &mut PaymentRecord, result: EffectResult) {
@@ -458,7 +699,14 @@ impl PartitionActor {
         let in_flight =
             |record: &PaymentRecord, attempt_id: AttemptId| record.state.in_flight.attempt_id == Some(attempt_id);
         let (payment_id, command) = match result {
-            EffectResult::Authorized { payment_id, attempt_id, result } => {
+            EffectResult::Authorized { payment_id, attempt_id, provider, latency_ms, result } => {
+                let class = match &result {
+                    Ok(AuthorizeOutcome::Approved { .. }) => OutcomeClass::Approved,
+                    Ok(AuthorizeOutcome::Declined { .. }) => OutcomeClass::Declined,
+                    Err(ProviderError::Timeout { .. }) => OutcomeClass::Timeout,
+                    Err(_) => OutcomeClass::Error,
+                };
+                self.service.routing.record_call(&provider, class, latency_ms, self.now());
                 if !in_flight(record, attempt_id) {
                     return;
                 }
@@ -467,7 +715,19 @@ impl PartitionActor {
                         AuthorizationResult::Approved { authorization_code }
                     }
                     Ok(AuthorizeOutcome::Declined { code, category }) => {
-                        AuthorizationResult::Declined { code, category }
+                        let class = classify_decline(&code, None);
+                        let retry = class.advice == RetryAdvice::RetryElsewhere
+                            && record.state.request.as_ref().is_some_and(|r| {
+                                self.service.routing.allow_retry(r.card.token, r.card.brand, self.now())
+                            });
+                        if retry {
+                            AuthorizationResult::RetryableDecline { code }
+                        } else {
+                            // The scheme rules can only make a decline harder, never softer.
+                            let category =
+                                if class.category == DeclineCategory::Hard { DeclineCategory::Hard } else { category };
+                            AuthorizationResult::Declined { code, category }
+                        }
                     }
                     Err(ProviderError::Timeout { deadline_ms }) => {
                         let provider = record.state.in_flight.provider.clone();
@@ -755,9 +1015,13 @@ impl PartitionActor {
             let unavailable =
                 || ProviderError::Unavailable { reason: format!("provider {provider_name} is not configured") };
             let result = match effect {
-                Effect::Authorize { payment_id, attempt_id, .. } => {
-                    EffectResult::Authorized { payment_id, attempt_id, result: Err(unavailable()) }
-                }
+                Effect::Authorize { payment_id, attempt_id, provider, .. } => EffectResult::Authorized {
+                    payment_id,
+                    attempt_id,
+                    provider,
+                    latency_ms: 0,
+                    result: Err(unavailable()),
+                },
                 Effect::Inquire { payment_id, attempt_id, .. } => {
                     EffectResult::Inquired { payment_id, attempt_id, result: Err(unavailable()) }
                 }
@@ -777,7 +1041,8 @@ impl PartitionActor {
         };
         tokio::spawn(async move {
             let result = match effect {
-                Effect::Authorize { payment_id, attempt_id, merchant_id, amount, .. } => {
+                Effect::Authorize { payment_id, attempt_id, merchant_id, amount, provider } => {
+                    let started = std::time::Instant::now();
                     let result = match vault.get(payment_id) {
                         Some(card) => {
                             let request = AuthorizeRequest { attempt_id, payment_id, merchant_id, amount, card };
@@ -786,7 +1051,8 @@ impl PartitionActor {
                         // Gone (another path finished the payment): the provider was not called.
                         None => Err(ProviderError::Unavailable { reason: "card data no longer held".into() }),
                     };
-                    EffectResult::Authorized { payment_id, attempt_id, result }
+                    let latency_ms = u32::try_from(started.elapsed().as_millis()).unwrap_or(u32::MAX);
+                    EffectResult::Authorized { payment_id, attempt_id, provider, latency_ms, result }
                 }
                 Effect::Inquire { payment_id, attempt_id, delay_ms, .. } => {
                     tokio::time::sleep(Duration::from_millis(delay_ms)).await;

@@ -75,6 +75,10 @@ fn answer_response(answer: Answer) -> Response {
     if answer.replayed {
         response.headers_mut().insert("Idempotent-Replayed", HeaderValue::from_static("true"));
     }
+    if answer.status == 503 {
+        // Breakers probe again within seconds (routing.breaker.open_ms, 5 s by default).
+        response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+    }
     response
 }
 
@@ -355,5 +359,133 @@ async fn list_reports(State(app): State<App>, headers: HeaderMap) -> Response {
         let merchant = merchant(&app, &headers)?;
         let reports = app.reconciliation.reports(merchant, 100).map_err(storage_error)?;
         Ok(serde_json::json!({ "data": reports.iter().map(report_json).collect::<Vec<_>>() }))
+    })())
+}
+
+/// Operator routes for routing: providers' status, maintenance windows, the
+/// rule set, and a payment's recorded routing decisions.
+pub fn routing_router(
+    authorization: Arc<crate::authorization::AuthorizationService>,
+    clock: Arc<dyn crate::Clock>,
+    admin_token: &str,
+) -> Router {
+    let state = RoutingApp { authorization, clock, admin_token_hash: Sha256::digest(admin_token.as_bytes()).into() };
+    Router::new()
+        .route("/admin/providers", get(providers_status))
+        .route("/admin/providers/{name}/maintenance", post(add_maintenance))
+        .route("/admin/routing/rules", get(get_rules).put(put_rules))
+        .route("/admin/payments/{id}/routing", get(payment_routing))
+        .layer(DefaultBodyLimit::max(BODY_BYTES_MAX))
+        .with_state(state)
+}
+
+#[derive(Debug, Clone)]
+struct RoutingApp {
+    authorization: Arc<crate::authorization::AuthorizationService>,
+    clock: Arc<dyn crate::Clock>,
+    admin_token_hash: [u8; 32],
+}
+
+impl RoutingApp {
+    fn operator(&self, headers: &HeaderMap) -> Result<(), ApiError> {
+        let token = header_str(headers, "authorization")?.and_then(|h| h.strip_prefix("Bearer ")).unwrap_or("");
+        let hash: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        if token.is_empty() || hash != self.admin_token_hash {
+            return Err(ApiError::new(
+                401,
+                ErrorType::AuthenticationError,
+                "invalid_admin_token",
+                "missing or invalid operator token (see DIR/admin.token)",
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn body_json<T: serde::de::DeserializeOwned>(
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<T, ApiError> {
+    let body = post_body(headers, body)?;
+    serde_json::from_slice(&body).map_err(|e| ApiError::invalid("body_invalid", "body", format!("invalid body: {e}")))
+}
+
+async fn providers_status(State(app): State<RoutingApp>, headers: HeaderMap) -> Response {
+    json((|| {
+        app.operator(&headers)?;
+        let routing = app.authorization.routing();
+        Ok(serde_json::json!({
+            "object": "list",
+            "rule_set_version": routing.rules().version,
+            "data": routing.status(app.clock.now()),
+        }))
+    })())
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MaintenanceBody {
+    start: String,
+    end: String,
+    #[serde(default)]
+    reason: String,
+}
+
+async fn add_maintenance(
+    State(app): State<RoutingApp>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let result = async {
+        app.operator(&headers)?;
+        let b: MaintenanceBody = body_json(&headers, body)?;
+        let start = kassa_domain::Timestamp::parse_rfc3339(&b.start)
+            .map_err(|e| ApiError::invalid("parameter_invalid", "start", e))?;
+        let end = kassa_domain::Timestamp::parse_rfc3339(&b.end)
+            .map_err(|e| ApiError::invalid("parameter_invalid", "end", e))?;
+        let window = kassa_domain::routing::maintenance::MaintenanceWindow {
+            start_ms: start.unix_ms(),
+            end_ms: end.unix_ms(),
+            reason: if b.reason.is_empty() { "maintenance".into() } else { b.reason },
+        };
+        app.authorization.add_maintenance(&name, window).await.map_err(|e| {
+            if e.starts_with("unknown provider") {
+                ApiError::not_found("provider")
+            } else {
+                ApiError::invalid("parameter_invalid", "end", e)
+            }
+        })?;
+        let status = app.authorization.routing().status(app.clock.now());
+        let provider = status.into_iter().find(|p| p.name == name);
+        Ok(Answer { status: 201, body: serde_json::json!(provider), replayed: false })
+    };
+    respond(result.await)
+}
+
+async fn get_rules(State(app): State<RoutingApp>, headers: HeaderMap) -> Response {
+    json((|| {
+        app.operator(&headers)?;
+        Ok(serde_json::json!(*app.authorization.routing().rules()))
+    })())
+}
+
+async fn put_rules(State(app): State<RoutingApp>, headers: HeaderMap, body: Result<Bytes, BytesRejection>) -> Response {
+    let result = async {
+        app.operator(&headers)?;
+        let rules: kassa_domain::routing::RuleSet = body_json(&headers, body)?;
+        let version =
+            app.authorization.set_rules(rules).await.map_err(|e| ApiError::invalid("rules_invalid", "rules", e))?;
+        Ok(Answer { status: 200, body: serde_json::json!({ "version": version }), replayed: false })
+    };
+    respond(result.await)
+}
+
+async fn payment_routing(State(app): State<RoutingApp>, headers: HeaderMap, Path(id): Path<String>) -> Response {
+    json((|| {
+        app.operator(&headers)?;
+        let payment_id: kassa_domain::PaymentId = id.parse().map_err(|_| ApiError::not_found("payment"))?;
+        let decisions = app.authorization.routing_decisions(payment_id).map_err(storage_error)?;
+        Ok(serde_json::json!({ "object": "list", "data": decisions }))
     })())
 }

@@ -508,6 +508,19 @@ impl IngestService {
             }
             let state = self.wait_for(payment_id, has_outcome).await?;
             Ok(match state {
+                // No provider could take it (breakers open, maintenance): a clear error to retry later.
+                Some(state) if state.decline_code.as_deref() == Some("providers_unavailable") => Answer {
+                    status: 503,
+                    body: serde_json::json!({
+                        "error": {
+                            "type": "api_error",
+                            "code": "providers_unavailable",
+                            "message": "no provider can take this payment now (outages or maintenance); retry later with a new request",
+                        },
+                        "payment": payment_json(payment_id, &state),
+                    }),
+                    replayed: false,
+                },
                 Some(state) => Answer { status: 200, body: payment_json(payment_id, &state), replayed: false },
                 None => {
                     // Durable and on its way, no outcome within the bound yet.

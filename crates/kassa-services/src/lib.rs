@@ -13,6 +13,7 @@ pub mod ingest;
 pub mod messages;
 pub mod reconciliation;
 pub mod relay;
+pub mod routing;
 pub mod runtime;
 pub mod settlement;
 pub mod vault;
@@ -27,6 +28,8 @@ pub mod topics {
     pub const PAYMENT_EVENTS: &str = "payments.events";
     /// Settlement → reconciliation: every batch's events, keyed by batch id.
     pub const SETTLEMENT_EVENTS: &str = "settlement.events";
+    /// Authorization → operators: providers' health changes (breakers, maintenance), keyed by provider.
+    pub const PROVIDER_HEALTH: &str = "providers.health";
 }
 
 /// Partition key of a payment's messages.

@@ -12,7 +12,7 @@ use kassa_providers::{Connector, Fault, FaultMode, LedgerState, SimulatedAcquire
 use kassa_services::SystemClock;
 use kassa_services::authorization::{AuthorizationConfig, AuthorizationService};
 use kassa_services::messages::{COMMAND_REJECTED, CommandRejected, PaymentCommandMessage};
-use kassa_services::topics::{PAYMENT_COMMANDS, PAYMENT_EVENTS};
+use kassa_services::topics::{PAYMENT_COMMANDS, PAYMENT_EVENTS, PROVIDER_HEALTH};
 use kassa_services::vault::CardVault;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -41,7 +41,7 @@ fn retry_open<T, E: std::fmt::Display>(open: impl Fn() -> Result<T, E>) -> T {
 }
 
 fn topics() -> Vec<TopicSpec> {
-    vec![TopicSpec::new(PAYMENT_COMMANDS, 2), TopicSpec::new(PAYMENT_EVENTS, 2)]
+    vec![TopicSpec::new(PAYMENT_COMMANDS, 2), TopicSpec::new(PAYMENT_EVENTS, 2), TopicSpec::new(PROVIDER_HEALTH, 2)]
 }
 
 impl World {

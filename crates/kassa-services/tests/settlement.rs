@@ -15,7 +15,7 @@ use kassa_services::authorization::{AuthorizationConfig, AuthorizationService};
 use kassa_services::messages::PaymentCommandMessage;
 use kassa_services::reconciliation::{ReconciliationConfig, ReconciliationService};
 use kassa_services::settlement::{SettlementConfig, SettlementService};
-use kassa_services::topics::{PAYMENT_COMMANDS, PAYMENT_EVENTS, SETTLEMENT_EVENTS};
+use kassa_services::topics::{PAYMENT_COMMANDS, PAYMENT_EVENTS, PROVIDER_HEALTH, SETTLEMENT_EVENTS};
 use kassa_services::vault::CardVault;
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -65,6 +65,7 @@ async fn a_cutoff_closes_exact_batches_and_settles_each_payment_once() {
         TopicSpec::new(PAYMENT_COMMANDS, 2),
         TopicSpec::new(PAYMENT_EVENTS, 2),
         TopicSpec::new(SETTLEMENT_EVENTS, 2),
+        TopicSpec::new(PROVIDER_HEALTH, 2),
     ];
     let bus = Arc::new(EmbeddedBus::open(dir.path().join("bus"), BusConfig::new(topics)).unwrap());
     let vault = Arc::new(CardVault::new(100));

@@ -8,12 +8,12 @@ use anyhow::Context;
 use clap::Args;
 use kassa_bus::{Bus, BusConfig, EmbeddedBus, TopicSpec};
 use kassa_eventlog::{EventLog, LogConfig};
-use kassa_providers::{Connector, SimulatedAcquirer, SimulatorConfig};
+use kassa_providers::{Connector, Fault, FaultMode, SimulatedAcquirer, SimulatorConfig};
 use kassa_services::authorization::{AuthorizationConfig, AuthorizationService};
 use kassa_services::ingest::{IngestConfig, IngestService};
 use kassa_services::reconciliation::{ReconciliationConfig, ReconciliationService};
 use kassa_services::settlement::{SettlementConfig, SettlementService};
-use kassa_services::topics::{PAYMENT_COMMANDS, PAYMENT_EVENTS, SETTLEMENT_EVENTS};
+use kassa_services::topics::{PAYMENT_COMMANDS, PAYMENT_EVENTS, PROVIDER_HEALTH, SETTLEMENT_EVENTS};
 use kassa_services::vault::CardVault;
 use kassa_services::{Clock, SystemClock};
 use std::path::PathBuf;
@@ -37,6 +37,9 @@ pub struct BenchArgs {
     /// Where the logs go (a fresh temporary directory by default: put it on the disk you want to measure).
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
+    /// Take this simulated acquirer down for the whole run (failover cost: compare with none).
+    #[arg(long)]
+    pub down: Option<String>,
 }
 
 fn percentile(sorted: &[Duration], per_mille: usize) -> Duration {
@@ -47,6 +50,13 @@ fn percentile(sorted: &[Duration], per_mille: usize) -> Duration {
 }
 
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
+    if let Some(down) = &args.down {
+        anyhow::ensure!(
+            crate::up::PROVIDERS.contains(&down.as_str()),
+            "--down {down:?}: not one of {}",
+            crate::up::PROVIDERS.join(", ")
+        );
+    }
     let temp = tempfile::tempdir()?;
     let dir = args.data_dir.clone().unwrap_or_else(|| temp.path().to_path_buf());
     std::fs::create_dir_all(&dir)?;
@@ -58,6 +68,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             TopicSpec::new(PAYMENT_COMMANDS, crate::up::PARTITIONS),
             TopicSpec::new(PAYMENT_EVENTS, crate::up::PARTITIONS),
             TopicSpec::new(SETTLEMENT_EVENTS, crate::up::PARTITIONS),
+            TopicSpec::new(PROVIDER_HEALTH, crate::up::PARTITIONS),
         ];
         let bus: Arc<dyn Bus> = Arc::new(EmbeddedBus::open(dir.join("bus"), BusConfig::new(topics))?);
         let clock: Arc<dyn Clock> = Arc::new(SystemClock);
@@ -68,7 +79,11 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             .map(|(i, name)| {
                 let config =
                     SimulatorConfig { latency_ms_min: args.latency_ms_min, latency_ms_max: args.latency_ms_max, seed: i as u64 + 1 };
-                Arc::new(SimulatedAcquirer::new(*name, config)) as Arc<dyn Connector>
+                let sim = SimulatedAcquirer::new(*name, config);
+                if args.down.as_deref() == Some(*name) {
+                    sim.set_fault(Some(Fault::always(FaultMode::Down)));
+                }
+                Arc::new(sim) as Arc<dyn Connector>
             })
             .collect();
         // Wait for each outcome (no 202 cut-off), so latency is time to the final answer.

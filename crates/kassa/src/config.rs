@@ -3,6 +3,9 @@
 //! defaults. Unknown keys are refused, so a typo is an error, not a silent default.
 
 use anyhow::Context;
+use kassa_domain::Timestamp;
+use kassa_domain::routing::maintenance::MaintenanceWindow;
+use kassa_services::routing::RoutingSettings;
 use serde::Deserialize;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -19,10 +22,37 @@ pub struct Config {
     pub outcome_wait_ms: Option<u64>,
     /// Deadline of one provider call (ms).
     pub provider_timeout_ms: Option<u64>,
-    /// Simulated acquirers, in routing priority order (default: acq-alpha, acq-beta, acq-gamma).
+    /// Providers, in default routing priority order (default: three simulated
+    /// acquirers, acq-alpha, acq-beta, acq-gamma).
     #[serde(default)]
     pub providers: Vec<ProviderConfig>,
+    /// Routing rules, breaker thresholds, health windows, risk checks, BIN countries.
+    pub routing: Option<RoutingSettings>,
+    /// Maintenance windows: one-off (`start`, `end`) or weekly (`days`, `at`,
+    /// `duration_min`, `time_zone`).
+    #[serde(default)]
+    pub maintenance: Vec<MaintenanceConfig>,
 }
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MaintenanceConfig {
+    pub provider: String,
+    #[serde(default)]
+    pub reason: Option<String>,
+    /// One-off: RFC 3339 date-times.
+    pub start: Option<String>,
+    pub end: Option<String>,
+    /// Weekly: days (`mon` … `sun`), local start time `HH:MM`, length, IANA time zone.
+    #[serde(default)]
+    pub days: Vec<String>,
+    pub at: Option<String>,
+    pub duration_min: Option<u32>,
+    pub time_zone: Option<String>,
+}
+
+/// Weekly windows are expanded this far ahead at start-up.
+const WEEKLY_HORIZON_DAYS: i64 = 84;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -37,6 +67,9 @@ pub struct ProviderConfig {
     pub fee_basis_points: u32,
     #[serde(default = "default_fee_fixed")]
     pub fee_fixed_minor: i64,
+    /// Where the provider speaks the provider HTTP protocol (e.g. a `kassa
+    /// provider-sim`). Without it, `kassa up` serves a simulated acquirer itself.
+    pub url: Option<String>,
 }
 
 fn default_latency_min() -> u64 {
@@ -88,6 +121,22 @@ impl Config {
             );
             anyhow::ensure!(provider.fee_fixed_minor >= 0, "provider {:?}: fee_fixed_minor is negative", provider.name);
         }
+        for provider in &self.providers {
+            if let Some(url) = &provider.url {
+                anyhow::ensure!(
+                    url.starts_with("http://") || url.starts_with("https://"),
+                    "provider {:?}: url {url:?} must start with http:// or https://",
+                    provider.name
+                );
+            }
+        }
+        let names: Vec<String> = self.providers().iter().map(|p| p.name.clone()).collect();
+        for m in &self.maintenance {
+            anyhow::ensure!(names.contains(&m.provider), "maintenance: unknown provider {:?}", m.provider);
+            m.windows(0).with_context(|| format!("maintenance for provider {:?}", m.provider))?;
+        }
+        kassa_services::routing::RoutingEngine::new(self.routing_settings()?, &names)
+            .map_err(|e| anyhow::anyhow!("routing: {e}"))?;
         if let Some(wait) = self.outcome_wait_ms {
             anyhow::ensure!(wait <= 60_000, "outcome_wait_ms {wait} is over a minute");
         }
@@ -110,8 +159,82 @@ impl Config {
                 latency_ms_max: default_latency_max(),
                 fee_basis_points: default_fee_bp(),
                 fee_fixed_minor: default_fee_fixed(),
+                url: None,
             })
             .collect()
+    }
+
+    /// Routing settings with the maintenance calendar expanded into windows.
+    pub fn routing_settings(&self) -> anyhow::Result<RoutingSettings> {
+        let mut settings = self.routing.clone().unwrap_or_default();
+        let now_ms =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
+        for m in &self.maintenance {
+            let windows = m.windows(now_ms).with_context(|| format!("maintenance for provider {:?}", m.provider))?;
+            settings.maintenance_windows.entry(m.provider.clone()).or_default().extend(windows);
+        }
+        Ok(settings)
+    }
+}
+
+impl MaintenanceConfig {
+    /// The concrete UTC windows this entry stands for (weekly ones up to the horizon).
+    fn windows(&self, now_ms: i64) -> anyhow::Result<Vec<MaintenanceWindow>> {
+        let reason = self.reason.clone().unwrap_or_else(|| "maintenance".into());
+        match (&self.start, &self.end, self.at.as_ref()) {
+            (Some(start), Some(end), None) => {
+                anyhow::ensure!(
+                    self.days.is_empty() && self.time_zone.is_none() && self.duration_min.is_none(),
+                    "a one-off window has start and end only; days, at, duration_min and time_zone are for weekly ones"
+                );
+                let start = Timestamp::parse_rfc3339(start).map_err(|e| anyhow::anyhow!("start: {e}"))?;
+                let end = Timestamp::parse_rfc3339(end).map_err(|e| anyhow::anyhow!("end: {e}"))?;
+                anyhow::ensure!(end > start, "end {end} is not after start {start}");
+                Ok(vec![MaintenanceWindow { start_ms: start.unix_ms(), end_ms: end.unix_ms(), reason }])
+            }
+            (None, None, Some(at)) => {
+                let zone = self.time_zone.as_deref().unwrap_or("UTC");
+                let tz = jiff::tz::TimeZone::get(zone)
+                    .map_err(|_| anyhow::anyhow!("time_zone {zone:?} is not an IANA time zone (e.g. Europe/Berlin)"))?;
+                let (hour, minute) = at
+                    .split_once(':')
+                    .and_then(|(h, m)| Some((h.parse::<i8>().ok()?, m.parse::<i8>().ok()?)))
+                    .filter(|(h, m)| (0..24).contains(h) && (0..60).contains(m))
+                    .ok_or_else(|| anyhow::anyhow!("at {at:?} is not a time HH:MM"))?;
+                let minutes = self.duration_min.ok_or_else(|| anyhow::anyhow!("a weekly window needs duration_min"))?;
+                anyhow::ensure!((1..=7 * 24 * 60).contains(&minutes), "duration_min {minutes} must be 1 to 10080");
+                anyhow::ensure!(!self.days.is_empty(), "a weekly window needs days (mon … sun)");
+                let mut weekdays = Vec::new();
+                for day in &self.days {
+                    weekdays.push(match day.as_str() {
+                        "mon" => jiff::civil::Weekday::Monday,
+                        "tue" => jiff::civil::Weekday::Tuesday,
+                        "wed" => jiff::civil::Weekday::Wednesday,
+                        "thu" => jiff::civil::Weekday::Thursday,
+                        "fri" => jiff::civil::Weekday::Friday,
+                        "sat" => jiff::civil::Weekday::Saturday,
+                        "sun" => jiff::civil::Weekday::Sunday,
+                        other => anyhow::bail!("day {other:?} is not one of mon, tue, wed, thu, fri, sat, sun"),
+                    });
+                }
+                let today = jiff::Timestamp::from_millisecond(now_ms)?.to_zoned(tz.clone()).date();
+                let mut windows = Vec::new();
+                // From yesterday, so a window that began before start-up and is still running counts.
+                let mut date = today.yesterday()?;
+                for _ in 0..=WEEKLY_HORIZON_DAYS {
+                    if weekdays.contains(&date.weekday()) {
+                        let start = date.at(hour, minute, 0, 0).to_zoned(tz.clone())?.timestamp().as_millisecond();
+                        let end = start + i64::from(minutes) * 60_000;
+                        if end > now_ms {
+                            windows.push(MaintenanceWindow { start_ms: start, end_ms: end, reason: reason.clone() });
+                        }
+                    }
+                    date = date.tomorrow()?;
+                }
+                Ok(windows)
+            }
+            _ => anyhow::bail!("give either start and end (one-off) or days, at, duration_min and time_zone (weekly)"),
+        }
     }
 }
 
@@ -163,5 +286,73 @@ mod tests {
             assert!(error.contains(says), "{text:?}: {error}");
         }
         assert_eq!(parse("").unwrap().providers().len(), 3);
+    }
+
+    #[test]
+    fn routing_and_maintenance_parse_and_mistakes_are_named() {
+        let config = parse(
+            r#"
+            [routing.rules]
+            version = 4
+            fallback = [{ provider = "acq-alpha" }, { provider = "acq-beta", priority = 1 }]
+            [[routing.rules.rules]]
+            name = "eur-split"
+            when = { currencies = ["EUR"], amount_max_minor = 100000 }
+            candidates = [{ provider = "acq-alpha", weight = 3 }, { provider = "acq-gamma", weight = 1 }]
+            [routing.breaker]
+            min_calls = 10
+            [routing.risk]
+            amount_max_minor = { EUR = 500000 }
+            [[maintenance]]
+            provider = "acq-beta"
+            start = "2030-01-01T02:00:00Z"
+            end = "2030-01-01T03:00:00Z"
+            [[maintenance]]
+            provider = "acq-gamma"
+            days = ["sun"]
+            at = "02:30"
+            duration_min = 60
+            time_zone = "Europe/Berlin"
+            "#,
+        )
+        .unwrap();
+        let settings = config.routing_settings().unwrap();
+        assert_eq!(settings.rules.version, 4);
+        assert_eq!(settings.maintenance_windows["acq-beta"].len(), 1);
+        let weekly = &settings.maintenance_windows["acq-gamma"];
+        assert!(weekly.len() >= 11, "12 weeks of Sundays: {}", weekly.len());
+        // 02:30 in Berlin is 01:30 UTC in winter and 00:30 UTC in summer.
+        for w in weekly {
+            let minute_of_day = w.start_ms.rem_euclid(86_400_000) / 60_000;
+            assert!(minute_of_day == 90 || minute_of_day == 30, "{}", Timestamp(w.start_ms));
+            assert_eq!(w.end_ms - w.start_ms, 3_600_000);
+        }
+        for (text, says) in [
+            ("[routing.rules]\nfallback = [{ provider = \"nobody\" }]", "nobody"),
+            ("[routing.breaker]\nmin_calls = 0", "min_calls"),
+            ("[routing.risk]\nblocked_bin_countries = [\"usa\"]", "alpha-2"),
+            ("[routing]\ncolour = 1", "colour"),
+            (
+                "[[maintenance]]\nprovider = \"acq-zeta\"\nstart = \"2030-01-01T02:00:00Z\"\nend = \"2030-01-01T03:00:00Z\"",
+                "acq-zeta",
+            ),
+            (
+                "[[maintenance]]\nprovider = \"acq-beta\"\nstart = \"yesterday\"\nend = \"2030-01-01T03:00:00Z\"",
+                "RFC 3339",
+            ),
+            (
+                "[[maintenance]]\nprovider = \"acq-beta\"\ndays = [\"sun\"]\nat = \"02:00\"\nduration_min = 5\ntime_zone = \"Mars/Olympus\"",
+                "time_zone",
+            ),
+            (
+                "[[maintenance]]\nprovider = \"acq-beta\"\ndays = [\"sunday\"]\nat = \"02:00\"\nduration_min = 5",
+                "sunday",
+            ),
+            ("[[maintenance]]\nprovider = \"acq-beta\"\ndays = [\"sun\"]\nat = \"25:00\"\nduration_min = 5", "HH:MM"),
+            ("[[providers]]\nname = \"a\"\nurl = \"ftp://x\"", "http://"),
+        ] {
+            let error = format!("{:#}", parse(text).expect_err(text));
+            assert!(error.contains(says), "{text:?}: {error}");
+        }
     }
 }

@@ -4,6 +4,7 @@ mod bench_cmd;
 mod config;
 mod log_cmd;
 mod merchant_cmd;
+mod sim_cmd;
 mod up;
 
 use clap::{Parser, Subcommand};
@@ -29,6 +30,8 @@ enum Command {
     /// Manage merchants (works whether or not `kassa up` runs on the data directory).
     #[command(subcommand)]
     Merchant(merchant_cmd::MerchantCommand),
+    /// One simulated acquirer as its own process, speaking the provider HTTP protocol.
+    ProviderSim(sim_cmd::SimArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -43,5 +46,6 @@ fn main() -> anyhow::Result<()> {
         Command::Log(command) => log_cmd::run(command),
         Command::Merchant(command) => merchant_cmd::run(command),
         Command::Bench(args) => bench_cmd::run(args),
+        Command::ProviderSim(args) => sim_cmd::run(args),
     }
 }

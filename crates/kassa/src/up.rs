@@ -7,12 +7,14 @@ use clap::Args;
 use kassa_bus::{Bus, BusConfig, EmbeddedBus, TopicSpec};
 use kassa_domain::settlement::FeeSchedule;
 use kassa_eventlog::{EventLog, LogConfig};
-use kassa_providers::{Connector, SimulatedAcquirer, SimulatorConfig};
+use kassa_providers::http_sim::{control_router, protocol_router, serve};
+use kassa_providers::{Connector, HttpConnector, SimulatedAcquirer, SimulatorConfig};
 use kassa_services::authorization::{AuthorizationConfig, AuthorizationService};
 use kassa_services::ingest::{IngestConfig, IngestService};
 use kassa_services::reconciliation::{ReconciliationConfig, ReconciliationService};
+use kassa_services::routing::RoutingEngine;
 use kassa_services::settlement::{SettlementConfig, SettlementService};
-use kassa_services::topics::{PAYMENT_COMMANDS, PAYMENT_EVENTS, SETTLEMENT_EVENTS};
+use kassa_services::topics::{PAYMENT_COMMANDS, PAYMENT_EVENTS, PROVIDER_HEALTH, SETTLEMENT_EVENTS};
 use kassa_services::vault::CardVault;
 use kassa_services::{Clock, SystemClock};
 use std::net::SocketAddr;
@@ -100,6 +102,7 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
         TopicSpec::new(PAYMENT_COMMANDS, PARTITIONS),
         TopicSpec::new(PAYMENT_EVENTS, PARTITIONS),
         TopicSpec::new(SETTLEMENT_EVENTS, PARTITIONS),
+        TopicSpec::new(PROVIDER_HEALTH, PARTITIONS),
     ];
     let bus_path = dir.join("bus");
     let bus: Arc<dyn Bus> = Arc::new(
@@ -122,18 +125,48 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
         let clock: Arc<dyn Clock> = Arc::new(SystemClock);
         let vault = Arc::new(CardVault::new(CARDS_WAITING_MAX));
         let provider_configs = config.providers();
-        let providers: Vec<Arc<dyn Connector>> = provider_configs
-            .iter()
-            .enumerate()
-            .map(|(i, p)| {
-                let simulator = SimulatorConfig {
-                    latency_ms_min: p.latency_ms_min,
-                    latency_ms_max: p.latency_ms_max,
-                    seed: i as u64 + 1,
-                };
-                Arc::new(SimulatedAcquirer::new(p.name.clone(), simulator)) as Arc<dyn Connector>
-            })
-            .collect();
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        // Every provider is reached over HTTP: the configured URL, or a
+        // simulated acquirer this process serves on a loopback port.
+        let mut providers: Vec<Arc<dyn Connector>> = Vec::new();
+        let mut simulators = Vec::new();
+        let mut tasks = Vec::new();
+        for (i, p) in provider_configs.iter().enumerate() {
+            let url = match &p.url {
+                Some(url) => url.clone(),
+                None => {
+                    let simulator = SimulatorConfig {
+                        latency_ms_min: p.latency_ms_min,
+                        latency_ms_max: p.latency_ms_max,
+                        seed: i as u64 + 1,
+                    };
+                    let sim = Arc::new(SimulatedAcquirer::new(p.name.clone(), simulator));
+                    let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0))
+                        .await
+                        .with_context(|| format!("binding a loopback port for simulator {}", p.name))?;
+                    let url = format!("http://{}", listener.local_addr()?);
+                    tracing::info!(provider = %p.name, %url, "simulated acquirer serving");
+                    let (sim_for_task, router, stop) =
+                        (Arc::clone(&sim), protocol_router(Arc::clone(&sim)), stop_rx.clone());
+                    let name = p.name.clone();
+                    tasks.push(tokio::spawn(async move {
+                        if let Err(error) = serve(sim_for_task, listener, router, stop).await {
+                            tracing::error!(provider = %name, %error, "simulated acquirer stopped");
+                        }
+                    }));
+                    simulators.push(sim);
+                    url
+                }
+            };
+            let connector =
+                HttpConnector::new(p.name.clone(), url).map_err(|e| anyhow::anyhow!("provider {}: {e}", p.name))?;
+            providers.push(Arc::new(connector));
+        }
+        let names: Vec<String> = provider_configs.iter().map(|p| p.name.clone()).collect();
+        let routing = Arc::new(
+            RoutingEngine::new(config.routing_settings()?, &names)
+                .map_err(|e| anyhow::anyhow!("routing settings: {e}"))?,
+        );
         let fees = provider_configs
             .iter()
             .map(|p| {
@@ -154,19 +187,22 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
                 ..IngestConfig::default()
             },
         ));
-        let authorization = Arc::new(AuthorizationService::new(
-            Arc::clone(&authorization_log),
-            Arc::clone(&bus),
-            providers.clone(),
-            vault,
-            clock,
-            AuthorizationConfig {
-                provider_timeout_ms: config
-                    .provider_timeout_ms
-                    .unwrap_or(AuthorizationConfig::default().provider_timeout_ms),
-                ..AuthorizationConfig::default()
-            },
-        ));
+        let authorization = Arc::new(
+            AuthorizationService::new(
+                Arc::clone(&authorization_log),
+                Arc::clone(&bus),
+                providers.clone(),
+                vault,
+                Arc::clone(&clock),
+                AuthorizationConfig {
+                    provider_timeout_ms: config
+                        .provider_timeout_ms
+                        .unwrap_or(AuthorizationConfig::default().provider_timeout_ms),
+                    ..AuthorizationConfig::default()
+                },
+            )
+            .with_routing(routing),
+        );
         let settlement = Arc::new(SettlementService::new(
             Arc::clone(&settlement_log),
             Arc::clone(&bus),
@@ -177,8 +213,7 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
                 ..SettlementConfig::default()
             },
         ));
-        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-        let mut tasks = ingest.spawn(stop_rx.clone())?;
+        tasks.extend(ingest.spawn(stop_rx.clone())?);
         tasks.extend(authorization.spawn(stop_rx.clone())?);
         tasks.extend(settlement.spawn(stop_rx.clone())?);
         let reconciliation = Arc::new(ReconciliationService::new(
@@ -207,12 +242,15 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
             reconciliation,
             Arc::clone(&ready),
             &admin_token,
-        );
+        )
+        .merge(kassa_services::http::routing_router(Arc::clone(&authorization), clock, &admin_token))
+        .merge(control_router(simulators, &admin_token));
         let listener = tokio::net::TcpListener::bind(listen)
             .await
             .with_context(|| format!("binding {}; is another kassa running there?", listen))?;
-        // Where `kassa merchant create` finds this instance.
-        std::fs::write(dir.join(ADDRESS_FILE), listener.local_addr()?.to_string())
+        let listen = listener.local_addr()?; // the real port when asked for port 0
+        // Where `kassa merchant create` (and tests) find this instance.
+        std::fs::write(dir.join(ADDRESS_FILE), listen.to_string())
             .with_context(|| format!("writing {}", dir.join(ADDRESS_FILE).display()))?;
         ready.store(true, Ordering::Release);
         tracing::info!(listen = %listen, data_dir = %dir.display(), "kassa is up");

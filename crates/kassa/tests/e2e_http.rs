@@ -1,126 +1,12 @@
 //! End to end against the real `kassa up` binary over real HTTP: the payments
 //! API's contract, and durability through SIGKILL.
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
+mod common;
+
+use common::*;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
-
-struct Kassa {
-    child: Child,
-    addr: String,
-    key: String,
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-impl Kassa {
-    fn start(dir: &Path) -> Kassa {
-        Kassa::start_with(dir, &[])
-    }
-
-    fn start_with(dir: &Path, extra: &[&str]) -> Kassa {
-        let addr = format!("127.0.0.1:{}", free_port());
-        let child = Command::new(env!("CARGO_BIN_EXE_kassa"))
-            .args(["up", "--listen", &addr])
-            .args(extra)
-            .arg("--data-dir")
-            .arg(dir)
-            .env("KASSA_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn kassa up");
-        let started = Instant::now();
-        loop {
-            if let Ok(response) = request(&addr, "GET", "/healthz", None, &[], b"")
-                && response.0 == 200
-            {
-                break;
-            }
-            assert!(started.elapsed() < Duration::from_secs(60), "kassa up did not become healthy");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let key = std::fs::read_to_string(dir.join("demo-merchant.key")).unwrap().trim().to_owned();
-        Kassa { child, addr, key }
-    }
-
-    fn call(
-        &self,
-        method: &str,
-        path: &str,
-        body: Option<&str>,
-        headers: &[(&str, &str)],
-    ) -> (u16, Vec<(String, String)>, serde_json::Value) {
-        let auth = format!("Bearer {}", self.key);
-        let mut all = vec![("Authorization", auth.as_str())];
-        all.extend_from_slice(headers);
-        let (status, headers, body) =
-            request(&self.addr, method, path, body.map(|_| "application/json"), &all, body.unwrap_or("").as_bytes())
-                .unwrap();
-        let json = serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null);
-        (status, headers, json)
-    }
-
-    fn kill(mut self) {
-        self.child.kill().unwrap(); // SIGKILL
-        self.child.wait().unwrap();
-    }
-
-    fn terminate(mut self) -> std::process::ExitStatus {
-        Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status().unwrap();
-        self.child.wait().unwrap()
-    }
-}
-
-/// Status, lower-cased headers, body.
-type Response = (u16, Vec<(String, String)>, Vec<u8>);
-
-/// A minimal HTTP/1.1 client: one request per connection.
-fn request(
-    addr: &str,
-    method: &str,
-    path: &str,
-    content_type: Option<&str>,
-    headers: &[(&str, &str)],
-    body: &[u8],
-) -> std::io::Result<Response> {
-    let mut stream = TcpStream::connect(addr)?;
-    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
-    let mut head =
-        format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n", body.len());
-    if let Some(content_type) = content_type {
-        head.push_str(&format!("Content-Type: {content_type}\r\n"));
-    }
-    for (name, value) in headers {
-        head.push_str(&format!("{name}: {value}\r\n"));
-    }
-    head.push_str("\r\n");
-    stream.write_all(head.as_bytes())?;
-    stream.write_all(body)?;
-    let mut raw = Vec::new();
-    stream.read_to_end(&mut raw)?;
-    let split = raw.windows(4).position(|w| w == b"\r\n\r\n").ok_or(std::io::ErrorKind::InvalidData)?;
-    let head = String::from_utf8_lossy(&raw[..split]).to_string();
-    let mut lines = head.lines();
-    let status: u16 = lines.next().and_then(|l| l.split_whitespace().nth(1)).and_then(|s| s.parse().ok()).unwrap_or(0);
-    let headers = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
-        .collect();
-    Ok((status, headers, raw[split + 4..].to_vec()))
-}
-
-fn pay(number: &str, amount: i64, capture: bool) -> String {
-    format!(
-        r#"{{"amount": {amount}, "currency": "EUR", "capture": {capture}, "reference": "order-1",
-            "card": {{"number": "{number}", "exp_month": 12, "exp_year": 2030, "cvc": "123"}}}}"#
-    )
-}
-
 #[test]
 fn the_payments_api_over_http() {
     let dir = tempfile::tempdir().unwrap();
@@ -140,8 +26,17 @@ fn the_payments_api_over_http() {
         ("4000000000009995", "insufficient_funds", 1),
         ("4000000000000119", "providers_unavailable", 3),
     ] {
-        let (status, _, declined) = kassa.call("POST", "/v1/payments", Some(&pay(number, 500, true)), &[]);
-        assert_eq!(status, 200);
+        let (status, headers, answer) = kassa.call("POST", "/v1/payments", Some(&pay(number, 500, true)), &[]);
+        let declined = if code == "providers_unavailable" {
+            // No provider could take it: a clear error to retry later, with the declined payment.
+            assert_eq!(status, 503, "{answer}");
+            assert_eq!(answer["error"]["code"], "providers_unavailable");
+            assert!(headers.iter().any(|(k, _)| k == "retry-after"), "{headers:?}");
+            answer["payment"].clone()
+        } else {
+            assert_eq!(status, 200);
+            answer
+        };
         assert_eq!(declined["status"], "declined", "{declined}");
         assert_eq!(declined["decline_code"], code);
         let path = format!("/v1/payments/{}/events", declined["id"].as_str().unwrap());
@@ -339,6 +234,7 @@ fn merchants_are_created_running_or_stopped_and_see_only_their_own_payments() {
         key: create_merchant(dir.path(), "Other Shop"),
         addr: kassa.addr.clone(),
         child: Command::new("true").spawn().unwrap(),
+        admin: String::new(),
     };
     let (status, _, own) = other.call("POST", "/v1/payments", Some(&pay("4242424242424242", 200, true)), &[]);
     assert_eq!((status, own["status"].as_str()), (200, Some("captured")));
@@ -354,7 +250,12 @@ fn merchants_are_created_running_or_stopped_and_see_only_their_own_payments() {
     // While stopped: straight into the log.
     let third_key = create_merchant(dir.path(), "Third");
     let kassa = Kassa::start(dir.path());
-    let third = Kassa { key: third_key, addr: kassa.addr.clone(), child: Command::new("true").spawn().unwrap() };
+    let third = Kassa {
+        key: third_key,
+        addr: kassa.addr.clone(),
+        child: Command::new("true").spawn().unwrap(),
+        admin: String::new(),
+    };
     let (status, _, _) = third.call("GET", "/v1/payments", None, &[]);
     assert_eq!(status, 200);
     kassa.kill();
@@ -381,7 +282,12 @@ fn settlement_cutoff_over_http() {
         kassa.call("POST", &format!("/v1/payments/{}/refunds", ids[1]), Some(r#"{"amount": 300}"#), &[]);
     assert_eq!(status, 200);
     let admin = std::fs::read_to_string(dir.path().join("admin.token")).unwrap().trim().to_owned();
-    let operator = Kassa { key: String::new(), addr: kassa.addr.clone(), child: Command::new("true").spawn().unwrap() };
+    let operator = Kassa {
+        key: String::new(),
+        addr: kassa.addr.clone(),
+        child: Command::new("true").spawn().unwrap(),
+        admin: String::new(),
+    };
     let cut = |token: &str| {
         let auth = format!("Bearer {token}");
         let r = request(&operator.addr, "POST", "/admin/settlement/cutoff", None, &[("Authorization", &auth)], b"")

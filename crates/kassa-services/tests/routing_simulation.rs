@@ -1,0 +1,326 @@
+//! A seeded simulation: thousands of payments through the real authorization
+//! service and routing engine, over three simulated acquirers whose faults
+//! (down, error, slow, timeout-after-accept, soft-decline bursts) and
+//! maintenance windows change under load on a schedule drawn from the seed.
+//! Invariants checked on every seed:
+//!
+//! - every payment ends in exactly one outcome (one `authorized` or one `declined`);
+//! - at most one standing authorization per payment across every provider's
+//!   ledger — exactly one, at the provider Kassa names, for an authorized payment;
+//! - money is conserved: what providers captured is what Kassa captured;
+//! - a hard decline is never retried, and only a retryable decline sends a
+//!   payment to another provider.
+//!
+//! A failing seed is printed; `KASSA_SIM_SEED=N cargo test --test routing_simulation`
+//! runs that seed again with the same payments, cards and fault schedule. The
+//! interleaving is not replayed bit for bit: the event log's group commit runs on
+//! its own threads in real time (see ARCHITECTURE.md).
+
+mod common;
+
+use kassa_bus::{Bus, BusConfig, EmbeddedBus, TopicSpec};
+use kassa_codec::{EventPayload, decode_frame};
+use kassa_domain::routing::breaker::BreakerConfig;
+use kassa_domain::routing::decline::{RetryAdvice, classify_decline};
+use kassa_domain::routing::maintenance::MaintenanceWindow;
+use kassa_domain::*;
+use kassa_eventlog::{EventLog, LogConfig};
+use kassa_providers::{Connector, Fault, FaultMode, LedgerState, SimulatedAcquirer, SimulatorConfig};
+use kassa_services::authorization::{AuthorizationConfig, AuthorizationService};
+use kassa_services::messages::{COMMAND_REJECTED, PaymentCommandMessage};
+use kassa_services::routing::{RoutingEngine, RoutingSettings};
+use kassa_services::topics::{PAYMENT_COMMANDS, PAYMENT_EVENTS, PROVIDER_HEALTH};
+use kassa_services::vault::CardVault;
+use kassa_services::{Clock, SystemClock};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const PROVIDERS: [&str; 3] = ["acq-alpha", "acq-beta", "acq-gamma"];
+const PAYMENTS: usize = 1500;
+const WAVE: usize = 100;
+
+/// xorshift64*: the simulation's only source of choices.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+fn card_for(rng: &mut Rng) -> &'static str {
+    match rng.below(100) {
+        0..=4 => "4000000000000002",   // hard decline
+        5..=9 => "4000000000009995",   // insufficient funds
+        10..=11 => "4000000000000119", // processing error at every provider
+        12..=40 => "5555555555554444",
+        _ => "4242424242424242",
+    }
+}
+
+fn fault_for(rng: &mut Rng) -> Option<Fault> {
+    let mode = match rng.below(7) {
+        0 => FaultMode::Down,
+        1 => FaultMode::Error,
+        2 => FaultMode::Slow,
+        3 => FaultMode::TimeoutAfterAccept,
+        4 => FaultMode::SoftDeclineBurst,
+        _ => return None,
+    };
+    let rate_per_mille = [250, 500, 1000][rng.below(3) as usize];
+    Some(Fault { mode, rate_per_mille, latency_ms: 400, until: None })
+}
+
+async fn simulate(seed: u64) -> Result<(), String> {
+    let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
+    let dir = tempfile::tempdir().unwrap();
+    let topics = vec![
+        TopicSpec::new(PAYMENT_COMMANDS, 4),
+        TopicSpec::new(PAYMENT_EVENTS, 4),
+        TopicSpec::new(PROVIDER_HEALTH, 1),
+    ];
+    let bus = Arc::new(EmbeddedBus::open(dir.path().join("bus"), BusConfig::new(topics)).unwrap());
+    let log = Arc::new(EventLog::open(dir.path().join("authorization"), LogConfig::default()).unwrap());
+    let sims: Vec<Arc<SimulatedAcquirer>> = PROVIDERS
+        .iter()
+        .enumerate()
+        .map(|(i, name)| {
+            let config = SimulatorConfig { latency_ms_min: 1, latency_ms_max: 8, seed: seed + i as u64 };
+            Arc::new(SimulatedAcquirer::new(*name, config))
+        })
+        .collect();
+    let names: Vec<String> = PROVIDERS.map(String::from).to_vec();
+    let settings = RoutingSettings {
+        breaker: BreakerConfig { min_calls: 10, open_ms: 300, ramp_ms: 1_000, window_ms: 2_000, ..Default::default() },
+        ..RoutingSettings::default()
+    };
+    let routing = Arc::new(RoutingEngine::new(settings, &names).unwrap());
+    let vault = Arc::new(CardVault::new(100_000));
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let service = Arc::new(
+        AuthorizationService::new(
+            log,
+            bus.clone(),
+            sims.iter().map(|s| Arc::clone(s) as Arc<dyn Connector>).collect(),
+            Arc::clone(&vault),
+            Arc::clone(&clock),
+            AuthorizationConfig {
+                provider_timeout_ms: 150,
+                retry_backoff_ms: 20,
+                inquiries_max: 3,
+                ..Default::default()
+            },
+        )
+        .with_routing(Arc::clone(&routing)),
+    );
+    let (stop, stop_rx) = tokio::sync::watch::channel(false);
+    let tasks = service.spawn(stop_rx).unwrap();
+
+    let mut payments: Vec<(PaymentId, &'static str, i64)> = Vec::new();
+    for n in 0..PAYMENTS {
+        if n % WAVE == 0 {
+            // The schedule: a new fault (or none) on one provider, sometimes a maintenance window.
+            let provider = rng.below(3) as usize;
+            sims[provider].set_fault(fault_for(&mut rng));
+            if rng.below(5) == 0 {
+                let now = clock.now().unix_ms();
+                let window = MaintenanceWindow { start_ms: now, end_ms: now + 300, reason: "simulated".into() };
+                routing.add_maintenance(PROVIDERS[rng.below(3) as usize], window, clock.now()).unwrap();
+            }
+            tokio::time::sleep(Duration::from_millis(30)).await;
+        }
+        let number = card_for(&mut rng);
+        let amount = 100 + rng.below(100_000) as i64;
+        let payment_id = PaymentId::from_parts(1_795_651_200_000, u128::from(seed << 32 | n as u64));
+        let card = CardDetails::parse(number, 12, 2030, "123", Timestamp(1_795_651_200_000)).unwrap();
+        let summary = card.summarize(b"sim");
+        vault.put(payment_id, card).unwrap();
+        let message = PaymentCommandMessage::Requested(PaymentRequested {
+            payment_id,
+            merchant_id: MerchantId::from_u128(1 + rng.below(5) as u128),
+            amount: Money::new(amount, Currency::from_code("EUR").unwrap()),
+            card: summary,
+            capture: true,
+            reference: None,
+            metadata: BTreeMap::new(),
+            requested_at: Timestamp(1_795_651_200_000),
+        });
+        common::send_command(bus.as_ref(), payment_id.as_u128() ^ 0xC0FFEE, message).await;
+        payments.push((payment_id, number, amount));
+    }
+    for sim in &sims {
+        sim.set_fault(None);
+    }
+
+    // Wait for every payment to reach an outcome and every owed call to land.
+    let started = Instant::now();
+    let (states, streams) = loop {
+        let (states, streams) = published(&bus).await;
+        let open = payments
+            .iter()
+            .filter(|(id, _, _)| {
+                states.get(id).is_none_or(|s| matches!(s.stage, Stage::New | Stage::Requested | Stage::Authorizing))
+            })
+            .count();
+        let captured_at_providers: i64 = sims.iter().flat_map(|s| s.ledger()).map(|e| e.captured_minor).sum();
+        let captured_by_kassa: i64 = states.values().map(|s| s.captured_minor).sum();
+        if open == 0 && captured_at_providers == captured_by_kassa {
+            break (states, streams);
+        }
+        if started.elapsed() > Duration::from_secs(90) {
+            return Err(format!(
+                "{open} payments without an outcome, or captures still owed ({captured_at_providers} at providers, \
+                 {captured_by_kassa} by Kassa) after 90 s"
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let _ = stop.send(true);
+    for task in tasks {
+        let _ = task.await;
+    }
+
+    let mut standing: HashMap<PaymentId, Vec<(String, i64, i64)>> = HashMap::new();
+    for sim in &sims {
+        for entry in sim.ledger() {
+            if entry.state != LedgerState::Reversed {
+                standing.entry(entry.payment_id).or_default().push((
+                    sim.name().to_owned(),
+                    entry.amount.minor,
+                    entry.captured_minor,
+                ));
+            }
+        }
+    }
+    let mut outcomes = [0usize; 2];
+    for (id, number, amount) in &payments {
+        let state = &states[id];
+        let events = &streams[id];
+        let finals = events.iter().filter(|t| *t == "payment.authorized" || *t == "payment.declined").count();
+        if finals != 1 {
+            return Err(format!("payment {id} has {finals} outcomes: {events:?}"));
+        }
+        let holds = standing.get(id).cloned().unwrap_or_default();
+        match state.stage {
+            Stage::Captured => {
+                outcomes[0] += 1;
+                if holds.len() != 1 {
+                    return Err(format!("authorized payment {id} stands at {} providers: {holds:?}", holds.len()));
+                }
+                let (provider, held, captured) = &holds[0];
+                if Some(provider) != state.provider.as_ref() || held != amount || captured != amount {
+                    return Err(format!(
+                        "payment {id}: Kassa says {:?} {amount}, the ledger {holds:?}",
+                        state.provider
+                    ));
+                }
+            }
+            Stage::Declined => {
+                outcomes[1] += 1;
+                if !holds.is_empty() {
+                    return Err(format!("declined payment {id} still holds money: {holds:?}"));
+                }
+            }
+            other => return Err(format!("payment {id} ended {other:?}")),
+        }
+        if *number == "4000000000000002" && state.stage != Stage::Declined {
+            return Err(format!("hard-decline card payment {id} ended {:?}", state.stage));
+        }
+        // After a provider's decline answer nothing else happens; retried declines are retryable ones.
+        let declined_at = events.iter().position(|t| t == "payment.declined");
+        if let Some(at) = declined_at
+            && events[at + 1..].iter().any(|t| t.starts_with("payment.authorization"))
+        {
+            return Err(format!("payment {id} was retried after a final decline: {events:?}"));
+        }
+    }
+    for (id, codes) in retried_codes(&bus).await {
+        for code in codes {
+            if classify_decline(&code, None).advice != RetryAdvice::RetryElsewhere {
+                return Err(format!("payment {id} was retried elsewhere after a {code} decline"));
+            }
+        }
+    }
+    eprintln!("seed {seed}: {} authorized, {} declined of {PAYMENTS}", outcomes[0], outcomes[1]);
+    if outcomes[0] < PAYMENTS / 2 {
+        return Err(format!("only {} of {PAYMENTS} authorized: routing around faults is not working", outcomes[0]));
+    }
+    Ok(())
+}
+
+type Published = (HashMap<PaymentId, PaymentState>, HashMap<PaymentId, Vec<String>>);
+
+/// Every payment's state and event types, from `payments.events`.
+async fn published(bus: &EmbeddedBus) -> Published {
+    let mut states: HashMap<PaymentId, PaymentState> = HashMap::new();
+    let mut streams: HashMap<PaymentId, Vec<String>> = HashMap::new();
+    let mut seen = std::collections::HashSet::new();
+    for partition in 0..4 {
+        let mut offset = 0;
+        loop {
+            let batch = bus.fetch(PAYMENT_EVENTS, partition, offset, 5000, Duration::ZERO).await.unwrap();
+            if batch.is_empty() {
+                break;
+            }
+            for message in batch {
+                offset = message.offset + 1;
+                let envelope = decode_frame(&message.payload).unwrap();
+                if envelope.event_type == COMMAND_REJECTED || !seen.insert(envelope.event_id) {
+                    continue;
+                }
+                let id = PaymentId::from_u128(envelope.stream_id);
+                let event = PaymentEvent::decode_payload(&envelope.event_type, &envelope.payload).unwrap();
+                apply(states.entry(id).or_default(), &event);
+                streams.entry(id).or_default().push(envelope.event_type);
+            }
+        }
+    }
+    (states, streams)
+}
+
+/// Codes of every decline that sent a payment on to another provider.
+async fn retried_codes(bus: &EmbeddedBus) -> HashMap<PaymentId, Vec<String>> {
+    let mut out: HashMap<PaymentId, Vec<String>> = HashMap::new();
+    for partition in 0..4 {
+        let mut offset = 0;
+        loop {
+            let batch = bus.fetch(PAYMENT_EVENTS, partition, offset, 5000, Duration::ZERO).await.unwrap();
+            if batch.is_empty() {
+                break;
+            }
+            for message in batch {
+                offset = message.offset + 1;
+                let envelope = decode_frame(&message.payload).unwrap();
+                if envelope.event_type == "payment.attempt_declined"
+                    && let Ok(PaymentEvent::AttemptDeclined { code, .. }) =
+                        PaymentEvent::decode_payload(&envelope.event_type, &envelope.payload)
+                {
+                    out.entry(PaymentId::from_u128(envelope.stream_id)).or_default().push(code);
+                }
+            }
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invariants_hold_under_random_faults_on_every_seed() {
+    let seeds: Vec<u64> = match std::env::var("KASSA_SIM_SEED") {
+        Ok(seed) => vec![seed.parse().expect("KASSA_SIM_SEED is a number")],
+        Err(_) => vec![1, 2],
+    };
+    for seed in seeds {
+        if let Err(broken) = simulate(seed).await {
+            panic!(
+                "seed {seed} broke an invariant: {broken}\nreplay: KASSA_SIM_SEED={seed} cargo test --test routing_simulation"
+            );
+        }
+    }
+}
