@@ -9,6 +9,8 @@ say "event log benchmark (release build)"
 cargo bench --locked -p kassa-benches --bench eventlog
 say "codec and domain micro-benchmarks (criterion)"
 cargo bench --locked -p kassa-benches --bench codec -- --noplot --warm-up-time 1 --measurement-time 3
+say "routing + risk decision time (criterion, then p50/p99 of single decisions)"
+cargo bench --locked -p kassa-benches --bench routing -- --noplot --warm-up-time 1 --measurement-time 3
 say "pipeline benchmark: kassa bench $*"
 cargo build --release --locked -p kassa
 "${CARGO_TARGET_DIR}/release/kassa" bench "$@"

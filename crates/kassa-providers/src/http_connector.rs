@@ -127,8 +127,8 @@ impl Connector for HttpConnector {
             self.call(self.client.post(self.url("/v1/authorizations")).json(&body), deadline).await?;
         match answer {
             AttemptBody::Approved { authorization_code } => Ok(AuthorizeOutcome::Approved { authorization_code }),
-            AttemptBody::Declined { code, category: c, .. } => {
-                Ok(AuthorizeOutcome::Declined { code, category: category(&c) })
+            AttemptBody::Declined { code, category: c, merchant_advice_code } => {
+                Ok(AuthorizeOutcome::Declined { code, category: category(&c), merchant_advice_code })
             }
             // Not an answer to an authorization: read it as unknown and inquire.
             AttemptBody::Reversed | AttemptBody::NotFound => Err(self.unknown(deadline)),

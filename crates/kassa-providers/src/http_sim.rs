@@ -124,9 +124,8 @@ async fn authorize(
         Ok(AuthorizeOutcome::Approved { authorization_code }) => {
             Json(AttemptBody::Approved { authorization_code }).into_response()
         }
-        Ok(AuthorizeOutcome::Declined { code, category: c }) => {
-            Json(AttemptBody::Declined { code, category: category(c).into(), merchant_advice_code: None })
-                .into_response()
+        Ok(AuthorizeOutcome::Declined { code, category: c, merchant_advice_code }) => {
+            Json(AttemptBody::Declined { code, category: category(c).into(), merchant_advice_code }).into_response()
         }
         Err(e) => provider_error(e).into_response(),
     })

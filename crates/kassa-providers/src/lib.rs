@@ -36,8 +36,15 @@ pub struct AuthorizeRequest {
 /// A provider's answer to an authorization it received.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AuthorizeOutcome {
-    Approved { authorization_code: String },
-    Declined { code: String, category: DeclineCategory },
+    Approved {
+        authorization_code: String,
+    },
+    Declined {
+        code: String,
+        category: DeclineCategory,
+        /// Mastercard's merchant advice code, when the provider sends one (`03`, `21`: never retry).
+        merchant_advice_code: Option<String>,
+    },
 }
 
 /// What a provider knows about an attempt, asked after the fact.

@@ -13,12 +13,22 @@ use std::time::Duration;
 /// How the simulator answers, by card number (documented in the README).
 pub fn test_card_outcome(pan_digits: &str) -> Result<AuthorizeOutcome, ProviderError> {
     match pan_digits {
-        "4000000000000002" => {
-            Ok(AuthorizeOutcome::Declined { code: "do_not_honor".into(), category: DeclineCategory::Hard })
-        }
-        "4000000000009995" => {
-            Ok(AuthorizeOutcome::Declined { code: "insufficient_funds".into(), category: DeclineCategory::Soft })
-        }
+        "4000000000000002" => Ok(AuthorizeOutcome::Declined {
+            code: "do_not_honor".into(),
+            category: DeclineCategory::Hard,
+            merchant_advice_code: None,
+        }),
+        "4000000000009995" => Ok(AuthorizeOutcome::Declined {
+            code: "insufficient_funds".into(),
+            category: DeclineCategory::Soft,
+            merchant_advice_code: None,
+        }),
+        // Mastercard: issuer unavailable, but the merchant advice code says never retry.
+        "5105105105105100" => Ok(AuthorizeOutcome::Declined {
+            code: "issuer_unavailable".into(),
+            category: DeclineCategory::Soft,
+            merchant_advice_code: Some("03".into()),
+        }),
         "4000000000000119" => Err(ProviderError::Unavailable { reason: "processing_error".into() }),
         _ => Ok(AuthorizeOutcome::Approved { authorization_code: String::new() }),
     }
@@ -286,11 +296,11 @@ impl Connector for SimulatedAcquirer {
             } else if let Some(entry) = inner.ledger.get(&request.attempt_id) {
                 Ok(AuthorizeOutcome::Approved { authorization_code: entry.authorization_code.clone() })
             } else if let Some((code, category)) = inner.declined.get(&request.attempt_id) {
-                Ok(AuthorizeOutcome::Declined { code: code.clone(), category: *category })
+                Ok(AuthorizeOutcome::Declined { code: code.clone(), category: *category, merchant_advice_code: None })
             } else if fault == Some(FaultMode::SoftDeclineBurst) {
                 let (code, category) = ("issuer_unavailable".to_owned(), DeclineCategory::Soft);
                 inner.declined.insert(request.attempt_id, (code.clone(), category));
-                Ok(AuthorizeOutcome::Declined { code, category })
+                Ok(AuthorizeOutcome::Declined { code, category, merchant_advice_code: None })
             } else {
                 match test_card_outcome(&request.card.pan.expose_digits()) {
                     Ok(AuthorizeOutcome::Approved { .. }) => {
@@ -310,9 +320,9 @@ impl Connector for SimulatedAcquirer {
                         );
                         Ok(AuthorizeOutcome::Approved { authorization_code })
                     }
-                    Ok(AuthorizeOutcome::Declined { code, category }) => {
+                    Ok(AuthorizeOutcome::Declined { code, category, merchant_advice_code }) => {
                         inner.declined.insert(request.attempt_id, (code.clone(), category));
-                        Ok(AuthorizeOutcome::Declined { code, category })
+                        Ok(AuthorizeOutcome::Declined { code, category, merchant_advice_code })
                     }
                     Err(error) => Err(error),
                 }

@@ -64,7 +64,11 @@ async fn the_whole_lifecycle_over_http() {
     assert!(matches!(approved, AuthorizeOutcome::Approved { .. }));
     assert_eq!(
         c.authorize(request(2, "4000000000000002"), DEADLINE).await.unwrap(),
-        AuthorizeOutcome::Declined { code: "do_not_honor".into(), category: DeclineCategory::Hard }
+        AuthorizeOutcome::Declined {
+            code: "do_not_honor".into(),
+            category: DeclineCategory::Hard,
+            merchant_advice_code: None
+        }
     );
     assert!(matches!(c.inquire(AttemptId::from_u128(1), DEADLINE).await, Ok(AttemptStatus::Authorized { .. })));
     assert_eq!(c.inquire(AttemptId::from_u128(99), DEADLINE).await, Ok(AttemptStatus::NotFound));
@@ -132,7 +136,11 @@ async fn error_and_soft_decline_burst() {
     w.control(reqwest::Method::POST, "/sim/acq-test/faults", Some(r#"{"mode":"soft_decline_burst"}"#)).await;
     assert_eq!(
         w.connector.authorize(request(2, "4242424242424242"), DEADLINE).await.unwrap(),
-        AuthorizeOutcome::Declined { code: "issuer_unavailable".into(), category: DeclineCategory::Soft }
+        AuthorizeOutcome::Declined {
+            code: "issuer_unavailable".into(),
+            category: DeclineCategory::Soft,
+            merchant_advice_code: None
+        }
     );
     w.control(reqwest::Method::POST, "/sim/acq-test/faults", Some(r#"{"mode":"error","rate":0.0}"#)).await;
     assert!(w.connector.authorize(request(3, "4242424242424242"), DEADLINE).await.is_ok(), "rate 0 hits nothing");

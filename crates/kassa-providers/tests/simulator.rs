@@ -35,11 +35,19 @@ async fn test_cards_answer_as_documented() {
     ));
     assert_eq!(
         sim.authorize(request(3, "4000000000000002"), DEADLINE).await,
-        Ok(AuthorizeOutcome::Declined { code: "do_not_honor".into(), category: DeclineCategory::Hard })
+        Ok(AuthorizeOutcome::Declined {
+            code: "do_not_honor".into(),
+            category: DeclineCategory::Hard,
+            merchant_advice_code: None
+        })
     );
     assert_eq!(
         sim.authorize(request(4, "4000000000009995"), DEADLINE).await,
-        Ok(AuthorizeOutcome::Declined { code: "insufficient_funds".into(), category: DeclineCategory::Soft })
+        Ok(AuthorizeOutcome::Declined {
+            code: "insufficient_funds".into(),
+            category: DeclineCategory::Soft,
+            merchant_advice_code: None
+        })
     );
     assert!(matches!(
         sim.authorize(request(5, "4000000000000119"), DEADLINE).await,

@@ -714,8 +714,8 @@ impl PartitionActor {
                     Ok(AuthorizeOutcome::Approved { authorization_code }) => {
                         AuthorizationResult::Approved { authorization_code }
                     }
-                    Ok(AuthorizeOutcome::Declined { code, category }) => {
-                        let class = classify_decline(&code, None);
+                    Ok(AuthorizeOutcome::Declined { code, category, merchant_advice_code }) => {
+                        let class = classify_decline(&code, merchant_advice_code.as_deref());
                         let retry = class.advice == RetryAdvice::RetryElsewhere
                             && record.state.request.as_ref().is_some_and(|r| {
                                 self.service.routing.allow_retry(r.card.token, r.card.brand, self.now())

@@ -232,9 +232,13 @@ async fn refund(
 
 /// Operator calls: the admin token, compared by hash so timing says nothing.
 fn operator(app: &App, headers: &HeaderMap) -> Result<(), ApiError> {
+    check_admin_token(&app.admin_token_hash, headers)
+}
+
+fn check_admin_token(admin_token_hash: &[u8; 32], headers: &HeaderMap) -> Result<(), ApiError> {
     let token = header_str(headers, "authorization")?.and_then(|h| h.strip_prefix("Bearer ")).unwrap_or("");
     let hash: [u8; 32] = Sha256::digest(token.as_bytes()).into();
-    if token.is_empty() || hash != app.admin_token_hash {
+    if token.is_empty() || &hash != admin_token_hash {
         return Err(ApiError::new(
             401,
             ErrorType::AuthenticationError,
@@ -388,17 +392,7 @@ struct RoutingApp {
 
 impl RoutingApp {
     fn operator(&self, headers: &HeaderMap) -> Result<(), ApiError> {
-        let token = header_str(headers, "authorization")?.and_then(|h| h.strip_prefix("Bearer ")).unwrap_or("");
-        let hash: [u8; 32] = Sha256::digest(token.as_bytes()).into();
-        if token.is_empty() || hash != self.admin_token_hash {
-            return Err(ApiError::new(
-                401,
-                ErrorType::AuthenticationError,
-                "invalid_admin_token",
-                "missing or invalid operator token (see DIR/admin.token)",
-            ));
-        }
-        Ok(())
+        check_admin_token(&self.admin_token_hash, headers)
     }
 }
 

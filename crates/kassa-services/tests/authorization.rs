@@ -368,3 +368,23 @@ async fn a_timeout_the_provider_never_saw_is_reversed_before_failing_over() {
     assert!(world.sims[0].ledger().is_empty());
     world.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_issuer_is_retried_elsewhere_unless_the_advice_code_forbids_it() {
+    let mut world = World::new();
+    world.sims[0].set_fault(Some(Fault::always(FaultMode::SoftDeclineBurst)));
+    let retried = world.pay("4242424242424242", 1999, true).await;
+    let state = world.until(retried, settled_outcome).await;
+    assert_eq!(state.status(), Some(PaymentStatus::Captured), "{state:?}");
+    assert_eq!(state.provider.as_deref(), Some("acq-beta"), "issuer_unavailable at alpha: beta may reach the issuer");
+    assert_eq!(state.attempts.len(), 2);
+    assert_eq!(world.held(retried), 1);
+    world.sims[0].set_fault(None);
+
+    // Mastercard merchant advice code 03 (do not retry) makes the same decline final.
+    let forbidden = world.pay("5105105105105100", 1999, true).await;
+    let state = world.until(forbidden, settled_outcome).await;
+    assert_eq!(state.decline_code.as_deref(), Some("issuer_unavailable"));
+    assert_eq!(state.attempts.len(), 1, "MAC 03: never retried");
+    world.stop().await;
+}

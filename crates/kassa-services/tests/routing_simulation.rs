@@ -161,8 +161,9 @@ async fn simulate(seed: u64) -> Result<(), String> {
 
     // Wait for every payment to reach an outcome and every owed call to land.
     let started = Instant::now();
-    let (states, streams) = loop {
-        let (states, streams) = published(&bus).await;
+    let published = loop {
+        let published = published(&bus).await;
+        let states = &published.states;
         let open = payments
             .iter()
             .filter(|(id, _, _)| {
@@ -172,7 +173,7 @@ async fn simulate(seed: u64) -> Result<(), String> {
         let captured_at_providers: i64 = sims.iter().flat_map(|s| s.ledger()).map(|e| e.captured_minor).sum();
         let captured_by_kassa: i64 = states.values().map(|s| s.captured_minor).sum();
         if open == 0 && captured_at_providers == captured_by_kassa {
-            break (states, streams);
+            break published;
         }
         if started.elapsed() > Duration::from_secs(90) {
             return Err(format!(
@@ -187,6 +188,7 @@ async fn simulate(seed: u64) -> Result<(), String> {
         let _ = task.await;
     }
 
+    let (states, streams) = (&published.states, &published.streams);
     let mut standing: HashMap<PaymentId, Vec<(String, i64, i64)>> = HashMap::new();
     for sim in &sims {
         for entry in sim.ledger() {
@@ -241,9 +243,9 @@ async fn simulate(seed: u64) -> Result<(), String> {
             return Err(format!("payment {id} was retried after a final decline: {events:?}"));
         }
     }
-    for (id, codes) in retried_codes(&bus).await {
+    for (id, codes) in &published.retried_codes {
         for code in codes {
-            if classify_decline(&code, None).advice != RetryAdvice::RetryElsewhere {
+            if classify_decline(code, None).advice != RetryAdvice::RetryElsewhere {
                 return Err(format!("payment {id} was retried elsewhere after a {code} decline"));
             }
         }
@@ -255,12 +257,17 @@ async fn simulate(seed: u64) -> Result<(), String> {
     Ok(())
 }
 
-type Published = (HashMap<PaymentId, PaymentState>, HashMap<PaymentId, Vec<String>>);
+/// What `payments.events` says: every payment's state and event types, and
+/// the codes of the declines that sent a payment on to another provider.
+#[derive(Default)]
+struct Published {
+    states: HashMap<PaymentId, PaymentState>,
+    streams: HashMap<PaymentId, Vec<String>>,
+    retried_codes: HashMap<PaymentId, Vec<String>>,
+}
 
-/// Every payment's state and event types, from `payments.events`.
 async fn published(bus: &EmbeddedBus) -> Published {
-    let mut states: HashMap<PaymentId, PaymentState> = HashMap::new();
-    let mut streams: HashMap<PaymentId, Vec<String>> = HashMap::new();
+    let mut out = Published::default();
     let mut seen = std::collections::HashSet::new();
     for partition in 0..4 {
         let mut offset = 0;
@@ -277,33 +284,11 @@ async fn published(bus: &EmbeddedBus) -> Published {
                 }
                 let id = PaymentId::from_u128(envelope.stream_id);
                 let event = PaymentEvent::decode_payload(&envelope.event_type, &envelope.payload).unwrap();
-                apply(states.entry(id).or_default(), &event);
-                streams.entry(id).or_default().push(envelope.event_type);
-            }
-        }
-    }
-    (states, streams)
-}
-
-/// Codes of every decline that sent a payment on to another provider.
-async fn retried_codes(bus: &EmbeddedBus) -> HashMap<PaymentId, Vec<String>> {
-    let mut out: HashMap<PaymentId, Vec<String>> = HashMap::new();
-    for partition in 0..4 {
-        let mut offset = 0;
-        loop {
-            let batch = bus.fetch(PAYMENT_EVENTS, partition, offset, 5000, Duration::ZERO).await.unwrap();
-            if batch.is_empty() {
-                break;
-            }
-            for message in batch {
-                offset = message.offset + 1;
-                let envelope = decode_frame(&message.payload).unwrap();
-                if envelope.event_type == "payment.attempt_declined"
-                    && let Ok(PaymentEvent::AttemptDeclined { code, .. }) =
-                        PaymentEvent::decode_payload(&envelope.event_type, &envelope.payload)
-                {
-                    out.entry(PaymentId::from_u128(envelope.stream_id)).or_default().push(code);
+                apply(out.states.entry(id).or_default(), &event);
+                if let PaymentEvent::AttemptDeclined { code, .. } = &event {
+                    out.retried_codes.entry(id).or_default().push(code.clone());
                 }
+                out.streams.entry(id).or_default().push(envelope.event_type);
             }
         }
     }

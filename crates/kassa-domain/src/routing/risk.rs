@@ -248,8 +248,14 @@ impl VelocityCounter {
         VelocityCounter { window_ms, keys_max: keys_max.max(1), times: HashMap::new(), order: VecDeque::new() }
     }
 
+    /// Events of `key` within the window ending at `now_ms`: a binary search,
+    /// since each key's times are kept in order.
     pub fn count(&self, key: u128, now_ms: i64) -> u32 {
-        self.times.get(&key).map_or(0, |t| t.iter().filter(|&&at| at > now_ms - self.window_ms).count() as u32)
+        self.times.get(&key).map_or(0, |t| {
+            let first_inside = t.partition_point(|&at| at <= now_ms - self.window_ms);
+            let after_now = t.partition_point(|&at| at <= now_ms);
+            (after_now - first_inside) as u32
+        })
     }
 
     pub fn record(&mut self, key: u128, now_ms: i64) {
@@ -265,7 +271,9 @@ impl VelocityCounter {
         while times.front().is_some_and(|&at| at <= now_ms - self.window_ms) {
             times.pop_front();
         }
-        times.push_back(now_ms);
+        // Kept in order even if the clock steps back, so `count` can binary-search.
+        let at = times.back().map_or(now_ms, |&last| last.max(now_ms));
+        times.push_back(at);
     }
 }
 
