@@ -358,15 +358,13 @@ impl AuthorizationService {
             Arc::clone(&self.log),
             Arc::clone(&self.bus),
             PAYMENT_EVENTS,
-            |e| e.event_type.starts_with("payment."),
-            RelayConfig::default(),
-            stop.clone(),
-        )));
-        tasks.push(tokio::spawn(run_relay(
-            Arc::clone(&self.log),
-            Arc::clone(&self.bus),
-            PROVIDER_HEALTH,
-            |e| e.event_type == PROVIDER_HEALTH_CHANGED,
+            |e| {
+                if e.event_type.starts_with("payment.") {
+                    Some(PAYMENT_EVENTS)
+                } else {
+                    (e.event_type == PROVIDER_HEALTH_CHANGED).then_some(PROVIDER_HEALTH)
+                }
+            },
             RelayConfig::default(),
             stop,
         )));

@@ -233,7 +233,10 @@ impl IngestService {
             Arc::clone(&self.log),
             Arc::clone(&self.bus),
             PAYMENT_COMMANDS,
-            |e| e.event_type == "payment.requested" || e.event_type.starts_with("command."),
+            |e| {
+                (e.event_type == "payment.requested" || e.event_type.starts_with("command."))
+                    .then_some(PAYMENT_COMMANDS)
+            },
             RelayConfig::default(),
             stop.clone(),
         ))];

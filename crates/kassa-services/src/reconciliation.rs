@@ -128,7 +128,7 @@ impl ReconciliationService {
             Arc::clone(&self.log),
             Arc::clone(&self.bus),
             PAYMENT_COMMANDS,
-            |e| e.event_type.starts_with("command."),
+            |e| e.event_type.starts_with("command.").then_some(PAYMENT_COMMANDS),
             RelayConfig::default(),
             stop,
         )));

@@ -33,15 +33,18 @@ pub fn relayed_position(log: &EventLog, topic: &str) -> Result<u64, kassa_eventl
     crate::consume::stored_offset(log, &position_key(topic))
 }
 
-/// Publish every event of `log` that `select` picks to `topic`, until `stop` turns true.
+/// Publish each event of `log` to the topic `route` names for it (none: not
+/// published), until `stop` turns true. One pass over the log serves every
+/// topic; the relay's position is stored under `name`.
 pub async fn run_relay(
     log: Arc<EventLog>,
     bus: Arc<dyn Bus>,
-    topic: &'static str,
-    select: fn(&Envelope) -> bool,
+    name: &'static str,
+    route: fn(&Envelope) -> Option<&'static str>,
     config: RelayConfig,
     mut stop: watch::Receiver<bool>,
 ) {
+    let topic = name;
     let mut head = log.watch_head();
     let mut position = match relayed_position(&log, topic) {
         Ok(position) => position,
@@ -80,8 +83,8 @@ pub async fn run_relay(
         let Some(last) = envelopes.last().map(|e| e.position) else { continue };
         let records: Vec<Record> = envelopes
             .iter()
-            .filter(|e| select(e))
-            .map(|e| Record {
+            .filter_map(|e| route(e).map(|topic| (topic, e)))
+            .map(|(topic, e)| Record {
                 topic: topic.to_owned(),
                 key: payment_key(e.stream_id),
                 payload: encode_frame(e),

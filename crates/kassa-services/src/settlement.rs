@@ -188,7 +188,7 @@ impl SettlementService {
             Arc::clone(&self.log),
             Arc::clone(&self.bus),
             PAYMENT_COMMANDS,
-            |e| e.event_type.starts_with("command."),
+            |e| e.event_type.starts_with("command.").then_some(PAYMENT_COMMANDS),
             RelayConfig::default(),
             stop.clone(),
         )));
@@ -196,7 +196,7 @@ impl SettlementService {
             Arc::clone(&self.log),
             Arc::clone(&self.bus),
             SETTLEMENT_EVENTS,
-            |e| e.event_type.starts_with("settlement."),
+            |e| e.event_type.starts_with("settlement.").then_some(SETTLEMENT_EVENTS),
             RelayConfig::default(),
             stop,
         )));
