@@ -26,12 +26,24 @@ pub struct Config {
     /// acquirers, acq-alpha, acq-beta, acq-gamma).
     #[serde(default)]
     pub providers: Vec<ProviderConfig>,
+    /// How `kassa up` reaches the simulated acquirers it runs: `http` (default: on
+    /// loopback ports, over the provider protocol, like a real provider) or
+    /// `in_process` (direct calls: no HTTP cost, for measuring Kassa alone).
+    pub simulator_transport: Option<SimulatorTransport>,
     /// Routing rules, breaker thresholds, health windows, risk checks, BIN countries.
     pub routing: Option<RoutingSettings>,
     /// Maintenance windows: one-off (`start`, `end`) or weekly (`days`, `at`,
     /// `duration_min`, `time_zone`).
     #[serde(default)]
     pub maintenance: Vec<MaintenanceConfig>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SimulatorTransport {
+    #[default]
+    Http,
+    InProcess,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -254,6 +266,7 @@ mod tests {
             r#"
             listen = "127.0.0.1:9000"
             cutoff_interval_s = 0
+            simulator_transport = "in_process"
             [[providers]]
             name = "acq-north"
             fee_basis_points = 150
@@ -265,6 +278,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(config.listen, Some("127.0.0.1:9000".parse().unwrap()));
+        assert_eq!(config.simulator_transport, Some(SimulatorTransport::InProcess));
         assert_eq!(config.providers().len(), 2);
         assert_eq!(config.providers()[0].fee_fixed_minor, 25);
     }
@@ -280,6 +294,7 @@ mod tests {
             ("[[providers]]\nname = \"a\"\nlatency_ms_min = 9\nlatency_ms_max = 1", "above"),
             ("[[providers]]\nname = \"a\"\nfee_basis_points = 20000", "100%"),
             ("provider_timeout_ms = 0", "provider_timeout_ms"),
+            ("simulator_transport = \"carrier_pigeon\"", "in_process"),
             ("listen = [", "listen"),
         ] {
             let error = parse(text).expect_err(text).to_string();

@@ -1,7 +1,7 @@
 //! `kassa up`: the services in one process over the embedded durable bus,
 //! with three simulated acquirers, serving the payments API.
 
-use crate::config::Config;
+use crate::config::{Config, SimulatorTransport};
 use anyhow::Context;
 use clap::Args;
 use kassa_bus::{Bus, BusConfig, EmbeddedBus, TopicSpec};
@@ -141,6 +141,11 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
                         seed: i as u64 + 1,
                     };
                     let sim = Arc::new(SimulatedAcquirer::new(p.name.clone(), simulator));
+                    if config.simulator_transport.unwrap_or_default() == SimulatorTransport::InProcess {
+                        providers.push(Arc::clone(&sim) as Arc<dyn Connector>);
+                        simulators.push(sim);
+                        continue;
+                    }
                     let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0))
                         .await
                         .with_context(|| format!("binding a loopback port for simulator {}", p.name))?;
