@@ -123,8 +123,19 @@ impl Connector for HttpConnector {
                 cvc: request.card.expose_cvc().to_owned(),
             },
         };
-        let answer: AttemptBody =
-            self.call(self.client.post(self.url("/v1/authorizations")).json(&body), deadline).await?;
+        // Only a refused connection or a 503 proves the provider did not act. Any
+        // other refusal of an authorization (408, 429, a proxy's 4xx…) is ambiguous:
+        // unknown, so it is inquired before anyone else is tried.
+        let answer: AttemptBody = self
+            .call(self.client.post(self.url("/v1/authorizations")).json(&body), deadline)
+            .await
+            .map_err(|e| match e {
+                ProviderError::Refused { reason } => {
+                    tracing::warn!(provider = %self.name, %reason, "authorization refused; outcome treated as unknown");
+                    self.unknown(deadline)
+                }
+                other => other,
+            })?;
         match answer {
             AttemptBody::Approved { authorization_code } => Ok(AuthorizeOutcome::Approved { authorization_code }),
             AttemptBody::Declined { code, category: c, merchant_advice_code } => {

@@ -187,3 +187,16 @@ async fn the_control_api_refuses_bad_requests_clearly() {
     assert_eq!(bad.status().as_u16(), 400);
     assert!(w.sim.ledger().is_empty());
 }
+
+#[tokio::test]
+async fn a_refused_authorization_is_unknown_not_did_not_act() {
+    let w = world().await;
+    // A card the simulator refuses with 400 (expired by its clock): the connector
+    // cannot tell that from a proxy's or a rate limiter's 4xx, so it is unknown.
+    let mut stale = request(1, "4242424242424242");
+    stale.card =
+        CardDetails::parse("4242424242424242", 1, 2020, "123", Timestamp::from_unix_ms(1_577_836_800_000)).unwrap();
+    let result = w.connector.authorize(stale, DEADLINE).await;
+    assert!(matches!(result, Err(ProviderError::Timeout { .. })), "{result:?}");
+    assert!(w.sim.ledger().is_empty());
+}

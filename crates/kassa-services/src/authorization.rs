@@ -162,6 +162,7 @@ pub struct AuthorizationService {
     clock: Arc<dyn Clock>,
     config: AuthorizationConfig,
     routing: Arc<RoutingEngine>,
+    rules_lock: tokio::sync::Mutex<()>,
 }
 
 /// Event type of a routing decision (JSON payload: [`RoutingDecided`]).
@@ -220,7 +221,16 @@ impl AuthorizationService {
         let routing = Arc::new(
             RoutingEngine::new(RoutingSettings::default(), &names).expect("default routing settings are valid"),
         );
-        AuthorizationService { log, bus, providers, vault, clock, config, routing }
+        AuthorizationService {
+            log,
+            bus,
+            providers,
+            vault,
+            clock,
+            config,
+            routing,
+            rules_lock: tokio::sync::Mutex::new(()),
+        }
     }
 
     /// Route with this engine instead of the default (every provider in order).
@@ -236,11 +246,13 @@ impl AuthorizationService {
     /// Replace the routing rules: recorded (`routing.rules_changed`) and kept
     /// across restarts, in effect for the next decision. Returns the new version.
     pub async fn set_rules(&self, rules: kassa_domain::routing::RuleSet) -> Result<u64, String> {
-        let version = self.routing.set_rules(rules)?;
-        let rules = self.routing.rules();
-        let json = serde_json::to_vec(&*rules).map_err(|e| e.to_string())?;
+        // One change at a time: prepared, made durable, then put in force.
+        let _one_at_a_time = self.rules_lock.lock().await;
+        let rules = self.routing.prepare_rules(rules)?;
+        let version = rules.version;
+        let json = serde_json::to_vec(&rules).map_err(|e| e.to_string())?;
         let event = NewEvent {
-            event_id: rand::random::<u128>(),
+            event_id: derived_id(0, "routing-rules", version),
             event_type: ROUTING_RULES_CHANGED.to_owned(),
             stream_id: derived_id(0, "routing-rules", 0),
             timestamp_ms: self.clock.now().unix_ms(),
@@ -253,6 +265,7 @@ impl AuthorizationService {
             .append(AppendRequest { events: vec![event], expected: Vec::new(), writes: vec![write] })
             .await
             .map_err(|e| format!("recording the rules: {e}"))?;
+        self.routing.install_rules(rules);
         Ok(version)
     }
 
@@ -635,7 +648,7 @@ impl PartitionActor {
             let tried = record.state.attempts.iter().map(|(_, p)| p.clone()).collect();
             let (input, decision) = routing.decide(facts, tried, self.now());
             let outcome = decision.outcome.clone();
-            self.record_decision(batch, record, payment_id, cause, RoutingDecided { attempt, input, decision });
+            self.record_decision(batch, payment_id, cause, RoutingDecided { attempt, input, decision });
             match outcome {
                 RoutingOutcome::Route { provider, .. } => {
                     let attempt_id = AttemptId::from_u128(cause);
@@ -665,14 +678,8 @@ impl PartitionActor {
     }
 
     /// Queue a routing decision as an event on the payment's routing stream.
-    fn record_decision(
-        &self,
-        batch: &mut Batch,
-        record: &PaymentRecord,
-        payment_id: PaymentId,
-        cause: u128,
-        decided: RoutingDecided,
-    ) {
+    fn record_decision(&self, batch: &mut Batch, payment_id: PaymentId, cause: u128, decided: RoutingDecided) {
+        let attempt = decided.attempt;
         let payload = match serde_json::to_vec(&decided) {
             Ok(payload) => payload,
             Err(error) => {
@@ -681,8 +688,8 @@ impl PartitionActor {
             }
         };
         batch.events.push(NewEvent {
-            // Unique per payment: each decision is followed by an event on the payment's stream.
-            event_id: derived_id(payment_id.as_u128(), "routing", record.events_written),
+            // One decision per attempt number: unique per payment, the same on every replay.
+            event_id: derived_id(payment_id.as_u128(), "routing", attempt),
             event_type: ROUTING_DECIDED.to_owned(),
             stream_id: routing_stream(payment_id),
             timestamp_ms: self.now().unix_ms(),
@@ -715,6 +722,7 @@ impl PartitionActor {
                     Ok(AuthorizeOutcome::Declined { code, category, merchant_advice_code }) => {
                         let class = classify_decline(&code, merchant_advice_code.as_deref());
                         let retry = class.advice == RetryAdvice::RetryElsewhere
+                            && category == DeclineCategory::Soft
                             && record.state.request.as_ref().is_some_and(|r| {
                                 self.service.routing.allow_retry(r.card.token, r.card.brand, self.now())
                             });

@@ -176,16 +176,31 @@ impl RoutingEngine {
         Arc::clone(&self.lock().rules)
     }
 
-    /// Replace the rule set; it takes effect for the next decision. Returns the new version.
-    pub fn set_rules(&self, mut rules: RuleSet) -> Result<u64, String> {
+    /// Check a rule set against the providers and give it a version above the
+    /// current one. Nothing changes until [`RoutingEngine::install_rules`].
+    pub fn prepare_rules(&self, mut rules: RuleSet) -> Result<RuleSet, String> {
         let names: Vec<&str> = self.provider_names.iter().map(String::as_str).collect();
         rules.validate(&names)?;
-        let mut state = self.lock();
-        if rules.version <= state.rules.version {
-            rules.version = state.rules.version + 1;
+        let current = self.lock().rules.version;
+        if rules.version <= current {
+            rules.version = current + 1;
         }
+        Ok(rules)
+    }
+
+    /// Put a prepared rule set in force for the next decision (an older version than the one in force is ignored).
+    pub fn install_rules(&self, rules: RuleSet) {
+        let mut state = self.lock();
+        if rules.version > state.rules.version {
+            state.rules = Arc::new(rules);
+        }
+    }
+
+    /// Check, version and install in one step (rules from the configuration or storage).
+    pub fn set_rules(&self, rules: RuleSet) -> Result<u64, String> {
+        let rules = self.prepare_rules(rules)?;
         let version = rules.version;
-        state.rules = Arc::new(rules);
+        self.install_rules(rules);
         Ok(version)
     }
 
@@ -283,7 +298,9 @@ impl RoutingEngine {
         let mut state = self.lock();
         let Some(p) = state.providers.get_mut(provider) else { return };
         p.window.record(now, class, latency_ms);
-        if let Some(transition) = p.breaker.on_result(now, class) {
+        // Time first (open → half-open), then the outcome in the state that leaves: both are recorded.
+        let transitions = [p.breaker.tick(now), p.breaker.on_result(now, class)];
+        for transition in transitions.into_iter().flatten() {
             let change = breaker_change(provider, &transition);
             tracing::warn!(provider, change = %change.change, reason = %change.reason, "provider breaker changed");
             state.changes.push(change);

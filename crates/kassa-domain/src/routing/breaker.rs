@@ -154,13 +154,9 @@ impl Breaker {
         snapshot.calls >= self.config.min_calls && snapshot.failure_rate_bp() >= self.config.failure_rate_open_bp
     }
 
-    /// Count a call's outcome; may change state.
+    /// Count a call's outcome; may change state. Call [`Breaker::tick`] first
+    /// so the outcome counts in the state time has moved the breaker to.
     pub fn on_result(&mut self, now: Timestamp, class: OutcomeClass) -> Option<BreakerTransition> {
-        if let Some(transition) = self.tick(now) {
-            // Time moved the breaker first; the outcome counts in the new state.
-            let _ = self.on_result(now, class);
-            return Some(transition);
-        }
         let now_ms = now.unix_ms();
         match self.state {
             BreakerState::Closed | BreakerState::Ramping { .. } => {

@@ -83,6 +83,8 @@ pub fn maintenance_share(
         } else {
             continue;
         };
+        // Draining or ramping always leaves a sliver: zero means "in maintenance" to routing.
+        let share = if matches!(status, MaintenanceStatus::InMaintenance { .. }) { share } else { share.max(1) };
         if share < best.0 || (share == best.0 && best.1 == MaintenanceStatus::None) {
             best = (share, status);
         }
@@ -108,7 +110,8 @@ mod tests {
         assert_eq!(share(9_500), (5_000, MaintenanceStatus::Draining { starts_ms: 10_000 }));
         assert_eq!(share(10_000), (0, MaintenanceStatus::InMaintenance { ends_ms: 20_000 }));
         assert_eq!(share(19_999), (0, MaintenanceStatus::InMaintenance { ends_ms: 20_000 }));
-        assert_eq!(share(20_000), (0, MaintenanceStatus::Ramping { ended_ms: 20_000 }));
+        assert_eq!(share(20_000), (1, MaintenanceStatus::Ramping { ended_ms: 20_000 }), "never zero once ended");
+        assert_eq!(share(9_999), (10, MaintenanceStatus::Draining { starts_ms: 10_000 }));
         assert_eq!(share(21_000), (5_000, MaintenanceStatus::Ramping { ended_ms: 20_000 }));
         assert_eq!(share(22_000), (10_000, MaintenanceStatus::None));
     }
