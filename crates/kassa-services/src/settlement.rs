@@ -248,9 +248,12 @@ impl Actor {
         })
     }
 
-    fn open_batch(&mut self, key: &BatchKey) -> Result<Option<BatchState>, LogError> {
-        if let Some(batch) = self.batches.get(key) {
-            return Ok(Some(batch.clone()));
+    /// The open batch of `key`, taken out of the cache (it goes back after the
+    /// append that changes it, so a failed append leaves the durable one to load):
+    /// never cloned, since a batch holds every entry and grows until cut-off.
+    fn take_batch(&mut self, key: &BatchKey) -> Result<Option<BatchState>, LogError> {
+        if let Some(batch) = self.batches.remove(key) {
+            return Ok(Some(batch));
         }
         let Some(id) = self.service.log.get(Table::State, &open_key(key))? else { return Ok(None) };
         let Ok(bytes) = <[u8; 16]>::try_from(id.as_slice()) else { return Ok(None) };
@@ -330,7 +333,7 @@ impl Actor {
                 let key = BatchKey { provider, merchant_id, currency };
                 let mut batch = match changed_batches.remove(&key) {
                     Some(batch) => batch,
-                    None => self.open_batch(&key)?.unwrap_or_default(),
+                    None => self.take_batch(&key)?.unwrap_or_default(),
                 };
                 if batch.key.is_none() {
                     // Time-ordered (newest-first listings), unique by its first entry.
