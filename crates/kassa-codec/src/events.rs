@@ -58,6 +58,9 @@ impl EventPayload for PaymentEvent {
         "payment.settled",
         "payment.reconciled",
         "payment.attempt_declined",
+        "payment.authorized_by_stand_in",
+        "payment.stand_in_confirmed",
+        "payment.stand_in_declined",
     ];
 
     fn event_type(&self) -> &'static str {
@@ -68,6 +71,9 @@ impl EventPayload for PaymentEvent {
             PaymentEvent::Declined { .. } => "payment.declined",
             PaymentEvent::AuthorizationFailed { .. } => "payment.authorization_failed",
             PaymentEvent::AttemptDeclined { .. } => "payment.attempt_declined",
+            PaymentEvent::AuthorizedByStandIn { .. } => "payment.authorized_by_stand_in",
+            PaymentEvent::StandInConfirmed { .. } => "payment.stand_in_confirmed",
+            PaymentEvent::StandInDeclined { .. } => "payment.stand_in_declined",
             PaymentEvent::AuthorizationOutcomeUnknown { .. } => "payment.authorization_outcome_unknown",
             PaymentEvent::AuthorizationReversed { .. } => "payment.authorization_reversed",
             PaymentEvent::Captured { .. } => "payment.captured",
@@ -94,6 +100,11 @@ impl EventPayload for PaymentEvent {
                 encode_value(&(attempt_id, provider, reason))
             }
             E::AttemptDeclined { attempt_id, provider, code } => encode_value(&(attempt_id, provider, code)),
+            E::AuthorizedByStandIn { amount } => encode_value(amount),
+            E::StandInConfirmed { attempt_id, provider, authorization_code } => {
+                encode_value(&(attempt_id, provider, authorization_code))
+            }
+            E::StandInDeclined { attempt_id, provider, code } => encode_value(&(attempt_id, provider, code)),
             E::AuthorizationReversed { attempt_id, provider } => encode_value(&(attempt_id, provider)),
             E::Captured { capture_id, amount } => encode_value(&(capture_id, amount)),
             E::Voided { amount } => encode_value(amount),
@@ -123,6 +134,15 @@ impl EventPayload for PaymentEvent {
             "payment.authorization_failed" => {
                 let (attempt_id, provider, reason) = decode_value(payload, t)?;
                 E::AuthorizationFailed { attempt_id, provider, reason }
+            }
+            "payment.authorized_by_stand_in" => E::AuthorizedByStandIn { amount: decode_value(payload, t)? },
+            "payment.stand_in_confirmed" => {
+                let (attempt_id, provider, authorization_code) = decode_value(payload, t)?;
+                E::StandInConfirmed { attempt_id, provider, authorization_code }
+            }
+            "payment.stand_in_declined" => {
+                let (attempt_id, provider, code) = decode_value(payload, t)?;
+                E::StandInDeclined { attempt_id, provider, code }
             }
             "payment.attempt_declined" => {
                 let (attempt_id, provider, code) = decode_value(payload, t)?;

@@ -76,6 +76,13 @@ fn samples() -> Vec<PaymentEvent> {
             provider: "acq-beta".into(),
             code: "issuer_unavailable".into(),
         },
+        PaymentEvent::AuthorizedByStandIn { amount: eur(1999) },
+        PaymentEvent::StandInConfirmed {
+            attempt_id: attempt,
+            provider: "acq-gamma".into(),
+            authorization_code: "Z9Y8X7".into(),
+        },
+        PaymentEvent::StandInDeclined { attempt_id: None, provider: None, code: "card_data_unavailable".into() },
     ]
 }
 

@@ -19,6 +19,9 @@ use crate::time::Timestamp;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
+/// The authorization code a stand-in authorization carries until a provider confirms it.
+pub const STAND_IN_CODE: &str = "stand_in";
+
 /// Where a payment is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -136,6 +139,14 @@ pub enum PaymentCommand {
     ReverseAuthorization {
         attempt_id: AttemptId,
     },
+    /// Authorize on Kassa's own authority while no provider can be reached
+    /// (stand-in); the payment is forwarded for a real authorization later.
+    StandIn,
+    /// Give up forwarding a stand-in authorization without a provider's answer
+    /// (the card data is gone): the stand-in is overturned.
+    AbandonStandIn {
+        code: String,
+    },
     /// Decline without a provider answer (risk, no provider available).
     Decline {
         code: String,
@@ -166,6 +177,8 @@ impl PaymentCommand {
             PaymentCommand::RecordAuthorizationResult { .. } => "record_authorization_result",
             PaymentCommand::ReverseAuthorization { .. } => "reverse_authorization",
             PaymentCommand::Decline { .. } => "decline",
+            PaymentCommand::StandIn => "stand_in",
+            PaymentCommand::AbandonStandIn { .. } => "abandon_stand_in",
             PaymentCommand::Capture { .. } => "capture",
             PaymentCommand::Void => "void",
             PaymentCommand::Refund { .. } => "refund",
@@ -245,6 +258,22 @@ pub enum PaymentEvent {
     Reconciled {
         report_id: ReportId,
     },
+    /// Authorized by Kassa's stand-in while no provider could be reached; to be forwarded.
+    AuthorizedByStandIn {
+        amount: Money,
+    },
+    /// A provider authorized the forwarded stand-in payment.
+    StandInConfirmed {
+        attempt_id: AttemptId,
+        provider: String,
+        authorization_code: String,
+    },
+    /// The forwarded stand-in payment was declined (or could not be forwarded): the stand-in is overturned.
+    StandInDeclined {
+        attempt_id: Option<AttemptId>,
+        provider: Option<String>,
+        code: String,
+    },
 }
 
 /// Why a command was refused. Each says what was wrong.
@@ -264,6 +293,8 @@ pub enum Rejection {
     AttemptNotInFlight { attempt_id: AttemptId },
     #[error("authorization attempt {attempt_id} has a known outcome; only an unknown outcome is reversed")]
     AttemptOutcomeKnown { attempt_id: AttemptId },
+    #[error("the payment was authorized by stand-in and awaits a provider's authorization; retry later")]
+    StandInPending,
     #[error("capture of {requested} exceeds the {capturable} still capturable")]
     CaptureExceedsAuthorized { requested: Money, capturable: Money },
     #[error("refund of {requested} exceeds the {refundable} still refundable")]
@@ -326,6 +357,11 @@ impl PaymentState {
         self.currency().map(|c| Money::new(self.refunded_minor, c))
     }
 
+    /// Authorized by stand-in, not yet confirmed or overturned by a provider.
+    pub fn stand_in_pending(&self) -> bool {
+        self.stage == Stage::Authorized && self.provider.is_none()
+    }
+
     /// What the merchant sees.
     pub fn status(&self) -> Option<PaymentStatus> {
         Some(match self.stage {
@@ -357,7 +393,11 @@ impl PaymentState {
                 self.refunded_minor, self.captured_minor, self.authorized_minor
             ));
         }
-        if (self.stage == Stage::Authorizing) != self.in_flight.attempt_id.is_some() {
+        // An attempt is in flight while authorizing, and may be while a stand-in is forwarded.
+        let in_flight = self.in_flight.attempt_id.is_some();
+        if (self.stage == Stage::Authorizing && !in_flight)
+            || (in_flight && self.stage != Stage::Authorizing && !self.stand_in_pending())
+        {
             return Err(format!("stage {:?} with in-flight attempt {:?}", self.stage, self.in_flight.attempt_id));
         }
         if self.stage == Stage::Declined && (self.authorized_minor != 0 || self.authorization_code.is_some()) {
@@ -410,12 +450,29 @@ pub fn decide(state: &PaymentState, command: PaymentCommand, now: Timestamp) -> 
                 requested_at: now,
             })])
         }
-        C::StartAuthorization { attempt_id, provider } => match state.stage {
-            Stage::Requested => Ok(vec![E::AuthorizationStarted { attempt_id, provider }]),
+        C::StartAuthorization { attempt_id, provider } => {
+            if state.stage == Stage::Requested || (state.stand_in_pending() && state.in_flight.attempt_id.is_none()) {
+                Ok(vec![E::AuthorizationStarted { attempt_id, provider }])
+            } else {
+                Err(illegal())
+            }
+        }
+        C::StandIn => match state.stage {
+            Stage::Requested => {
+                let request = state.request.as_ref().ok_or(Rejection::PaymentNotFound)?;
+                Ok(vec![E::AuthorizedByStandIn { amount: request.amount }])
+            }
             _ => Err(illegal()),
         },
+        C::AbandonStandIn { code } => {
+            if state.stand_in_pending() && state.in_flight.attempt_id.is_none() {
+                Ok(vec![E::StandInDeclined { attempt_id: None, provider: None, code }])
+            } else {
+                Err(illegal())
+            }
+        }
         C::RecordAuthorizationResult { attempt_id, result } => {
-            if state.stage != Stage::Authorizing {
+            if state.stage != Stage::Authorizing && !state.stand_in_pending() {
                 return Err(illegal());
             }
             if state.in_flight.attempt_id != Some(attempt_id) {
@@ -423,6 +480,34 @@ pub fn decide(state: &PaymentState, command: PaymentCommand, now: Timestamp) -> 
             }
             let provider = state.in_flight.provider.clone();
             let request = state.request.as_ref().ok_or(Rejection::PaymentNotFound)?;
+            if state.stand_in_pending() {
+                // The forwarded authorization of a stand-in payment.
+                return Ok(match result {
+                    AuthorizationResult::Approved { authorization_code } => {
+                        let mut events = vec![E::StandInConfirmed { attempt_id, provider, authorization_code }];
+                        if request.capture {
+                            // Captured only once a provider holds the authorization.
+                            events.push(E::Captured {
+                                capture_id: CaptureId::from_u128(attempt_id.as_u128()),
+                                amount: request.amount,
+                            });
+                        }
+                        events
+                    }
+                    AuthorizationResult::Declined { code, .. } => {
+                        vec![E::StandInDeclined { attempt_id: Some(attempt_id), provider: Some(provider), code }]
+                    }
+                    AuthorizationResult::Failed { reason } => {
+                        vec![E::AuthorizationFailed { attempt_id, provider, reason }]
+                    }
+                    AuthorizationResult::Unknown { reason } => {
+                        vec![E::AuthorizationOutcomeUnknown { attempt_id, provider, reason }]
+                    }
+                    AuthorizationResult::RetryableDecline { code } => {
+                        vec![E::AttemptDeclined { attempt_id, provider, code }]
+                    }
+                });
+            }
             Ok(match result {
                 AuthorizationResult::Approved { authorization_code } => {
                     let mut events =
@@ -450,7 +535,7 @@ pub fn decide(state: &PaymentState, command: PaymentCommand, now: Timestamp) -> 
             })
         }
         C::ReverseAuthorization { attempt_id } => {
-            if state.stage != Stage::Authorizing {
+            if state.stage != Stage::Authorizing && !state.stand_in_pending() {
                 return Err(illegal());
             }
             if state.in_flight.attempt_id != Some(attempt_id) {
@@ -465,6 +550,7 @@ pub fn decide(state: &PaymentState, command: PaymentCommand, now: Timestamp) -> 
             Stage::Requested => Ok(vec![E::Declined { attempt_id: None, provider: None, code, category }]),
             _ => Err(illegal()),
         },
+        C::Capture { .. } | C::Void | C::Refund { .. } if state.stand_in_pending() => Err(Rejection::StandInPending),
         C::Capture { capture_id, amount } => {
             if !matches!(state.stage, Stage::Authorized | Stage::Captured) {
                 return Err(illegal());
@@ -525,10 +611,13 @@ pub fn apply(state: &mut PaymentState, event: &PaymentEvent) {
             state.stage = Stage::Requested;
         }
         E::AuthorizationStarted { attempt_id, provider } => {
-            if state.stage != Stage::Requested {
+            let forwarding = state.stand_in_pending() && state.in_flight.attempt_id.is_none();
+            if state.stage != Stage::Requested && !forwarding {
                 bad(state)
             }
-            state.stage = Stage::Authorizing;
+            if !forwarding {
+                state.stage = Stage::Authorizing;
+            }
             state.in_flight =
                 InFlight { attempt_id: Some(*attempt_id), provider: provider.clone(), outcome_unknown: false };
             state.attempts.push((*attempt_id, provider.clone()));
@@ -555,25 +644,61 @@ pub fn apply(state: &mut PaymentState, event: &PaymentEvent) {
             state.decline_code = Some(code.clone());
         }
         E::AuthorizationFailed { attempt_id, .. } | E::AuthorizationReversed { attempt_id, .. } => {
-            if state.stage != Stage::Authorizing || state.in_flight.attempt_id != Some(*attempt_id) {
+            let forwarding = state.stand_in_pending();
+            if !(state.stage == Stage::Authorizing || forwarding) || state.in_flight.attempt_id != Some(*attempt_id) {
                 bad(state)
             }
-            state.stage = Stage::Requested;
+            if !forwarding {
+                state.stage = Stage::Requested;
+            }
             state.in_flight = InFlight::default();
         }
         E::AttemptDeclined { attempt_id, code, .. } => {
-            if state.stage != Stage::Authorizing || state.in_flight.attempt_id != Some(*attempt_id) {
+            let forwarding = state.stand_in_pending();
+            if !(state.stage == Stage::Authorizing || forwarding) || state.in_flight.attempt_id != Some(*attempt_id) {
                 bad(state)
             }
-            state.stage = Stage::Requested;
+            if !forwarding {
+                state.stage = Stage::Requested;
+            }
             state.in_flight = InFlight::default();
             state.decline_code = Some(code.clone());
         }
         E::AuthorizationOutcomeUnknown { attempt_id, .. } => {
-            if state.stage != Stage::Authorizing || state.in_flight.attempt_id != Some(*attempt_id) {
+            if !(state.stage == Stage::Authorizing || state.stand_in_pending())
+                || state.in_flight.attempt_id != Some(*attempt_id)
+            {
                 bad(state)
             }
             state.in_flight.outcome_unknown = true;
+        }
+        E::AuthorizedByStandIn { amount } => {
+            if state.stage != Stage::Requested {
+                bad(state)
+            }
+            state.stage = Stage::Authorized;
+            state.provider = None;
+            state.authorization_code = Some(STAND_IN_CODE.to_owned());
+            state.authorized_minor = amount.minor;
+        }
+        E::StandInConfirmed { attempt_id, provider, authorization_code } => {
+            if !state.stand_in_pending() || state.in_flight.attempt_id != Some(*attempt_id) {
+                bad(state)
+            }
+            state.in_flight = InFlight::default();
+            state.provider = Some(provider.clone());
+            state.authorization_code = Some(authorization_code.clone());
+        }
+        E::StandInDeclined { attempt_id, provider, code } => {
+            if !state.stand_in_pending() || state.in_flight.attempt_id != *attempt_id {
+                bad(state)
+            }
+            state.stage = Stage::Declined;
+            state.in_flight = InFlight::default();
+            state.provider = provider.clone();
+            state.authorization_code = None;
+            state.authorized_minor = 0;
+            state.decline_code = Some(code.clone());
         }
         E::Captured { amount, .. } => {
             if !matches!(state.stage, Stage::Authorized | Stage::Captured) {

@@ -455,3 +455,71 @@ proptest! {
         prop_assert_eq!(PaymentState::from_events(&log), state);
     }
 }
+
+#[test]
+fn stand_in_authorizes_then_a_provider_confirms_and_only_then_it_is_captured() {
+    let stand_in = PaymentEvent::AuthorizedByStandIn { amount: eur(1999) };
+    let state = given(&[requested(1999, true)]).when(PaymentCommand::StandIn).then(std::slice::from_ref(&stand_in));
+    assert_eq!(state.status(), Some(PaymentStatus::Authorized));
+    assert!(state.stand_in_pending());
+    assert_eq!(state.captured_minor, 0, "nothing is captured before a provider holds the authorization");
+    // Merchant commands wait for the provider.
+    for command in
+        [PaymentCommand::Void, PaymentCommand::Capture { capture_id: CaptureId::from_u128(5), amount: eur(1) }]
+    {
+        given(&[requested(1999, true), stand_in.clone()]).when(command).then_reject(Rejection::StandInPending);
+    }
+    // Forwarded: a failure leaves it pending; an approval confirms and captures.
+    let forwarded = PaymentEvent::AuthorizationStarted { attempt_id: ATT, provider: "acq-alpha".into() };
+    let failed =
+        PaymentEvent::AuthorizationFailed { attempt_id: ATT, provider: "acq-alpha".into(), reason: "503".into() };
+    let state = given(&[requested(1999, true), stand_in.clone(), forwarded.clone()])
+        .when(PaymentCommand::RecordAuthorizationResult {
+            attempt_id: ATT,
+            result: AuthorizationResult::Failed { reason: "503".into() },
+        })
+        .then(std::slice::from_ref(&failed));
+    assert!(state.stand_in_pending() && state.in_flight.attempt_id.is_none());
+    let again = PaymentEvent::AuthorizationStarted { attempt_id: ATT2, provider: "acq-beta".into() };
+    let state = given(&[requested(1999, true), stand_in.clone(), forwarded, failed, again])
+        .when(PaymentCommand::RecordAuthorizationResult {
+            attempt_id: ATT2,
+            result: AuthorizationResult::Approved { authorization_code: "OK1".into() },
+        })
+        .then(&[
+            PaymentEvent::StandInConfirmed {
+                attempt_id: ATT2,
+                provider: "acq-beta".into(),
+                authorization_code: "OK1".into(),
+            },
+            PaymentEvent::Captured { capture_id: CaptureId::from_u128(ATT2.as_u128()), amount: eur(1999) },
+        ]);
+    assert_eq!(state.provider.as_deref(), Some("acq-beta"));
+    assert_eq!(state.status(), Some(PaymentStatus::Captured));
+}
+
+#[test]
+fn a_declined_forward_overturns_the_stand_in() {
+    let stand_in = PaymentEvent::AuthorizedByStandIn { amount: eur(1999) };
+    let forwarded = PaymentEvent::AuthorizationStarted { attempt_id: ATT, provider: "acq-alpha".into() };
+    let state = given(&[requested(1999, false), stand_in.clone(), forwarded])
+        .when(PaymentCommand::RecordAuthorizationResult {
+            attempt_id: ATT,
+            result: AuthorizationResult::Declined { code: "do_not_honor".into(), category: DeclineCategory::Hard },
+        })
+        .then(&[PaymentEvent::StandInDeclined {
+            attempt_id: Some(ATT),
+            provider: Some("acq-alpha".into()),
+            code: "do_not_honor".into(),
+        }]);
+    assert_eq!((state.status(), state.authorized_minor), (Some(PaymentStatus::Declined), 0));
+    // Without card data there is nothing to forward: abandoned, overturned.
+    let state = given(&[requested(1999, false), stand_in])
+        .when(PaymentCommand::AbandonStandIn { code: "card_data_unavailable".into() })
+        .then(&[PaymentEvent::StandInDeclined {
+            attempt_id: None,
+            provider: None,
+            code: "card_data_unavailable".into(),
+        }]);
+    assert_eq!(state.stage, Stage::Declined);
+}

@@ -883,6 +883,13 @@ fn event_data(event: &PaymentEvent) -> String {
         PaymentEvent::AttemptDeclined { attempt_id, provider, code } => {
             serde_json::json!({"attempt_id": attempt_id.to_string(), "provider": provider, "code": code})
         }
+        PaymentEvent::AuthorizedByStandIn { amount } => serde_json::json!({"amount": amount.minor, "stand_in": true}),
+        PaymentEvent::StandInConfirmed { attempt_id, provider, authorization_code } => {
+            serde_json::json!({"attempt_id": attempt_id.to_string(), "provider": provider, "authorization_code": authorization_code})
+        }
+        PaymentEvent::StandInDeclined { attempt_id, provider, code } => {
+            serde_json::json!({"attempt_id": attempt_id.map(|a| a.to_string()), "provider": provider, "code": code})
+        }
         PaymentEvent::Captured { capture_id, amount } => {
             serde_json::json!({"capture_id": capture_id.to_string(), "amount": amount.minor})
         }
