@@ -86,13 +86,13 @@ fn main() {
     criterion.bench_function("routing decide (risk + rules + 3 providers)", |b| {
         b.iter(|| {
             i += 1;
-            black_box(engine.decide(facts(i), Vec::new(), now))
+            black_box(engine.decide(facts(i), Vec::new(), false, now))
         })
     });
     criterion.bench_function("routing decide, failover (one provider tried)", |b| {
         b.iter(|| {
             i += 1;
-            black_box(engine.decide(facts(i), vec!["acq-alpha".into()], now))
+            black_box(engine.decide(facts(i), vec!["acq-alpha".into()], false, now))
         })
     });
     criterion.final_summary();
@@ -102,7 +102,7 @@ fn main() {
         .map(|n| {
             let facts = facts(1_000_000 + n);
             let started = Instant::now();
-            black_box(engine.decide(facts, Vec::new(), now));
+            black_box(engine.decide(facts, Vec::new(), false, now));
             started.elapsed().as_nanos() as u64
         })
         .collect();

@@ -100,18 +100,50 @@ pub struct PaymentRecord {
 }
 
 impl PaymentRecord {
-    /// Work is left: an attempt to start or resolve, or a provider call owed.
+    /// Work is left: an attempt to start or resolve, a stand-in to forward, or a provider call owed.
     fn is_active(&self) -> bool {
-        matches!(self.state.stage, Stage::Requested | Stage::Authorizing) || !self.pending.is_empty()
+        matches!(self.state.stage, Stage::Requested | Stage::Authorizing)
+            || self.state.stand_in_pending()
+            || !self.pending.is_empty()
+    }
+
+    /// Card data is still needed: an authorization (or a stand-in's forward) is to come.
+    fn needs_card(&self) -> bool {
+        matches!(self.state.stage, Stage::Requested | Stage::Authorizing) || self.state.stand_in_pending()
     }
 }
 
 #[derive(Debug)]
 enum Effect {
-    Authorize { payment_id: PaymentId, attempt_id: AttemptId, provider: String, merchant_id: MerchantId, amount: Money },
-    Inquire { payment_id: PaymentId, attempt_id: AttemptId, provider: String, delay_ms: u64 },
-    Reverse { payment_id: PaymentId, attempt_id: AttemptId, provider: String, delay_ms: u64 },
-    Op { payment_id: PaymentId, op: ProviderOp, delay_ms: u64 },
+    Authorize {
+        payment_id: PaymentId,
+        attempt_id: AttemptId,
+        provider: String,
+        merchant_id: MerchantId,
+        amount: Money,
+    },
+    Inquire {
+        payment_id: PaymentId,
+        attempt_id: AttemptId,
+        provider: String,
+        delay_ms: u64,
+    },
+    Reverse {
+        payment_id: PaymentId,
+        attempt_id: AttemptId,
+        provider: String,
+        delay_ms: u64,
+    },
+    Op {
+        payment_id: PaymentId,
+        op: ProviderOp,
+        delay_ms: u64,
+    },
+    /// Try forwarding a stand-in payment again after a pause.
+    Wake {
+        payment_id: PaymentId,
+        delay_ms: u64,
+    },
 }
 
 #[derive(Debug)]
@@ -137,6 +169,9 @@ enum EffectResult {
         payment_id: PaymentId,
         op: ProviderOp,
         result: Result<(), ProviderError>,
+    },
+    Woken {
+        payment_id: PaymentId,
     },
 }
 
@@ -164,6 +199,9 @@ pub struct AuthorizationService {
     routing: Arc<RoutingEngine>,
     rules_lock: tokio::sync::Mutex<()>,
 }
+
+/// Pause before forwarding a stand-in payment again when no provider can take it.
+const STAND_IN_RETRY_MS: u64 = 1000;
 
 /// Event type of a routing decision (JSON payload: [`RoutingDecided`]).
 pub const ROUTING_DECIDED: &str = "routing.decided";
@@ -625,7 +663,8 @@ impl PartitionActor {
 
     /// Move a payment on: route its next attempt, or decline when routing says so.
     fn advance(&self, batch: &mut Batch, record: &mut PaymentRecord, payment_id: PaymentId) {
-        if record.state.stage != Stage::Requested {
+        let forwarding = record.state.stand_in_pending() && record.state.in_flight.attempt_id.is_none();
+        if record.state.stage != Stage::Requested && !forwarding {
             return;
         }
         let Some(request) = record.state.request.clone() else { return };
@@ -633,7 +672,11 @@ impl PartitionActor {
         let cause = derived_id(payment_id.as_u128(), "attempt", attempt);
         let decline = |code: String, category: DeclineCategory| PaymentCommand::Decline { code, category };
         let command = if self.service.vault.get(payment_id).is_none() {
-            decline("card_data_unavailable".into(), DeclineCategory::Soft)
+            if forwarding {
+                PaymentCommand::AbandonStandIn { code: "card_data_unavailable".into() }
+            } else {
+                decline("card_data_unavailable".into(), DeclineCategory::Soft)
+            }
         } else {
             let routing = &self.service.routing;
             let facts = PaymentFacts {
@@ -645,8 +688,10 @@ impl PartitionActor {
                 bin: request.card.bin.clone(),
                 card_token: request.card.token,
             };
-            let tried = record.state.attempts.iter().map(|(_, p)| p.clone()).collect();
-            let (input, decision) = routing.decide(facts, tried, self.now());
+            // A forward starts each round afresh; breakers keep dead providers out.
+            let tried =
+                if forwarding { Vec::new() } else { record.state.attempts.iter().map(|(_, p)| p.clone()).collect() };
+            let (input, decision) = routing.decide(facts, tried, forwarding, self.now());
             let outcome = decision.outcome.clone();
             self.record_decision(batch, payment_id, cause, RoutingDecided { attempt, input, decision });
             match outcome {
@@ -661,19 +706,37 @@ impl PartitionActor {
                     });
                     PaymentCommand::StartAuthorization { attempt_id, provider }
                 }
+                // No provider for a stand-in's forward now: try again shortly.
+                _ if forwarding => {
+                    batch.effects.push(Effect::Wake { payment_id, delay_ms: STAND_IN_RETRY_MS });
+                    return;
+                }
+                RoutingOutcome::StandIn => {
+                    batch.effects.push(Effect::Wake { payment_id, delay_ms: STAND_IN_RETRY_MS });
+                    PaymentCommand::StandIn
+                }
                 RoutingOutcome::DeclineForRisk { check, .. } => decline(format!("risk_{check}"), DeclineCategory::Hard),
                 RoutingOutcome::Exhausted => decline(
                     record.state.decline_code.clone().unwrap_or_else(|| "providers_unavailable".into()),
                     DeclineCategory::Soft,
                 ),
-                // Stand-in is never enabled yet (see ARCHITECTURE.md): both answer unavailable.
-                RoutingOutcome::ProvidersUnavailable { .. } | RoutingOutcome::StandIn => {
+                RoutingOutcome::ProvidersUnavailable { .. } => {
                     decline("providers_unavailable".into(), DeclineCategory::Soft)
                 }
             }
         };
         if let Err(rejection) = self.run(batch, record, payment_id, command, cause) {
             tracing::error!(%payment_id, %rejection, "advancing a payment was refused; this is a bug");
+        }
+    }
+
+    /// A stand-in confirmed or overturned is no longer exposure.
+    fn settle_stand_in(&self, record: &PaymentRecord, events: &[PaymentEvent]) {
+        let resolved = events
+            .iter()
+            .any(|e| matches!(e, PaymentEvent::StandInConfirmed { .. } | PaymentEvent::StandInDeclined { .. }));
+        if resolved && let Some(request) = &record.state.request {
+            self.service.routing.release_stand_in(request.merchant_id, request.amount);
         }
     }
 
@@ -799,6 +862,11 @@ impl PartitionActor {
                 }
                 (payment_id, PaymentCommand::ReverseAuthorization { attempt_id })
             }
+            EffectResult::Woken { payment_id } => {
+                self.advance(batch, record, payment_id);
+                batch.records.insert(payment_id, record.clone());
+                return;
+            }
             EffectResult::OpDone { payment_id, op, result } => {
                 let delay_ms = match result {
                     Ok(()) => {
@@ -827,6 +895,7 @@ impl PartitionActor {
         match self.run(batch, record, payment_id, command, cause) {
             Ok(events) => {
                 record.inquiries = 0;
+                self.settle_stand_in(record, &events);
                 for op in Self::owe_provider_calls(record, &events) {
                     batch.effects.push(Effect::Op { payment_id, op, delay_ms: 0 });
                 }
@@ -850,9 +919,16 @@ impl PartitionActor {
         let mut batch = Batch::default();
         for &payment_id in payments {
             let mut record = self.load(&mut batch, payment_id)?;
+            if record.state.stand_in_pending()
+                && let Some(request) = &record.state.request
+            {
+                self.service.routing.restore_stand_in(request.merchant_id, request.amount);
+            }
+            let in_flight = record.state.in_flight.attempt_id.is_some();
             match record.state.stage {
                 Stage::Requested => self.advance(&mut batch, &mut record, payment_id),
-                Stage::Authorizing => {
+                _ if record.state.stand_in_pending() && !in_flight => self.advance(&mut batch, &mut record, payment_id),
+                _ if in_flight => {
                     // The call may or may not have reached the provider: its outcome is unknown, ask it.
                     if let Some(attempt_id) = record.state.in_flight.attempt_id {
                         let provider = record.state.in_flight.provider.clone();
@@ -931,7 +1007,8 @@ impl PartitionActor {
                 EffectResult::Authorized { payment_id, .. }
                 | EffectResult::Inquired { payment_id, .. }
                 | EffectResult::Reversed { payment_id, .. }
-                | EffectResult::OpDone { payment_id, .. } => *payment_id,
+                | EffectResult::OpDone { payment_id, .. }
+                | EffectResult::Woken { payment_id } => *payment_id,
             };
             if matches!(result, EffectResult::OpDone { .. }) {
                 self.ops_in_flight.remove(&payment_id);
@@ -956,7 +1033,7 @@ impl PartitionActor {
                 key: active,
                 value: record.is_active().then(Vec::new),
             });
-            if !matches!(record.state.stage, Stage::Requested | Stage::Authorizing) {
+            if !record.needs_card() {
                 self.service.vault.remove(*payment_id);
             }
         }
@@ -1003,6 +1080,13 @@ impl PartitionActor {
     /// Run one provider call in its own task; its result comes back as an input.
     fn start(&self, effect: Effect) {
         let tx = self.effects_tx.clone();
+        if let Effect::Wake { payment_id, delay_ms } = effect {
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+                let _ = tx.send(EffectResult::Woken { payment_id }).await;
+            });
+            return;
+        }
         let deadline = Duration::from_millis(self.service.config.provider_timeout_ms);
         let vault = Arc::clone(&self.service.vault);
         let provider_name = match &effect {
@@ -1014,6 +1098,7 @@ impl PartitionActor {
                 | ProviderOp::Reverse { provider, .. }
                 | ProviderOp::Refund { provider, .. } => provider.clone(),
             },
+            Effect::Wake { .. } => return, // handled above
         };
         let Some(connector) = self.provider(&provider_name) else {
             // Not configured (any more): answer as a provider that is down, so nothing waits forever.
@@ -1021,6 +1106,7 @@ impl PartitionActor {
             let unavailable =
                 || ProviderError::Unavailable { reason: format!("provider {provider_name} is not configured") };
             let result = match effect {
+                Effect::Wake { payment_id, .. } => EffectResult::Woken { payment_id },
                 Effect::Authorize { payment_id, attempt_id, provider, .. } => EffectResult::Authorized {
                     payment_id,
                     attempt_id,
@@ -1047,6 +1133,7 @@ impl PartitionActor {
         };
         tokio::spawn(async move {
             let result = match effect {
+                Effect::Wake { payment_id, .. } => EffectResult::Woken { payment_id },
                 Effect::Authorize { payment_id, attempt_id, merchant_id, amount, provider } => {
                     let started = std::time::Instant::now();
                     let result = match vault.get(payment_id) {

@@ -842,6 +842,8 @@ pub fn payment_json(payment_id: PaymentId, state: &PaymentState) -> serde_json::
         "amount_authorized": state.authorized_minor,
         "amount_captured": state.captured_minor,
         "amount_refunded": state.refunded_minor,
+        // Authorized on Kassa's own authority, awaiting a provider's authorization.
+        "stand_in": state.stand_in_pending(),
         "capture": request.capture,
         "card": {
             "brand": request.card.brand.as_str(),

@@ -19,7 +19,7 @@ use kassa_domain::routing::risk::{RiskChecks, RiskConfig, RiskSignals, VelocityC
 use kassa_domain::routing::{
     BinTable, PaymentFacts, ProviderView, RoutingDecision, RoutingInput, RoutingOutcome, RuleSet, StandInInput, route,
 };
-use kassa_domain::{CardBrand, CardToken, Timestamp};
+use kassa_domain::{CardBrand, CardToken, Currency, MerchantId, Timestamp};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -37,6 +37,26 @@ pub struct RoutingSettings {
     pub risk: RiskConfig,
     /// Issuing country by BIN prefix.
     pub bin_countries: BTreeMap<String, String>,
+    /// Stand-in limits: off unless configured.
+    pub stand_in: StandInSettings,
+}
+
+/// A merchant's stand-in limits, in minor units of the payment's currency.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StandInLimits {
+    pub per_payment_max_minor: i64,
+    /// Stand-in payments not yet confirmed or overturned, per merchant and currency.
+    pub exposure_max_minor: i64,
+}
+
+/// Who may be authorized by stand-in: every merchant (`default`) or the ones named.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StandInSettings {
+    pub default: Option<StandInLimits>,
+    /// By merchant id (`mer_…`); wins over `default`.
+    pub merchants: BTreeMap<String, StandInLimits>,
 }
 
 /// What `GET /admin/providers` shows per provider.
@@ -82,6 +102,8 @@ struct State {
     merchant_velocity: Option<VelocityCounter>,
     retries: RetryCounter,
     changes: Vec<HealthChange>,
+    /// Stand-in amounts outstanding, by merchant and currency.
+    exposure: BTreeMap<(MerchantId, Currency), i64>,
 }
 
 #[derive(Debug)]
@@ -130,6 +152,20 @@ impl RoutingEngine {
                 return Err(format!("routing.bin_countries.{prefix}: {country:?} is not an ISO 3166 alpha-2 code"));
             }
         }
+        let limits = settings.stand_in.default.iter().chain(settings.stand_in.merchants.values());
+        for l in limits {
+            if l.per_payment_max_minor <= 0 || l.exposure_max_minor < l.per_payment_max_minor {
+                return Err(format!(
+                    "routing.stand_in: per_payment_max_minor must be positive and at most exposure_max_minor (got {} and {})",
+                    l.per_payment_max_minor, l.exposure_max_minor
+                ));
+            }
+        }
+        for merchant in settings.stand_in.merchants.keys() {
+            if merchant.parse::<MerchantId>().is_err() {
+                return Err(format!("routing.stand_in.merchants: {merchant:?} is not a merchant id (mer_…)"));
+            }
+        }
         if settings.breaker.min_calls == 0 || settings.breaker.open_ms <= 0 || settings.breaker.window_ms <= 0 {
             return Err("routing.breaker: min_calls, open_ms and window_ms must be positive".into());
         }
@@ -158,6 +194,7 @@ impl RoutingEngine {
             risk,
             retries: RetryCounter::new(VELOCITY_KEYS_MAX),
             changes: Vec::new(),
+            exposure: BTreeMap::new(),
         };
         let bins = BinTable { prefixes: settings.bin_countries.clone() };
         Ok(RoutingEngine { settings, bins, provider_names: provider_names.to_vec(), state: Mutex::new(state) })
@@ -240,12 +277,37 @@ impl RoutingEngine {
         }
     }
 
+    fn stand_in_limits(&self, merchant_id: MerchantId) -> Option<StandInLimits> {
+        let merchants = &self.settings.stand_in.merchants;
+        merchants.get(&merchant_id.to_string()).copied().or(self.settings.stand_in.default)
+    }
+
+    /// A stand-in authorization no longer outstanding (confirmed or overturned).
+    pub fn release_stand_in(&self, merchant_id: MerchantId, amount: kassa_domain::Money) {
+        let mut state = self.lock();
+        if let Some(exposure) = state.exposure.get_mut(&(merchant_id, amount.currency)) {
+            *exposure = (*exposure - amount.minor).max(0);
+        }
+    }
+
+    /// Count a stand-in authorization found outstanding at start-up.
+    pub fn restore_stand_in(&self, merchant_id: MerchantId, amount: kassa_domain::Money) {
+        *self.lock().exposure.entry((merchant_id, amount.currency)).or_default() += amount.minor;
+    }
+
     /// Decide where a payment's next attempt goes. Risk checks run on the
-    /// first decision only, and count the payment for velocity.
-    pub fn decide(&self, facts: PaymentFacts, tried: Vec<String>, now: Timestamp) -> (RoutingInput, RoutingDecision) {
+    /// first decision only, and count the payment for velocity. `forwarding`:
+    /// the payment was authorized by stand-in and is being forwarded (no stand-in again).
+    pub fn decide(
+        &self,
+        facts: PaymentFacts,
+        tried: Vec<String>,
+        forwarding: bool,
+        now: Timestamp,
+    ) -> (RoutingInput, RoutingDecision) {
         let mut state = self.lock();
         self.tick_locked(&mut state, now);
-        let first = tried.is_empty();
+        let first = tried.is_empty() && !forwarding;
         let risk = if first {
             let now_ms = now.unix_ms();
             let card_key = u128::from_be_bytes(facts.card_token.0);
@@ -273,6 +335,16 @@ impl RoutingEngine {
             .iter()
             .filter_map(|c| state.providers.get(&c.provider).map(|p| self.view(&c.provider, p, now)))
             .collect();
+        let exposure_key = (facts.merchant_id, facts.amount.currency);
+        let stand_in = match self.stand_in_limits(facts.merchant_id) {
+            Some(limits) if !forwarding => StandInInput {
+                enabled: true,
+                per_payment_max_minor: limits.per_payment_max_minor,
+                exposure_max_minor: limits.exposure_max_minor,
+                exposure_minor: state.exposure.get(&exposure_key).copied().unwrap_or(0),
+            },
+            _ => StandInInput::default(),
+        };
         let input = RoutingInput {
             facts,
             rule_set_version: rules.version,
@@ -281,10 +353,13 @@ impl RoutingEngine {
             providers,
             tried,
             risk,
-            stand_in: StandInInput::default(),
+            stand_in,
             now_ms: now.unix_ms(),
         };
         let decision = route(&input);
+        if decision.outcome == RoutingOutcome::StandIn {
+            *state.exposure.entry(exposure_key).or_default() += input.facts.amount.minor;
+        }
         if let RoutingOutcome::Route { provider, .. } = &decision.outcome
             && let Some(p) = state.providers.get_mut(provider)
         {

@@ -6,12 +6,14 @@ mod common;
 
 use kassa_bus::{Bus, BusConfig, EmbeddedBus, TopicSpec};
 use kassa_codec::{Envelope, EventPayload, decode_frame};
+use kassa_domain::routing::breaker::BreakerConfig;
 use kassa_domain::*;
 use kassa_eventlog::{EventLog, LogConfig};
 use kassa_providers::{Connector, Fault, FaultMode, LedgerState, SimulatedAcquirer, SimulatorConfig};
 use kassa_services::SystemClock;
 use kassa_services::authorization::{AuthorizationConfig, AuthorizationService};
 use kassa_services::messages::{COMMAND_REJECTED, CommandRejected, PaymentCommandMessage};
+use kassa_services::routing::{RoutingEngine, RoutingSettings, StandInLimits, StandInSettings};
 use kassa_services::topics::{PAYMENT_COMMANDS, PAYMENT_EVENTS, PROVIDER_HEALTH};
 use kassa_services::vault::CardVault;
 use std::collections::{BTreeMap, HashMap};
@@ -46,33 +48,44 @@ fn topics() -> Vec<TopicSpec> {
 
 impl World {
     fn start(dir: tempfile::TempDir, sims: Vec<Arc<SimulatedAcquirer>>, vault: Arc<CardVault>) -> World {
+        World::start_routed(dir, sims, vault, RoutingSettings::default())
+    }
+
+    fn start_routed(
+        dir: tempfile::TempDir,
+        sims: Vec<Arc<SimulatedAcquirer>>,
+        vault: Arc<CardVault>,
+        settings: RoutingSettings,
+    ) -> World {
         // After a stop, aborted read-ahead tasks release their handle on the
         // bus a moment later: retry the open (bounded) while its lock is held.
         let bus = Arc::new(retry_open(|| EmbeddedBus::open(dir.path().join("bus"), BusConfig::new(topics()))));
         let log = Arc::new(retry_open(|| EventLog::open(dir.path().join("authorization"), LogConfig::default())));
         let providers: Vec<Arc<dyn Connector>> = sims.iter().map(|s| Arc::clone(s) as Arc<dyn Connector>).collect();
         let config = AuthorizationConfig { provider_timeout_ms: 300, retry_backoff_ms: 20, ..Default::default() };
-        let service = Arc::new(AuthorizationService::new(
-            log,
-            bus.clone(),
-            providers,
-            Arc::clone(&vault),
-            Arc::new(SystemClock),
-            config,
-        ));
+        let names: Vec<String> = sims.iter().map(|s| s.name().to_owned()).collect();
+        let routing = Arc::new(RoutingEngine::new(settings, &names).unwrap());
+        let service = Arc::new(
+            AuthorizationService::new(log, bus.clone(), providers, Arc::clone(&vault), Arc::new(SystemClock), config)
+                .with_routing(routing),
+        );
         let (stop, stop_rx) = watch::channel(false);
         let tasks = service.spawn(stop_rx).unwrap();
         World { _dir: dir, bus, vault, sims, stop, tasks, next_id: 1 }
     }
 
     fn new() -> World {
+        World::routed(RoutingSettings::default())
+    }
+
+    fn routed(settings: RoutingSettings) -> World {
         let sims = ["acq-alpha", "acq-beta", "acq-gamma"]
             .iter()
             .map(|n| {
                 Arc::new(SimulatedAcquirer::new(*n, SimulatorConfig { latency_ms_min: 1, latency_ms_max: 5, seed: 7 }))
             })
             .collect();
-        World::start(tempfile::tempdir().unwrap(), sims, Arc::new(CardVault::new(10_000)))
+        World::start_routed(tempfile::tempdir().unwrap(), sims, Arc::new(CardVault::new(10_000)), settings)
     }
 
     async fn stop(self) -> (tempfile::TempDir, Vec<Arc<SimulatedAcquirer>>, Arc<CardVault>) {
@@ -386,5 +399,48 @@ async fn an_unreachable_issuer_is_retried_elsewhere_unless_the_advice_code_forbi
     let state = world.until(forbidden, settled_outcome).await;
     assert_eq!(state.decline_code.as_deref(), Some("issuer_unavailable"));
     assert_eq!(state.attempts.len(), 1, "MAC 03: never retried");
+    world.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stand_in_answers_while_every_provider_is_down_and_forwards_when_one_recovers() {
+    let settings = RoutingSettings {
+        stand_in: StandInSettings {
+            default: Some(StandInLimits { per_payment_max_minor: 5_000, exposure_max_minor: 6_000 }),
+            ..StandInSettings::default()
+        },
+        // Breakers open at once and probe again soon, so the test is quick.
+        breaker: BreakerConfig {
+            min_calls: 1,
+            open_ms: 200,
+            probes_to_close: 1,
+            ramp_ms: 200,
+            ..BreakerConfig::default()
+        },
+        ..RoutingSettings::default()
+    };
+    let mut world = World::routed(settings);
+    for sim in &world.sims {
+        sim.set_fault(Some(Fault::always(FaultMode::Down)));
+    }
+    // The first payment opens the breakers (all three refuse): providers unavailable.
+    let first = world.pay("4242424242424242", 1000, true).await;
+    let state = world.until(first, settled_outcome).await;
+    assert_eq!(state.decline_code.as_deref(), Some("providers_unavailable"), "{state:?}");
+    // Breakers open: within limits, stand-in authorizes; beyond the exposure, it does not.
+    let stood_in = world.pay("4242424242424242", 4_000, true).await;
+    let state = world.until(stood_in, |s| s.stage != Stage::Requested).await;
+    assert!(state.stand_in_pending(), "{state:?}");
+    assert_eq!((state.status(), state.captured_minor), (Some(PaymentStatus::Authorized), 0));
+    let over = world.pay("4242424242424242", 4_000, true).await;
+    let state = world.until(over, settled_outcome).await;
+    assert_eq!(state.decline_code.as_deref(), Some("providers_unavailable"), "exposure 8,000 > 6,000: {state:?}");
+    assert_eq!(world.held(stood_in), 0, "nothing held anywhere yet");
+
+    // A provider recovers: the stand-in is forwarded, confirmed, then captured.
+    world.sims[1].set_fault(None);
+    let state = world.until(stood_in, |s| s.status() == Some(PaymentStatus::Captured)).await;
+    assert_eq!(state.provider.as_deref(), Some("acq-beta"));
+    assert_eq!(world.held(stood_in), 1, "exactly one authorization stands");
     world.stop().await;
 }

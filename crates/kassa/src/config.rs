@@ -318,6 +318,8 @@ mod tests {
             min_calls = 10
             [routing.risk]
             amount_max_minor = { EUR = 500000 }
+            [routing.stand_in]
+            default = { per_payment_max_minor = 5000, exposure_max_minor = 100000 }
             [[maintenance]]
             provider = "acq-beta"
             start = "2030-01-01T02:00:00Z"
@@ -347,6 +349,8 @@ mod tests {
             ("[routing.breaker]\nmin_calls = 0", "min_calls"),
             ("[routing.risk]\nblocked_bin_countries = [\"usa\"]", "alpha-2"),
             ("[routing]\ncolour = 1", "colour"),
+            ("[routing.stand_in]\ndefault = { per_payment_max_minor = 500, exposure_max_minor = 100 }", "stand_in"),
+            ("[routing.stand_in.merchants]\nacme = { per_payment_max_minor = 1, exposure_max_minor = 1 }", "acme"),
             (
                 "[[maintenance]]\nprovider = \"acq-zeta\"\nstart = \"2030-01-01T02:00:00Z\"\nend = \"2030-01-01T03:00:00Z\"",
                 "acq-zeta",
