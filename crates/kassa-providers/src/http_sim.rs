@@ -158,16 +158,37 @@ fn done(result: Result<(), ProviderError>) -> Response {
     }
 }
 
+/// Captures and refunds: the same body, idempotent by its id.
+#[derive(Clone, Copy)]
+enum AmountCall {
+    Capture,
+    Refund,
+}
+
+async fn amount_call(
+    sim: &SimulatedAcquirer,
+    headers: &HeaderMap,
+    id: &str,
+    request: Result<Json<AmountBody>, JsonRejection>,
+    call: AmountCall,
+) -> Result<Response, Fail> {
+    let deadline = deadline(headers)?;
+    let b = body(request)?;
+    let entry = parse_hex_id(&b.id).ok_or_else(|| bad_request("id: 32 hex digits"))?;
+    let (attempt, amount) = (attempt_id(id)?, money(b.amount_minor, &b.currency)?);
+    Ok(done(match call {
+        AmountCall::Capture => sim.capture(attempt, CaptureId::from_u128(entry), amount, deadline).await,
+        AmountCall::Refund => sim.refund(attempt, RefundId::from_u128(entry), amount, deadline).await,
+    }))
+}
+
 async fn capture(
     State(sim): State<Arc<SimulatedAcquirer>>,
     headers: HeaderMap,
     Path(id): Path<String>,
     request: Result<Json<AmountBody>, JsonRejection>,
 ) -> Result<Response, Fail> {
-    let deadline = deadline(&headers)?;
-    let b = body(request)?;
-    let capture_id = CaptureId::from_u128(parse_hex_id(&b.id).ok_or_else(|| bad_request("id: 32 hex digits"))?);
-    Ok(done(sim.capture(attempt_id(&id)?, capture_id, money(b.amount_minor, &b.currency)?, deadline).await))
+    amount_call(&sim, &headers, &id, request, AmountCall::Capture).await
 }
 
 async fn refund(
@@ -176,10 +197,7 @@ async fn refund(
     Path(id): Path<String>,
     request: Result<Json<AmountBody>, JsonRejection>,
 ) -> Result<Response, Fail> {
-    let deadline = deadline(&headers)?;
-    let b = body(request)?;
-    let refund_id = RefundId::from_u128(parse_hex_id(&b.id).ok_or_else(|| bad_request("id: 32 hex digits"))?);
-    Ok(done(sim.refund(attempt_id(&id)?, refund_id, money(b.amount_minor, &b.currency)?, deadline).await))
+    amount_call(&sim, &headers, &id, request, AmountCall::Refund).await
 }
 
 async fn reverse(

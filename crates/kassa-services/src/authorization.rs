@@ -667,7 +667,15 @@ impl PartitionActor {
         if record.state.stage != Stage::Requested && !forwarding {
             return;
         }
-        let Some(request) = record.state.request.clone() else { return };
+        // Only what routing needs: the request's metadata map is not cloned on this path.
+        let Some((merchant_id, amount, brand, bin, card_token)) = record
+            .state
+            .request
+            .as_ref()
+            .map(|r| (r.merchant_id, r.amount, r.card.brand, r.card.bin.clone(), r.card.token))
+        else {
+            return;
+        };
         let attempt = record.state.attempts.len() as u64;
         let cause = derived_id(payment_id.as_u128(), "attempt", attempt);
         let decline = |code: String, category: DeclineCategory| PaymentCommand::Decline { code, category };
@@ -681,12 +689,12 @@ impl PartitionActor {
             let routing = &self.service.routing;
             let facts = PaymentFacts {
                 payment_id,
-                merchant_id: request.merchant_id,
-                amount: request.amount,
-                brand: request.card.brand,
-                bin_country: routing.bin_country(&request.card.bin),
-                bin: request.card.bin.clone(),
-                card_token: request.card.token,
+                merchant_id,
+                amount,
+                brand,
+                bin_country: routing.bin_country(&bin),
+                bin,
+                card_token,
             };
             // A forward starts each round afresh; breakers keep dead providers out.
             let tried =
@@ -701,8 +709,8 @@ impl PartitionActor {
                         payment_id,
                         attempt_id,
                         provider: provider.clone(),
-                        merchant_id: request.merchant_id,
-                        amount: request.amount,
+                        merchant_id,
+                        amount,
                     });
                     PaymentCommand::StartAuthorization { attempt_id, provider }
                 }
