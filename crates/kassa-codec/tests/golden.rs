@@ -13,7 +13,10 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 fn golden_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/golden/v1")
+    // Where cargo runs the test from (a binary built in another checkout that
+    // shares the target directory would carry that checkout's path).
+    let manifest_dir = std::env::var("CARGO_MANIFEST_DIR").unwrap_or_else(|_| env!("CARGO_MANIFEST_DIR").to_owned());
+    PathBuf::from(manifest_dir).join("../../tests/golden/v1")
 }
 
 fn eur(minor: i64) -> Money {

@@ -15,7 +15,7 @@ mod simulator;
 pub use http_connector::HttpConnector;
 
 pub use simulator::{
-    Fault, FaultMode, LedgerEntry, LedgerState, SimulatedAcquirer, SimulatorConfig, test_card_outcome,
+    CallPlan, Fault, FaultMode, LedgerEntry, LedgerState, SimulatedAcquirer, SimulatorConfig, test_card_outcome,
 };
 
 use async_trait::async_trait;

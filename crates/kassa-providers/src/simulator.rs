@@ -228,9 +228,11 @@ impl SimulatedAcquirer {
         x.wrapping_mul(0x2545_F491_4F6C_DD1D)
     }
 
-    /// Latency for the next call (uniform in the configured range, xorshift64*)
-    /// and the fault that hits it, if any.
-    fn latency(&self) -> (Duration, Option<FaultMode>) {
+    /// How the next call plays out, drawn when it starts: latency uniform in
+    /// the configured range (xorshift64*), and the fault that hits it, if any.
+    /// The async [`Connector`] calls sleep through the plan and then act; a
+    /// simulation on a virtual clock schedules the same plan itself.
+    pub fn plan_call(&self, deadline: Duration) -> CallPlan {
         let mut inner = self.lock();
         inner.calls += 1;
         let span = self.config.latency_ms_max.saturating_sub(self.config.latency_ms_min) + 1;
@@ -247,28 +249,74 @@ impl SimulatedAcquirer {
             }
             _ => None,
         };
-        (Duration::from_millis(ms), hit)
+        let latency = Duration::from_millis(ms);
+        match hit {
+            Some(FaultMode::Down) => CallPlan::Refused,
+            Some(FaultMode::Error) => CallPlan::ServerError { after: latency.min(deadline) },
+            _ if latency > deadline => CallPlan::TooSlow { after: deadline },
+            // Acts, then its answer never arrives in time (authorizations only).
+            Some(FaultMode::TimeoutAfterAccept) => {
+                CallPlan::ActSilently { after: latency, timeout_after: latency + deadline }
+            }
+            fault => CallPlan::Act { after: latency, fault },
+        }
     }
 
-    /// Sleep the call's latency; past the deadline the caller sees a timeout.
+    /// Sleep through the call's plan; `Ok` means the provider acts now.
     async fn respond(&self, deadline: Duration) -> Result<Option<FaultMode>, ProviderError> {
-        let (latency, fault) = self.latency();
-        match fault {
-            Some(FaultMode::Down) => {
-                return Err(ProviderError::Unavailable { reason: format!("{} refused the connection", self.name) });
-            }
-            Some(FaultMode::Error) => {
-                tokio::time::sleep(latency.min(deadline)).await;
-                return Err(ProviderError::Unavailable { reason: format!("{} answered 503", self.name) });
-            }
-            _ => {}
+        let plan = self.plan_call(deadline);
+        if let Some(after) = plan.answer_after() {
+            tokio::time::sleep(after).await;
         }
-        if latency > deadline {
-            tokio::time::sleep(deadline).await;
-            return Err(ProviderError::Timeout { deadline_ms: deadline.as_millis() as u64 });
+        match plan {
+            CallPlan::Act { fault, .. } => Ok(fault),
+            CallPlan::ActSilently { .. } => Ok(Some(FaultMode::TimeoutAfterAccept)),
+            plan => Err(plan.failure(&self.name, deadline).expect("a plan that does not act fails")),
         }
-        tokio::time::sleep(latency).await;
-        Ok(fault)
+    }
+}
+
+/// How one call to a simulated provider plays out in time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CallPlan {
+    /// The connection is refused at once: the provider did not act.
+    Refused,
+    /// A server error (503) after `after`: the provider did not act.
+    ServerError { after: Duration },
+    /// No answer by the deadline, and the provider did not act.
+    TooSlow { after: Duration },
+    /// The provider acts after `after` and answers then (a `Slow` or
+    /// `SoftDeclineBurst` fault may have hit the call).
+    Act { after: Duration, fault: Option<FaultMode> },
+    /// The provider acts after `after`, but the caller sees a timeout at
+    /// `timeout_after` (`TimeoutAfterAccept`; other calls than authorizations answer at `after`).
+    ActSilently { after: Duration, timeout_after: Duration },
+}
+
+impl CallPlan {
+    /// When the caller hears back, if the provider does not act first (`None`: at once).
+    fn answer_after(&self) -> Option<Duration> {
+        match *self {
+            CallPlan::Refused => None,
+            CallPlan::ServerError { after }
+            | CallPlan::TooSlow { after }
+            | CallPlan::Act { after, .. }
+            | CallPlan::ActSilently { after, .. } => Some(after),
+        }
+    }
+
+    /// The error the caller sees when the provider does not act.
+    pub fn failure(&self, provider: &str, deadline: Duration) -> Option<ProviderError> {
+        match self {
+            CallPlan::Refused => {
+                Some(ProviderError::Unavailable { reason: format!("{provider} refused the connection") })
+            }
+            CallPlan::ServerError { .. } => {
+                Some(ProviderError::Unavailable { reason: format!("{provider} answered 503") })
+            }
+            CallPlan::TooSlow { .. } => Some(ProviderError::Timeout { deadline_ms: deadline.as_millis() as u64 }),
+            CallPlan::Act { .. } | CallPlan::ActSilently { .. } => None,
+        }
     }
 }
 
@@ -276,74 +324,60 @@ fn refused(reason: impl Into<String>) -> ProviderError {
     ProviderError::Refused { reason: reason.into() }
 }
 
-#[async_trait]
-impl Connector for SimulatedAcquirer {
-    fn name(&self) -> &str {
-        &self.name
-    }
-
-    async fn authorize(
+impl SimulatedAcquirer {
+    /// Act on an authorization (when its [`CallPlan`] says the provider acts).
+    /// Idempotent by attempt id: a retried request gets the first answer.
+    pub fn authorize_now(
         &self,
-        request: AuthorizeRequest,
-        deadline: Duration,
+        request: &AuthorizeRequest,
+        fault: Option<FaultMode>,
     ) -> Result<AuthorizeOutcome, ProviderError> {
-        let fault = self.respond(deadline).await?;
-        let outcome = {
-            let mut inner = self.lock();
-            // Idempotent by attempt id: a retried request gets the first answer.
-            if inner.reversed_unseen.contains(&request.attempt_id) {
-                Err(ProviderError::Unavailable { reason: "attempt was reversed before it arrived".into() })
-            } else if let Some(entry) = inner.ledger.get(&request.attempt_id) {
-                Ok(AuthorizeOutcome::Approved { authorization_code: entry.authorization_code.clone() })
-            } else if let Some((code, category)) = inner.declined.get(&request.attempt_id) {
-                Ok(AuthorizeOutcome::Declined { code: code.clone(), category: *category, merchant_advice_code: None })
-            } else if fault == Some(FaultMode::SoftDeclineBurst) {
-                let (code, category) = ("issuer_unavailable".to_owned(), DeclineCategory::Soft);
-                inner.declined.insert(request.attempt_id, (code.clone(), category));
-                Ok(AuthorizeOutcome::Declined { code, category, merchant_advice_code: None })
-            } else {
-                match test_card_outcome(&request.card.pan.expose_digits()) {
-                    Ok(AuthorizeOutcome::Approved { .. }) => {
-                        inner.codes_issued += 1;
-                        let authorization_code = format!("{:06}", inner.codes_issued % 1_000_000);
-                        inner.ledger.insert(
-                            request.attempt_id,
-                            LedgerEntry {
-                                attempt_id: request.attempt_id,
-                                payment_id: request.payment_id,
-                                amount: request.amount,
-                                authorization_code: authorization_code.clone(),
-                                state: LedgerState::Authorized,
-                                captured_minor: 0,
-                                refunded_minor: 0,
-                            },
-                        );
-                        Ok(AuthorizeOutcome::Approved { authorization_code })
-                    }
-                    Ok(AuthorizeOutcome::Declined { code, category, merchant_advice_code }) => {
-                        inner.declined.insert(request.attempt_id, (code.clone(), category));
-                        Ok(AuthorizeOutcome::Declined { code, category, merchant_advice_code })
-                    }
-                    Err(error) => Err(error),
+        let mut inner = self.lock();
+        if inner.reversed_unseen.contains(&request.attempt_id) {
+            Err(ProviderError::Unavailable { reason: "attempt was reversed before it arrived".into() })
+        } else if let Some(entry) = inner.ledger.get(&request.attempt_id) {
+            Ok(AuthorizeOutcome::Approved { authorization_code: entry.authorization_code.clone() })
+        } else if let Some((code, category)) = inner.declined.get(&request.attempt_id) {
+            Ok(AuthorizeOutcome::Declined { code: code.clone(), category: *category, merchant_advice_code: None })
+        } else if fault == Some(FaultMode::SoftDeclineBurst) {
+            let (code, category) = ("issuer_unavailable".to_owned(), DeclineCategory::Soft);
+            inner.declined.insert(request.attempt_id, (code.clone(), category));
+            Ok(AuthorizeOutcome::Declined { code, category, merchant_advice_code: None })
+        } else {
+            match test_card_outcome(&request.card.pan.expose_digits()) {
+                Ok(AuthorizeOutcome::Approved { .. }) => {
+                    inner.codes_issued += 1;
+                    let authorization_code = format!("{:06}", inner.codes_issued % 1_000_000);
+                    inner.ledger.insert(
+                        request.attempt_id,
+                        LedgerEntry {
+                            attempt_id: request.attempt_id,
+                            payment_id: request.payment_id,
+                            amount: request.amount,
+                            authorization_code: authorization_code.clone(),
+                            state: LedgerState::Authorized,
+                            captured_minor: 0,
+                            refunded_minor: 0,
+                        },
+                    );
+                    Ok(AuthorizeOutcome::Approved { authorization_code })
                 }
+                Ok(AuthorizeOutcome::Declined { code, category, merchant_advice_code }) => {
+                    inner.declined.insert(request.attempt_id, (code.clone(), category));
+                    Ok(AuthorizeOutcome::Declined { code, category, merchant_advice_code })
+                }
+                Err(error) => Err(error),
             }
-        };
-        if fault == Some(FaultMode::TimeoutAfterAccept) {
-            // Acted, but the answer never arrives in time.
-            tokio::time::sleep(deadline).await;
-            return Err(ProviderError::Timeout { deadline_ms: deadline.as_millis() as u64 });
         }
-        outcome
     }
 
-    async fn capture(
+    /// Act on a capture; applied once per capture id.
+    pub fn capture_now(
         &self,
         attempt_id: AttemptId,
         capture_id: CaptureId,
         amount: Money,
-        deadline: Duration,
     ) -> Result<(), ProviderError> {
-        self.respond(deadline).await?;
         let mut inner = self.lock();
         if inner.captures_applied.contains(&capture_id) {
             return Ok(());
@@ -363,8 +397,8 @@ impl Connector for SimulatedAcquirer {
         Ok(())
     }
 
-    async fn reverse(&self, attempt_id: AttemptId, deadline: Duration) -> Result<(), ProviderError> {
-        self.respond(deadline).await?;
+    /// Act on a reversal; an attempt not seen yet is refused if it arrives later.
+    pub fn reverse_now(&self, attempt_id: AttemptId) -> Result<(), ProviderError> {
         let mut inner = self.lock();
         match inner.ledger.get_mut(&attempt_id) {
             Some(entry) if entry.captured_minor > 0 => Err(refused("captured: refund instead")),
@@ -379,14 +413,8 @@ impl Connector for SimulatedAcquirer {
         }
     }
 
-    async fn refund(
-        &self,
-        attempt_id: AttemptId,
-        refund_id: RefundId,
-        amount: Money,
-        deadline: Duration,
-    ) -> Result<(), ProviderError> {
-        self.respond(deadline).await?;
+    /// Act on a refund; applied once per refund id.
+    pub fn refund_now(&self, attempt_id: AttemptId, refund_id: RefundId, amount: Money) -> Result<(), ProviderError> {
         let mut inner = self.lock();
         if inner.refunds_applied.contains(&refund_id) {
             return Ok(());
@@ -405,6 +433,66 @@ impl Connector for SimulatedAcquirer {
         Ok(())
     }
 
+    /// What the provider knows of an attempt now.
+    pub fn inquire_now(&self, attempt_id: AttemptId) -> AttemptStatus {
+        let inner = self.lock();
+        match (inner.ledger.get(&attempt_id), inner.declined.get(&attempt_id)) {
+            (Some(entry), _) if entry.state == LedgerState::Reversed => AttemptStatus::Reversed,
+            (Some(entry), _) => AttemptStatus::Authorized { authorization_code: entry.authorization_code.clone() },
+            (None, Some((code, category))) => AttemptStatus::Declined { code: code.clone(), category: *category },
+            (None, None) => AttemptStatus::NotFound,
+        }
+    }
+}
+
+#[async_trait]
+impl Connector for SimulatedAcquirer {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    async fn authorize(
+        &self,
+        request: AuthorizeRequest,
+        deadline: Duration,
+    ) -> Result<AuthorizeOutcome, ProviderError> {
+        let fault = self.respond(deadline).await?;
+        let outcome = self.authorize_now(&request, fault);
+        if fault == Some(FaultMode::TimeoutAfterAccept) {
+            // Acted, but the answer never arrives in time.
+            tokio::time::sleep(deadline).await;
+            return Err(ProviderError::Timeout { deadline_ms: deadline.as_millis() as u64 });
+        }
+        outcome
+    }
+
+    async fn capture(
+        &self,
+        attempt_id: AttemptId,
+        capture_id: CaptureId,
+        amount: Money,
+        deadline: Duration,
+    ) -> Result<(), ProviderError> {
+        self.respond(deadline).await?;
+        self.capture_now(attempt_id, capture_id, amount)
+    }
+
+    async fn reverse(&self, attempt_id: AttemptId, deadline: Duration) -> Result<(), ProviderError> {
+        self.respond(deadline).await?;
+        self.reverse_now(attempt_id)
+    }
+
+    async fn refund(
+        &self,
+        attempt_id: AttemptId,
+        refund_id: RefundId,
+        amount: Money,
+        deadline: Duration,
+    ) -> Result<(), ProviderError> {
+        self.respond(deadline).await?;
+        self.refund_now(attempt_id, refund_id, amount)
+    }
+
     async fn settlement_report(
         &self,
         entry_ids: &[u128],
@@ -417,12 +505,6 @@ impl Connector for SimulatedAcquirer {
 
     async fn inquire(&self, attempt_id: AttemptId, deadline: Duration) -> Result<AttemptStatus, ProviderError> {
         self.respond(deadline).await?;
-        let inner = self.lock();
-        Ok(match (inner.ledger.get(&attempt_id), inner.declined.get(&attempt_id)) {
-            (Some(entry), _) if entry.state == LedgerState::Reversed => AttemptStatus::Reversed,
-            (Some(entry), _) => AttemptStatus::Authorized { authorization_code: entry.authorization_code.clone() },
-            (None, Some((code, category))) => AttemptStatus::Declined { code: code.clone(), category: *category },
-            (None, None) => AttemptStatus::NotFound,
-        })
+        Ok(self.inquire_now(attempt_id))
     }
 }

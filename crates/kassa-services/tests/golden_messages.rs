@@ -11,7 +11,10 @@ use kassa_services::reconciliation::REPORT_RECORDED;
 use std::path::PathBuf;
 
 fn golden_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/golden/v1")
+    // Where cargo runs the test from (a binary built in another checkout that
+    // shares the target directory would carry that checkout's path).
+    let manifest_dir = std::env::var("CARGO_MANIFEST_DIR").unwrap_or_else(|_| env!("CARGO_MANIFEST_DIR").to_owned());
+    PathBuf::from(manifest_dir).join("../../tests/golden/v1")
 }
 
 fn check(name: &str, bytes: Vec<u8>) -> Vec<u8> {

@@ -1,0 +1,620 @@
+//! The authorization service: the single writer of every payment's event
+//! stream after ingest accepted it.
+//!
+//! One actor per partition of `payments.commands` owns the payments hashed to
+//! it, so no two tasks ever decide for the same payment. Its inputs are bus
+//! commands and the results of provider calls it started; each batch of
+//! inputs is decided by the pure core and written — events, payment records,
+//! the consumed offset — in one append. Provider calls start only after that
+//! append is durable, so a crash never loses the fact that an attempt was made.
+//!
+//! Each attempt goes where the routing engine ([`crate::routing`]) says, and
+//! the decision is recorded with all its inputs (`routing.decided`, on the
+//! payment's routing stream). A refused connection, a 503 or an open breaker
+//! fails over to the next candidate within the same request; a decline fails
+//! over only where the scheme rules say another route can succeed. A timeout
+//! is an *unknown* outcome, resolved by a status inquiry (or a reversal)
+//! before any other provider is tried, so at most one authorization per
+//! payment ever stands.
+
+mod process;
+
+pub use process::{
+    Batch, Dispatch, Effect, EffectResult, PaymentRecord, Process, ProviderOp, ROUTING_DECIDED, RoutingDecided,
+    STAND_IN_RETRY_MS, routing_stream,
+};
+
+use crate::consume::{id_key, resume_subscription};
+use crate::messages::PaymentCommandMessage;
+use crate::relay::{RelayConfig, run_relay};
+use crate::routing::{RoutingEngine, RoutingSettings};
+use crate::runtime::{Clock, derived_id};
+use crate::topics::{PAYMENT_COMMANDS, PAYMENT_EVENTS, PROVIDER_HEALTH};
+use crate::vault::CardVault;
+use kassa_bus::{Bus, Message};
+use kassa_codec::{decode_frame, decode_value, encode_value};
+use kassa_domain::PaymentId;
+use kassa_eventlog::{AppendRequest, EventLog, NewEvent, StateWrite, Table};
+use kassa_providers::{AuthorizeRequest, Connector, ProviderError};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+
+/// Bounds of the authorization service. Units last.
+#[derive(Debug, Clone)]
+pub struct AuthorizationConfig {
+    /// Deadline of one provider call.
+    pub provider_timeout_ms: u64,
+    /// Inputs decided and written in one append, at most.
+    pub batch_inputs_max: usize,
+    /// Status inquiries of an unknown attempt before it is reversed.
+    pub inquiries_max: u32,
+    /// Pause before retrying a failed inquiry, reversal, capture or refund.
+    pub retry_backoff_ms: u64,
+    /// Payment records kept in memory per partition (the rest are read from disk).
+    pub cached_payments_max: usize,
+}
+
+impl Default for AuthorizationConfig {
+    fn default() -> Self {
+        AuthorizationConfig {
+            provider_timeout_ms: 1500,
+            batch_inputs_max: 512,
+            inquiries_max: 5,
+            retry_backoff_ms: 250,
+            cached_payments_max: 100_000,
+        }
+    }
+}
+
+/// A provider call with a hard stop a little past its deadline, in case a
+/// connector ignores the deadline it was given: past it, the outcome is unknown.
+async fn bounded<T>(
+    deadline: Duration,
+    call: impl std::future::Future<Output = Result<T, ProviderError>>,
+) -> Result<T, ProviderError> {
+    let deadline_ms = deadline.as_millis() as u64;
+    tokio::time::timeout(deadline + Duration::from_millis(500), call)
+        .await
+        .unwrap_or(Err(ProviderError::Timeout { deadline_ms }))
+}
+
+/// The service. Share it behind an `Arc` and call [`AuthorizationService::spawn`].
+#[derive(Debug)]
+pub struct AuthorizationService {
+    log: Arc<EventLog>,
+    bus: Arc<dyn Bus>,
+    providers: Vec<Arc<dyn Connector>>,
+    vault: Arc<CardVault>,
+    clock: Arc<dyn Clock>,
+    config: AuthorizationConfig,
+    routing: Arc<RoutingEngine>,
+    rules_lock: tokio::sync::Mutex<()>,
+}
+
+pub const ROUTING_RULES_CHANGED: &str = "routing.rules_changed";
+const RULES_KEY: &[u8] = b"routing/rules";
+/// Event type of a provider health change (JSON payload: [`crate::routing::HealthChange`]).
+pub const PROVIDER_HEALTH_CHANGED: &str = "provider.health_changed";
+
+/// The stream a provider's health changes are recorded on.
+pub fn health_stream(provider: &str) -> u128 {
+    derived_id(0, &format!("provider-health/{provider}"), 0)
+}
+
+fn record_key(payment_id: PaymentId) -> Vec<u8> {
+    id_key("payment/", payment_id.as_u128())
+}
+
+fn active_key(partition: u32, payment_id: PaymentId) -> Vec<u8> {
+    id_key(&format!("active/{partition:05}/"), payment_id.as_u128())
+}
+
+fn seen_key(event_id: u128) -> Vec<u8> {
+    id_key("seen/", event_id)
+}
+
+fn offset_key(partition: u32) -> Vec<u8> {
+    format!("{PAYMENT_COMMANDS}/{partition}").into_bytes()
+}
+
+impl AuthorizationService {
+    pub fn new(
+        log: Arc<EventLog>,
+        bus: Arc<dyn Bus>,
+        providers: Vec<Arc<dyn Connector>>,
+        vault: Arc<CardVault>,
+        clock: Arc<dyn Clock>,
+        config: AuthorizationConfig,
+    ) -> Self {
+        let names: Vec<String> = providers.iter().map(|p| p.name().to_owned()).collect();
+        let routing = Arc::new(
+            RoutingEngine::new(RoutingSettings::default(), &names).expect("default routing settings are valid"),
+        );
+        AuthorizationService {
+            log,
+            bus,
+            providers,
+            vault,
+            clock,
+            config,
+            routing,
+            rules_lock: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// Route with this engine instead of the default (every provider in order).
+    pub fn with_routing(mut self, routing: Arc<RoutingEngine>) -> Self {
+        self.routing = routing;
+        self
+    }
+
+    pub fn routing(&self) -> &Arc<RoutingEngine> {
+        &self.routing
+    }
+
+    /// Replace the routing rules: recorded (`routing.rules_changed`) and kept
+    /// across restarts, in effect for the next decision. Returns the new version.
+    pub async fn set_rules(&self, rules: kassa_domain::routing::RuleSet) -> Result<u64, String> {
+        // One change at a time: prepared, made durable, then put in force.
+        let _one_at_a_time = self.rules_lock.lock().await;
+        let rules = self.routing.prepare_rules(rules)?;
+        let version = rules.version;
+        let json = serde_json::to_vec(&rules).map_err(|e| e.to_string())?;
+        let event = NewEvent {
+            event_id: derived_id(0, "routing-rules", version),
+            event_type: ROUTING_RULES_CHANGED.to_owned(),
+            stream_id: derived_id(0, "routing-rules", 0),
+            timestamp_ms: self.clock.now().unix_ms(),
+            causation_id: None,
+            correlation_id: None,
+            payload: json.clone(),
+        };
+        let write = StateWrite { table: Table::State, key: RULES_KEY.to_vec(), value: Some(json) };
+        self.log
+            .append(AppendRequest { events: vec![event], expected: Vec::new(), writes: vec![write] })
+            .await
+            .map_err(|e| format!("recording the rules: {e}"))?;
+        self.routing.install_rules(rules);
+        Ok(version)
+    }
+
+    /// Add a maintenance window to a provider's calendar, kept across restarts.
+    pub async fn add_maintenance(
+        &self,
+        provider: &str,
+        window: kassa_domain::routing::maintenance::MaintenanceWindow,
+    ) -> Result<(), String> {
+        self.routing.add_maintenance(provider, window.clone(), self.clock.now())?;
+        let key = format!("maintenance/{provider}/{:020}", window.start_ms).into_bytes();
+        let json = serde_json::to_vec(&window).map_err(|e| e.to_string())?;
+        let write = StateWrite { table: Table::State, key, value: Some(json) };
+        self.log
+            .append(AppendRequest { writes: vec![write], ..Default::default() })
+            .await
+            .map(drop)
+            .map_err(|e| format!("recording the maintenance window: {e}"))
+    }
+
+    /// Put back what operators changed through the API before a restart.
+    fn restore_routing(&self) -> Result<(), String> {
+        if let Some(json) = self.log.get(Table::State, RULES_KEY).map_err(|e| e.to_string())? {
+            let rules: kassa_domain::routing::RuleSet =
+                serde_json::from_slice(&json).map_err(|e| format!("stored routing rules: {e}"))?;
+            if rules.version > self.routing.rules().version {
+                self.routing.set_rules(rules)?;
+            }
+        }
+        let now = self.clock.now();
+        for (key, json) in self.log.scan(Table::State, b"maintenance/").map_err(|e| e.to_string())? {
+            let text = String::from_utf8_lossy(&key);
+            let provider = text.split('/').nth(1).unwrap_or_default().to_owned();
+            let window: kassa_domain::routing::maintenance::MaintenanceWindow =
+                serde_json::from_slice(&json).map_err(|e| format!("stored maintenance window {text}: {e}"))?;
+            if window.end_ms > now.unix_ms()
+                && let Err(error) = self.routing.add_maintenance(&provider, window, now)
+            {
+                tracing::warn!(%provider, %error, "a stored maintenance window no longer applies");
+            }
+        }
+        Ok(())
+    }
+
+    /// A payment's routing decisions, oldest first.
+    pub fn routing_decisions(&self, payment_id: PaymentId) -> Result<Vec<RoutingDecided>, kassa_eventlog::LogError> {
+        let envelopes = self.log.read_stream(routing_stream(payment_id), 1, 10_000)?;
+        Ok(envelopes
+            .iter()
+            .filter(|e| e.event_type == ROUTING_DECIDED)
+            .filter_map(|e| serde_json::from_slice(&e.payload).ok())
+            .collect())
+    }
+
+    /// Record health changes on each provider's stream, and let time-driven
+    /// ones (breakers half-opening, maintenance windows) happen.
+    async fn run_health(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+        let mut interval = tokio::time::interval(Duration::from_millis(250));
+        loop {
+            tokio::select! {
+                _ = stop.changed() => return,
+                _ = interval.tick() => {}
+            }
+            let now = self.clock.now();
+            self.routing.tick(now);
+            let changes = self.routing.take_health_changes();
+            if changes.is_empty() {
+                continue;
+            }
+            let events = changes
+                .iter()
+                .map(|change| NewEvent {
+                    event_id: rand::random::<u128>(),
+                    event_type: PROVIDER_HEALTH_CHANGED.to_owned(),
+                    stream_id: health_stream(&change.provider),
+                    timestamp_ms: change.at_ms,
+                    causation_id: None,
+                    correlation_id: None,
+                    payload: serde_json::to_vec(change).unwrap_or_default(),
+                })
+                .collect();
+            if let Err(error) = self.log.append(AppendRequest { events, ..Default::default() }).await {
+                tracing::error!(%error, "cannot record provider health changes");
+            }
+        }
+    }
+
+    /// Start one actor per partition of `payments.commands`, and the relay
+    /// that publishes the service's events to `payments.events`.
+    pub fn spawn(self: &Arc<Self>, stop: watch::Receiver<bool>) -> Result<Vec<JoinHandle<()>>, kassa_bus::BusError> {
+        if let Err(error) = self.restore_routing() {
+            tracing::error!(%error, "cannot restore routing changes made through the API; using the configured ones");
+        }
+        let partitions = self.bus.partitions(PAYMENT_COMMANDS)?;
+        let mut tasks = Vec::new();
+        for partition in 0..partitions {
+            let service = Arc::clone(self);
+            let stop = stop.clone();
+            tasks.push(tokio::spawn(async move { service.run_partition(partition, stop).await }));
+        }
+        tasks.push(tokio::spawn(Arc::clone(self).run_health(stop.clone())));
+        tasks.push(tokio::spawn(run_relay(
+            Arc::clone(&self.log),
+            Arc::clone(&self.bus),
+            PAYMENT_EVENTS,
+            |e| {
+                if e.event_type.starts_with("payment.") {
+                    Some(PAYMENT_EVENTS)
+                } else {
+                    (e.event_type == PROVIDER_HEALTH_CHANGED).then_some(PROVIDER_HEALTH)
+                }
+            },
+            RelayConfig::default(),
+            stop,
+        )));
+        Ok(tasks)
+    }
+
+    async fn run_partition(self: Arc<Self>, partition: u32, mut stop: watch::Receiver<bool>) {
+        let (effects_tx, mut effects_rx) = mpsc::channel::<EffectResult>(4096);
+        let mut actor = PartitionActor {
+            service: Arc::clone(&self),
+            partition,
+            cache: HashMap::new(),
+            effects_tx,
+            dispatch: Dispatch::default(),
+        };
+        // Resume every payment that had work left when the service stopped.
+        let mut resume = Vec::new();
+        match self.log.scan(Table::State, format!("active/{partition:05}/").as_bytes()) {
+            Ok(entries) => {
+                for (key, _) in entries {
+                    if let Some(bytes) = key.get(key.len() - 16..).and_then(|b| <[u8; 16]>::try_from(b).ok()) {
+                        resume.push(PaymentId::from_u128(u128::from_be_bytes(bytes)));
+                    }
+                }
+            }
+            Err(error) => {
+                tracing::error!(partition, %error, "cannot scan active payments; partition stopped");
+                return;
+            }
+        }
+        if !resume.is_empty() {
+            tracing::info!(partition, payments = resume.len(), "resuming payments with work left");
+            if let Err(error) = actor.resume(resume).await {
+                tracing::error!(partition, %error, "resuming failed; partition stopped");
+                return;
+            }
+        }
+        let subscription =
+            resume_subscription(&self.log, &self.bus, PAYMENT_COMMANDS, partition, &offset_key(partition));
+        let mut subscription = match subscription {
+            Ok(subscription) => subscription,
+            Err(error) => {
+                tracing::error!(partition, %error, "cannot read the stored offset; partition stopped");
+                return;
+            }
+        };
+        loop {
+            let mut messages = Vec::new();
+            let mut results = Vec::new();
+            tokio::select! {
+                _ = stop.changed() => return,
+                message = subscription.recv() => match message {
+                    Some(Ok(message)) => messages.push(message),
+                    Some(Err(error)) => { tracing::warn!(partition, %error, "fetch failed"); continue; }
+                    None => return,
+                },
+                result = effects_rx.recv() => match result {
+                    Some(result) => results.push(result),
+                    None => return,
+                },
+            }
+            // Take whatever else is ready, up to the batch bound.
+            while messages.len() + results.len() < self.config.batch_inputs_max {
+                if subscription.buffered() > 0 {
+                    match subscription.recv().await {
+                        Some(Ok(message)) => messages.push(message),
+                        _ => break,
+                    }
+                } else if let Ok(result) = effects_rx.try_recv() {
+                    results.push(result);
+                } else {
+                    break;
+                }
+            }
+            if let Err(error) = actor.process(messages, results).await {
+                tracing::error!(partition, %error, "authorization partition failed; stopping it (restart to recover)");
+                return;
+            }
+        }
+    }
+}
+
+struct PartitionActor {
+    service: Arc<AuthorizationService>,
+    partition: u32,
+    cache: HashMap<PaymentId, PaymentRecord>,
+    effects_tx: mpsc::Sender<EffectResult>,
+    dispatch: Dispatch,
+}
+
+type ActorError = kassa_eventlog::LogError;
+
+impl PartitionActor {
+    fn load(&mut self, batch: &mut Batch, payment_id: PaymentId) -> Result<PaymentRecord, ActorError> {
+        if let Some(record) = batch.records.get(&payment_id).or_else(|| self.cache.get(&payment_id)) {
+            return Ok(record.clone());
+        }
+        Ok(match self.service.log.get(Table::State, &record_key(payment_id))? {
+            Some(bytes) => decode_value(&bytes, "payment record").map_err(|e| ActorError::BadChunk {
+                position: 0,
+                reason: format!("payment record {payment_id}: {e}"),
+            })?,
+            None => PaymentRecord::default(),
+        })
+    }
+
+    /// The pure decisions, at the service clock's time.
+    fn decide<T>(&self, f: impl FnOnce(&Process<'_>) -> T) -> T {
+        let vault = &self.service.vault;
+        let card_held = |payment_id| vault.get(payment_id).is_some();
+        let process = Process {
+            routing: &self.service.routing,
+            config: &self.service.config,
+            now: self.service.clock.now(),
+            card_held: &card_held,
+        };
+        f(&process)
+    }
+
+    async fn resume(&mut self, payments: Vec<PaymentId>) -> Result<(), ActorError> {
+        // In chunks, so no single append exceeds the log's per-request bound.
+        let chunk = self.service.config.batch_inputs_max.max(1);
+        for payments in payments.chunks(chunk) {
+            let mut batch = Batch::default();
+            for &payment_id in payments {
+                let record = self.load(&mut batch, payment_id)?;
+                self.decide(|process| process.resume(&mut batch, record, payment_id));
+            }
+            self.commit(batch, None).await?;
+        }
+        Ok(())
+    }
+
+    async fn process(&mut self, messages: Vec<Message>, results: Vec<EffectResult>) -> Result<(), ActorError> {
+        let mut batch = Batch::default();
+        let mut last_offset = None;
+        for message in messages {
+            last_offset = Some(message.offset);
+            let envelope = match decode_frame(&message.payload) {
+                Ok(envelope) => envelope,
+                Err(error) => {
+                    tracing::error!(partition = self.partition, offset = message.offset, %error, "undecodable command skipped");
+                    continue;
+                }
+            };
+            if batch.seen.contains(&envelope.event_id)
+                || self.service.log.get(Table::State, &seen_key(envelope.event_id))?.is_some()
+            {
+                continue; // a duplicate delivery
+            }
+            batch.seen.insert(envelope.event_id);
+            let command = match PaymentCommandMessage::decode(&envelope.event_type, &envelope.payload) {
+                Ok(command) => command,
+                Err(error) => {
+                    tracing::error!(offset = message.offset, %error, "unknown command skipped");
+                    continue;
+                }
+            };
+            let payment_id = command.payment_id();
+            if PaymentId::from_u128(envelope.stream_id) != payment_id {
+                tracing::error!(offset = message.offset, "command names another payment than its stream; skipped");
+                continue;
+            }
+            let record = self.load(&mut batch, payment_id)?;
+            self.decide(|process| process.command(&mut batch, record, command, envelope.event_id));
+        }
+        for result in results {
+            self.dispatch.completed(&result);
+            let record = self.load(&mut batch, result.payment_id())?;
+            self.decide(|process| process.result(&mut batch, record, result));
+        }
+        self.commit(batch, last_offset).await
+    }
+
+    /// Write the batch in one append, then start its effects.
+    async fn commit(&mut self, mut batch: Batch, last_offset: Option<u64>) -> Result<(), ActorError> {
+        let mut writes = Vec::with_capacity(batch.records.len() * 2 + batch.seen.len() + 1);
+        for (payment_id, record) in &batch.records {
+            writes.push(StateWrite {
+                table: Table::State,
+                key: record_key(*payment_id),
+                value: Some(encode_value(record)),
+            });
+            let active = active_key(self.partition, *payment_id);
+            writes.push(StateWrite { table: Table::State, key: active, value: record.is_active().then(Vec::new) });
+            if !record.needs_card() {
+                self.service.vault.remove(*payment_id);
+            }
+        }
+        for event_id in &batch.seen {
+            writes.push(StateWrite { table: Table::State, key: seen_key(*event_id), value: Some(Vec::new()) });
+        }
+        if let Some(offset) = last_offset {
+            writes.push(StateWrite {
+                table: Table::Positions,
+                key: offset_key(self.partition),
+                value: Some((offset + 1).to_be_bytes().to_vec()),
+            });
+        }
+        if batch.events.is_empty() && writes.is_empty() {
+            return Ok(());
+        }
+        self.service
+            .log
+            .append(AppendRequest { events: std::mem::take(&mut batch.events), expected: Vec::new(), writes })
+            .await?;
+        if self.cache.len() > self.service.config.cached_payments_max {
+            self.cache.clear();
+        }
+        self.cache.extend(batch.records);
+        for effect in batch.effects {
+            if self.dispatch.admit(&effect) {
+                self.start(effect);
+            }
+        }
+        Ok(())
+    }
+
+    fn provider(&self, name: &str) -> Option<Arc<dyn Connector>> {
+        self.service.providers.iter().find(|p| p.name() == name).cloned()
+    }
+
+    /// Run one provider call in its own task; its result comes back as an input.
+    fn start(&self, effect: Effect) {
+        let tx = self.effects_tx.clone();
+        if let Effect::Wake { payment_id, delay_ms } = effect {
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+                let _ = tx.send(EffectResult::Woken { payment_id }).await;
+            });
+            return;
+        }
+        let deadline = Duration::from_millis(self.service.config.provider_timeout_ms);
+        let vault = Arc::clone(&self.service.vault);
+        let provider_name = match &effect {
+            Effect::Authorize { provider, .. }
+            | Effect::Inquire { provider, .. }
+            | Effect::Reverse { provider, .. } => provider.clone(),
+            Effect::Op { op, .. } => match op {
+                ProviderOp::Capture { provider, .. }
+                | ProviderOp::Reverse { provider, .. }
+                | ProviderOp::Refund { provider, .. } => provider.clone(),
+            },
+            Effect::Wake { .. } => return, // handled above
+        };
+        let Some(connector) = self.provider(&provider_name) else {
+            // Not configured (any more): answer as a provider that is down, so nothing waits forever.
+            tracing::error!(provider = %provider_name, "no connector for provider; call not made");
+            let unavailable =
+                || ProviderError::Unavailable { reason: format!("provider {provider_name} is not configured") };
+            let result = match effect {
+                Effect::Wake { payment_id, .. } => EffectResult::Woken { payment_id },
+                Effect::Authorize { payment_id, attempt_id, provider, .. } => EffectResult::Authorized {
+                    payment_id,
+                    attempt_id,
+                    provider,
+                    latency_ms: 0,
+                    result: Err(unavailable()),
+                },
+                Effect::Inquire { payment_id, attempt_id, .. } => {
+                    EffectResult::Inquired { payment_id, attempt_id, result: Err(unavailable()) }
+                }
+                Effect::Reverse { payment_id, attempt_id, .. } => {
+                    EffectResult::Reversed { payment_id, attempt_id, result: Err(unavailable()) }
+                }
+                Effect::Op { payment_id, op, .. } => {
+                    EffectResult::OpDone { payment_id, op, result: Err(unavailable()) }
+                }
+            };
+            let tx = self.effects_tx.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(1000)).await;
+                let _ = tx.send(result).await;
+            });
+            return;
+        };
+        tokio::spawn(async move {
+            let result = match effect {
+                Effect::Wake { payment_id, .. } => EffectResult::Woken { payment_id },
+                Effect::Authorize { payment_id, attempt_id, merchant_id, amount, provider } => {
+                    let started = std::time::Instant::now();
+                    let result = match vault.get(payment_id) {
+                        Some(card) => {
+                            let request = AuthorizeRequest { attempt_id, payment_id, merchant_id, amount, card };
+                            bounded(deadline, connector.authorize(request, deadline)).await
+                        }
+                        // Gone (another path finished the payment): the provider was not called.
+                        None => Err(ProviderError::Unavailable { reason: "card data no longer held".into() }),
+                    };
+                    let latency_ms = u32::try_from(started.elapsed().as_millis()).unwrap_or(u32::MAX);
+                    EffectResult::Authorized { payment_id, attempt_id, provider, latency_ms, result }
+                }
+                Effect::Inquire { payment_id, attempt_id, delay_ms, .. } => {
+                    tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+                    EffectResult::Inquired {
+                        payment_id,
+                        attempt_id,
+                        result: bounded(deadline, connector.inquire(attempt_id, deadline)).await,
+                    }
+                }
+                Effect::Reverse { payment_id, attempt_id, delay_ms, .. } => {
+                    tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+                    EffectResult::Reversed {
+                        payment_id,
+                        attempt_id,
+                        result: bounded(deadline, connector.reverse(attempt_id, deadline)).await,
+                    }
+                }
+                Effect::Op { payment_id, op, delay_ms } => {
+                    tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+                    let result = match &op {
+                        ProviderOp::Capture { attempt_id, capture_id, amount, .. } => {
+                            bounded(deadline, connector.capture(*attempt_id, *capture_id, *amount, deadline)).await
+                        }
+                        ProviderOp::Reverse { attempt_id, .. } => {
+                            bounded(deadline, connector.reverse(*attempt_id, deadline)).await
+                        }
+                        ProviderOp::Refund { refund_id, attempt_id, amount, .. } => {
+                            bounded(deadline, connector.refund(*attempt_id, *refund_id, *amount, deadline)).await
+                        }
+                    };
+                    EffectResult::OpDone { payment_id, op, result }
+                }
+            };
+            let _ = tx.send(result).await;
+        });
+    }
+}
