@@ -429,7 +429,7 @@ async fn stand_in_answers_while_every_provider_is_down_and_forwards_when_one_rec
     assert_eq!(state.decline_code.as_deref(), Some("providers_unavailable"), "{state:?}");
     // Breakers open: within limits, stand-in authorizes; beyond the exposure, it does not.
     let stood_in = world.pay("4242424242424242", 4_000, true).await;
-    let state = world.until(stood_in, |s| s.stage != Stage::Requested).await;
+    let state = world.until(stood_in, |s| !matches!(s.stage, Stage::New | Stage::Requested)).await;
     assert!(state.stand_in_pending(), "{state:?}");
     assert_eq!((state.status(), state.captured_minor), (Some(PaymentStatus::Authorized), 0));
     let over = world.pay("4242424242424242", 4_000, true).await;
