@@ -7,14 +7,16 @@
 //! A crash between processing and that write redelivers; the write makes
 //! processing effectively-once. The bus never tracks consumer positions itself.
 //!
-//! [`EmbeddedBus`] keeps topics in a local RocksDB with group commit; the Kafka
-//! implementation arrives behind the same [`Bus`] trait.
+//! [`EmbeddedBus`] keeps topics in a local RocksDB with group commit;
+//! [`KafkaBus`] keeps them on a Kafka cluster, behind the same [`Bus`] trait.
 
 mod embedded;
+mod kafka;
 mod partitioner;
 mod subscription;
 
 pub use embedded::{BusConfig, EmbeddedBus};
+pub use kafka::{KafkaBus, KafkaConfig, TopicInit, init_topics};
 pub use partitioner::{murmur2, partition_for};
 pub use subscription::{Subscription, SubscriptionConfig};
 
@@ -81,6 +83,8 @@ pub enum BusError {
     Overloaded,
     #[error("the bus is closed")]
     Closed,
+    #[error("Kafka broker ({context}): {reason}")]
+    Broker { context: String, reason: String },
 }
 
 /// The bus seen by a service.

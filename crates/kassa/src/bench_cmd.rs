@@ -6,14 +6,13 @@
 
 use anyhow::Context;
 use clap::Args;
-use kassa_bus::{Bus, BusConfig, EmbeddedBus, TopicSpec};
+use kassa_bus::{Bus, BusConfig, EmbeddedBus};
 use kassa_eventlog::{EventLog, LogConfig};
 use kassa_providers::{Connector, Fault, FaultMode, SimulatedAcquirer, SimulatorConfig};
 use kassa_services::authorization::{AuthorizationConfig, AuthorizationService};
 use kassa_services::ingest::{IngestConfig, IngestService};
 use kassa_services::reconciliation::{ReconciliationConfig, ReconciliationService};
 use kassa_services::settlement::{SettlementConfig, SettlementService};
-use kassa_services::topics::{PAYMENT_COMMANDS, PAYMENT_EVENTS, PROVIDER_HEALTH, SETTLEMENT_EVENTS};
 use kassa_services::vault::CardVault;
 use kassa_services::{Clock, SystemClock};
 use std::path::PathBuf;
@@ -64,13 +63,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     runtime.block_on(async move {
         let ingest_log = Arc::new(EventLog::open(dir.join("ingest"), LogConfig::default())?);
         let authorization_log = Arc::new(EventLog::open(dir.join("authorization"), LogConfig::default())?);
-        let topics = vec![
-            TopicSpec::new(PAYMENT_COMMANDS, crate::up::PARTITIONS),
-            TopicSpec::new(PAYMENT_EVENTS, crate::up::PARTITIONS),
-            TopicSpec::new(SETTLEMENT_EVENTS, crate::up::PARTITIONS),
-            TopicSpec::new(PROVIDER_HEALTH, crate::up::PARTITIONS),
-        ];
-        let bus: Arc<dyn Bus> = Arc::new(EmbeddedBus::open(dir.join("bus"), BusConfig::new(topics))?);
+        let bus: Arc<dyn Bus> = Arc::new(EmbeddedBus::open(dir.join("bus"), BusConfig::new(crate::up::topics()))?);
         let clock: Arc<dyn Clock> = Arc::new(SystemClock);
         let vault = Arc::new(CardVault::new(crate::up::CARDS_WAITING_MAX));
         let providers: Vec<Arc<dyn Connector>> = crate::up::PROVIDERS

@@ -36,6 +36,24 @@ pub struct Config {
     /// `duration_min`, `time_zone`).
     #[serde(default)]
     pub maintenance: Vec<MaintenanceConfig>,
+    /// The Kafka cluster, for `--bus kafka` and `kassa kafka …`.
+    pub kafka: Option<KafkaSettings>,
+}
+
+/// `[kafka]`: how to reach the cluster. Flags win over it.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaSettings {
+    /// Bootstrap brokers, `host:port[,host:port…]`.
+    pub brokers: Option<String>,
+    /// librdkafka properties passed through (`security.protocol`, `sasl.mechanism`,
+    /// `sasl.username`, `sasl.password`, `ssl.ca.location`, …).
+    #[serde(default)]
+    pub properties: std::collections::BTreeMap<String, String>,
+    /// Replicas of each topic `kassa kafka init-topics` creates. [default: 1]
+    pub replication_factor: Option<i32>,
+    /// Create missing topics when `kassa up --bus kafka` starts. [default: false]
+    pub create_topics: Option<bool>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]

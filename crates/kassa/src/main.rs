@@ -2,6 +2,7 @@
 
 mod bench_cmd;
 mod config;
+mod kafka_cmd;
 mod log_cmd;
 mod merchant_cmd;
 mod sim_cmd;
@@ -19,8 +20,8 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Run Kassa on one machine: the services in one process over the embedded durable bus,
-    /// three simulated acquirers, and the payments API.
+    /// Run Kassa: the services in one process over the embedded durable bus (or a Kafka
+    /// cluster with `--bus kafka`), three simulated acquirers, and the payments API.
     Up(up::UpArgs),
     /// Inspect and verify a service's event log.
     #[command(subcommand)]
@@ -32,6 +33,9 @@ enum Command {
     Merchant(merchant_cmd::MerchantCommand),
     /// One simulated acquirer as its own process, speaking the provider HTTP protocol.
     ProviderSim(sim_cmd::SimArgs),
+    /// Kafka cluster chores (`init-topics`).
+    #[command(subcommand)]
+    Kafka(kafka_cmd::KafkaCommand),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -47,5 +51,6 @@ fn main() -> anyhow::Result<()> {
         Command::Merchant(command) => merchant_cmd::run(command),
         Command::Bench(args) => bench_cmd::run(args),
         Command::ProviderSim(args) => sim_cmd::run(args),
+        Command::Kafka(command) => kafka_cmd::run(command),
     }
 }

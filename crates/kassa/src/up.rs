@@ -1,10 +1,12 @@
-//! `kassa up`: the services in one process over the embedded durable bus,
-//! with three simulated acquirers, serving the payments API.
+//! `kassa up`: the services in one process — over the embedded durable bus,
+//! or a Kafka cluster with `--bus kafka` — with three simulated acquirers,
+//! serving the payments API.
 
 use crate::config::{Config, SimulatorTransport};
+use crate::kafka_cmd::{BusKind, KafkaArgs};
 use anyhow::Context;
 use clap::Args;
-use kassa_bus::{Bus, BusConfig, EmbeddedBus, TopicSpec};
+use kassa_bus::{Bus, BusConfig, EmbeddedBus, KafkaBus, TopicSpec};
 use kassa_domain::settlement::FeeSchedule;
 use kassa_eventlog::{EventLog, LogConfig};
 use kassa_providers::http_sim::{control_router, protocol_router, serve};
@@ -47,6 +49,47 @@ pub struct UpArgs {
     /// See README.md for its keys.
     #[arg(long, env = "KASSA_CONFIG")]
     pub config: Option<PathBuf>,
+    /// The bus the services talk through: `embedded` (a durable log in the data
+    /// directory) or `kafka` (a cluster at `--brokers`; topics from `kassa kafka init-topics`).
+    #[arg(long, env = "KASSA_BUS", value_enum, default_value_t = BusKind::Embedded)]
+    pub bus: BusKind,
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
+}
+
+/// Kassa's topics and their partition counts.
+pub fn topics() -> Vec<TopicSpec> {
+    vec![
+        TopicSpec::new(PAYMENT_COMMANDS, PARTITIONS),
+        TopicSpec::new(PAYMENT_EVENTS, PARTITIONS),
+        TopicSpec::new(SETTLEMENT_EVENTS, PARTITIONS),
+        TopicSpec::new(PROVIDER_HEALTH, PARTITIONS),
+    ]
+}
+
+/// Open the bus the flags name.
+fn open_bus(args: &UpArgs, config: &Config, dir: &Path) -> anyhow::Result<Arc<dyn Bus>> {
+    match args.bus {
+        BusKind::Embedded => {
+            let bus_path = dir.join("bus");
+            let bus = EmbeddedBus::open(&bus_path, BusConfig::new(topics()))
+                .with_context(|| format!("opening the embedded bus at {}", bus_path.display()))?;
+            Ok(Arc::new(bus))
+        }
+        BusKind::Kafka => {
+            let kafka = args.kafka.config(config, topics())?;
+            if config.kafka.as_ref().and_then(|k| k.create_topics).unwrap_or(false) {
+                let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
+                runtime.block_on(crate::kafka_cmd::init_topics(&kafka))?;
+            }
+            let brokers = kafka.brokers.clone();
+            let bus = KafkaBus::open(kafka).with_context(|| {
+                format!("connecting to Kafka at {brokers} (create the topics with `kassa kafka init-topics --brokers {brokers}`)")
+            })?;
+            tracing::info!(%brokers, "Kafka bus open");
+            Ok(Arc::new(bus))
+        }
+    }
 }
 
 /// Read a secret file, or create it with `bytes` fresh random bytes (mode 0600).
@@ -98,17 +141,7 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
     let authorization_log = open_log("authorization")?;
     let settlement_log = open_log("settlement")?;
     let reconciliation_log = open_log("reconciliation")?;
-    let topics = vec![
-        TopicSpec::new(PAYMENT_COMMANDS, PARTITIONS),
-        TopicSpec::new(PAYMENT_EVENTS, PARTITIONS),
-        TopicSpec::new(SETTLEMENT_EVENTS, PARTITIONS),
-        TopicSpec::new(PROVIDER_HEALTH, PARTITIONS),
-    ];
-    let bus_path = dir.join("bus");
-    let bus: Arc<dyn Bus> = Arc::new(
-        EmbeddedBus::open(&bus_path, BusConfig::new(topics))
-            .with_context(|| format!("opening the embedded bus at {}", bus_path.display()))?,
-    );
+    let bus = open_bus(&args, &config, dir)?;
     let token_key = secret_file(&dir.join("token.key"), 32)?;
     let admin_token = format!("at_{}", hex::encode(secret_file(&dir.join("admin.secret"), 20)?));
     let admin_token_path = dir.join("admin.token");

@@ -1,0 +1,436 @@
+//! The bus over a Kafka cluster — Apache Kafka or any Kafka-protocol broker
+//! (Redpanda, MSK, Confluent Cloud, tansu) — through librdkafka.
+//!
+//! Same contract as the embedded bus: a record goes to the partition its key
+//! hashes to (Kafka's murmur2, as in [`crate::partition_for`]), `produce`
+//! returns once the broker has it (`acks=all`, idempotent producer, so a
+//! retried send is written once and in order), and a consumer reads a
+//! partition from the offset *it* stored in its own event log. Kafka's group
+//! offsets are never the source of truth here.
+//!
+//! Each partition read gets its own manually assigned librdkafka consumer,
+//! created on first fetch and re-positioned when asked for another offset
+//! than the one it is at.
+
+use crate::{Bus, BusError, Message, Produced, Record, TopicSpec, partition_for};
+use async_trait::async_trait;
+use rdkafka::ClientConfig;
+use rdkafka::Offset;
+use rdkafka::TopicPartitionList;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer, StreamConsumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::Message as _;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Properties Kassa sets itself because its guarantees rest on them; a
+/// configured value that differs is refused.
+const REQUIRED: &[(&str, &str)] = &[("enable.idempotence", "true"), ("acks", "all"), ("enable.auto.commit", "false")];
+
+/// How to reach the cluster, and the topics Kassa uses. Units last.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KafkaConfig {
+    /// Bootstrap brokers, `host:port[,host:port…]`.
+    pub brokers: String,
+    /// librdkafka properties passed through as given (`security.protocol`,
+    /// `sasl.mechanism`, `sasl.username`, `ssl.ca.location`, …). They win over
+    /// Kassa's defaults, except where Kassa's guarantees need a value.
+    pub properties: BTreeMap<String, String>,
+    /// The topics and their partition counts.
+    pub topics: Vec<TopicSpec>,
+    /// Replicas of each topic created by [`init_topics`].
+    pub replication_factor: i32,
+    /// Client id the broker sees (logs, quotas).
+    pub client_id: String,
+    /// How long a produced record may wait for the broker before the produce
+    /// fails (the caller — a relay — retries it).
+    pub delivery_timeout_ms: u64,
+    /// Deadline of metadata, offset and admin requests.
+    pub request_timeout_ms: u64,
+}
+
+impl KafkaConfig {
+    pub fn new(brokers: impl Into<String>, topics: Vec<TopicSpec>) -> Self {
+        KafkaConfig {
+            brokers: brokers.into(),
+            properties: BTreeMap::new(),
+            topics,
+            replication_factor: 1,
+            client_id: "kassa".into(),
+            delivery_timeout_ms: 30_000,
+            request_timeout_ms: 10_000,
+        }
+    }
+
+    /// A librdkafka configuration: Kassa's defaults, then the configured
+    /// properties, then the values Kassa's guarantees need.
+    fn client(&self, defaults: &[(&str, &str)], required: &[(&str, &str)]) -> Result<ClientConfig, BusError> {
+        for (key, value) in REQUIRED {
+            if let Some(configured) = self.properties.get(*key)
+                && configured != value
+            {
+                return Err(config_error(format!(
+                    "property {key:?} = {configured:?} is refused: Kassa's effectively-once delivery needs {value:?}"
+                )));
+            }
+        }
+        let mut config = ClientConfig::new();
+        config.set("bootstrap.servers", &self.brokers).set("client.id", &self.client_id);
+        for (key, value) in defaults {
+            config.set(*key, *value);
+        }
+        for (key, value) in &self.properties {
+            if key == "bootstrap.servers" {
+                return Err(config_error(format!("set the brokers with `brokers`, not the property {key:?}")));
+            }
+            config.set(key, value);
+        }
+        for (key, value) in required {
+            config.set(*key, *value);
+        }
+        Ok(config)
+    }
+
+    fn request_timeout(&self) -> Duration {
+        Duration::from_millis(self.request_timeout_ms)
+    }
+
+    fn metadata_client(&self) -> Result<BaseConsumer, BusError> {
+        // A consumer never asks the broker to create a topic it looks up.
+        let defaults = [("allow.auto.create.topics", "false"), ("group.id", "kassa-metadata")];
+        self.client(&defaults, &[("enable.auto.commit", "false")])?
+            .create()
+            .map_err(|e| broker_error("creating a metadata client", e))
+    }
+}
+
+fn config_error(reason: String) -> BusError {
+    BusError::Broker { context: "Kafka configuration".into(), reason }
+}
+
+fn broker_error(context: impl Into<String>, error: KafkaError) -> BusError {
+    BusError::Broker { context: context.into(), reason: error.to_string() }
+}
+
+/// Partition counts of the topics on the cluster (`None`: the topic does not exist).
+fn topic_partitions(client: &BaseConsumer, config: &KafkaConfig) -> Result<HashMap<String, Option<u32>>, BusError> {
+    let mut found = HashMap::new();
+    for spec in &config.topics {
+        let metadata = client.fetch_metadata(Some(&spec.name), config.request_timeout()).map_err(|e| {
+            broker_error(format!("reading the metadata of topic {:?} from {}", spec.name, config.brokers), e)
+        })?;
+        let partitions = metadata
+            .topics()
+            .iter()
+            .find(|t| t.name() == spec.name && t.error().is_none())
+            .map(|t| t.partitions().len() as u32)
+            .filter(|n| *n > 0);
+        found.insert(spec.name.clone(), partitions);
+    }
+    Ok(found)
+}
+
+/// What [`init_topics`] did with a topic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TopicInit {
+    Created,
+    /// It was there already, with the configured partition count.
+    Existed,
+}
+
+/// Create Kassa's topics on the cluster (`kassa kafka init-topics`). A topic
+/// that exists with another partition count is an error: keys would move.
+pub async fn init_topics(config: &KafkaConfig) -> Result<Vec<(String, TopicInit)>, BusError> {
+    let admin: AdminClient<DefaultClientContext> =
+        config.client(&[], &[])?.create().map_err(|e| broker_error(format!("connecting to {}", config.brokers), e))?;
+    let new_topics: Vec<NewTopic<'_>> = config
+        .topics
+        .iter()
+        .map(|spec| {
+            NewTopic::new(&spec.name, spec.partitions as i32, TopicReplication::Fixed(config.replication_factor))
+        })
+        .collect();
+    let options = AdminOptions::new().request_timeout(Some(config.request_timeout()));
+    let results = admin
+        .create_topics(&new_topics, &options)
+        .await
+        .map_err(|e| broker_error(format!("creating topics on {}", config.brokers), e))?;
+    let mut done = Vec::new();
+    for result in results {
+        match result {
+            Ok(name) => done.push((name, TopicInit::Created)),
+            Err((name, RDKafkaErrorCode::TopicAlreadyExists)) => done.push((name, TopicInit::Existed)),
+            Err((name, code)) => {
+                return Err(BusError::Broker { context: format!("creating topic {name:?}"), reason: code.to_string() });
+            }
+        }
+    }
+    std::thread::spawn(move || drop(admin));
+    // Created topics take a moment to show in the metadata; an existing one
+    // must have the configured partition count.
+    let deadline = std::time::Instant::now() + config.request_timeout();
+    loop {
+        let lookup = config.clone();
+        let found =
+            tokio::task::spawn_blocking(move || topic_partitions(&lookup.metadata_client()?, &lookup))
+                .await
+                .map_err(|e| BusError::Broker { context: "reading topic metadata".into(), reason: e.to_string() })??;
+        let mut missing = false;
+        for spec in &config.topics {
+            match found.get(&spec.name).copied().flatten() {
+                Some(existing) if existing != spec.partitions => {
+                    return Err(BusError::PartitionCountChanged {
+                        topic: spec.name.clone(),
+                        existing,
+                        configured: spec.partitions,
+                    });
+                }
+                Some(_) => {}
+                None => missing = true,
+            }
+        }
+        if !missing {
+            return Ok(done);
+        }
+        if std::time::Instant::now() > deadline {
+            return Err(BusError::Broker {
+                context: "creating topics".into(),
+                reason: "created topics did not appear in the cluster's metadata in time".into(),
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// One partition's reader: a consumer assigned to it, and the offset it will read next.
+struct Reader {
+    consumer: Option<StreamConsumer>,
+    next: u64,
+}
+
+impl Drop for Reader {
+    fn drop(&mut self) {
+        // librdkafka's destroy can block; never on a runtime thread.
+        if let Some(consumer) = self.consumer.take() {
+            std::thread::spawn(move || drop(consumer));
+        }
+    }
+}
+
+type ReaderSlot = Arc<tokio::sync::Mutex<Reader>>;
+
+/// The bus over a Kafka cluster. Topics must exist ([`init_topics`]).
+pub struct KafkaBus {
+    config: KafkaConfig,
+    producer: FutureProducer,
+    metadata: Arc<BaseConsumer>,
+    partitions: HashMap<String, u32>,
+    readers: std::sync::Mutex<HashMap<(String, u32), ReaderSlot>>,
+}
+
+impl std::fmt::Debug for KafkaBus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KafkaBus")
+            .field("brokers", &self.config.brokers)
+            .field("partitions", &self.partitions)
+            .finish_non_exhaustive()
+    }
+}
+
+impl KafkaBus {
+    /// Connect, and check that every topic exists with its configured
+    /// partition count. Blocks for up to the request timeout per topic.
+    pub fn open(config: KafkaConfig) -> Result<Self, BusError> {
+        let delivery_timeout = config.delivery_timeout_ms.to_string();
+        let producer_defaults = [
+            ("linger.ms", "2"),
+            ("message.timeout.ms", delivery_timeout.as_str()),
+            ("max.in.flight.requests.per.connection", "5"),
+        ];
+        let producer: FutureProducer = config
+            .client(&producer_defaults, &REQUIRED[..2])?
+            .create()
+            .map_err(|e| broker_error(format!("creating a producer for {}", config.brokers), e))?;
+        let metadata = config.metadata_client()?;
+        let found = topic_partitions(&metadata, &config)?;
+        let mut partitions = HashMap::new();
+        for spec in &config.topics {
+            match found.get(&spec.name).copied().flatten() {
+                None => return Err(BusError::UnknownTopic { topic: spec.name.clone() }),
+                Some(existing) if existing != spec.partitions => {
+                    return Err(BusError::PartitionCountChanged {
+                        topic: spec.name.clone(),
+                        existing,
+                        configured: spec.partitions,
+                    });
+                }
+                Some(existing) => {
+                    partitions.insert(spec.name.clone(), existing);
+                }
+            }
+        }
+        Ok(KafkaBus {
+            config,
+            producer,
+            metadata: Arc::new(metadata),
+            partitions,
+            readers: std::sync::Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn partitions_of(&self, topic: &str) -> Result<u32, BusError> {
+        self.partitions.get(topic).copied().ok_or_else(|| BusError::UnknownTopic { topic: topic.to_owned() })
+    }
+
+    fn check_partition(&self, topic: &str, partition: u32) -> Result<(), BusError> {
+        let partitions = self.partitions_of(topic)?;
+        if partition >= partitions {
+            return Err(BusError::NoSuchPartition { topic: topic.to_owned(), partition, partitions });
+        }
+        Ok(())
+    }
+
+    fn reader(&self, topic: &str, partition: u32) -> ReaderSlot {
+        let mut readers = self.readers.lock().unwrap_or_else(|e| e.into_inner());
+        Arc::clone(
+            readers
+                .entry((topic.to_owned(), partition))
+                .or_insert_with(|| Arc::new(tokio::sync::Mutex::new(Reader { consumer: None, next: 0 }))),
+        )
+    }
+
+    fn new_consumer(&self) -> Result<StreamConsumer, BusError> {
+        let defaults = [
+            // Offsets live in each service's own log; the group id only names the client.
+            ("group.id", "kassa-reader"),
+            ("enable.auto.offset.store", "false"),
+            ("enable.partition.eof", "false"),
+            // A stored offset the broker no longer has is an error, never a silent jump.
+            ("auto.offset.reset", "error"),
+            ("fetch.wait.max.ms", "50"),
+            ("queued.max.messages.kbytes", "8192"),
+        ];
+        self.config
+            .client(&defaults, &REQUIRED[2..])?
+            .create()
+            .map_err(|e| broker_error(format!("creating a consumer for {}", self.config.brokers), e))
+    }
+}
+
+fn to_message(topic: &str, partition: u32, message: &rdkafka::message::BorrowedMessage<'_>) -> Message {
+    Message {
+        topic: topic.to_owned(),
+        partition,
+        offset: message.offset().max(0) as u64,
+        key: message.key().unwrap_or_default().to_vec(),
+        payload: message.payload().unwrap_or_default().to_vec(),
+        timestamp_ms: message.timestamp().to_millis().unwrap_or(0),
+    }
+}
+
+#[async_trait]
+impl Bus for KafkaBus {
+    fn partitions(&self, topic: &str) -> Result<u32, BusError> {
+        self.partitions_of(topic)
+    }
+
+    async fn produce(&self, records: Vec<Record>) -> Result<Vec<Produced>, BusError> {
+        let mut deliveries = Vec::with_capacity(records.len());
+        for record in &records {
+            let partition = partition_for(&record.key, self.partitions_of(&record.topic)?);
+            let mut next = FutureRecord::to(&record.topic)
+                .partition(partition as i32)
+                .key(&record.key)
+                .payload(&record.payload)
+                .timestamp(record.timestamp_ms);
+            loop {
+                match self.producer.send_result(next) {
+                    Ok(delivery) => {
+                        deliveries.push((partition, delivery));
+                        break;
+                    }
+                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                        // librdkafka's queue is full: let it drain.
+                        next = back;
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                    Err((error, _)) => {
+                        return Err(broker_error(format!("producing to {}/{partition}", record.topic), error));
+                    }
+                }
+            }
+        }
+        let mut produced = Vec::with_capacity(deliveries.len());
+        for (partition, delivery) in deliveries {
+            match delivery.await {
+                Ok(Ok(delivery)) => produced.push(Produced { partition, offset: delivery.offset.max(0) as u64 }),
+                Ok(Err((error, message))) => {
+                    let context = format!("delivering to {}/{partition}", message.topic());
+                    return Err(broker_error(context, error));
+                }
+                Err(_canceled) => return Err(BusError::Closed),
+            }
+        }
+        Ok(produced)
+    }
+
+    async fn fetch(
+        &self,
+        topic: &str,
+        partition: u32,
+        from_offset: u64,
+        max: usize,
+        wait: Duration,
+    ) -> Result<Vec<Message>, BusError> {
+        self.check_partition(topic, partition)?;
+        let slot = self.reader(topic, partition);
+        let mut reader = slot.lock().await;
+        if reader.consumer.is_none() || reader.next != from_offset {
+            if reader.consumer.is_none() {
+                reader.consumer = Some(self.new_consumer()?);
+            }
+            let mut assignment = TopicPartitionList::new();
+            assignment
+                .add_partition_offset(topic, partition as i32, Offset::Offset(from_offset as i64))
+                .map_err(|e| broker_error(format!("positioning {topic}/{partition}@{from_offset}"), e))?;
+            let consumer = reader.consumer.as_ref().expect("created above");
+            consumer.assign(&assignment).map_err(|e| broker_error(format!("assigning {topic}/{partition}"), e))?;
+            reader.next = from_offset;
+        }
+        let consumer = reader.consumer.as_ref().expect("created above");
+        let mut messages = Vec::new();
+        let context = |e| broker_error(format!("reading {topic}/{partition}@{from_offset}"), e);
+        match tokio::time::timeout(wait, consumer.recv()).await {
+            Err(_waited) => return Ok(messages),
+            Ok(Err(error)) => return Err(context(error)),
+            Ok(Ok(message)) => messages.push(to_message(topic, partition, &message)),
+        }
+        // Whatever else is already here, without waiting.
+        while messages.len() < max.max(1) {
+            match tokio::time::timeout(Duration::ZERO, consumer.recv()).await {
+                Ok(Ok(message)) => messages.push(to_message(topic, partition, &message)),
+                Ok(Err(error)) => return Err(context(error)),
+                Err(_none_ready) => break,
+            }
+        }
+        // Only what was asked for: a message before the offset (none should be) is dropped.
+        messages.retain(|m| m.offset >= from_offset);
+        if let Some(last) = messages.last() {
+            reader.next = last.offset + 1;
+        }
+        Ok(messages)
+    }
+
+    fn end_offset(&self, topic: &str, partition: u32) -> Result<u64, BusError> {
+        self.check_partition(topic, partition)?;
+        let (_low, high) = self
+            .metadata
+            .fetch_watermarks(topic, partition as i32, self.config.request_timeout())
+            .map_err(|e| broker_error(format!("reading the end offset of {topic}/{partition}"), e))?;
+        Ok(high.max(0) as u64)
+    }
+}

@@ -1,0 +1,102 @@
+//! Kafka: the flags that reach a cluster, and `kassa kafka init-topics`.
+
+use crate::config::Config;
+use anyhow::Context;
+use clap::{Args, Subcommand, ValueEnum};
+use kassa_bus::{KafkaConfig, TopicInit, TopicSpec};
+use std::path::PathBuf;
+
+/// Which bus the services talk through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum)]
+pub enum BusKind {
+    /// A durable log in the data directory: one machine, nothing to install.
+    #[default]
+    Embedded,
+    /// A Kafka cluster (`--brokers`): any Kafka-protocol broker.
+    Kafka,
+}
+
+/// How to reach a Kafka cluster. Flags win over the config file's `[kafka]`.
+#[derive(Args, Debug, Clone, Default)]
+pub struct KafkaArgs {
+    /// Kafka bootstrap brokers, `host:port[,host:port…]` (with `--bus kafka`).
+    #[arg(long, env = "KASSA_KAFKA_BROKERS")]
+    pub brokers: Option<String>,
+    /// A librdkafka property passed through, `KEY=VALUE` (repeat it): e.g.
+    /// `security.protocol=SASL_SSL`, `sasl.mechanism=SCRAM-SHA-512`, `ssl.ca.location=/etc/ca.pem`.
+    #[arg(long = "kafka-property", value_name = "KEY=VALUE")]
+    pub properties: Vec<String>,
+}
+
+impl KafkaArgs {
+    /// The cluster settings: flags, then the config file, then defaults.
+    pub fn config(&self, file: &Config, topics: Vec<TopicSpec>) -> anyhow::Result<KafkaConfig> {
+        let settings = file.kafka.clone().unwrap_or_default();
+        let brokers = self.brokers.clone().or(settings.brokers).context(
+            "no Kafka brokers: pass --brokers HOST:PORT (or KASSA_KAFKA_BROKERS, or `brokers` under [kafka] in the config file)",
+        )?;
+        anyhow::ensure!(
+            !brokers.trim().is_empty() && brokers.split(',').all(|b| b.trim().rsplit_once(':').is_some()),
+            "--brokers {brokers:?} must be HOST:PORT[,HOST:PORT…]"
+        );
+        let mut config = KafkaConfig::new(brokers, topics);
+        config.properties = settings.properties;
+        for property in &self.properties {
+            let (key, value) =
+                property.split_once('=').with_context(|| format!("--kafka-property {property:?} must be KEY=VALUE"))?;
+            config.properties.insert(key.trim().to_owned(), value.trim().to_owned());
+        }
+        if let Some(replicas) = settings.replication_factor {
+            anyhow::ensure!((1..=16).contains(&replicas), "[kafka] replication_factor {replicas} must be 1 to 16");
+            config.replication_factor = replicas;
+        }
+        Ok(config)
+    }
+}
+
+#[derive(Subcommand, Debug)]
+pub enum KafkaCommand {
+    /// Create Kassa's topics on the cluster (partitions and replicas as configured).
+    /// Topics that exist with the right partition count are left alone.
+    InitTopics {
+        #[command(flatten)]
+        kafka: KafkaArgs,
+        /// The config file (for its `[kafka]` section).
+        #[arg(long, env = "KASSA_CONFIG")]
+        config: Option<PathBuf>,
+    },
+}
+
+/// Create the topics; say what was done.
+pub async fn init_topics(config: &KafkaConfig) -> anyhow::Result<()> {
+    let results = kassa_bus::init_topics(config)
+        .await
+        .with_context(|| format!("creating Kassa's topics on {}", config.brokers))?;
+    for (topic, done) in results {
+        let partitions = config.topics.iter().find(|t| t.name == topic).map_or(0, |t| t.partitions);
+        let what = match done {
+            TopicInit::Created => "created",
+            TopicInit::Existed => "exists",
+        };
+        println!("{topic}: {what} ({partitions} partitions)");
+    }
+    Ok(())
+}
+
+pub fn run(command: KafkaCommand) -> anyhow::Result<()> {
+    match command {
+        KafkaCommand::InitTopics { kafka, config } => {
+            let file = match &config {
+                Some(path) => Config::load(path)?,
+                None => Config::default(),
+            };
+            let config = kafka.config(&file, crate::up::topics())?;
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?;
+            runtime.block_on(init_topics(&config))
+        }
+    }
+}
