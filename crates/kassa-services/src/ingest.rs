@@ -35,6 +35,10 @@ pub struct IngestConfig {
     /// Key for card tokens (HMAC-SHA256). Keep it secret and stable.
     pub token_key: Vec<u8>,
     pub idempotency_key_chars_max: usize,
+    /// Events accepted but not yet published to the bus, at most: past it
+    /// (the bus is down or far behind), new requests are answered 503 with
+    /// `Retry-After` instead of the outbox growing until memory or disk runs out.
+    pub outbox_events_max: u64,
 }
 
 impl Default for IngestConfig {
@@ -43,6 +47,7 @@ impl Default for IngestConfig {
             outcome_wait_ms: 2000,
             token_key: b"kassa-default-token-key".to_vec(),
             idempotency_key_chars_max: 255,
+            outbox_events_max: 200_000,
         }
     }
 }
@@ -274,9 +279,27 @@ impl IngestService {
         }
     }
 
+    /// The read model's view of a payment or, for one accepted here whose
+    /// events have not come back from authorization yet (the bus is slow or
+    /// down), what ingest itself recorded: the request, processing.
+    fn view_or_accepted(&self, payment_id: PaymentId) -> Result<Option<PaymentView>, ApiError> {
+        if let Some(view) = self.view(payment_id)? {
+            return Ok(Some(view));
+        }
+        let envelopes = self.log.read_stream(payment_id.as_u128(), 1, 16).map_err(internal)?;
+        let mut state = PaymentState::default();
+        for envelope in &envelopes {
+            // Commands (`command.*`) on the stream are not payment events.
+            if let Ok(event) = PaymentEvent::decode_payload(&envelope.event_type, &envelope.payload) {
+                apply(&mut state, &event);
+            }
+        }
+        Ok(state.request.is_some().then_some(PaymentView { state, applied_seq: 0 }))
+    }
+
     /// A merchant's payment, or 404 (also for another merchant's: never 403).
     fn own_view(&self, merchant_id: MerchantId, payment_id: PaymentId) -> Result<PaymentView, ApiError> {
-        match self.view(payment_id)? {
+        match self.view_or_accepted(payment_id)? {
             Some(view) if view.state.request.as_ref().is_some_and(|r| r.merchant_id == merchant_id) => Ok(view),
             _ => Err(ApiError::not_found("payment")),
         }
@@ -346,9 +369,8 @@ impl IngestService {
                 has_more = true;
                 break;
             }
-            match self.view(id)? {
+            match self.view_or_accepted(id)? {
                 Some(view) => data.push(payment_json(id, &view.state)),
-                // Accepted, not yet in the read model: processing.
                 None => continue,
             }
         }
@@ -461,6 +483,22 @@ impl IngestService {
     }
 
     /// `POST /v1/payments`.
+    /// Refuse new work while the outbox holds more than its bound.
+    fn check_outbox(&self) -> Result<(), ApiError> {
+        let relayed = crate::relay::relayed_position(&self.log, PAYMENT_COMMANDS).map_err(internal)?;
+        let waiting = self.log.head_position().saturating_sub(relayed);
+        if waiting > self.config.outbox_events_max {
+            tracing::warn!(waiting, "outbox full: the bus is not taking messages; refusing new requests");
+            return Err(ApiError::new(
+                503,
+                ErrorType::RateLimitError,
+                "bus_unavailable",
+                format!("{waiting} accepted requests are still waiting to be passed on; retry later"),
+            ));
+        }
+        Ok(())
+    }
+
     pub async fn create_payment(
         &self,
         merchant_id: MerchantId,
@@ -469,6 +507,7 @@ impl IngestService {
     ) -> Result<Answer, ApiError> {
         let print = fingerprint("POST", "/v1/payments", body);
         self.idempotent(merchant_id, idempotency, print, |slot| async move {
+            self.check_outbox()?;
             let now = self.clock.now();
             let request = kassa_api::parse_create_payment(body, now)?;
             let payment_id = PaymentId::from_parts(now.unix_ms() as u64, rand::random());
@@ -550,6 +589,7 @@ impl IngestService {
         let print = fingerprint("POST", &format!("/v1/payments/{payment_id}/{action}"), body);
         self.idempotent(merchant_id, idempotency, print, |slot| async move {
             let view = self.own_view(merchant_id, payment_id)?;
+            self.check_outbox()?;
             let amount = match action {
                 "void" => {
                     if !body.iter().all(u8::is_ascii_whitespace) && body != b"{}" {

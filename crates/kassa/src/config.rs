@@ -22,6 +22,9 @@ pub struct Config {
     pub outcome_wait_ms: Option<u64>,
     /// Deadline of one provider call (ms).
     pub provider_timeout_ms: Option<u64>,
+    /// Accepted requests not yet passed on to the bus, at most; past it new
+    /// requests get 503 with Retry-After. [default: 200000]
+    pub outbox_events_max: Option<u64>,
     /// Providers, in default routing priority order (default: three simulated
     /// acquirers, acq-alpha, acq-beta, acq-gamma).
     #[serde(default)]
@@ -169,6 +172,9 @@ impl Config {
             .map_err(|e| anyhow::anyhow!("routing: {e}"))?;
         if let Some(wait) = self.outcome_wait_ms {
             anyhow::ensure!(wait <= 60_000, "outcome_wait_ms {wait} is over a minute");
+        }
+        if let Some(max) = self.outbox_events_max {
+            anyhow::ensure!(max >= 1, "outbox_events_max must be at least 1");
         }
         if let Some(timeout) = self.provider_timeout_ms {
             anyhow::ensure!((1..=60_000).contains(&timeout), "provider_timeout_ms {timeout} must be 1 to 60000");

@@ -222,6 +222,7 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
             IngestConfig {
                 token_key,
                 outcome_wait_ms: config.outcome_wait_ms.unwrap_or(IngestConfig::default().outcome_wait_ms),
+                outbox_events_max: config.outbox_events_max.unwrap_or(IngestConfig::default().outbox_events_max),
                 ..IngestConfig::default()
             },
         ));

@@ -149,3 +149,74 @@ fn kafka_mode_says_what_is_missing() {
     assert!(!unsafe_property.status.success());
     assert!(String::from_utf8_lossy(&unsafe_property.stderr).contains("enable.auto.commit"));
 }
+
+#[test]
+fn ingest_keeps_accepting_while_the_broker_is_down_up_to_its_outbox_bound() {
+    let mut tansu = Tansu::start();
+    let brokers = tansu.brokers();
+    init_topics(&brokers);
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("kassa.toml");
+    std::fs::write(&config, "outcome_wait_ms = 100\noutbox_events_max = 25\n").unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    let args = ["--bus", "kafka", "--brokers", brokers.as_str(), "--config", config.to_str().unwrap()];
+    let kassa = Kassa::start_with(&data, &args);
+    let before = kassa.pay_and_settle(&pay("4242424242424242", 1000, true));
+    assert_eq!(before["status"], "captured", "{before}");
+
+    // The broker goes away: payments are still accepted (202, processing) into
+    // ingest's outbox, until the outbox bound answers 503 with Retry-After.
+    tansu.stop();
+    let mut accepted = Vec::new();
+    let refused = loop {
+        let (status, headers, body) =
+            kassa.call("POST", "/v1/payments", Some(&pay("4242424242424242", 1500, true)), &[]);
+        match status {
+            202 => accepted.push(body["id"].as_str().unwrap().to_owned()),
+            503 => break (headers, body),
+            other => panic!("{other} while the broker is down: {body}"),
+        }
+        assert!(accepted.len() <= 40, "the outbox bound (25 events) never answered 503");
+    };
+    assert!(accepted.len() >= 20, "only {} accepted before the bound", accepted.len());
+    assert_eq!(refused.1["error"]["code"], "bus_unavailable", "{}", refused.1);
+    assert!(refused.0.iter().any(|(name, _)| name == "retry-after"), "{:?}", refused.0);
+
+    // The broker is back: everything accepted flows through, once.
+    tansu.resume();
+    let started = Instant::now();
+    for id in &accepted {
+        loop {
+            let (_, _, payment) = kassa.call("GET", &format!("/v1/payments/{id}"), None, &[]);
+            if payment["status"] == "captured" {
+                break;
+            }
+            assert!(started.elapsed() < Duration::from_secs(120), "{id} did not flow through: {payment}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let (_, _, events) = kassa.call("GET", &format!("/v1/payments/{id}/events"), None, &[]);
+        let types: Vec<&str> = events["data"].as_array().unwrap().iter().map(|e| e["type"].as_str().unwrap()).collect();
+        for once in ["payment.requested", "payment.authorized", "payment.captured"] {
+            assert_eq!(types.iter().filter(|t| **t == once).count(), 1, "{id}: {once} once: {types:?}");
+        }
+    }
+    // No provider holds any payment twice.
+    let mut held = std::collections::HashMap::new();
+    for provider in ["acq-alpha", "acq-beta", "acq-gamma"] {
+        let (status, ledger) = kassa.operator("GET", &format!("/sim/{provider}/ledger"), None);
+        assert_eq!(status, 200, "{ledger}");
+        for entry in ledger["data"].as_array().unwrap() {
+            if entry["state"] != "reversed" {
+                *held.entry(entry["payment_id"].as_str().unwrap().to_owned()).or_insert(0) += 1;
+            }
+        }
+    }
+    for id in &accepted {
+        assert_eq!(held.get(id), Some(&1), "{id} is held {:?} times", held.get(id));
+    }
+    // And new payments are accepted again.
+    let after = kassa.pay_and_settle(&pay("4242424242424242", 2000, true));
+    assert_eq!(after["status"], "captured", "{after}");
+    kassa.kill();
+}
