@@ -1,12 +1,14 @@
 //! `kassa bench`: the pipeline benchmark. Drives payments through all four
 //! stages in one process — ingest and authorization (each call waits for its
 //! outcome), then settlement batching and reconciliation — over durable logs,
-//! the embedded bus and simulated acquirers, and reports payments/s and
-//! latency percentiles.
+//! the embedded bus (or a Kafka cluster with `--bus kafka`) and simulated
+//! acquirers, and reports payments/s, latency percentiles and, over Kafka,
+//! the consumer lag.
 
+use crate::kafka_cmd::{BusKind, KafkaArgs};
 use anyhow::Context;
 use clap::Args;
-use kassa_bus::{Bus, BusConfig, EmbeddedBus};
+use kassa_bus::{Bus, BusConfig, EmbeddedBus, KafkaBus};
 use kassa_eventlog::{EventLog, LogConfig};
 use kassa_providers::{Connector, Fault, FaultMode, SimulatedAcquirer, SimulatorConfig};
 use kassa_services::authorization::{AuthorizationConfig, AuthorizationService};
@@ -39,6 +41,12 @@ pub struct BenchArgs {
     /// Take this simulated acquirer down for the whole run (failover cost: compare with none).
     #[arg(long)]
     pub down: Option<String>,
+    /// The bus: `embedded`, or `kafka` (`--brokers`; the topics must exist and be empty:
+    /// scripts/bench-kafka.sh starts a fresh tansu broker for the run).
+    #[arg(long, value_enum, default_value_t = BusKind::Embedded)]
+    pub bus: BusKind,
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
 }
 
 fn percentile(sorted: &[Duration], per_mille: usize) -> Duration {
@@ -56,6 +64,10 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             crate::up::PROVIDERS.join(", ")
         );
     }
+    let kafka = match args.bus {
+        BusKind::Kafka => Some(args.kafka.config(&crate::config::Config::default(), crate::up::topics())?),
+        BusKind::Embedded => None,
+    };
     let temp = tempfile::tempdir()?;
     let dir = args.data_dir.clone().unwrap_or_else(|| temp.path().to_path_buf());
     std::fs::create_dir_all(&dir)?;
@@ -63,7 +75,14 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     runtime.block_on(async move {
         let ingest_log = Arc::new(EventLog::open(dir.join("ingest"), LogConfig::default())?);
         let authorization_log = Arc::new(EventLog::open(dir.join("authorization"), LogConfig::default())?);
-        let bus: Arc<dyn Bus> = Arc::new(EmbeddedBus::open(dir.join("bus"), BusConfig::new(crate::up::topics()))?);
+        let (bus, kafka_bus): (Arc<dyn Bus>, Option<Arc<KafkaBus>>) = match kafka {
+            Some(config) => {
+                let bus = Arc::new(tokio::task::spawn_blocking(move || KafkaBus::open(config)).await??);
+                (Arc::clone(&bus) as Arc<dyn Bus>, Some(bus))
+            }
+            None => (Arc::new(EmbeddedBus::open(dir.join("bus"), BusConfig::new(crate::up::topics()))?), None),
+        };
+        let bus_name = if kafka_bus.is_some() { "Kafka bus" } else { "embedded bus" };
         let clock: Arc<dyn Clock> = Arc::new(SystemClock);
         let vault = Arc::new(CardVault::new(crate::up::CARDS_WAITING_MAX));
         let providers: Vec<Arc<dyn Connector>> = crate::up::PROVIDERS
@@ -112,10 +131,25 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         let (merchant, _) = ingest.create_merchant("bench").await.map_err(|e| anyhow::anyhow!("{e}"))?;
 
         println!(
-            "pipeline benchmark: {} payments, {} in flight, acquirer latency {}-{} ms, durable logs (fsync), embedded bus, {} partitions",
+            "pipeline benchmark: {} payments, {} in flight, acquirer latency {}-{} ms, durable logs (fsync), {bus_name}, {} partitions",
             args.payments, args.concurrency, args.latency_ms_min, args.latency_ms_max, crate::up::PARTITIONS
         );
         let started = Instant::now();
+        // Over Kafka: sample how far authorization's input lags behind what ingest published.
+        let max_lag = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let lag_sampler = kafka_bus.clone().map(|bus| {
+            let (authorization, max_lag) = (Arc::clone(&authorization), Arc::clone(&max_lag));
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                    let (bus, authorization) = (Arc::clone(&bus), Arc::clone(&authorization));
+                    let lag = tokio::task::spawn_blocking(move || authorization.input_lag(bus.as_ref())).await;
+                    if let Ok(Ok(lag)) = lag {
+                        max_lag.fetch_max(lag, std::sync::atomic::Ordering::Relaxed);
+                    }
+                }
+            })
+        });
         let next = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let workers: Vec<_> = (0..args.concurrency)
             .map(|_| {
@@ -159,6 +193,13 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             }
         }
         let elapsed = started.elapsed();
+        if let Some(sampler) = lag_sampler {
+            sampler.abort();
+            println!(
+                "consumer lag (payments.commands → authorization, sampled every 250 ms): max {} commands",
+                max_lag.load(std::sync::atomic::Ordering::Relaxed)
+            );
+        }
         latencies.sort_unstable();
         let ms = |d: Duration| d.as_micros() as u64 / 1000;
         println!(

@@ -222,6 +222,18 @@ impl AuthorizationService {
         Ok(())
     }
 
+    /// Commands published to `payments.commands` and not decided here yet, over
+    /// all partitions (the consumer lag). Reads the bus's end offsets: blocking.
+    pub fn input_lag(&self, bus: &dyn Bus) -> Result<u64, String> {
+        let mut lag = 0;
+        for partition in 0..bus.partitions(PAYMENT_COMMANDS).map_err(|e| e.to_string())? {
+            let end = bus.end_offset(PAYMENT_COMMANDS, partition).map_err(|e| e.to_string())?;
+            let done = crate::consume::stored_offset(&self.log, &offset_key(partition)).map_err(|e| e.to_string())?;
+            lag += end.saturating_sub(done);
+        }
+        Ok(lag)
+    }
+
     /// A payment's routing decisions, oldest first.
     pub fn routing_decisions(&self, payment_id: PaymentId) -> Result<Vec<RoutingDecided>, kassa_eventlog::LogError> {
         let envelopes = self.log.read_stream(routing_stream(payment_id), 1, 10_000)?;
