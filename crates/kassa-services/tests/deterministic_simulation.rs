@@ -24,13 +24,16 @@
 //! A failing seed is printed; `KASSA_SIM_SEED=N cargo test -p kassa-services
 //! --test deterministic_simulation` replays it exactly.
 
+mod common;
+
+use common::{Rng, fault_for};
 use kassa_codec::EventPayload;
 use kassa_domain::routing::breaker::BreakerConfig;
 use kassa_domain::routing::decline::{RetryAdvice, classify_decline};
 use kassa_domain::routing::maintenance::MaintenanceWindow;
 use kassa_domain::*;
 use kassa_providers::{
-    AuthorizeRequest, CallPlan, Fault, FaultMode, LedgerState, ProviderError, SimulatedAcquirer, SimulatorConfig,
+    AuthorizeRequest, CallPlan, FaultMode, LedgerState, ProviderError, SimulatedAcquirer, SimulatorConfig,
 };
 use kassa_services::authorization::{
     AuthorizationConfig, Batch, Dispatch, Effect, EffectResult, PaymentRecord, Process, ProviderOp,
@@ -50,21 +53,6 @@ const HEALTH_TICK_MS: i64 = 250;
 const START_MS: i64 = 1_795_651_200_000;
 /// Virtual time allowed after the last arrival for every payment to settle down.
 const SETTLE_MS: i64 = 600_000;
-
-/// xorshift64*: the simulation's only source of choices.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
 
 /// A card number: a test card with a fixed outcome, or (most often) a card of
 /// its own that the simulators approve, so per-card retry limits count per card.
@@ -95,19 +83,6 @@ fn card_for(rng: &mut Rng) -> String {
         .sum();
     digits.push((10 - sum % 10) % 10);
     digits.iter().map(|d| char::from_digit(*d, 10).unwrap()).collect()
-}
-
-fn fault_for(rng: &mut Rng) -> Option<Fault> {
-    let mode = match rng.below(7) {
-        0 => FaultMode::Down,
-        1 => FaultMode::Error,
-        2 => FaultMode::Slow,
-        3 => FaultMode::TimeoutAfterAccept,
-        4 => FaultMode::SoftDeclineBurst,
-        _ => return None,
-    };
-    let rate_per_mille = [250, 500, 1000][rng.below(3) as usize];
-    Some(Fault { mode, rate_per_mille, latency_ms: 400, until: None })
 }
 
 /// FNV-1a over everything the service decided, in order.
@@ -191,7 +166,7 @@ impl Simulation {
             })
             .collect();
         Simulation {
-            rng: Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1),
+            rng: Rng::seeded(seed),
             now: START_MS,
             sequence: 0,
             queue: BTreeMap::new(),

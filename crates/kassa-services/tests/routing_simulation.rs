@@ -18,6 +18,8 @@
 
 mod common;
 
+use common::{Rng, fault_for};
+
 use kassa_bus::{Bus, BusConfig, EmbeddedBus, TopicSpec};
 use kassa_codec::{EventPayload, decode_frame};
 use kassa_domain::routing::breaker::BreakerConfig;
@@ -25,7 +27,7 @@ use kassa_domain::routing::decline::{RetryAdvice, classify_decline};
 use kassa_domain::routing::maintenance::MaintenanceWindow;
 use kassa_domain::*;
 use kassa_eventlog::{EventLog, LogConfig};
-use kassa_providers::{Connector, Fault, FaultMode, LedgerState, SimulatedAcquirer, SimulatorConfig};
+use kassa_providers::{Connector, LedgerState, SimulatedAcquirer, SimulatorConfig};
 use kassa_services::authorization::{AuthorizationConfig, AuthorizationService};
 use kassa_services::messages::{COMMAND_REJECTED, PaymentCommandMessage};
 use kassa_services::routing::{RoutingEngine, RoutingSettings};
@@ -40,21 +42,6 @@ const PROVIDERS: [&str; 3] = ["acq-alpha", "acq-beta", "acq-gamma"];
 const PAYMENTS: usize = 1500;
 const WAVE: usize = 100;
 
-/// xorshift64*: the simulation's only source of choices.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
 fn card_for(rng: &mut Rng) -> &'static str {
     match rng.below(100) {
         0..=4 => "4000000000000002",   // hard decline
@@ -65,21 +52,8 @@ fn card_for(rng: &mut Rng) -> &'static str {
     }
 }
 
-fn fault_for(rng: &mut Rng) -> Option<Fault> {
-    let mode = match rng.below(7) {
-        0 => FaultMode::Down,
-        1 => FaultMode::Error,
-        2 => FaultMode::Slow,
-        3 => FaultMode::TimeoutAfterAccept,
-        4 => FaultMode::SoftDeclineBurst,
-        _ => return None,
-    };
-    let rate_per_mille = [250, 500, 1000][rng.below(3) as usize];
-    Some(Fault { mode, rate_per_mille, latency_ms: 400, until: None })
-}
-
 async fn simulate(seed: u64) -> Result<(), String> {
-    let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
+    let mut rng = Rng::seeded(seed);
     let dir = tempfile::tempdir().unwrap();
     let topics = vec![
         TopicSpec::new(PAYMENT_COMMANDS, 4),
