@@ -287,6 +287,13 @@ impl CardDetails {
         Ok(CardDetails { pan, expiry, cvc: cvc.to_owned() })
     }
 
+    /// A card accepted earlier, read back (from sealed transport): number,
+    /// expiry and CVC are checked again, but not against a date — whether it
+    /// has expired since it was accepted is the issuer's call.
+    pub fn restore(number: &str, exp_month: u8, exp_year: u16, cvc: &str) -> Result<Self, CardError> {
+        CardDetails::parse(number, exp_month, exp_year, cvc, Timestamp(0))
+    }
+
     pub fn expose_cvc(&self) -> &str {
         &self.cvc
     }

@@ -7,9 +7,10 @@
 //! requests when their payment has an outcome.
 
 use crate::consume::{id_key, next_batch, resume_subscription};
-use crate::messages::{COMMAND_REJECTED, CommandRejected, PaymentCommandMessage};
+use crate::messages::{CARD_SEALED, COMMAND_REJECTED, CommandRejected, PaymentCommandMessage};
 use crate::relay::{RelayConfig, run_relay};
 use crate::runtime::Clock;
+use crate::seal::CardSeal;
 use crate::topics::{PAYMENT_COMMANDS, PAYMENT_EVENTS};
 use crate::vault::CardVault;
 use kassa_api::{ApiError, ApiKey, ErrorType, fingerprint};
@@ -162,6 +163,10 @@ pub struct IngestService {
     vault: Arc<CardVault>,
     clock: Arc<dyn Clock>,
     config: IngestConfig,
+    /// Seals each accepted card for authorization (`command.card_sealed`), so
+    /// it can run in another process; without it the card travels only
+    /// through the shared in-memory vault.
+    seal: Option<Arc<CardSeal>>,
     waiters: Waiters,
     /// Idempotency keys being processed: a second request with the same key waits for the first.
     in_progress: KeyLocks,
@@ -227,9 +232,16 @@ impl IngestService {
             vault,
             clock,
             config,
+            seal: None,
             waiters: Waiters::default(),
             in_progress: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Seal each accepted card for authorization with this key.
+    pub fn with_card_seal(mut self, seal: Arc<CardSeal>) -> Self {
+        self.seal = Some(seal);
+        self
     }
 
     /// Start the outbox relay and the read model's consumers.
@@ -521,12 +533,26 @@ impl IngestService {
                 metadata: request.metadata,
             });
             let events = decide(&PaymentState::default(), command, now).map_err(|r| internal(r.to_string()))?;
+            // The sealed card goes first: authorization holds it when the request arrives.
+            let sealed = self.seal.as_ref().map(|seal| {
+                let message =
+                    PaymentCommandMessage::CardSealed { payment_id, sealed: seal.seal(payment_id, &request.card) };
+                NewEvent {
+                    event_id: rand::random(),
+                    event_type: CARD_SEALED.to_owned(),
+                    stream_id: payment_id.as_u128(),
+                    timestamp_ms: now.unix_ms(),
+                    causation_id: None,
+                    correlation_id: Some(payment_id.as_u128()),
+                    payload: message.encode_payload(),
+                }
+            });
             self.vault
                 .put(payment_id, request.card)
                 .map_err(|full| ApiError::new(503, ErrorType::RateLimitError, "overloaded", full.to_string()))?;
-            let new_events = events
-                .iter()
-                .map(|event| NewEvent {
+            let new_events = sealed
+                .into_iter()
+                .chain(events.iter().map(|event| NewEvent {
                     event_id: rand::random(),
                     event_type: event.event_type().to_owned(),
                     stream_id: payment_id.as_u128(),
@@ -534,7 +560,7 @@ impl IngestService {
                     causation_id: None,
                     correlation_id: Some(payment_id.as_u128()),
                     payload: event.encode_payload(),
-                })
+                }))
                 .collect();
             let mut writes = vec![StateWrite {
                 table: Table::State,

@@ -15,6 +15,7 @@ pub mod reconciliation;
 pub mod relay;
 pub mod routing;
 pub mod runtime;
+pub mod seal;
 pub mod settlement;
 pub mod vault;
 

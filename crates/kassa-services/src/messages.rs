@@ -8,6 +8,12 @@ use kassa_domain::{BatchId, CaptureId, PaymentEvent, PaymentId, PaymentRequested
 /// What arrives on `payments.commands`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PaymentCommandMessage {
+    /// The card of a payment about to be requested, sealed by ingest for
+    /// authorization ([`crate::seal`]); published just before the request.
+    CardSealed {
+        payment_id: PaymentId,
+        sealed: Vec<u8>,
+    },
     /// A new payment, as accepted by ingest.
     Requested(PaymentRequested),
     Capture {
@@ -35,6 +41,7 @@ pub enum PaymentCommandMessage {
     },
 }
 
+pub const CARD_SEALED: &str = "command.card_sealed";
 pub const CAPTURE: &str = "command.capture_payment";
 pub const VOID: &str = "command.void_payment";
 pub const REFUND: &str = "command.refund_payment";
@@ -46,7 +53,8 @@ impl PaymentCommandMessage {
     pub fn payment_id(&self) -> PaymentId {
         match self {
             PaymentCommandMessage::Requested(r) => r.payment_id,
-            PaymentCommandMessage::Capture { payment_id, .. }
+            PaymentCommandMessage::CardSealed { payment_id, .. }
+            | PaymentCommandMessage::Capture { payment_id, .. }
             | PaymentCommandMessage::Void { payment_id }
             | PaymentCommandMessage::Refund { payment_id, .. }
             | PaymentCommandMessage::RecordSettlement { payment_id, .. }
@@ -57,6 +65,7 @@ impl PaymentCommandMessage {
     pub fn event_type(&self) -> &'static str {
         match self {
             PaymentCommandMessage::Requested(_) => "payment.requested",
+            PaymentCommandMessage::CardSealed { .. } => CARD_SEALED,
             PaymentCommandMessage::Capture { .. } => CAPTURE,
             PaymentCommandMessage::Void { .. } => VOID,
             PaymentCommandMessage::Refund { .. } => REFUND,
@@ -68,6 +77,7 @@ impl PaymentCommandMessage {
     pub fn encode_payload(&self) -> Vec<u8> {
         match self {
             PaymentCommandMessage::Requested(r) => PaymentEvent::Requested(r.clone()).encode_payload(),
+            PaymentCommandMessage::CardSealed { payment_id, sealed } => encode_value(&(payment_id, sealed)),
             PaymentCommandMessage::Capture { payment_id, capture_id, amount_minor } => {
                 encode_value(&(payment_id, capture_id, amount_minor))
             }
@@ -88,6 +98,10 @@ impl PaymentCommandMessage {
                 PaymentEvent::Requested(r) => PaymentCommandMessage::Requested(r),
                 _ => unreachable!("payment.requested decodes to Requested"),
             },
+            CARD_SEALED => {
+                let (payment_id, sealed) = decode_value(payload, event_type)?;
+                PaymentCommandMessage::CardSealed { payment_id, sealed }
+            }
             CAPTURE => {
                 let (payment_id, capture_id, amount_minor) = decode_value(payload, event_type)?;
                 PaymentCommandMessage::Capture { payment_id, capture_id, amount_minor }

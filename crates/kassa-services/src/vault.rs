@@ -1,7 +1,8 @@
 //! Card data between accepting a payment and authorizing it: in memory only,
-//! never written anywhere. A crash loses it, and a payment whose card is gone
-//! before it could be authorized is declined `card_data_unavailable` — one
-//! clear outcome rather than a card number on disk.
+//! never written anywhere in clear (between processes it travels sealed, see
+//! [`crate::seal`]). A crash loses it, and a payment whose card is gone before
+//! it could be authorized is declined `card_data_unavailable` — one clear
+//! outcome rather than a card number on disk.
 
 use kassa_domain::{CardDetails, PaymentId};
 use std::collections::HashMap;

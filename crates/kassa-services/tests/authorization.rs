@@ -14,6 +14,7 @@ use kassa_services::SystemClock;
 use kassa_services::authorization::{AuthorizationConfig, AuthorizationService};
 use kassa_services::messages::{COMMAND_REJECTED, CommandRejected, PaymentCommandMessage};
 use kassa_services::routing::{RoutingEngine, RoutingSettings, StandInLimits, StandInSettings};
+use kassa_services::seal::CardSeal;
 use kassa_services::topics::{PAYMENT_COMMANDS, PAYMENT_EVENTS, PROVIDER_HEALTH};
 use kassa_services::vault::CardVault;
 use std::collections::{BTreeMap, HashMap};
@@ -42,6 +43,9 @@ fn retry_open<T, E: std::fmt::Display>(open: impl Fn() -> Result<T, E>) -> T {
     panic!("still locked after 2 s");
 }
 
+/// The card key this authorization service opens sealed cards with.
+const CARD_KEY: [u8; 32] = [9; 32];
+
 fn topics() -> Vec<TopicSpec> {
     vec![TopicSpec::new(PAYMENT_COMMANDS, 2), TopicSpec::new(PAYMENT_EVENTS, 2), TopicSpec::new(PROVIDER_HEALTH, 2)]
 }
@@ -67,7 +71,8 @@ impl World {
         let routing = Arc::new(RoutingEngine::new(settings, &names).unwrap());
         let service = Arc::new(
             AuthorizationService::new(log, bus.clone(), providers, Arc::clone(&vault), Arc::new(SystemClock), config)
-                .with_routing(routing),
+                .with_routing(routing)
+                .with_card_seal(Arc::new(CardSeal::new(&CARD_KEY).unwrap())),
         );
         let (stop, stop_rx) = watch::channel(false);
         let tasks = service.spawn(stop_rx).unwrap();
@@ -109,6 +114,20 @@ impl World {
         let card = CardDetails::parse(number, 12, 2030, "123", Timestamp(1_795_651_200_000)).unwrap();
         let summary = card.summarize(b"k");
         self.vault.put(payment_id, card).unwrap();
+        self.request(payment_id, summary, amount, capture).await
+    }
+
+    /// As ingest in another process pays: the card only sealed, before the request; nothing in this vault.
+    async fn pay_sealed(&mut self, number: &str, amount: i64, seal: &CardSeal) -> PaymentId {
+        self.next_id += 1;
+        let payment_id = PaymentId::from_parts(1_795_651_200_000, self.next_id);
+        let card = CardDetails::parse(number, 12, 2030, "123", Timestamp(1_795_651_200_000)).unwrap();
+        let sealed = seal.seal(payment_id, &card);
+        self.send(PaymentCommandMessage::CardSealed { payment_id, sealed }).await;
+        self.request(payment_id, card.summarize(b"k"), amount, true).await
+    }
+
+    async fn request(&mut self, payment_id: PaymentId, summary: CardSummary, amount: i64, capture: bool) -> PaymentId {
         self.send(PaymentCommandMessage::Requested(PaymentRequested {
             payment_id,
             merchant_id: MerchantId::from_u128(1),
@@ -442,5 +461,21 @@ async fn stand_in_answers_while_every_provider_is_down_and_forwards_when_one_rec
     let state = world.until(stood_in, |s| s.status() == Some(PaymentStatus::Captured)).await;
     assert_eq!(state.provider.as_deref(), Some("acq-beta"));
     assert_eq!(world.held(stood_in), 1, "exactly one authorization stands");
+    world.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_card_sealed_by_ingest_in_another_process_is_opened_and_authorized() {
+    let mut world = World::new();
+    let sealed = world.pay_sealed("4242424242424242", 1200, &CardSeal::new(&CARD_KEY).unwrap()).await;
+    let state = world.until(sealed, settled_outcome).await;
+    assert_eq!(state.status(), Some(PaymentStatus::Captured), "{state:?}");
+    assert_eq!(world.held(sealed), 1);
+    // Sealed with another key: it does not open, and the payment is declined for want of card data.
+    let unopened = world.pay_sealed("4242424242424242", 1300, &CardSeal::new(&[1; 32]).unwrap()).await;
+    let state = world.until(unopened, settled_outcome).await;
+    assert_eq!(state.decline_code.as_deref(), Some("card_data_unavailable"), "{state:?}");
+    assert_eq!(world.held(unopened), 0);
+    assert!(world.vault.is_empty(), "no card kept once its payment has an outcome");
     world.stop().await;
 }

@@ -31,6 +31,7 @@ fn check(name: &str, bytes: Vec<u8>) -> Vec<u8> {
 fn command_payloads_still_decode() {
     let payment_id = PaymentId::from_u128(0x0193_0000_0000_0000_0000_0000_0000_00AA);
     let messages = [
+        PaymentCommandMessage::CardSealed { payment_id, sealed: vec![1, 0xAB, 0xCD, 0xEF] },
         PaymentCommandMessage::Capture { payment_id, capture_id: CaptureId::from_u128(7), amount_minor: Some(600) },
         PaymentCommandMessage::Void { payment_id },
         PaymentCommandMessage::Refund { payment_id, refund_id: RefundId::from_u128(8), amount_minor: None },

@@ -14,6 +14,7 @@ use kassa_providers::{Connector, Fault, FaultMode, SimulatedAcquirer, SimulatorC
 use kassa_services::authorization::{AuthorizationConfig, AuthorizationService};
 use kassa_services::ingest::{IngestConfig, IngestService};
 use kassa_services::reconciliation::{ReconciliationConfig, ReconciliationService};
+use kassa_services::seal::{CARD_KEY_BYTES, CardSeal};
 use kassa_services::settlement::{SettlementConfig, SettlementService};
 use kassa_services::vault::CardVault;
 use kassa_services::{Clock, SystemClock};
@@ -100,8 +101,12 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             .collect();
         // Wait for each outcome (no 202 cut-off), so latency is time to the final answer.
         let config = IngestConfig { outcome_wait_ms: 60_000, ..IngestConfig::default() };
-        let ingest =
-            Arc::new(IngestService::new(ingest_log, Arc::clone(&bus), Arc::clone(&vault), Arc::clone(&clock), config));
+        // Cards are sealed for authorization as in `kassa up`.
+        let seal = Arc::new(CardSeal::new(&rand::random::<[u8; CARD_KEY_BYTES]>())?);
+        let ingest = Arc::new(
+            IngestService::new(ingest_log, Arc::clone(&bus), Arc::clone(&vault), Arc::clone(&clock), config)
+                .with_card_seal(Arc::clone(&seal)),
+        );
         let authorization = Arc::new(AuthorizationService::new(
             authorization_log,
             Arc::clone(&bus),
@@ -109,7 +114,8 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             vault,
             clock,
             AuthorizationConfig::default(),
-        ));
+        )
+        .with_card_seal(seal));
         let settlement = Arc::new(SettlementService::new(
             Arc::new(EventLog::open(dir.join("settlement"), LogConfig::default())?),
             Arc::clone(&bus),

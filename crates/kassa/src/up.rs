@@ -15,6 +15,7 @@ use kassa_services::authorization::{AuthorizationConfig, AuthorizationService};
 use kassa_services::ingest::{IngestConfig, IngestService};
 use kassa_services::reconciliation::{ReconciliationConfig, ReconciliationService};
 use kassa_services::routing::RoutingEngine;
+use kassa_services::seal::{CARD_KEY_BYTES, CardSeal};
 use kassa_services::settlement::{SettlementConfig, SettlementService};
 use kassa_services::topics::{PAYMENT_COMMANDS, PAYMENT_EVENTS, PROVIDER_HEALTH, SETTLEMENT_EVENTS};
 use kassa_services::vault::CardVault;
@@ -143,6 +144,10 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
     let reconciliation_log = open_log("reconciliation")?;
     let bus = open_bus(&args, &config, dir)?;
     let token_key = secret_file(&dir.join("token.key"), 32)?;
+    // Seals card data on its way from ingest to authorization (the ingest log and the bus hold it sealed only).
+    let card_seal = Arc::new(
+        CardSeal::new(&secret_file(&dir.join("card.key"), CARD_KEY_BYTES)?).context("the card key (card.key)")?,
+    );
     let admin_token = format!("at_{}", hex::encode(secret_file(&dir.join("admin.secret"), 20)?));
     let admin_token_path = dir.join("admin.token");
     if !admin_token_path.exists() {
@@ -214,18 +219,21 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
                 )
             })
             .collect();
-        let ingest = Arc::new(IngestService::new(
-            Arc::clone(&ingest_log),
-            Arc::clone(&bus),
-            Arc::clone(&vault),
-            Arc::clone(&clock),
-            IngestConfig {
-                token_key,
-                outcome_wait_ms: config.outcome_wait_ms.unwrap_or(IngestConfig::default().outcome_wait_ms),
-                outbox_events_max: config.outbox_events_max.unwrap_or(IngestConfig::default().outbox_events_max),
-                ..IngestConfig::default()
-            },
-        ));
+        let ingest = Arc::new(
+            IngestService::new(
+                Arc::clone(&ingest_log),
+                Arc::clone(&bus),
+                Arc::clone(&vault),
+                Arc::clone(&clock),
+                IngestConfig {
+                    token_key,
+                    outcome_wait_ms: config.outcome_wait_ms.unwrap_or(IngestConfig::default().outcome_wait_ms),
+                    outbox_events_max: config.outbox_events_max.unwrap_or(IngestConfig::default().outbox_events_max),
+                    ..IngestConfig::default()
+                },
+            )
+            .with_card_seal(Arc::clone(&card_seal)),
+        );
         let authorization = Arc::new(
             AuthorizationService::new(
                 Arc::clone(&authorization_log),
@@ -240,7 +248,8 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
                     ..AuthorizationConfig::default()
                 },
             )
-            .with_routing(routing),
+            .with_routing(routing)
+            .with_card_seal(card_seal),
         );
         let settlement = Arc::new(SettlementService::new(
             Arc::clone(&settlement_log),

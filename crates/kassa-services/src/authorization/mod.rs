@@ -29,6 +29,7 @@ use crate::messages::PaymentCommandMessage;
 use crate::relay::{RelayConfig, run_relay};
 use crate::routing::{RoutingEngine, RoutingSettings};
 use crate::runtime::{Clock, derived_id};
+use crate::seal::CardSeal;
 use crate::topics::{PAYMENT_COMMANDS, PAYMENT_EVENTS, PROVIDER_HEALTH};
 use crate::vault::CardVault;
 use kassa_bus::{Bus, Message};
@@ -92,6 +93,8 @@ pub struct AuthorizationService {
     config: AuthorizationConfig,
     routing: Arc<RoutingEngine>,
     rules_lock: tokio::sync::Mutex<()>,
+    /// Opens the cards ingest sealed (`command.card_sealed`) into the vault.
+    seal: Option<Arc<CardSeal>>,
 }
 
 pub const ROUTING_RULES_CHANGED: &str = "routing.rules_changed";
@@ -142,7 +145,14 @@ impl AuthorizationService {
             config,
             routing,
             rules_lock: tokio::sync::Mutex::new(()),
+            seal: None,
         }
+    }
+
+    /// Open sealed cards from ingest with this key (ingest may run in another process).
+    pub fn with_card_seal(mut self, seal: Arc<CardSeal>) -> Self {
+        self.seal = Some(seal);
+        self
     }
 
     /// Route with this engine instead of the default (every provider in order).
@@ -408,6 +418,29 @@ impl PartitionActor {
         })
     }
 
+    /// Put a sealed card into the vault, unless it is there already (ingest in
+    /// this process put it there) or its payment is past needing it. A card
+    /// that does not open is logged; its payment is then declined
+    /// `card_data_unavailable`, the same as one lost in a crash.
+    fn hold_card(&mut self, payment_id: PaymentId, sealed: &[u8]) {
+        let vault = &self.service.vault;
+        if vault.get(payment_id).is_some() {
+            return;
+        }
+        let Some(seal) = &self.service.seal else {
+            tracing::error!(%payment_id, "a sealed card arrived but no card key is configured; it cannot be opened");
+            return;
+        };
+        match seal.open(payment_id, sealed) {
+            Ok(card) => {
+                if let Err(full) = vault.put(payment_id, card) {
+                    tracing::error!(%payment_id, %full, "no room for a sealed card");
+                }
+            }
+            Err(error) => tracing::error!(%payment_id, %error, "a sealed card does not open"),
+        }
+    }
+
     /// The pure decisions, at the service clock's time.
     fn decide<T>(&self, f: impl FnOnce(&Process<'_>) -> T) -> T {
         let vault = &self.service.vault;
@@ -463,6 +496,10 @@ impl PartitionActor {
             let payment_id = command.payment_id();
             if PaymentId::from_u128(envelope.stream_id) != payment_id {
                 tracing::error!(offset = message.offset, "command names another payment than its stream; skipped");
+                continue;
+            }
+            if let PaymentCommandMessage::CardSealed { sealed, .. } = &command {
+                self.hold_card(payment_id, sealed);
                 continue;
             }
             let record = self.load(&mut batch, payment_id)?;

@@ -183,7 +183,8 @@ impl Process<'_> {
     /// Decide a command from the bus; `cause` is the id of the envelope it came in.
     pub fn command(&self, batch: &mut Batch, mut record: PaymentRecord, message: PaymentCommandMessage, cause: u128) {
         let payment_id = message.payment_id();
-        let command = Self::to_command(message, &record.state);
+        // Card data (`CardSealed`) is for the service's vault: nothing to decide.
+        let Some(command) = Self::to_command(message, &record.state) else { return };
         match self.run(batch, &mut record, payment_id, command, cause) {
             Ok(events) => {
                 for op in Self::owe_provider_calls(&mut record, &events) {
@@ -294,14 +295,14 @@ impl Process<'_> {
     }
 
     /// Turn a command message into a domain command, filling defaults from the state.
-    fn to_command(message: PaymentCommandMessage, state: &PaymentState) -> PaymentCommand {
+    fn to_command(message: PaymentCommandMessage, state: &PaymentState) -> Option<PaymentCommand> {
         let money = |minor: Option<i64>, default: i64| {
             let currency = state.request.as_ref().map(|r| r.amount.currency);
             currency.map_or(Money::new(0, kassa_domain::Currency::from_code("EUR").expect("EUR")), |c| {
                 Money::new(minor.unwrap_or(default), c)
             })
         };
-        match message {
+        Some(match message {
             PaymentCommandMessage::Requested(r) => PaymentCommand::Request(RequestPayment {
                 payment_id: r.payment_id,
                 merchant_id: r.merchant_id,
@@ -321,10 +322,11 @@ impl Process<'_> {
                 amount: money(amount_minor, state.captured_minor - state.refunded_minor),
             },
             PaymentCommandMessage::RecordSettlement { batch_id, .. } => PaymentCommand::RecordSettlement { batch_id },
+            PaymentCommandMessage::CardSealed { .. } => return None,
             PaymentCommandMessage::RecordReconciliation { report_id, .. } => {
                 PaymentCommand::RecordReconciliation { report_id }
             }
-        }
+        })
     }
 
     /// The provider an attempt went to, and the attempt that holds the authorization.
