@@ -37,6 +37,11 @@ impl CardVault {
         Ok(())
     }
 
+    /// Whether the vault holds the card, without copying it.
+    pub fn contains(&self, payment_id: PaymentId) -> bool {
+        self.lock().contains_key(&payment_id)
+    }
+
     pub fn get(&self, payment_id: PaymentId) -> Option<CardDetails> {
         self.lock().get(&payment_id).cloned()
     }

@@ -27,7 +27,7 @@ use kassa_domain::routing::decline::{RetryAdvice, classify_decline};
 use kassa_domain::routing::maintenance::MaintenanceWindow;
 use kassa_domain::*;
 use kassa_eventlog::{EventLog, LogConfig};
-use kassa_providers::{Connector, LedgerState, SimulatedAcquirer, SimulatorConfig};
+use kassa_providers::{Connector, SimulatedAcquirer, SimulatorConfig};
 use kassa_services::authorization::{AuthorizationConfig, AuthorizationService};
 use kassa_services::messages::{COMMAND_REJECTED, PaymentCommandMessage};
 use kassa_services::routing::{RoutingEngine, RoutingSettings};
@@ -163,59 +163,15 @@ async fn simulate(seed: u64) -> Result<(), String> {
     }
 
     let (states, streams) = (&published.states, &published.streams);
-    let mut standing: HashMap<PaymentId, Vec<(String, i64, i64)>> = HashMap::new();
-    for sim in &sims {
-        for entry in sim.ledger() {
-            if entry.state != LedgerState::Reversed {
-                standing.entry(entry.payment_id).or_default().push((
-                    sim.name().to_owned(),
-                    entry.amount.minor,
-                    entry.captured_minor,
-                ));
-            }
-        }
-    }
+    let standing = common::standing(sims.iter().map(|sim| sim.as_ref()));
     let mut outcomes = [0usize; 2];
     for (id, number, amount) in &payments {
         let state = &states[id];
         let events = &streams[id];
-        let finals = events.iter().filter(|t| *t == "payment.authorized" || *t == "payment.declined").count();
-        if finals != 1 {
-            return Err(format!("payment {id} has {finals} outcomes: {events:?}"));
-        }
-        let holds = standing.get(id).cloned().unwrap_or_default();
-        match state.stage {
-            Stage::Captured => {
-                outcomes[0] += 1;
-                if holds.len() != 1 {
-                    return Err(format!("authorized payment {id} stands at {} providers: {holds:?}", holds.len()));
-                }
-                let (provider, held, captured) = &holds[0];
-                if Some(provider) != state.provider.as_ref() || held != amount || captured != amount {
-                    return Err(format!(
-                        "payment {id}: Kassa says {:?} {amount}, the ledger {holds:?}",
-                        state.provider
-                    ));
-                }
-            }
-            Stage::Declined => {
-                outcomes[1] += 1;
-                if !holds.is_empty() {
-                    return Err(format!("declined payment {id} still holds money: {holds:?}"));
-                }
-            }
-            other => return Err(format!("payment {id} ended {other:?}")),
-        }
-        if *number == "4000000000000002" && state.stage != Stage::Declined {
-            return Err(format!("hard-decline card payment {id} ended {:?}", state.stage));
-        }
-        // After a provider's decline answer nothing else happens; retried declines are retryable ones.
-        let declined_at = events.iter().position(|t| t == "payment.declined");
-        if let Some(at) = declined_at
-            && events[at + 1..].iter().any(|t| t.starts_with("payment.authorization"))
-        {
-            return Err(format!("payment {id} was retried after a final decline: {events:?}"));
-        }
+        let types: Vec<&str> = events.iter().map(String::as_str).collect();
+        let holds = standing.get(id).map(Vec::as_slice).unwrap_or_default();
+        let captured = common::check_payment(*id, number, *amount, state, &types, holds)?;
+        outcomes[if captured { 0 } else { 1 }] += 1;
     }
     for (id, codes) in &published.retried_codes {
         for code in codes {

@@ -424,7 +424,7 @@ impl PartitionActor {
     /// `card_data_unavailable`, the same as one lost in a crash.
     fn hold_card(&mut self, payment_id: PaymentId, sealed: &[u8]) {
         let vault = &self.service.vault;
-        if vault.get(payment_id).is_some() {
+        if vault.contains(payment_id) {
             return;
         }
         let Some(seal) = &self.service.seal else {
@@ -444,7 +444,7 @@ impl PartitionActor {
     /// The pure decisions, at the service clock's time.
     fn decide<T>(&self, f: impl FnOnce(&Process<'_>) -> T) -> T {
         let vault = &self.service.vault;
-        let card_held = |payment_id| vault.get(payment_id).is_some();
+        let card_held = |payment_id| vault.contains(payment_id);
         let process = Process {
             routing: &self.service.routing,
             config: &self.service.config,

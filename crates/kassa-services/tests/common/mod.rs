@@ -64,3 +64,71 @@ pub fn fault_for(rng: &mut Rng) -> Option<kassa_providers::Fault> {
     let rate_per_mille = [250, 500, 1000][rng.below(3) as usize];
     Some(Fault { mode, rate_per_mille, latency_ms: 400, until: None })
 }
+
+/// What the providers' ledgers hold (not reversed), per payment: (provider, amount held, amount captured).
+pub fn standing<'a>(
+    sims: impl IntoIterator<Item = &'a kassa_providers::SimulatedAcquirer>,
+) -> std::collections::HashMap<kassa_domain::PaymentId, Vec<(String, i64, i64)>> {
+    let mut standing: std::collections::HashMap<_, Vec<_>> = std::collections::HashMap::new();
+    for sim in sims {
+        for entry in sim.ledger() {
+            if entry.state != kassa_providers::LedgerState::Reversed {
+                standing.entry(entry.payment_id).or_default().push((
+                    sim.name().to_owned(),
+                    entry.amount.minor,
+                    entry.captured_minor,
+                ));
+            }
+        }
+    }
+    standing
+}
+
+/// The end-state invariants of one simulated payment (card `number`,
+/// `amount`), from its state, its event types in order and what the ledgers
+/// hold for it: one outcome; an authorized payment held once, at the provider
+/// Kassa names, captured in full; a declined one held nowhere; a hard-decline
+/// card declined; nothing tried after a final decline. `Ok(true)`: captured.
+pub fn check_payment(
+    id: kassa_domain::PaymentId,
+    number: &str,
+    amount: i64,
+    state: &kassa_domain::PaymentState,
+    types: &[&str],
+    holds: &[(String, i64, i64)],
+) -> Result<bool, String> {
+    use kassa_domain::Stage;
+    let finals = types.iter().filter(|t| **t == "payment.authorized" || **t == "payment.declined").count();
+    if finals != 1 {
+        return Err(format!("payment {id} has {finals} outcomes: {types:?}"));
+    }
+    let captured = match state.stage {
+        Stage::Captured => {
+            if holds.len() != 1 {
+                return Err(format!("authorized payment {id} stands at {} providers: {holds:?}", holds.len()));
+            }
+            let (provider, held, captured) = &holds[0];
+            if Some(provider) != state.provider.as_ref() || *held != amount || *captured != amount {
+                return Err(format!("payment {id}: Kassa says {:?} {amount}, the ledger {holds:?}", state.provider));
+            }
+            true
+        }
+        Stage::Declined => {
+            if !holds.is_empty() {
+                return Err(format!("declined payment {id} still holds money: {holds:?}"));
+            }
+            false
+        }
+        other => return Err(format!("payment {id} ended {other:?}: {types:?}")),
+    };
+    if number == "4000000000000002" && state.stage != Stage::Declined {
+        return Err(format!("hard-decline card payment {id} ended {:?}", state.stage));
+    }
+    // After a final decline nothing else is tried.
+    if let Some(at) = types.iter().position(|t| *t == "payment.declined")
+        && types[at + 1..].iter().any(|t| t.starts_with("payment.authorization"))
+    {
+        return Err(format!("payment {id} was retried after a final decline: {types:?}"));
+    }
+    Ok(captured)
+}
