@@ -25,30 +25,39 @@ pub const BODY_BYTES_MAX: usize = 64 * 1024;
 #[derive(Debug, Clone)]
 struct App {
     ingest: Arc<IngestService>,
-    settlement: Arc<SettlementService>,
-    reconciliation: Arc<ReconciliationService>,
+    /// Present when settlement runs in this process (`kassa up`).
+    settlement: Option<Arc<SettlementService>>,
+    /// Present when reconciliation runs in this process (`kassa up`).
+    reconciliation: Option<Arc<ReconciliationService>>,
     ready: Arc<AtomicBool>,
     /// SHA-256 of the operator token for `/admin/…`.
     admin_token_hash: [u8; 32],
 }
 
 /// The API's routes. `ready` flips to true once Kassa takes payments;
-/// `admin_token` guards `/admin/…` (`Authorization: Bearer …`).
+/// `admin_token` guards `/admin/…` (`Authorization: Bearer …`). Settlement's
+/// and reconciliation's merchant views are served when those services run in
+/// this process (`kassa up`); a separate `kassa settle` / `kassa reconcile`
+/// serves them to operators ([`operator_router`]).
 pub fn router(
     ingest: Arc<IngestService>,
-    settlement: Arc<SettlementService>,
-    reconciliation: Arc<ReconciliationService>,
+    settlement: Option<Arc<SettlementService>>,
+    reconciliation: Option<Arc<ReconciliationService>>,
     ready: Arc<AtomicBool>,
     admin_token: &str,
 ) -> Router {
     let admin_token_hash = Sha256::digest(admin_token.as_bytes()).into();
-    Router::new()
-        .route("/healthz", get(healthz))
-        .route("/admin/merchants", post(create_merchant))
-        .route("/admin/settlement/cutoff", post(cutoff))
-        .route("/v1/settlement/batches", get(list_batches))
-        .route("/v1/settlement/batches/{id}", get(get_batch))
-        .route("/v1/reconciliation/reports", get(list_reports))
+    let mut router = Router::new().route("/healthz", get(healthz)).route("/admin/merchants", post(create_merchant));
+    if settlement.is_some() {
+        router = router
+            .route("/admin/settlement/cutoff", post(cutoff))
+            .route("/v1/settlement/batches", get(list_batches))
+            .route("/v1/settlement/batches/{id}", get(get_batch));
+    }
+    if reconciliation.is_some() {
+        router = router.route("/v1/reconciliation/reports", get(list_reports));
+    }
+    router
         .route("/v1/payments", post(create_payment).get(list_payments))
         .route("/v1/payments/{id}", get(get_payment))
         .route("/v1/payments/{id}/capture", post(capture))
@@ -308,7 +317,12 @@ pub fn batch_json(batch: &BatchState) -> serde_json::Value {
 async fn list_batches(State(app): State<App>, headers: HeaderMap) -> Response {
     json((|| {
         let merchant = merchant(&app, &headers)?;
-        let batches = app.settlement.batches(merchant, 100).map_err(storage_error)?;
+        let batches = app
+            .settlement
+            .as_ref()
+            .ok_or_else(|| ApiError::not_found("route"))?
+            .batches(merchant, 100)
+            .map_err(storage_error)?;
         Ok(serde_json::json!({ "data": batches.iter().map(batch_json).collect::<Vec<_>>() }))
     })())
 }
@@ -317,7 +331,13 @@ async fn get_batch(State(app): State<App>, headers: HeaderMap, Path(id): Path<St
     json((|| {
         let merchant = merchant(&app, &headers)?;
         let batch_id = BatchId::parse(&id).map_err(|_| ApiError::not_found("batch"))?;
-        match app.settlement.batch(batch_id).map_err(storage_error)? {
+        match app
+            .settlement
+            .as_ref()
+            .ok_or_else(|| ApiError::not_found("route"))?
+            .batch(batch_id)
+            .map_err(storage_error)?
+        {
             Some(batch) if batch.key.as_ref().is_some_and(|k| k.merchant_id == merchant) => Ok(batch_json(&batch)),
             _ => Err(ApiError::not_found("batch")),
         }
@@ -327,7 +347,8 @@ async fn get_batch(State(app): State<App>, headers: HeaderMap, Path(id): Path<St
 async fn cutoff(State(app): State<App>, headers: HeaderMap) -> Response {
     let result = async {
         operator(&app, &headers)?;
-        let closed = app.settlement.cutoff().await.map_err(storage_error)?;
+        let settlement = app.settlement.as_ref().ok_or_else(|| ApiError::not_found("route"))?;
+        let closed = settlement.cutoff().await.map_err(storage_error)?;
         let ids: Vec<String> = closed.iter().map(ToString::to_string).collect();
         Ok(Answer { status: 200, body: serde_json::json!({ "closed": ids }), replayed: false })
     };
@@ -361,7 +382,8 @@ pub fn report_json(report: &ReconciliationReport) -> serde_json::Value {
 async fn list_reports(State(app): State<App>, headers: HeaderMap) -> Response {
     json((|| {
         let merchant = merchant(&app, &headers)?;
-        let reports = app.reconciliation.reports(merchant, 100).map_err(storage_error)?;
+        let reconciliation = app.reconciliation.as_ref().ok_or_else(|| ApiError::not_found("route"))?;
+        let reports = reconciliation.reports(merchant, 100).map_err(storage_error)?;
         Ok(serde_json::json!({ "data": reports.iter().map(report_json).collect::<Vec<_>>() }))
     })())
 }
@@ -481,5 +503,124 @@ async fn payment_routing(State(app): State<RoutingApp>, headers: HeaderMap, Path
         let payment_id: kassa_domain::PaymentId = id.parse().map_err(|_| ApiError::not_found("payment"))?;
         let decisions = app.authorization.routing_decisions(payment_id).map_err(storage_error)?;
         Ok(serde_json::json!({ "object": "list", "data": decisions }))
+    })())
+}
+
+/// The operator API of a service that runs as its own process (`kassa settle`,
+/// `kassa reconcile`, `kassa authorize`): health and that service's views, all
+/// behind the operator token — merchant API keys live with ingest, so a
+/// merchant reads its payments there and an operator reads batches and
+/// reports here, naming the merchant.
+pub fn operator_router(
+    settlement: Option<Arc<SettlementService>>,
+    reconciliation: Option<Arc<ReconciliationService>>,
+    ready: Arc<AtomicBool>,
+    admin_token: &str,
+) -> Router {
+    let state = OperatorApp {
+        settlement: settlement.clone(),
+        reconciliation: reconciliation.clone(),
+        ready,
+        admin_token_hash: Sha256::digest(admin_token.as_bytes()).into(),
+    };
+    let mut router = Router::new().route("/healthz", get(operator_healthz));
+    if settlement.is_some() {
+        router = router
+            .route("/admin/settlement/cutoff", post(operator_cutoff))
+            .route("/admin/settlement/batches", get(operator_batches))
+            .route("/admin/settlement/batches/{id}", get(operator_batch));
+    }
+    if reconciliation.is_some() {
+        router = router.route("/admin/reconciliation/reports", get(operator_reports));
+    }
+    router
+        .fallback(|| async { error_response(&ApiError::not_found("route")) })
+        .layer(DefaultBodyLimit::max(BODY_BYTES_MAX))
+        .with_state(state)
+}
+
+#[derive(Debug, Clone)]
+struct OperatorApp {
+    settlement: Option<Arc<SettlementService>>,
+    reconciliation: Option<Arc<ReconciliationService>>,
+    ready: Arc<AtomicBool>,
+    admin_token_hash: [u8; 32],
+}
+
+impl OperatorApp {
+    fn settlement(&self, headers: &HeaderMap) -> Result<&Arc<SettlementService>, ApiError> {
+        check_admin_token(&self.admin_token_hash, headers)?;
+        self.settlement.as_ref().ok_or_else(|| ApiError::not_found("route"))
+    }
+
+    fn reconciliation(&self, headers: &HeaderMap) -> Result<&Arc<ReconciliationService>, ApiError> {
+        check_admin_token(&self.admin_token_hash, headers)?;
+        self.reconciliation.as_ref().ok_or_else(|| ApiError::not_found("route"))
+    }
+}
+
+async fn operator_healthz(State(app): State<OperatorApp>) -> Response {
+    if app.ready.load(Ordering::Acquire) {
+        (StatusCode::OK, "ok\n").into_response()
+    } else {
+        error_response(&ApiError::new(503, ErrorType::RateLimitError, "not_ready", "the service is starting"))
+    }
+}
+
+/// `?merchant=ID`, required: an operator names whose batches or reports to read.
+fn merchant_param(
+    query: Result<Query<HashMap<String, String>>, QueryRejection>,
+) -> Result<kassa_domain::MerchantId, ApiError> {
+    let Ok(Query(query)) = query else {
+        return Err(ApiError::invalid("parameter_invalid", "query", "the query string does not parse"));
+    };
+    let text = query
+        .get("merchant")
+        .ok_or_else(|| ApiError::invalid("parameter_missing", "merchant", "name the merchant: ?merchant=mer_…"))?;
+    kassa_domain::MerchantId::parse(text)
+        .map_err(|e| ApiError::invalid("parameter_invalid", "merchant", format!("merchant {text:?}: {e}")))
+}
+
+async fn operator_cutoff(State(app): State<OperatorApp>, headers: HeaderMap) -> Response {
+    let result = async {
+        let closed = app.settlement(&headers)?.cutoff().await.map_err(storage_error)?;
+        let ids: Vec<String> = closed.iter().map(ToString::to_string).collect();
+        Ok(Answer { status: 200, body: serde_json::json!({ "closed": ids }), replayed: false })
+    };
+    respond(result.await)
+}
+
+async fn operator_batches(
+    State(app): State<OperatorApp>,
+    headers: HeaderMap,
+    query: Result<Query<HashMap<String, String>>, QueryRejection>,
+) -> Response {
+    json((|| {
+        let settlement = app.settlement(&headers)?;
+        let batches = settlement.batches(merchant_param(query)?, 100).map_err(storage_error)?;
+        Ok(serde_json::json!({ "data": batches.iter().map(batch_json).collect::<Vec<_>>() }))
+    })())
+}
+
+async fn operator_batch(State(app): State<OperatorApp>, headers: HeaderMap, Path(id): Path<String>) -> Response {
+    json((|| {
+        let settlement = app.settlement(&headers)?;
+        let batch_id = BatchId::parse(&id).map_err(|_| ApiError::not_found("batch"))?;
+        match settlement.batch(batch_id).map_err(storage_error)? {
+            Some(batch) => Ok(batch_json(&batch)),
+            None => Err(ApiError::not_found("batch")),
+        }
+    })())
+}
+
+async fn operator_reports(
+    State(app): State<OperatorApp>,
+    headers: HeaderMap,
+    query: Result<Query<HashMap<String, String>>, QueryRejection>,
+) -> Response {
+    json((|| {
+        let reconciliation = app.reconciliation(&headers)?;
+        let reports = reconciliation.reports(merchant_param(query)?, 100).map_err(storage_error)?;
+        Ok(serde_json::json!({ "data": reports.iter().map(report_json).collect::<Vec<_>>() }))
     })())
 }

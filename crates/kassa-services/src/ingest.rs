@@ -160,7 +160,9 @@ impl Waiters {
 pub struct IngestService {
     log: Arc<EventLog>,
     bus: Arc<dyn Bus>,
-    vault: Arc<CardVault>,
+    /// The in-memory hand-over to an authorization service in this process;
+    /// `None` when authorization runs elsewhere and takes the sealed card only.
+    vault: Option<Arc<CardVault>>,
     clock: Arc<dyn Clock>,
     config: IngestConfig,
     /// Seals each accepted card for authorization (`command.card_sealed`), so
@@ -229,7 +231,7 @@ impl IngestService {
         IngestService {
             log,
             bus,
-            vault,
+            vault: Some(vault),
             clock,
             config,
             seal: None,
@@ -241,6 +243,14 @@ impl IngestService {
     /// Seal each accepted card for authorization with this key.
     pub fn with_card_seal(mut self, seal: Arc<CardSeal>) -> Self {
         self.seal = Some(seal);
+        self
+    }
+
+    /// Seal each accepted card for an authorization service in another
+    /// process, and keep no clear copy here (no one here would take it out).
+    pub fn sealing_only(mut self, seal: Arc<CardSeal>) -> Self {
+        self.seal = Some(seal);
+        self.vault = None;
         self
     }
 
@@ -547,9 +557,11 @@ impl IngestService {
                     payload: message.encode_payload(),
                 }
             });
-            self.vault
-                .put(payment_id, request.card)
-                .map_err(|full| ApiError::new(503, ErrorType::RateLimitError, "overloaded", full.to_string()))?;
+            if let Some(vault) = &self.vault {
+                vault
+                    .put(payment_id, request.card)
+                    .map_err(|full| ApiError::new(503, ErrorType::RateLimitError, "overloaded", full.to_string()))?;
+            }
             let new_events = sealed
                 .into_iter()
                 .chain(events.iter().map(|event| NewEvent {
@@ -571,7 +583,9 @@ impl IngestService {
             if let Err(error) =
                 self.log.append(AppendRequest { events: new_events, expected: Vec::new(), writes }).await
             {
-                self.vault.remove(payment_id);
+                if let Some(vault) = &self.vault {
+                    vault.remove(payment_id);
+                }
                 return Err(internal(error));
             }
             let state = self.wait_for(payment_id, has_outcome).await?;

@@ -54,6 +54,24 @@ impl KafkaArgs {
     }
 }
 
+/// Connect to the cluster the flags and config name (creating the topics
+/// first when the config says `create_topics = true`).
+pub fn open_bus(args: &KafkaArgs, config: &Config) -> anyhow::Result<std::sync::Arc<dyn kassa_bus::Bus>> {
+    let kafka = args.config(config, crate::up::topics())?;
+    if config.kafka.as_ref().and_then(|k| k.create_topics).unwrap_or(false) {
+        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
+        runtime.block_on(init_topics(&kafka))?;
+    }
+    let brokers = kafka.brokers.clone();
+    let bus = kassa_bus::KafkaBus::open(kafka).with_context(|| {
+        format!(
+            "connecting to Kafka at {brokers} (create the topics with `kassa kafka init-topics --brokers {brokers}`)"
+        )
+    })?;
+    tracing::info!(%brokers, "Kafka bus open");
+    Ok(std::sync::Arc::new(bus))
+}
+
 #[derive(Subcommand, Debug)]
 pub enum KafkaCommand {
     /// Create Kassa's topics on the cluster (partitions and replicas as configured).

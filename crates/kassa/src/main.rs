@@ -5,8 +5,10 @@ mod config;
 mod kafka_cmd;
 mod log_cmd;
 mod merchant_cmd;
+mod service_cmd;
 mod sim_cmd;
 mod up;
+mod wiring;
 
 use clap::{Parser, Subcommand};
 use std::io::IsTerminal;
@@ -33,6 +35,14 @@ enum Command {
     Merchant(merchant_cmd::MerchantCommand),
     /// One simulated acquirer as its own process, speaking the provider HTTP protocol.
     ProviderSim(sim_cmd::SimArgs),
+    /// The ingest service alone (the payments API), over Kafka.
+    Ingest(service_cmd::ServiceArgs),
+    /// The authorization service alone (provider calls, routing), over Kafka.
+    Authorize(service_cmd::ServiceArgs),
+    /// The settlement batching service alone, over Kafka.
+    Settle(service_cmd::ServiceArgs),
+    /// The reconciliation service alone, over Kafka.
+    Reconcile(service_cmd::ServiceArgs),
     /// Kafka cluster chores (`init-topics`).
     #[command(subcommand)]
     Kafka(kafka_cmd::KafkaCommand),
@@ -52,5 +62,9 @@ fn main() -> anyhow::Result<()> {
         Command::Bench(args) => bench_cmd::run(args),
         Command::ProviderSim(args) => sim_cmd::run(args),
         Command::Kafka(command) => kafka_cmd::run(command),
+        Command::Ingest(args) => service_cmd::run(service_cmd::Service::Ingest, args),
+        Command::Authorize(args) => service_cmd::run(service_cmd::Service::Authorize, args),
+        Command::Settle(args) => service_cmd::run(service_cmd::Service::Settle, args),
+        Command::Reconcile(args) => service_cmd::run(service_cmd::Service::Reconcile, args),
     }
 }

@@ -21,12 +21,19 @@ impl Kassa {
     }
 
     pub fn start_with(dir: &Path, extra: &[&str]) -> Kassa {
+        Kassa::spawn("up", dir, extra)
+    }
+
+    /// `kassa COMMAND --listen 127.0.0.1:0 EXTRA… --data-dir DIR`, once healthy.
+    /// `key` is the demo merchant's (ingest and `up` only); `admin` is read
+    /// from `--admin-token-file` when given, else `DIR/admin.token`.
+    pub fn spawn(command: &str, dir: &Path, extra: &[&str]) -> Kassa {
         // Port 0: the kernel picks a free port and kassa writes it to DIR/kassa.addr, so
         // tests running side by side (each with its simulators' ports) never collide.
         let addr_file = dir.join("kassa.addr");
         let _ = std::fs::remove_file(&addr_file);
         let mut child = Command::new(env!("CARGO_BIN_EXE_kassa"))
-            .args(["up", "--listen", "127.0.0.1:0"])
+            .args([command, "--listen", "127.0.0.1:0"])
             .args(extra)
             .arg("--data-dir")
             .arg(dir)
@@ -34,7 +41,7 @@ impl Kassa {
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
-            .expect("spawn kassa up");
+            .expect("spawn kassa");
         let started = Instant::now();
         let addr = loop {
             if let Ok(addr) = std::fs::read_to_string(&addr_file)
@@ -44,13 +51,18 @@ impl Kassa {
                 break addr;
             }
             if let Ok(Some(status)) = child.try_wait() {
-                panic!("kassa up exited before becoming healthy: {status}");
+                panic!("kassa {command} exited before becoming healthy: {status}");
             }
-            assert!(started.elapsed() < Duration::from_secs(60), "kassa up did not become healthy");
+            assert!(started.elapsed() < Duration::from_secs(60), "kassa {command} did not become healthy");
             std::thread::sleep(Duration::from_millis(50));
         };
-        let key = std::fs::read_to_string(dir.join("demo-merchant.key")).unwrap().trim().to_owned();
-        let admin = std::fs::read_to_string(dir.join("admin.token")).unwrap().trim().to_owned();
+        let key =
+            std::fs::read_to_string(dir.join("demo-merchant.key")).map(|k| k.trim().to_owned()).unwrap_or_default();
+        let admin_file = extra
+            .iter()
+            .position(|a| *a == "--admin-token-file")
+            .map_or_else(|| dir.join("admin.token"), |i| std::path::PathBuf::from(extra[i + 1]));
+        let admin = std::fs::read_to_string(admin_file).unwrap().trim().to_owned();
         Kassa { child, addr, key, admin }
     }
 

@@ -1,0 +1,251 @@
+//! What `kassa up` and the single-service commands (`kassa ingest|authorize|
+//! settle|reconcile`) build the same way: logs, secrets, providers, routing,
+//! each service's settings, the HTTP listener and the shutdown sequence.
+
+use crate::config::{Config, SimulatorTransport};
+use anyhow::Context;
+use kassa_domain::settlement::FeeSchedule;
+use kassa_eventlog::{EventLog, LogConfig};
+use kassa_providers::http_sim::{protocol_router, serve};
+use kassa_providers::{Connector, HttpConnector, SimulatedAcquirer, SimulatorConfig};
+use kassa_services::authorization::AuthorizationConfig;
+use kassa_services::ingest::IngestConfig;
+use kassa_services::routing::RoutingEngine;
+use kassa_services::seal::{CARD_KEY_BYTES, CardSeal};
+use kassa_services::settlement::SettlementConfig;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+/// The config file, or the defaults.
+pub fn load_config(path: Option<&Path>) -> anyhow::Result<Config> {
+    match path {
+        Some(path) => Config::load(path),
+        None => Ok(Config::default()),
+    }
+}
+
+/// Open (or create) a service's event log under the data directory.
+pub fn open_log(dir: &Path, service: &str) -> anyhow::Result<Arc<EventLog>> {
+    let path = dir.join(service);
+    let log = EventLog::open(&path, LogConfig::default())
+        .with_context(|| format!("opening the {service} event log at {}", path.display()))?;
+    tracing::info!(service, path = %path.display(), head = log.head_position(), "event log open");
+    Ok(Arc::new(log))
+}
+
+/// Read a secret file, or create it with `bytes` fresh random bytes (mode 0600).
+pub fn secret_file(path: &Path, bytes: usize) -> anyhow::Result<Vec<u8>> {
+    if path.exists() {
+        return read_secret(path, bytes);
+    }
+    let key: Vec<u8> = (0..bytes).map(|_| rand::random::<u8>()).collect();
+    write_private(path, &key)?;
+    Ok(key)
+}
+
+/// Read a secret file that must exist and hold `bytes` bytes.
+pub fn read_secret(path: &Path, bytes: usize) -> anyhow::Result<Vec<u8>> {
+    let key = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    anyhow::ensure!(key.len() == bytes, "{} should hold {bytes} bytes; delete it to make a new one", path.display());
+    Ok(key)
+}
+
+/// Create a file only its owner can read, and make it durable.
+pub fn write_private(path: &Path, contents: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut file = options.open(path).with_context(|| format!("creating {}", path.display()))?;
+    file.write_all(contents)?;
+    file.sync_all()?;
+    Ok(())
+}
+
+/// The key that seals card data between ingest and authorization. `create`:
+/// make it when missing (ingest, `kassa up`); otherwise it must exist (an
+/// authorizer must open what ingest sealed, so it cannot invent its own).
+pub fn card_seal(path: &Path, create: bool) -> anyhow::Result<Arc<CardSeal>> {
+    let key = if create {
+        secret_file(path, CARD_KEY_BYTES)?
+    } else {
+        anyhow::ensure!(
+            path.exists(),
+            "no card key at {}: copy the card.key of the ingest instances there (or pass --card-key FILE)",
+            path.display()
+        );
+        read_secret(path, CARD_KEY_BYTES)?
+    };
+    Ok(Arc::new(CardSeal::new(&key).with_context(|| format!("the card key {}", path.display()))?))
+}
+
+/// The operator token: read from `path`, or made from a secret in `dir` and
+/// written to `path` when it does not exist yet.
+pub fn admin_token(dir: &Path, path: &Path) -> anyhow::Result<String> {
+    if path.exists() {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let token = text.trim().to_owned();
+        anyhow::ensure!(!token.is_empty(), "the operator token file {} is empty", path.display());
+        return Ok(token);
+    }
+    let token = format!("at_{}", hex::encode(secret_file(&dir.join("admin.secret"), 20)?));
+    write_private(path, format!("{token}\n").as_bytes())?;
+    Ok(token)
+}
+
+/// How providers are reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProviderReach {
+    /// A provider without a URL is a simulated acquirer this process runs (`kassa up`).
+    SimulateMissing,
+    /// Every provider needs a URL: services in separate processes must see the
+    /// same providers (authorization's calls, reconciliation's ledgers).
+    UrlsOnly,
+}
+
+/// The providers of the config, as connectors, with the simulators this
+/// process serves (their serving tasks are pushed onto `tasks`).
+pub async fn providers(
+    config: &Config,
+    reach: ProviderReach,
+    stop: &watch::Receiver<bool>,
+    tasks: &mut Vec<JoinHandle<()>>,
+) -> anyhow::Result<(Vec<Arc<dyn Connector>>, Vec<Arc<SimulatedAcquirer>>)> {
+    let mut providers: Vec<Arc<dyn Connector>> = Vec::new();
+    let mut simulators = Vec::new();
+    for (i, p) in config.providers().iter().enumerate() {
+        let url = match (&p.url, reach) {
+            (Some(url), _) => url.clone(),
+            (None, ProviderReach::UrlsOnly) => anyhow::bail!(
+                "provider {:?} has no url: services in separate processes reach providers over HTTP \
+                 (give each [[providers]] entry a url, e.g. of a `kassa provider-sim`)",
+                p.name
+            ),
+            (None, ProviderReach::SimulateMissing) => {
+                let simulator = SimulatorConfig {
+                    latency_ms_min: p.latency_ms_min,
+                    latency_ms_max: p.latency_ms_max,
+                    seed: i as u64 + 1,
+                };
+                let sim = Arc::new(SimulatedAcquirer::new(p.name.clone(), simulator));
+                if config.simulator_transport.unwrap_or_default() == SimulatorTransport::InProcess {
+                    providers.push(Arc::clone(&sim) as Arc<dyn Connector>);
+                    simulators.push(sim);
+                    continue;
+                }
+                let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0))
+                    .await
+                    .with_context(|| format!("binding a loopback port for simulator {}", p.name))?;
+                let url = format!("http://{}", listener.local_addr()?);
+                tracing::info!(provider = %p.name, %url, "simulated acquirer serving");
+                let (sim_for_task, router, stop) = (Arc::clone(&sim), protocol_router(Arc::clone(&sim)), stop.clone());
+                let name = p.name.clone();
+                tasks.push(tokio::spawn(async move {
+                    if let Err(error) = serve(sim_for_task, listener, router, stop).await {
+                        tracing::error!(provider = %name, %error, "simulated acquirer stopped");
+                    }
+                }));
+                simulators.push(sim);
+                url
+            }
+        };
+        let connector =
+            HttpConnector::new(p.name.clone(), url).map_err(|e| anyhow::anyhow!("provider {}: {e}", p.name))?;
+        providers.push(Arc::new(connector));
+    }
+    Ok((providers, simulators))
+}
+
+/// The routing engine over the config's providers and routing settings.
+pub fn routing(config: &Config) -> anyhow::Result<Arc<RoutingEngine>> {
+    let names: Vec<String> = config.providers().iter().map(|p| p.name.clone()).collect();
+    Ok(Arc::new(
+        RoutingEngine::new(config.routing_settings()?, &names).map_err(|e| anyhow::anyhow!("routing settings: {e}"))?,
+    ))
+}
+
+pub fn ingest_config(config: &Config, token_key: Vec<u8>) -> IngestConfig {
+    let defaults = IngestConfig::default();
+    IngestConfig {
+        token_key,
+        outcome_wait_ms: config.outcome_wait_ms.unwrap_or(defaults.outcome_wait_ms),
+        outbox_events_max: config.outbox_events_max.unwrap_or(defaults.outbox_events_max),
+        ..defaults
+    }
+}
+
+pub fn authorization_config(config: &Config) -> AuthorizationConfig {
+    let defaults = AuthorizationConfig::default();
+    AuthorizationConfig {
+        provider_timeout_ms: config.provider_timeout_ms.unwrap_or(defaults.provider_timeout_ms),
+        ..defaults
+    }
+}
+
+pub fn settlement_config(config: &Config, cutoff_interval_s: u64) -> SettlementConfig {
+    let fees: HashMap<String, FeeSchedule> = config
+        .providers()
+        .iter()
+        .map(|p| {
+            (
+                p.name.clone(),
+                FeeSchedule { capture_basis_points: p.fee_basis_points, capture_fixed_minor: p.fee_fixed_minor },
+            )
+        })
+        .collect();
+    SettlementConfig { cutoff_interval_ms: cutoff_interval_s.saturating_mul(1000), fees, ..SettlementConfig::default() }
+}
+
+/// Bind the HTTP listener and note its address in `DIR/kassa.addr` (where
+/// `kassa merchant create` and tests find a running instance).
+pub async fn bind(listen: SocketAddr, dir: &Path) -> anyhow::Result<tokio::net::TcpListener> {
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("binding {listen}; is another kassa running there?"))?;
+    let address = listener.local_addr()?; // the real port when asked for port 0
+    let path = dir.join(crate::up::ADDRESS_FILE);
+    std::fs::write(&path, address.to_string()).with_context(|| format!("writing {}", path.display()))?;
+    Ok(listener)
+}
+
+/// Tell the services to stop and wait for them (each flushes what it holds).
+pub async fn stop_all(stop: watch::Sender<bool>, tasks: Vec<JoinHandle<()>>) {
+    tracing::info!("shutting down: stopping services, flushing event logs");
+    let _ = stop.send(true);
+    for task in tasks {
+        if tokio::time::timeout(Duration::from_secs(10), task).await.is_err() {
+            tracing::warn!("a service task did not stop within 10 s");
+        }
+    }
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(error) => {
+                tracing::warn!(%error, "cannot listen for SIGTERM; only Ctrl-C stops kassa");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = terminate => {},
+    }
+}

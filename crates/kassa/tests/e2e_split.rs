@@ -1,0 +1,307 @@
+//! The four services as separate OS processes (`kassa ingest`, `authorize`,
+//! `settle`, `reconcile`) over a real Kafka-protocol broker (tansu), with the
+//! providers as their own processes (`kassa provider-sim`): payments flow end
+//! to end, and a SIGKILLed authorizer restarted mid-load loses nothing,
+//! authorizes nothing twice and batches nothing twice.
+
+mod common;
+#[path = "../../../tests/support/tansu.rs"]
+mod tansu;
+
+use common::*;
+use std::collections::HashMap;
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+use tansu::Tansu;
+
+const PROVIDERS: [&str; 3] = ["acq-alpha", "acq-beta", "acq-gamma"];
+const ADMIN_TOKEN: &str = "at_split_test_operator";
+
+/// A child process killed when the test ends, however it ends.
+struct Process(Child);
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// `kassa provider-sim` on a free port; its protocol and control addresses.
+fn provider_sim(name: &str, admin_file: &Path) -> (Process, String, String) {
+    let (port, control_port) = (free_port(), free_port());
+    let child = Command::new(env!("CARGO_BIN_EXE_kassa"))
+        .args(["provider-sim", "--name", name, "--latency-ms-min", "2", "--latency-ms-max", "10"])
+        .args(["--listen", &format!("127.0.0.1:{port}"), "--control-listen", &format!("127.0.0.1:{control_port}")])
+        .arg("--admin-token-file")
+        .arg(admin_file)
+        .env("KASSA_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("spawn kassa provider-sim");
+    let started = Instant::now();
+    while TcpStream::connect(("127.0.0.1", port)).is_err() || TcpStream::connect(("127.0.0.1", control_port)).is_err() {
+        assert!(started.elapsed() < Duration::from_secs(30), "provider-sim {name} did not listen");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    (Process(child), format!("127.0.0.1:{port}"), format!("127.0.0.1:{control_port}"))
+}
+
+fn init_topics(brokers: &str) {
+    let output = Command::new(env!("CARGO_BIN_EXE_kassa"))
+        .args(["kafka", "init-topics", "--brokers", brokers])
+        .env("KASSA_LOG", "warn")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "init-topics: {}", String::from_utf8_lossy(&output.stderr));
+}
+
+/// A call with a merchant's API key or the operator token.
+fn call(addr: &str, token: &str, method: &str, path: &str, body: Option<&str>) -> (u16, serde_json::Value) {
+    let auth = format!("Bearer {token}");
+    let (status, _, body) = request(
+        addr,
+        method,
+        path,
+        body.map(|_| "application/json"),
+        &[("Authorization", auth.as_str())],
+        body.unwrap_or("").as_bytes(),
+    )
+    .unwrap();
+    (status, serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null))
+}
+
+struct Cluster {
+    _tansu: Tansu,
+    dir: tempfile::TempDir,
+    _sims: Vec<Process>,
+    sim_controls: Vec<String>,
+    common: Vec<String>,
+}
+
+impl Cluster {
+    fn start() -> Cluster {
+        let tansu = Tansu::start();
+        let brokers = tansu.brokers();
+        init_topics(&brokers);
+        let dir = tempfile::tempdir().unwrap();
+        let admin_file = dir.path().join("admin.token");
+        std::fs::write(&admin_file, format!("{ADMIN_TOKEN}\n")).unwrap();
+        let mut config = String::from("outcome_wait_ms = 50\nprovider_timeout_ms = 1000\n");
+        let (mut sims, mut sim_controls) = (Vec::new(), Vec::new());
+        for name in PROVIDERS {
+            let (process, addr, control) = provider_sim(name, &admin_file);
+            config.push_str(&format!("[[providers]]\nname = \"{name}\"\nurl = \"http://{addr}\"\n"));
+            sims.push(process);
+            sim_controls.push(control);
+        }
+        let config_file = dir.path().join("kassa.toml");
+        std::fs::write(&config_file, config).unwrap();
+        let common = ["--bus", "kafka", "--brokers", &brokers, "--config", config_file.to_str().unwrap()]
+            .iter()
+            .map(|s| s.to_string())
+            .chain(["--admin-token-file".to_owned(), admin_file.to_str().unwrap().to_owned()])
+            .collect();
+        Cluster { _tansu: tansu, dir, _sims: sims, sim_controls, common }
+    }
+
+    fn data(&self, name: &str) -> PathBuf {
+        let path = self.dir.path().join(name);
+        std::fs::create_dir_all(&path).unwrap();
+        path
+    }
+
+    fn spawn(&self, command: &str, data: &str, extra: &[&str]) -> Kassa {
+        let mut args: Vec<&str> = self.common.iter().map(String::as_str).collect();
+        args.extend_from_slice(extra);
+        Kassa::spawn(command, &self.data(data), &args)
+    }
+
+    fn card_key(&self) -> String {
+        self.data("ingest").join("card.key").to_str().unwrap().to_owned()
+    }
+
+    fn authorizer(&self) -> Kassa {
+        self.spawn("authorize", "authorize", &["--card-key", &self.card_key()])
+    }
+
+    /// Every provider's ledger rows.
+    fn ledgers(&self) -> Vec<serde_json::Value> {
+        let mut rows = Vec::new();
+        for (name, control) in PROVIDERS.iter().zip(&self.sim_controls) {
+            let (status, ledger) = call(control, ADMIN_TOKEN, "GET", &format!("/sim/{name}/ledger"), None);
+            assert_eq!(status, 200, "{ledger}");
+            rows.extend(ledger["data"].as_array().unwrap().iter().cloned());
+        }
+        rows
+    }
+}
+
+#[test]
+fn separate_processes_take_payments_and_survive_a_sigkilled_authorizer() {
+    let cluster = Cluster::start();
+    let ingest = cluster.spawn("ingest", "ingest", &[]);
+    let authorizer = cluster.authorizer();
+    let settle = cluster.spawn("settle", "settle", &["--cutoff-interval-s", "0"]);
+    let reconcile = cluster.spawn("reconcile", "reconcile", &[]);
+
+    // The ingest process serves payments only; settlement is read where it runs.
+    let (status, _, _) = ingest.call("GET", "/v1/settlement/batches", None, &[]);
+    assert_eq!(status, 404);
+    let (status, merchant) = call(&ingest.addr, ADMIN_TOKEN, "POST", "/admin/merchants", Some(r#"{"name": "split"}"#));
+    assert_eq!(status, 201, "{merchant}");
+    let (merchant_id, key) =
+        (merchant["id"].as_str().unwrap().to_owned(), merchant["api_key"].as_str().unwrap().to_owned());
+
+    // Load from four clients; the authorizer is SIGKILLed and restarted mid-way.
+    let cards = [("4242424242424242", "captured"), ("4000000000000002", "declined"), ("5555555555554444", "captured")];
+    let sent = Arc::new(AtomicUsize::new(0));
+    let per_client = 45;
+    let clients: Vec<_> = (0..4)
+        .map(|client| {
+            let (addr, key, sent) = (ingest.addr.clone(), key.clone(), Arc::clone(&sent));
+            std::thread::spawn(move || {
+                let mut payments = Vec::new();
+                for i in 0..per_client {
+                    let (number, expected) = cards[(client + i) % cards.len()];
+                    let amount = 1000 + (client * 1000 + i) as i64;
+                    let (status, payment) = call(&addr, &key, "POST", "/v1/payments", Some(&pay(number, amount, true)));
+                    assert!(matches!(status, 200 | 202 | 402), "{status}: {payment}");
+                    payments.push((payment["id"].as_str().unwrap().to_owned(), expected, amount));
+                    sent.fetch_add(1, Ordering::Relaxed);
+                }
+                payments
+            })
+        })
+        .collect();
+    let started = Instant::now();
+    while sent.load(Ordering::Relaxed) < 50 {
+        assert!(started.elapsed() < Duration::from_secs(60), "payments are not being accepted");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    authorizer.kill(); // SIGKILL, calls in flight
+    std::thread::sleep(Duration::from_millis(300));
+    let authorizer = cluster.authorizer();
+    let payments: Vec<(String, &str, i64)> = clients.into_iter().flat_map(|c| c.join().unwrap()).collect();
+    assert_eq!(payments.len(), 4 * per_client);
+
+    // Every payment reaches its outcome, once.
+    let started = Instant::now();
+    for (id, expected, _) in &payments {
+        let payment = loop {
+            let (status, payment) = call(&ingest.addr, &key, "GET", &format!("/v1/payments/{id}"), None);
+            assert_eq!(status, 200, "{payment}");
+            if payment["status"] != "processing" && payment["status"] != "authorized" {
+                break payment;
+            }
+            assert!(started.elapsed() < Duration::from_secs(120), "{id} did not reach an outcome: {payment}");
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        assert_eq!(payment["status"], *expected, "{id}: {payment}");
+        let (_, events) = call(&ingest.addr, &key, "GET", &format!("/v1/payments/{id}/events"), None);
+        let types: Vec<&str> = events["data"].as_array().unwrap().iter().map(|e| e["type"].as_str().unwrap()).collect();
+        let once: &[&str] = if *expected == "captured" {
+            &["payment.requested", "payment.authorized", "payment.captured"]
+        } else {
+            &["payment.requested", "payment.declined"]
+        };
+        for event in once {
+            assert_eq!(types.iter().filter(|t| *t == event).count(), 1, "{id}: {event} once: {types:?}");
+        }
+    }
+
+    // No provider holds any payment twice; each captured payment is held once.
+    let mut held: HashMap<String, usize> = HashMap::new();
+    for row in cluster.ledgers() {
+        if row["state"] != "reversed" {
+            *held.entry(row["payment_id"].as_str().unwrap().to_owned()).or_default() += 1;
+        }
+    }
+    for (id, expected, _) in &payments {
+        let times = held.get(id).copied().unwrap_or(0);
+        assert_eq!(times, usize::from(*expected == "captured"), "{id} ({expected}) is held {times} times");
+    }
+
+    // Settlement (its own process) batches each capture once: counts and totals as sent.
+    let captured: Vec<i64> = payments.iter().filter(|(_, e, _)| *e == "captured").map(|(_, _, a)| *a).collect();
+    let started = Instant::now();
+    let batches = loop {
+        let (status, body) = call(&settle.addr, ADMIN_TOKEN, "POST", "/admin/settlement/cutoff", None);
+        assert_eq!(status, 200, "{body}");
+        let path = format!("/admin/settlement/batches?merchant={merchant_id}");
+        let (status, batches) = call(&settle.addr, ADMIN_TOKEN, "GET", &path, None);
+        assert_eq!(status, 200, "{batches}");
+        let entries: u64 = batches["data"].as_array().unwrap().iter().map(|b| b["entries"].as_u64().unwrap()).sum();
+        if entries as usize == captured.len() {
+            break batches;
+        }
+        assert!(entries as usize <= captured.len(), "batched twice: {batches}");
+        assert!(started.elapsed() < Duration::from_secs(60), "settlement did not batch every capture: {batches}");
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    let amount: i64 = batches["data"].as_array().unwrap().iter().map(|b| b["amount_captured"].as_i64().unwrap()).sum();
+    assert_eq!(amount, captured.iter().sum::<i64>());
+    let (status, _) =
+        call(&settle.addr, "at_wrong", "GET", &format!("/admin/settlement/batches?merchant={merchant_id}"), None);
+    assert_eq!(status, 401);
+
+    // Reconciliation (its own process) matches every line against the providers' ledgers.
+    let started = Instant::now();
+    loop {
+        let path = format!("/admin/reconciliation/reports?merchant={merchant_id}");
+        let (status, reports) = call(&reconcile.addr, ADMIN_TOKEN, "GET", &path, None);
+        assert_eq!(status, 200, "{reports}");
+        let rows = reports["data"].as_array().unwrap();
+        let matched: usize = rows.iter().map(|r| r["matched"].as_u64().unwrap() as usize).sum();
+        assert!(rows.iter().all(|r| r["status"] == "matched"), "{reports}");
+        if matched == captured.len() {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(60), "reconciliation did not match: {reports}");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    drop((authorizer, settle, reconcile, ingest));
+}
+
+#[test]
+fn single_service_commands_say_what_is_missing() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |args: &[&str]| {
+        let output = Command::new(env!("CARGO_BIN_EXE_kassa"))
+            .args(args)
+            .arg("--data-dir")
+            .arg(dir.path())
+            .env("KASSA_LOG", "warn")
+            .env_remove("KASSA_BUS")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert!(!output.status.success(), "{args:?} succeeded");
+        String::from_utf8_lossy(&output.stderr).into_owned()
+    };
+    let stderr = run(&["authorize", "--bus", "embedded"]);
+    assert!(stderr.contains("kassa up"), "{stderr}");
+    let stderr = run(&["settle"]);
+    assert!(stderr.contains("--brokers"), "{stderr}");
+
+    let tansu = Tansu::start();
+    init_topics(&tansu.brokers());
+    // An authorizer cannot invent the card key: it must open what ingest sealed.
+    let stderr = run(&["authorize", "--brokers", &tansu.brokers()]);
+    assert!(stderr.contains("card key"), "{stderr}");
+    // Separate processes must share the providers: each needs a URL.
+    let key = dir.path().join("card.key");
+    std::fs::write(&key, [7u8; 32]).unwrap();
+    let stderr = run(&["reconcile", "--brokers", &tansu.brokers()]);
+    assert!(stderr.contains("has no url"), "{stderr}");
+}
