@@ -19,13 +19,17 @@ use rdkafka::Offset;
 use rdkafka::TopicPartitionList;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
-use rdkafka::consumer::{BaseConsumer, Consumer, StreamConsumer};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::Message as _;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
+
+/// How often noted consumer positions are committed as group offsets.
+const COMMIT_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Properties Kassa sets itself because its guarantees rest on them; a
 /// configured value that differs is refused.
@@ -223,6 +227,9 @@ impl Drop for Reader {
 
 type ReaderSlot = Arc<tokio::sync::Mutex<Reader>>;
 
+/// Consumer positions noted and not committed yet: (group, topic, partition) → next offset.
+type Positions = Arc<std::sync::Mutex<BTreeMap<(String, String, u32), u64>>>;
+
 /// The bus over a Kafka cluster. Topics must exist ([`init_topics`]).
 pub struct KafkaBus {
     config: KafkaConfig,
@@ -230,6 +237,126 @@ pub struct KafkaBus {
     metadata: Arc<BaseConsumer>,
     partitions: HashMap<String, u32>,
     readers: std::sync::Mutex<HashMap<(String, u32), ReaderSlot>>,
+    /// Positions for lag monitoring, committed by a background thread.
+    consumed: Positions,
+    stop_committer: Arc<AtomicBool>,
+}
+
+impl Drop for KafkaBus {
+    fn drop(&mut self) {
+        // The committer makes a last pass and exits on its own; never wait on the broker here.
+        self.stop_committer.store(true, Ordering::Release);
+    }
+}
+
+/// Commit the noted positions as each group's offsets, every [`COMMIT_INTERVAL`],
+/// until stopped (then once more). Failures only delay monitoring: logged, retried.
+fn run_committer(config: KafkaConfig, consumed: Positions, stop: Arc<AtomicBool>) {
+    let mut clients: HashMap<String, BaseConsumer> = HashMap::new();
+    let mut committed: BTreeMap<(String, String, u32), u64> = BTreeMap::new();
+    let mut last_error: Option<String> = None;
+    loop {
+        let stopping = stop.load(Ordering::Acquire);
+        let noted = consumed.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let mut by_group: BTreeMap<String, Vec<(String, u32, u64)>> = BTreeMap::new();
+        for ((group, topic, partition), next) in noted {
+            if committed.get(&(group.clone(), topic.clone(), partition)) != Some(&next) {
+                by_group.entry(group).or_default().push((topic, partition, next));
+            }
+        }
+        for (group, positions) in by_group {
+            let result = (|| {
+                if !clients.contains_key(&group) {
+                    let client = config
+                        .client(&[("group.id", group.as_str())], &REQUIRED[2..])?
+                        .create()
+                        .map_err(|e| broker_error(format!("creating a client for group {group:?}"), e))?;
+                    clients.insert(group.clone(), client);
+                }
+                let mut list = TopicPartitionList::new();
+                for (topic, partition, next) in &positions {
+                    list.add_partition_offset(topic, *partition as i32, Offset::Offset(*next as i64))
+                        .map_err(|e| broker_error("listing offsets", e))?;
+                }
+                clients[&group]
+                    .commit(&list, CommitMode::Sync)
+                    .map_err(|e| broker_error(format!("committing group {group:?}'s offsets"), e))
+            })();
+            match result {
+                Ok(()) => {
+                    last_error = None;
+                    for (topic, partition, next) in positions {
+                        committed.insert((group.clone(), topic, partition), next);
+                    }
+                }
+                Err(error) => {
+                    let text = error.to_string();
+                    if last_error.as_ref() != Some(&text) {
+                        tracing::warn!(%error, "cannot commit consumer positions for lag monitoring; retrying");
+                        last_error = Some(text);
+                    }
+                }
+            }
+        }
+        if stopping {
+            return;
+        }
+        let started = std::time::Instant::now();
+        while started.elapsed() < COMMIT_INTERVAL && !stop.load(Ordering::Acquire) {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// A consumer group's position in one partition, against the partition's end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PartitionLag {
+    pub partition: u32,
+    /// The group's committed offset (`None`: nothing committed yet).
+    pub committed: Option<u64>,
+    /// The partition's end offset (high watermark).
+    pub end: u64,
+}
+
+impl PartitionLag {
+    /// Messages not consumed yet.
+    pub fn lag(&self) -> u64 {
+        self.end.saturating_sub(self.committed.unwrap_or(0))
+    }
+}
+
+/// A consumer group's lag on a topic, per partition, from the offsets the
+/// group committed. Blocking (requests to the broker).
+pub fn consumer_lag(config: &KafkaConfig, group: &str, topic: &str) -> Result<Vec<PartitionLag>, BusError> {
+    let client: BaseConsumer = config
+        .client(&[("group.id", group)], &REQUIRED[2..])?
+        .create()
+        .map_err(|e| broker_error(format!("creating a client for group {group:?}"), e))?;
+    let partitions = topic_partitions(&client, config)?
+        .get(topic)
+        .copied()
+        .flatten()
+        .ok_or_else(|| BusError::UnknownTopic { topic: topic.to_owned() })?;
+    let mut list = TopicPartitionList::new();
+    for partition in 0..partitions {
+        list.add_partition(topic, partition as i32);
+    }
+    let committed = client
+        .committed_offsets(list, config.request_timeout())
+        .map_err(|e| broker_error(format!("reading group {group:?}'s offsets on {topic:?}"), e))?;
+    let mut lags = Vec::new();
+    for partition in 0..partitions {
+        let (_low, high) = client
+            .fetch_watermarks(topic, partition as i32, config.request_timeout())
+            .map_err(|e| broker_error(format!("reading the end offset of {topic}/{partition}"), e))?;
+        let committed = committed.find_partition(topic, partition as i32).and_then(|p| match p.offset() {
+            Offset::Offset(offset) if offset >= 0 => Some(offset as u64),
+            _ => None,
+        });
+        lags.push(PartitionLag { partition, committed, end: high.max(0) as u64 });
+    }
+    std::thread::spawn(move || drop(client));
+    Ok(lags)
 }
 
 impl std::fmt::Debug for KafkaBus {
@@ -273,12 +400,22 @@ impl KafkaBus {
                 }
             }
         }
+        let consumed: Positions = Arc::default();
+        let stop_committer = Arc::new(AtomicBool::new(false));
+        let (committer_config, committer_positions, committer_stop) =
+            (config.clone(), Arc::clone(&consumed), Arc::clone(&stop_committer));
+        std::thread::Builder::new()
+            .name("kassa-kafka-commit".into())
+            .spawn(move || run_committer(committer_config, committer_positions, committer_stop))
+            .map_err(|e| BusError::Broker { context: "starting the offset committer".into(), reason: e.to_string() })?;
         Ok(KafkaBus {
             config,
             producer,
             metadata: Arc::new(metadata),
             partitions,
             readers: std::sync::Mutex::new(HashMap::new()),
+            consumed,
+            stop_committer,
         })
     }
 
@@ -432,5 +569,11 @@ impl Bus for KafkaBus {
             .fetch_watermarks(topic, partition as i32, self.config.request_timeout())
             .map_err(|e| broker_error(format!("reading the end offset of {topic}/{partition}"), e))?;
         Ok(high.max(0) as u64)
+    }
+
+    fn note_consumed(&self, group: &str, topic: &str, partition: u32, next_offset: u64) {
+        let mut consumed = self.consumed.lock().unwrap_or_else(|e| e.into_inner());
+        let position = consumed.entry((group.to_owned(), topic.to_owned(), partition)).or_insert(0);
+        *position = (*position).max(next_offset);
     }
 }

@@ -16,7 +16,7 @@ mod partitioner;
 mod subscription;
 
 pub use embedded::{BusConfig, EmbeddedBus};
-pub use kafka::{KafkaBus, KafkaConfig, TopicInit, init_topics};
+pub use kafka::{KafkaBus, KafkaConfig, PartitionLag, TopicInit, consumer_lag, init_topics};
 pub use partitioner::{murmur2, partition_for};
 pub use subscription::{Subscription, SubscriptionConfig};
 
@@ -109,4 +109,13 @@ pub trait Bus: Send + Sync + std::fmt::Debug + 'static {
 
     /// The offset the next message of a partition will get (its length).
     fn end_offset(&self, topic: &str, partition: u32) -> Result<u64, BusError>;
+
+    /// Note how far consumer `group` got in a partition (the next offset it
+    /// will read), once that position is durable in the consumer's own log.
+    /// For lag monitoring only — positions are never read back from the bus:
+    /// [`KafkaBus`] commits them as the group's offsets in the background, so
+    /// any Kafka tool shows the lag; the embedded bus has nothing to show it to.
+    fn note_consumed(&self, group: &str, topic: &str, partition: u32, next_offset: u64) {
+        let _ = (group, topic, partition, next_offset);
+    }
 }

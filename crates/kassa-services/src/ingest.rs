@@ -826,6 +826,9 @@ impl IngestService {
             });
         }
         self.log.append(AppendRequest { writes, ..Default::default() }).await.map_err(internal)?;
+        if let Some(offset) = last_offset {
+            self.bus.note_consumed(crate::topics::INGEST_GROUP, PAYMENT_EVENTS, partition, offset + 1);
+        }
         {
             let mut map = self.waiters.rejections.lock().unwrap_or_else(|e| e.into_inner());
             // Rejections nobody waited for (the caller had its 202) must not pile up.

@@ -31,6 +31,20 @@ pub mod topics {
     pub const SETTLEMENT_EVENTS: &str = "settlement.events";
     /// Authorization → operators: providers' health changes (breakers, maintenance), keyed by provider.
     pub const PROVIDER_HEALTH: &str = "providers.health";
+
+    /// The consumer groups the services report their positions under (for lag
+    /// monitoring only: positions are read back from each service's own log),
+    /// with the topic each consumes.
+    pub const CONSUMERS: [(&str, &str); 4] = [
+        (INGEST_GROUP, PAYMENT_EVENTS),
+        (AUTHORIZATION_GROUP, PAYMENT_COMMANDS),
+        (SETTLEMENT_GROUP, PAYMENT_EVENTS),
+        (RECONCILIATION_GROUP, SETTLEMENT_EVENTS),
+    ];
+    pub const INGEST_GROUP: &str = "kassa-ingest";
+    pub const AUTHORIZATION_GROUP: &str = "kassa-authorization";
+    pub const SETTLEMENT_GROUP: &str = "kassa-settlement";
+    pub const RECONCILIATION_GROUP: &str = "kassa-reconciliation";
 }
 
 /// Partition key of a payment's messages.

@@ -233,6 +233,9 @@ impl ReconciliationService {
             });
         }
         self.log.append(AppendRequest { events: report_events, expected: Vec::new(), writes }).await?;
+        if let Some(offset) = last_offset {
+            self.bus.note_consumed(crate::topics::RECONCILIATION_GROUP, SETTLEMENT_EVENTS, partition, offset + 1);
+        }
         // Keep open batches in memory; closed ones are done.
         let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
         if open.len() > 10_000 {

@@ -412,6 +412,9 @@ impl Actor {
             });
         }
         self.service.log.append(AppendRequest { events, expected: Vec::new(), writes }).await?;
+        if let Some(offset) = last_offset {
+            self.service.bus.note_consumed(crate::topics::SETTLEMENT_GROUP, PAYMENT_EVENTS, partition, offset + 1);
+        }
         if self.infos.len() > 100_000 {
             self.infos.clear();
         }

@@ -83,6 +83,31 @@ pub enum KafkaCommand {
         #[arg(long, env = "KASSA_CONFIG")]
         config: Option<PathBuf>,
     },
+    /// Each service's consumer lag: messages on its input topic it has not
+    /// made durable yet, from the positions the services commit every second.
+    Lag {
+        #[command(flatten)]
+        kafka: KafkaArgs,
+        #[arg(long, env = "KASSA_CONFIG")]
+        config: Option<PathBuf>,
+        /// Print again every this many seconds, until stopped (0: once).
+        #[arg(long, default_value_t = 0)]
+        every_s: u64,
+    },
+}
+
+/// One line per service: its group, input topic, and lag (never-committed partitions count from 0).
+fn print_lag(config: &KafkaConfig) -> anyhow::Result<()> {
+    let mut line = Vec::new();
+    for (group, topic) in kassa_services::topics::CONSUMERS {
+        let lags = kassa_bus::consumer_lag(config, group, topic)
+            .with_context(|| format!("reading the lag of {group} on {}", config.brokers))?;
+        let lag: u64 = lags.iter().map(|p| p.lag()).sum();
+        let end: u64 = lags.iter().map(|p| p.end).sum();
+        line.push(format!("{group} {topic} lag {lag} of {end}"));
+    }
+    println!("{}", line.join(" | "));
+    Ok(())
 }
 
 /// Create the topics; say what was done.
@@ -115,6 +140,20 @@ pub fn run(command: KafkaCommand) -> anyhow::Result<()> {
                 .build()
                 .context("starting the async runtime")?;
             runtime.block_on(init_topics(&config))
+        }
+        KafkaCommand::Lag { kafka, config, every_s } => {
+            let file = match &config {
+                Some(path) => Config::load(path)?,
+                None => Config::default(),
+            };
+            let config = kafka.config(&file, crate::up::topics())?;
+            loop {
+                print_lag(&config)?;
+                if every_s == 0 {
+                    return Ok(());
+                }
+                std::thread::sleep(std::time::Duration::from_secs(every_s));
+            }
         }
     }
 }

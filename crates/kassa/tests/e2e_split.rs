@@ -87,6 +87,7 @@ struct Cluster {
     _sims: Vec<Process>,
     sim_controls: Vec<String>,
     common: Vec<String>,
+    brokers: String,
 }
 
 impl Cluster {
@@ -112,7 +113,7 @@ impl Cluster {
             .map(|s| s.to_string())
             .chain(["--admin-token-file".to_owned(), admin_file.to_str().unwrap().to_owned()])
             .collect();
-        Cluster { _tansu: tansu, dir, _sims: sims, sim_controls, common }
+        Cluster { _tansu: tansu, dir, _sims: sims, sim_controls, common, brokers }
     }
 
     fn data(&self, name: &str) -> PathBuf {
@@ -269,6 +270,29 @@ fn separate_processes_take_payments_and_survive_a_sigkilled_authorizer() {
         }
         assert!(started.elapsed() < Duration::from_secs(60), "reconciliation did not match: {reports}");
         std::thread::sleep(Duration::from_millis(300));
+    }
+
+    // Every service reports its position as its group's Kafka offsets: once
+    // all is through, no group lags (and the authorizer's topic is not empty).
+    let started = Instant::now();
+    loop {
+        let output = Command::new(env!("CARGO_BIN_EXE_kassa"))
+            .args(["kafka", "lag", "--brokers", &cluster.brokers])
+            .env("KASSA_LOG", "warn")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "kafka lag: {}", String::from_utf8_lossy(&output.stderr));
+        let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+        let groups: Vec<&str> = stdout.trim().split(" | ").collect();
+        assert_eq!(groups.len(), 4, "{stdout}");
+        let authorization = groups.iter().find(|g| g.starts_with("kassa-authorization payments.commands")).unwrap();
+        assert!(!authorization.ends_with(" of 0"), "{stdout}");
+        if groups.iter().all(|g| g.contains(" lag 0 of ")) {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(30), "the groups still lag: {stdout}");
+        std::thread::sleep(Duration::from_millis(500));
     }
     drop((authorizer, settle, reconcile, ingest));
 }

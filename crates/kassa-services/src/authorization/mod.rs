@@ -545,6 +545,14 @@ impl PartitionActor {
             .log
             .append(AppendRequest { events: std::mem::take(&mut batch.events), expected: Vec::new(), writes })
             .await?;
+        if let Some(offset) = last_offset {
+            self.service.bus.note_consumed(
+                crate::topics::AUTHORIZATION_GROUP,
+                PAYMENT_COMMANDS,
+                self.partition,
+                offset + 1,
+            );
+        }
         if self.cache.len() > self.service.config.cached_payments_max {
             self.cache.clear();
         }
