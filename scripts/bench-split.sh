@@ -1,0 +1,99 @@
+#!/usr/bin/env bash
+# End-to-end payments/s with the services as separate processes over Kafka:
+# a fresh tansu broker, three `kassa provider-sim` processes, `kassa ingest`,
+# `authorize`, `settle` and `reconcile` (release builds), and wrk sending
+# POST /v1/payments to ingest (each answer waits for the payment's outcome).
+# Each service's consumer lag is sampled every second (`kassa kafka lag`).
+# Usage: scripts/bench-split.sh [SECONDS] [CONNECTIONS]   (default 20 s, 256)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/setup.sh
+
+seconds="${1:-20}"
+connections="${2:-256}"
+if ! command -v wrk >/dev/null 2>&1; then
+  say "installing wrk (Debian package) for the load"
+  sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  $sudo apt-get install -y -qq wrk
+fi
+say "building kassa (release)"
+cargo build --release --locked -p kassa
+kassa="${CARGO_TARGET_DIR}/release/kassa"
+work="$(mktemp -d)"
+broker_port=19093
+ingest_port=18090
+pids=()
+cleanup() {
+  for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+  for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
+  bash scripts/tansu.sh stop "${work}/broker"
+  rm -rf "${work}"
+}
+trap cleanup EXIT
+bash scripts/tansu.sh start "${work}/broker" "${broker_port}"
+brokers="127.0.0.1:${broker_port}"
+"${kassa}" kafka init-topics --brokers "${brokers}"
+
+echo "at_bench_operator" > "${work}/admin.token"
+config="${work}/kassa.toml"
+: > "${config}"
+i=0
+for name in acq-alpha acq-beta acq-gamma; do
+  port=$((17111 + i)); control=$((17211 + i)); i=$((i + 1))
+  "${kassa}" provider-sim --name "${name}" --listen "127.0.0.1:${port}" --control-listen "127.0.0.1:${control}" \
+    --admin-token-file "${work}/admin.token" > /dev/null 2> "${work}/${name}.log" &
+  pids+=($!)
+  printf '[[providers]]\nname = "%s"\nurl = "http://127.0.0.1:%s"\n' "${name}" "${port}" >> "${config}"
+done
+
+common=(--bus kafka --brokers "${brokers}" --config "${config}" --admin-token-file "${work}/admin.token")
+export KASSA_LOG="${KASSA_LOG:-warn}"
+names=(acq-alpha acq-beta acq-gamma)
+start() { # SERVICE DATA [ARGS…]
+  local service="$1" data="$2"; shift 2
+  mkdir -p "${work}/${data}"
+  "${kassa}" "${service}" "${common[@]}" --data-dir "${work}/${data}" "$@" > /dev/null 2> "${work}/${data}.log" &
+  pids+=($!)
+  names+=("${service}")
+}
+# CPU seconds each process has used so far, one per line (the broker last).
+cpu_seconds() {
+  for pid in "${pids[@]}" "$(cat "${work}/broker/tansu.pid")"; do
+    awk '{print ($14 + $15) / 100}' "/proc/${pid}/stat" 2>/dev/null || echo 0
+  done
+}
+start ingest ingest --listen "127.0.0.1:${ingest_port}"
+for _ in $(seq 1 200); do
+  curl -fs "http://127.0.0.1:${ingest_port}/healthz" >/dev/null 2>&1 && break
+  sleep 0.1
+done
+start authorize authorize --card-key "${work}/ingest/card.key"
+start settle settle --cutoff-interval-s 5
+start reconcile reconcile
+sleep 2
+export KASSA_KEY="$(cat "${work}/ingest/demo-merchant.key")"
+
+"${kassa}" kafka lag --brokers "${brokers}" --every-s 1 > "${work}/lag.txt" 2>/dev/null &
+lag_pid=$!
+say "wrk: ${seconds}s, ${connections} connections, POST /v1/payments to kassa ingest (separate processes over tansu)"
+mapfile -t cpu_before < <(cpu_seconds)
+wrk -t2 -c"${connections}" -d"${seconds}s" --latency -s scripts/http-load.lua "http://127.0.0.1:${ingest_port}/v1/payments"
+mapfile -t cpu_after < <(cpu_seconds)
+say "where the CPU went during the load (CPU seconds over ${seconds}s of wall time; 2 cores = $((2 * seconds))):"
+names+=(tansu)
+for i in "${!names[@]}"; do
+  awk -v n="${names[$i]}" -v a="${cpu_after[$i]}" -v b="${cpu_before[$i]}" 'BEGIN {printf "  %-10s %6.1f\n", n, a - b}'
+done
+say "draining: waiting for every service to catch up"
+for _ in $(seq 1 60); do
+  line="$("${kassa}" kafka lag --brokers "${brokers}" 2>/dev/null || true)"
+  [ "$(echo "${line}" | grep -o ' lag 0 of ' | wc -l)" -eq 4 ] && break
+  sleep 1
+done
+kill "${lag_pid}" 2>/dev/null || true
+say "after the run: ${line}"
+say "largest lag seen while loaded (sampled each second), per service:"
+for group in kassa-ingest kassa-authorization kassa-settlement kassa-reconciliation; do
+  max="$(grep -o "${group} [a-z.]* lag [0-9]*" "${work}/lag.txt" | awk '{print $4}' | sort -n | tail -1)"
+  echo "  ${group}: ${max:-?}"
+done
