@@ -47,8 +47,9 @@ impl CardVault {
     }
 
     /// Forget a card once its payment no longer needs an authorization.
-    pub fn remove(&self, payment_id: PaymentId) {
-        self.lock().remove(&payment_id);
+    /// Whether the vault held it.
+    pub fn remove(&self, payment_id: PaymentId) -> bool {
+        self.lock().remove(&payment_id).is_some()
     }
 
     pub fn len(&self) -> usize {

@@ -479,3 +479,44 @@ async fn a_card_sealed_by_ingest_in_another_process_is_opened_and_authorized() {
     assert!(world.vault.is_empty(), "no card kept once its payment has an outcome");
     world.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sealed_card_still_needed_survives_a_restart_of_the_authorizer() {
+    let settings = RoutingSettings {
+        stand_in: StandInSettings {
+            default: Some(StandInLimits { per_payment_max_minor: 5_000, exposure_max_minor: 6_000 }),
+            ..StandInSettings::default()
+        },
+        breaker: BreakerConfig {
+            min_calls: 1,
+            open_ms: 200,
+            probes_to_close: 1,
+            ramp_ms: 200,
+            ..BreakerConfig::default()
+        },
+        ..RoutingSettings::default()
+    };
+    let mut world = World::routed(settings.clone());
+    for sim in &world.sims {
+        sim.set_fault(Some(Fault::always(FaultMode::Down)));
+    }
+    let seal = CardSeal::new(&CARD_KEY).unwrap();
+    let first = world.pay_sealed("4242424242424242", 1000, &seal).await;
+    world.until(first, settled_outcome).await; // opens the breakers
+    // Stood in while every provider is down: its card is needed for the forward to come.
+    let stood_in = world.pay_sealed("4242424242424242", 4_000, &seal).await;
+    let state = world.until(stood_in, |s| !matches!(s.stage, Stage::New | Stage::Requested)).await;
+    assert!(state.stand_in_pending(), "{state:?}");
+
+    // The authorizer restarts as a new process would: an empty vault.
+    let (dir, sims, _vault) = world.stop().await;
+    let mut world = World::start_routed(dir, sims, Arc::new(CardVault::new(10_000)), settings);
+    world.next_id = 1000;
+    world.sims[1].set_fault(None);
+    // The card kept sealed in its log is opened again, and the forward authorizes.
+    let state = world.until(stood_in, |s| s.status() == Some(PaymentStatus::Captured)).await;
+    assert_eq!(state.provider.as_deref(), Some("acq-beta"), "{state:?}");
+    assert_eq!(world.held(stood_in), 1, "exactly one authorization stands");
+    assert!(world.vault.is_empty(), "no card kept once its payment has an outcome");
+    world.stop().await;
+}

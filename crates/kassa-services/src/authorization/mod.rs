@@ -115,6 +115,13 @@ fn active_key(partition: u32, payment_id: PaymentId) -> Vec<u8> {
     id_key(&format!("active/{partition:05}/"), payment_id.as_u128())
 }
 
+/// A card still needed, kept sealed (as ingest sealed it) so a restarted
+/// authorizer can open it again: a failover or a stand-in's forward after a
+/// restart still has card data. Deleted when the payment no longer needs it.
+fn sealed_card_key(payment_id: PaymentId) -> Vec<u8> {
+    id_key("card/", payment_id.as_u128())
+}
+
 fn seen_key(event_id: u128) -> Vec<u8> {
     id_key("seen/", event_id)
 }
@@ -326,6 +333,7 @@ impl AuthorizationService {
             cache: HashMap::new(),
             effects_tx,
             dispatch: Dispatch::default(),
+            sealed_cards: Vec::new(),
         };
         // Resume every payment that had work left when the service stopped.
         let mut resume = Vec::new();
@@ -339,6 +347,12 @@ impl AuthorizationService {
             }
             Err(error) => {
                 tracing::error!(partition, %error, "cannot scan active payments; partition stopped");
+                return;
+            }
+        }
+        for &payment_id in &resume {
+            if let Err(error) = actor.restore_card(payment_id) {
+                tracing::error!(partition, %error, "cannot read a stored card; partition stopped");
                 return;
             }
         }
@@ -400,6 +414,8 @@ struct PartitionActor {
     cache: HashMap<PaymentId, PaymentRecord>,
     effects_tx: mpsc::Sender<EffectResult>,
     dispatch: Dispatch,
+    /// Sealed cards taken in this batch, written with it.
+    sealed_cards: Vec<(PaymentId, Vec<u8>)>,
 }
 
 type ActorError = kassa_eventlog::LogError;
@@ -419,26 +435,42 @@ impl PartitionActor {
     }
 
     /// Put a sealed card into the vault, unless it is there already (ingest in
-    /// this process put it there) or its payment is past needing it. A card
-    /// that does not open is logged; its payment is then declined
-    /// `card_data_unavailable`, the same as one lost in a crash.
-    fn hold_card(&mut self, payment_id: PaymentId, sealed: &[u8]) {
+    /// this process put it there). Whether the vault now holds it. A card that
+    /// does not open is logged; its payment is then declined
+    /// `card_data_unavailable`, the same as one whose card was never sent.
+    fn hold_card(&mut self, payment_id: PaymentId, sealed: &[u8]) -> bool {
         let vault = &self.service.vault;
         if vault.contains(payment_id) {
-            return;
+            return true;
         }
         let Some(seal) = &self.service.seal else {
             tracing::error!(%payment_id, "a sealed card arrived but no card key is configured; it cannot be opened");
-            return;
+            return false;
         };
         match seal.open(payment_id, sealed) {
-            Ok(card) => {
-                if let Err(full) = vault.put(payment_id, card) {
+            Ok(card) => match vault.put(payment_id, card) {
+                Ok(()) => true,
+                Err(full) => {
                     tracing::error!(%payment_id, %full, "no room for a sealed card");
+                    false
                 }
+            },
+            Err(error) => {
+                tracing::error!(%payment_id, %error, "a sealed card does not open");
+                false
             }
-            Err(error) => tracing::error!(%payment_id, %error, "a sealed card does not open"),
         }
+    }
+
+    /// After a restart: open the sealed card a payment with work left still needs.
+    fn restore_card(&mut self, payment_id: PaymentId) -> Result<(), ActorError> {
+        if self.service.vault.contains(payment_id) {
+            return Ok(());
+        }
+        if let Some(sealed) = self.service.log.get(Table::State, &sealed_card_key(payment_id))? {
+            self.hold_card(payment_id, &sealed);
+        }
+        Ok(())
     }
 
     /// The pure decisions, at the service clock's time.
@@ -498,8 +530,10 @@ impl PartitionActor {
                 tracing::error!(offset = message.offset, "command names another payment than its stream; skipped");
                 continue;
             }
-            if let PaymentCommandMessage::CardSealed { sealed, .. } = &command {
-                self.hold_card(payment_id, sealed);
+            if let PaymentCommandMessage::CardSealed { sealed, .. } = command {
+                if self.hold_card(payment_id, &sealed) {
+                    self.sealed_cards.push((payment_id, sealed));
+                }
                 continue;
             }
             let record = self.load(&mut batch, payment_id)?;
@@ -515,7 +549,11 @@ impl PartitionActor {
 
     /// Write the batch in one append, then start its effects.
     async fn commit(&mut self, mut batch: Batch, last_offset: Option<u64>) -> Result<(), ActorError> {
-        let mut writes = Vec::with_capacity(batch.records.len() * 2 + batch.seen.len() + 1);
+        let mut writes = Vec::with_capacity(batch.records.len() * 2 + batch.seen.len() + self.sealed_cards.len() + 1);
+        // Cards first: a payment that no longer needs its card in this same batch deletes it below.
+        for (payment_id, sealed) in self.sealed_cards.drain(..) {
+            writes.push(StateWrite { table: Table::State, key: sealed_card_key(payment_id), value: Some(sealed) });
+        }
         for (payment_id, record) in &batch.records {
             writes.push(StateWrite {
                 table: Table::State,
@@ -524,8 +562,8 @@ impl PartitionActor {
             });
             let active = active_key(self.partition, *payment_id);
             writes.push(StateWrite { table: Table::State, key: active, value: record.is_active().then(Vec::new) });
-            if !record.needs_card() {
-                self.service.vault.remove(*payment_id);
+            if !record.needs_card() && self.service.vault.remove(*payment_id) {
+                writes.push(StateWrite { table: Table::State, key: sealed_card_key(*payment_id), value: None });
             }
         }
         for event_id in &batch.seen {
