@@ -421,14 +421,14 @@ async fn an_unreachable_issuer_is_retried_elsewhere_unless_the_advice_code_forbi
     world.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn stand_in_answers_while_every_provider_is_down_and_forwards_when_one_recovers() {
-    let settings = RoutingSettings {
+/// Stand-in up to 50.00 per payment and 60.00 in all; breakers that open at
+/// once and probe again soon, so the tests are quick.
+fn stand_in_settings() -> RoutingSettings {
+    RoutingSettings {
         stand_in: StandInSettings {
             default: Some(StandInLimits { per_payment_max_minor: 5_000, exposure_max_minor: 6_000 }),
             ..StandInSettings::default()
         },
-        // Breakers open at once and probe again soon, so the test is quick.
         breaker: BreakerConfig {
             min_calls: 1,
             open_ms: 200,
@@ -437,7 +437,12 @@ async fn stand_in_answers_while_every_provider_is_down_and_forwards_when_one_rec
             ..BreakerConfig::default()
         },
         ..RoutingSettings::default()
-    };
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stand_in_answers_while_every_provider_is_down_and_forwards_when_one_recovers() {
+    let settings = stand_in_settings();
     let mut world = World::routed(settings);
     for sim in &world.sims {
         sim.set_fault(Some(Fault::always(FaultMode::Down)));
@@ -482,20 +487,7 @@ async fn a_card_sealed_by_ingest_in_another_process_is_opened_and_authorized() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sealed_card_still_needed_survives_a_restart_of_the_authorizer() {
-    let settings = RoutingSettings {
-        stand_in: StandInSettings {
-            default: Some(StandInLimits { per_payment_max_minor: 5_000, exposure_max_minor: 6_000 }),
-            ..StandInSettings::default()
-        },
-        breaker: BreakerConfig {
-            min_calls: 1,
-            open_ms: 200,
-            probes_to_close: 1,
-            ramp_ms: 200,
-            ..BreakerConfig::default()
-        },
-        ..RoutingSettings::default()
-    };
+    let settings = stand_in_settings();
     let mut world = World::routed(settings.clone());
     for sim in &world.sims {
         sim.set_fault(Some(Fault::always(FaultMode::Down)));
