@@ -150,11 +150,61 @@ fn post_body(headers: &HeaderMap, body: Result<Bytes, BytesRejection>) -> Result
 }
 
 async fn healthz(State(app): State<App>) -> Response {
-    if app.ready.load(Ordering::Acquire) {
+    health(&app.ready)
+}
+
+/// 200 once the process takes work, 503 before.
+fn health(ready: &AtomicBool) -> Response {
+    if ready.load(Ordering::Acquire) {
         (StatusCode::OK, "ok\n").into_response()
     } else {
         error_response(&ApiError::new(503, ErrorType::RateLimitError, "not_ready", "Kassa is starting"))
     }
+}
+
+/// A service this process may not run: its routes answer 404.
+fn here<T>(service: &Option<Arc<T>>) -> Result<&Arc<T>, ApiError> {
+    service.as_ref().ok_or_else(|| ApiError::not_found("route"))
+}
+
+/// A merchant's latest batches.
+fn batches_of(
+    settlement: &SettlementService,
+    merchant: kassa_domain::MerchantId,
+) -> Result<serde_json::Value, ApiError> {
+    let batches = settlement.batches(merchant, 100).map_err(storage_error)?;
+    Ok(serde_json::json!({ "data": batches.iter().map(batch_json).collect::<Vec<_>>() }))
+}
+
+/// One batch; with `merchant`, only if it is that merchant's (404 otherwise, never 403).
+fn batch_of(
+    settlement: &SettlementService,
+    id: &str,
+    merchant: Option<kassa_domain::MerchantId>,
+) -> Result<serde_json::Value, ApiError> {
+    let batch_id = BatchId::parse(id).map_err(|_| ApiError::not_found("batch"))?;
+    match settlement.batch(batch_id).map_err(storage_error)? {
+        Some(batch) if merchant.is_none_or(|m| batch.key.as_ref().is_some_and(|k| k.merchant_id == m)) => {
+            Ok(batch_json(&batch))
+        }
+        _ => Err(ApiError::not_found("batch")),
+    }
+}
+
+/// Close the open batches now; their ids.
+async fn cutoff_now(settlement: &SettlementService) -> Result<Answer, ApiError> {
+    let closed = settlement.cutoff().await.map_err(storage_error)?;
+    let ids: Vec<String> = closed.iter().map(ToString::to_string).collect();
+    Ok(Answer { status: 200, body: serde_json::json!({ "closed": ids }), replayed: false })
+}
+
+/// A merchant's latest reconciliation reports.
+fn reports_of(
+    reconciliation: &ReconciliationService,
+    merchant: kassa_domain::MerchantId,
+) -> Result<serde_json::Value, ApiError> {
+    let reports = reconciliation.reports(merchant, 100).map_err(storage_error)?;
+    Ok(serde_json::json!({ "data": reports.iter().map(report_json).collect::<Vec<_>>() }))
 }
 
 async fn create_payment(State(app): State<App>, headers: HeaderMap, body: Result<Bytes, BytesRejection>) -> Response {
@@ -315,42 +365,17 @@ pub fn batch_json(batch: &BatchState) -> serde_json::Value {
 }
 
 async fn list_batches(State(app): State<App>, headers: HeaderMap) -> Response {
-    json((|| {
-        let merchant = merchant(&app, &headers)?;
-        let batches = app
-            .settlement
-            .as_ref()
-            .ok_or_else(|| ApiError::not_found("route"))?
-            .batches(merchant, 100)
-            .map_err(storage_error)?;
-        Ok(serde_json::json!({ "data": batches.iter().map(batch_json).collect::<Vec<_>>() }))
-    })())
+    json((|| batches_of(here(&app.settlement)?, merchant(&app, &headers)?))())
 }
 
 async fn get_batch(State(app): State<App>, headers: HeaderMap, Path(id): Path<String>) -> Response {
-    json((|| {
-        let merchant = merchant(&app, &headers)?;
-        let batch_id = BatchId::parse(&id).map_err(|_| ApiError::not_found("batch"))?;
-        match app
-            .settlement
-            .as_ref()
-            .ok_or_else(|| ApiError::not_found("route"))?
-            .batch(batch_id)
-            .map_err(storage_error)?
-        {
-            Some(batch) if batch.key.as_ref().is_some_and(|k| k.merchant_id == merchant) => Ok(batch_json(&batch)),
-            _ => Err(ApiError::not_found("batch")),
-        }
-    })())
+    json((|| batch_of(here(&app.settlement)?, &id, Some(merchant(&app, &headers)?)))())
 }
 
 async fn cutoff(State(app): State<App>, headers: HeaderMap) -> Response {
     let result = async {
         operator(&app, &headers)?;
-        let settlement = app.settlement.as_ref().ok_or_else(|| ApiError::not_found("route"))?;
-        let closed = settlement.cutoff().await.map_err(storage_error)?;
-        let ids: Vec<String> = closed.iter().map(ToString::to_string).collect();
-        Ok(Answer { status: 200, body: serde_json::json!({ "closed": ids }), replayed: false })
+        cutoff_now(here(&app.settlement)?).await
     };
     respond(result.await)
 }
@@ -380,12 +405,7 @@ pub fn report_json(report: &ReconciliationReport) -> serde_json::Value {
 }
 
 async fn list_reports(State(app): State<App>, headers: HeaderMap) -> Response {
-    json((|| {
-        let merchant = merchant(&app, &headers)?;
-        let reconciliation = app.reconciliation.as_ref().ok_or_else(|| ApiError::not_found("route"))?;
-        let reports = reconciliation.reports(merchant, 100).map_err(storage_error)?;
-        Ok(serde_json::json!({ "data": reports.iter().map(report_json).collect::<Vec<_>>() }))
-    })())
+    json((|| reports_of(here(&app.reconciliation)?, merchant(&app, &headers)?))())
 }
 
 /// Operator routes for routing: providers' status, maintenance windows, the
@@ -550,21 +570,17 @@ struct OperatorApp {
 impl OperatorApp {
     fn settlement(&self, headers: &HeaderMap) -> Result<&Arc<SettlementService>, ApiError> {
         check_admin_token(&self.admin_token_hash, headers)?;
-        self.settlement.as_ref().ok_or_else(|| ApiError::not_found("route"))
+        here(&self.settlement)
     }
 
     fn reconciliation(&self, headers: &HeaderMap) -> Result<&Arc<ReconciliationService>, ApiError> {
         check_admin_token(&self.admin_token_hash, headers)?;
-        self.reconciliation.as_ref().ok_or_else(|| ApiError::not_found("route"))
+        here(&self.reconciliation)
     }
 }
 
 async fn operator_healthz(State(app): State<OperatorApp>) -> Response {
-    if app.ready.load(Ordering::Acquire) {
-        (StatusCode::OK, "ok\n").into_response()
-    } else {
-        error_response(&ApiError::new(503, ErrorType::RateLimitError, "not_ready", "the service is starting"))
-    }
+    health(&app.ready)
 }
 
 /// `?merchant=ID`, required: an operator names whose batches or reports to read.
@@ -582,11 +598,7 @@ fn merchant_param(
 }
 
 async fn operator_cutoff(State(app): State<OperatorApp>, headers: HeaderMap) -> Response {
-    let result = async {
-        let closed = app.settlement(&headers)?.cutoff().await.map_err(storage_error)?;
-        let ids: Vec<String> = closed.iter().map(ToString::to_string).collect();
-        Ok(Answer { status: 200, body: serde_json::json!({ "closed": ids }), replayed: false })
-    };
+    let result = async { cutoff_now(app.settlement(&headers)?).await };
     respond(result.await)
 }
 
@@ -595,22 +607,11 @@ async fn operator_batches(
     headers: HeaderMap,
     query: Result<Query<HashMap<String, String>>, QueryRejection>,
 ) -> Response {
-    json((|| {
-        let settlement = app.settlement(&headers)?;
-        let batches = settlement.batches(merchant_param(query)?, 100).map_err(storage_error)?;
-        Ok(serde_json::json!({ "data": batches.iter().map(batch_json).collect::<Vec<_>>() }))
-    })())
+    json((|| batches_of(app.settlement(&headers)?, merchant_param(query)?))())
 }
 
 async fn operator_batch(State(app): State<OperatorApp>, headers: HeaderMap, Path(id): Path<String>) -> Response {
-    json((|| {
-        let settlement = app.settlement(&headers)?;
-        let batch_id = BatchId::parse(&id).map_err(|_| ApiError::not_found("batch"))?;
-        match settlement.batch(batch_id).map_err(storage_error)? {
-            Some(batch) => Ok(batch_json(&batch)),
-            None => Err(ApiError::not_found("batch")),
-        }
-    })())
+    json((|| batch_of(app.settlement(&headers)?, &id, None))())
 }
 
 async fn operator_reports(
@@ -618,9 +619,5 @@ async fn operator_reports(
     headers: HeaderMap,
     query: Result<Query<HashMap<String, String>>, QueryRejection>,
 ) -> Response {
-    json((|| {
-        let reconciliation = app.reconciliation(&headers)?;
-        let reports = reconciliation.reports(merchant_param(query)?, 100).map_err(storage_error)?;
-        Ok(serde_json::json!({ "data": reports.iter().map(report_json).collect::<Vec<_>>() }))
-    })())
+    json((|| reports_of(app.reconciliation(&headers)?, merchant_param(query)?))())
 }

@@ -129,10 +129,7 @@ pub async fn init_topics(config: &KafkaConfig) -> anyhow::Result<()> {
 pub fn run(command: KafkaCommand) -> anyhow::Result<()> {
     match command {
         KafkaCommand::InitTopics { kafka, config } => {
-            let file = match &config {
-                Some(path) => Config::load(path)?,
-                None => Config::default(),
-            };
+            let file = crate::wiring::load_config(config.as_deref())?;
             let config = kafka.config(&file, crate::up::topics())?;
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(1)
@@ -142,10 +139,7 @@ pub fn run(command: KafkaCommand) -> anyhow::Result<()> {
             runtime.block_on(init_topics(&config))
         }
         KafkaCommand::Lag { kafka, config, every_s } => {
-            let file = match &config {
-                Some(path) => Config::load(path)?,
-                None => Config::default(),
-            };
+            let file = crate::wiring::load_config(config.as_deref())?;
             let config = kafka.config(&file, crate::up::topics())?;
             loop {
                 print_lag(&config)?;
