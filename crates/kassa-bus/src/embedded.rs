@@ -3,7 +3,7 @@
 //! Key: topic index u32 BE ++ partition u32 BE ++ offset u64 BE.
 //! Value: crc32c u32 LE (over the rest) ++ timestamp i64 LE ++ key length u32 LE ++ key ++ payload.
 
-use crate::{Bus, BusError, Message, Produced, Record, TopicSpec, partition_for};
+use crate::{Bus, BusError, Coordinator, Membership, Message, Produced, Record, TopicSpec, partition_for};
 use async_trait::async_trait;
 use kassa_eventlog::GroupCommitConfig;
 use kassa_eventlog::group_commit::{GroupCommitter, GroupWriter, Replier};
@@ -47,6 +47,8 @@ pub struct EmbeddedBus {
     topics: Arc<HashMap<String, Topic>>,
     committer: GroupCommitter<BusWriter>,
     config: BusConfig,
+    /// Consumer groups of the services sharing this bus in this process.
+    groups: Coordinator,
 }
 
 impl std::fmt::Debug for EmbeddedBus {
@@ -177,7 +179,7 @@ impl EmbeddedBus {
             BusWriter { db: Arc::clone(&db), topics: Arc::clone(&topics), sync: config.sync, next: HashMap::new() };
         let committer = GroupCommitter::spawn("kassa-bus-writer", writer, config.group)
             .map_err(|e| BusError::Storage { context: "spawning the bus writer".into(), reason: e.to_string() })?;
-        Ok(EmbeddedBus { db, path, topics, committer, config })
+        Ok(EmbeddedBus { db, path, topics, committer, config, groups: Coordinator::default() })
     }
 
     fn topic(&self, name: &str) -> Result<&Topic, BusError> {
@@ -276,6 +278,11 @@ impl Bus for EmbeddedBus {
 
     fn end_offset(&self, topic: &str, partition: u32) -> Result<u64, BusError> {
         Ok(*self.head(topic, partition)?.borrow())
+    }
+
+    fn join_group(&self, group: &str, topic: &str) -> Result<Membership, BusError> {
+        let partitions = self.partitions(topic)?;
+        Ok(self.groups.join(group, topic, partitions))
     }
 }
 

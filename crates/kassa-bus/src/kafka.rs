@@ -12,18 +12,20 @@
 //! created on first fetch and re-positioned when asked for another offset
 //! than the one it is at.
 
-use crate::{Bus, BusError, Message, Produced, Record, TopicSpec, partition_for};
+use crate::{
+    Bus, BusError, Membership, Message, Produced, REVOKE_WAIT_MAX, Rebalance, Record, TopicSpec, partition_for,
+};
 use async_trait::async_trait;
 use rdkafka::ClientConfig;
 use rdkafka::Offset;
 use rdkafka::TopicPartitionList;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, StreamConsumer};
+use rdkafka::client::{ClientContext, DefaultClientContext};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::Message as _;
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -55,6 +57,10 @@ pub struct KafkaConfig {
     pub delivery_timeout_ms: u64,
     /// Deadline of metadata, offset and admin requests.
     pub request_timeout_ms: u64,
+    /// This instance's stable name in its consumer groups (Kafka's static
+    /// membership, `group.instance.id`): restarted, it takes its place back
+    /// at once instead of waiting for the group to notice the old one died.
+    pub group_instance_id: Option<String>,
 }
 
 impl KafkaConfig {
@@ -67,6 +73,7 @@ impl KafkaConfig {
             client_id: "kassa".into(),
             delivery_timeout_ms: 30_000,
             request_timeout_ms: 10_000,
+            group_instance_id: None,
         }
     }
 
@@ -230,6 +237,11 @@ type ReaderSlot = Arc<tokio::sync::Mutex<Reader>>;
 /// Consumer positions noted and not committed yet: (group, topic, partition) → next offset.
 type Positions = Arc<std::sync::Mutex<BTreeMap<(String, String, u32), u64>>>;
 
+/// Groups this process is a member of, by (group, topic): their members
+/// commit the group's offsets themselves (the broker takes a group's offset
+/// commits only from its members).
+type Members = Arc<std::sync::Mutex<BTreeSet<(String, String)>>>;
+
 /// The bus over a Kafka cluster. Topics must exist ([`init_topics`]).
 pub struct KafkaBus {
     config: KafkaConfig,
@@ -239,6 +251,7 @@ pub struct KafkaBus {
     readers: std::sync::Mutex<HashMap<(String, u32), ReaderSlot>>,
     /// Positions for lag monitoring, committed by a background thread.
     consumed: Positions,
+    members: Members,
     stop_committer: Arc<AtomicBool>,
 }
 
@@ -251,15 +264,19 @@ impl Drop for KafkaBus {
 
 /// Commit the noted positions as each group's offsets, every [`COMMIT_INTERVAL`],
 /// until stopped (then once more). Failures only delay monitoring: logged, retried.
-fn run_committer(config: KafkaConfig, consumed: Positions, stop: Arc<AtomicBool>) {
+fn run_committer(config: KafkaConfig, consumed: Positions, members: Members, stop: Arc<AtomicBool>) {
     let mut clients: HashMap<String, BaseConsumer> = HashMap::new();
     let mut committed: BTreeMap<(String, String, u32), u64> = BTreeMap::new();
     let mut last_error: Option<String> = None;
     loop {
         let stopping = stop.load(Ordering::Acquire);
         let noted = consumed.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let membered = members.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let mut by_group: BTreeMap<String, Vec<(String, u32, u64)>> = BTreeMap::new();
         for ((group, topic, partition), next) in noted {
+            if membered.contains(&(group.clone(), topic.clone())) {
+                continue; // its member commits
+            }
             if committed.get(&(group.clone(), topic.clone(), partition)) != Some(&next) {
                 by_group.entry(group).or_default().push((topic, partition, next));
             }
@@ -401,12 +418,13 @@ impl KafkaBus {
             }
         }
         let consumed: Positions = Arc::default();
+        let members: Members = Arc::default();
         let stop_committer = Arc::new(AtomicBool::new(false));
-        let (committer_config, committer_positions, committer_stop) =
-            (config.clone(), Arc::clone(&consumed), Arc::clone(&stop_committer));
+        let (committer_config, committer_positions, committer_members, committer_stop) =
+            (config.clone(), Arc::clone(&consumed), Arc::clone(&members), Arc::clone(&stop_committer));
         std::thread::Builder::new()
             .name("kassa-kafka-commit".into())
-            .spawn(move || run_committer(committer_config, committer_positions, committer_stop))
+            .spawn(move || run_committer(committer_config, committer_positions, committer_members, committer_stop))
             .map_err(|e| BusError::Broker { context: "starting the offset committer".into(), reason: e.to_string() })?;
         Ok(KafkaBus {
             config,
@@ -415,6 +433,7 @@ impl KafkaBus {
             partitions,
             readers: std::sync::Mutex::new(HashMap::new()),
             consumed,
+            members,
             stop_committer,
         })
     }
@@ -576,4 +595,157 @@ impl Bus for KafkaBus {
         let position = consumed.entry((group.to_owned(), topic.to_owned(), partition)).or_insert(0);
         *position = (*position).max(next_offset);
     }
+
+    fn join_group(&self, group: &str, topic: &str) -> Result<Membership, BusError> {
+        self.partitions_of(topic)?;
+        let (tx, changes) = tokio::sync::mpsc::unbounded_channel();
+        let context = MemberContext { topic: topic.to_owned(), changes: tx };
+        let defaults = [
+            ("group.id", group),
+            ("enable.partition.eof", "false"),
+            ("auto.offset.reset", "earliest"),
+            // Eager rebalancing: a partition moves only after its owner handed it back.
+            ("partition.assignment.strategy", "range"),
+            ("session.timeout.ms", "10000"),
+            // Also the rebalance timeout: how long a rebalance waits for a member
+            // that stopped answering (killed) before going on without it. Above
+            // the longest hand-over (`REVOKE_WAIT_MAX`, spent inside `poll`).
+            ("max.poll.interval.ms", "25000"),
+        ];
+        let mut required = REQUIRED[2..].to_vec();
+        if let Some(id) = &self.config.group_instance_id {
+            required.push(("group.instance.id", id.as_str()));
+        }
+        let consumer: BaseConsumer<MemberContext> = self
+            .config
+            .client(&defaults, &required)?
+            .create_with_context(context)
+            .map_err(|e| broker_error(format!("joining group {group:?}"), e))?;
+        consumer.subscribe(&[topic]).map_err(|e| broker_error(format!("joining group {group:?} on {topic:?}"), e))?;
+        let member_id = format!("{group}@{}", self.config.client_id);
+        let stop = Arc::new(AtomicBool::new(false));
+        let key = (group.to_owned(), topic.to_owned());
+        self.members.lock().unwrap_or_else(|e| e.into_inner()).insert(key.clone());
+        let (thread_stop, consumed, members) =
+            (Arc::clone(&stop), Arc::clone(&self.consumed), Arc::clone(&self.members));
+        std::thread::Builder::new()
+            .name("kassa-kafka-group".into())
+            .spawn(move || run_member(consumer, key, consumed, members, thread_stop))
+            .map_err(|e| BusError::Broker { context: "starting a group member".into(), reason: e.to_string() })?;
+        Ok(Membership { member_id, changes, _leave: Some(Box::new(LeaveOnDrop(stop))) })
+    }
+}
+
+/// Sets its flag when dropped: the member's thread then leaves the group.
+struct LeaveOnDrop(Arc<AtomicBool>);
+
+impl Drop for LeaveOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Release);
+    }
+}
+
+/// A group member's callbacks: they run on the member's own thread, inside `poll`.
+struct MemberContext {
+    topic: String,
+    changes: tokio::sync::mpsc::UnboundedSender<Rebalance>,
+}
+
+impl ClientContext for MemberContext {}
+
+impl MemberContext {
+    fn partitions(&self, list: &TopicPartitionList) -> Vec<u32> {
+        list.elements_for_topic(&self.topic).iter().map(|e| e.partition().max(0) as u32).collect()
+    }
+}
+
+impl ConsumerContext for MemberContext {
+    fn pre_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &rdkafka::consumer::Rebalance<'_>) {
+        let rdkafka::consumer::Rebalance::Revoke(list) = rebalance else { return };
+        let partitions = self.partitions(list);
+        if partitions.is_empty() {
+            return;
+        }
+        // Hold the rebalance until the service handed the partitions back.
+        let (done, mut handed_back) = tokio::sync::oneshot::channel();
+        if self.changes.send(Rebalance::Revoked { partitions: partitions.clone(), done }).is_err() {
+            return;
+        }
+        let started = std::time::Instant::now();
+        while matches!(handed_back.try_recv(), Err(tokio::sync::oneshot::error::TryRecvError::Empty)) {
+            if started.elapsed() > REVOKE_WAIT_MAX {
+                tracing::warn!(?partitions, "revoked partitions not handed back in time; letting the group go on");
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &rdkafka::consumer::Rebalance<'_>) {
+        match rebalance {
+            rdkafka::consumer::Rebalance::Assign(list) => {
+                // The member only holds the assignment; the service reads through its own readers.
+                if let Err(error) = consumer.pause(list) {
+                    tracing::warn!(%error, "cannot pause the group member's partitions");
+                }
+                let partitions = self.partitions(list);
+                if !partitions.is_empty() {
+                    let _ = self.changes.send(Rebalance::Assigned(partitions));
+                }
+            }
+            rdkafka::consumer::Rebalance::Error(error) => tracing::warn!(%error, "group rebalance failed"),
+            rdkafka::consumer::Rebalance::Revoke(_) => {}
+        }
+    }
+}
+
+/// Keep a member in its group: poll (which runs the rebalance callbacks), and
+/// commit the group's noted positions of the partitions it owns, until told to leave.
+fn run_member(
+    consumer: BaseConsumer<MemberContext>,
+    key: (String, String),
+    consumed: Positions,
+    members: Members,
+    stop: Arc<AtomicBool>,
+) {
+    let (group, topic) = key.clone();
+    let mut committed: BTreeMap<u32, u64> = BTreeMap::new();
+    let mut last_commit = std::time::Instant::now();
+    while !stop.load(Ordering::Acquire) {
+        // Partitions are paused: a message here is not expected, and not used.
+        let _ = consumer.poll(Duration::from_millis(100));
+        if last_commit.elapsed() < COMMIT_INTERVAL {
+            continue;
+        }
+        last_commit = std::time::Instant::now();
+        let owned: BTreeSet<u32> = match consumer.assignment() {
+            Ok(list) => list.elements_for_topic(&topic).iter().map(|e| e.partition().max(0) as u32).collect(),
+            Err(_) => continue,
+        };
+        let noted = consumed.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let mut list = TopicPartitionList::new();
+        let mut batch = Vec::new();
+        for ((g, t, partition), next) in noted {
+            if g == group
+                && t == topic
+                && owned.contains(&partition)
+                && committed.get(&partition) != Some(&next)
+                && list.add_partition_offset(&topic, partition as i32, Offset::Offset(next as i64)).is_ok()
+            {
+                batch.push((partition, next));
+            }
+        }
+        if batch.is_empty() {
+            continue;
+        }
+        match consumer.commit(&list, CommitMode::Sync) {
+            Ok(()) => committed.extend(batch),
+            Err(error) => tracing::debug!(%error, %group, "cannot commit positions for lag monitoring; retrying"),
+        }
+    }
+    members.lock().unwrap_or_else(|e| e.into_inner()).remove(&key);
+    // Leave the group now (the partitions go to the other members), then close.
+    consumer.unsubscribe();
+    let _ = consumer.poll(Duration::from_millis(100));
+    drop(consumer);
 }

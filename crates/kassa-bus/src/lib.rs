@@ -11,11 +11,13 @@
 //! [`KafkaBus`] keeps them on a Kafka cluster, behind the same [`Bus`] trait.
 
 mod embedded;
+mod group;
 mod kafka;
 mod partitioner;
 mod subscription;
 
 pub use embedded::{BusConfig, EmbeddedBus};
+pub use group::{Coordinator, Membership, REVOKE_WAIT_MAX, Rebalance, range_assignment};
 pub use kafka::{KafkaBus, KafkaConfig, PartitionLag, TopicInit, consumer_lag, init_topics};
 pub use partitioner::{murmur2, partition_for};
 pub use subscription::{Subscription, SubscriptionConfig};
@@ -117,5 +119,13 @@ pub trait Bus: Send + Sync + std::fmt::Debug + 'static {
     /// any Kafka tool shows the lag; the embedded bus has nothing to show it to.
     fn note_consumed(&self, group: &str, topic: &str, partition: u32, next_offset: u64) {
         let _ = (group, topic, partition, next_offset);
+    }
+
+    /// Join consumer group `group` on `topic`: its partitions are shared
+    /// among the group's members, each owned by one member at a time (see
+    /// [`Rebalance`]). Dropping the membership leaves the group. By default
+    /// this member is the only one and owns every partition.
+    fn join_group(&self, group: &str, topic: &str) -> Result<Membership, BusError> {
+        Ok(Membership::sole(group, self.partitions(topic)?))
     }
 }

@@ -31,6 +31,10 @@ pub mod topics {
     pub const SETTLEMENT_EVENTS: &str = "settlement.events";
     /// Authorization → operators: providers' health changes (breakers, maintenance), keyed by provider.
     pub const PROVIDER_HEALTH: &str = "providers.health";
+    /// Authorization → authorization: each partition's commits, so another
+    /// instance can take the partition over (keyed to land on the commands
+    /// partition they belong to; kept as long as the commands are).
+    pub const AUTHORIZATION_CHANGELOG: &str = "authorization.changelog";
 
     /// The consumer groups the services report their positions under (for lag
     /// monitoring only: positions are read back from each service's own log),

@@ -57,7 +57,17 @@ impl KafkaArgs {
 /// Connect to the cluster the flags and config name (creating the topics
 /// first when the config says `create_topics = true`).
 pub fn open_bus(args: &KafkaArgs, config: &Config) -> anyhow::Result<std::sync::Arc<dyn kassa_bus::Bus>> {
-    let kafka = args.config(config, crate::up::topics())?;
+    open_bus_as(args, config, None)
+}
+
+/// [`open_bus`], naming this instance in its consumer groups (`group.instance.id`).
+pub fn open_bus_as(
+    args: &KafkaArgs,
+    config: &Config,
+    group_instance_id: Option<String>,
+) -> anyhow::Result<std::sync::Arc<dyn kassa_bus::Bus>> {
+    let mut kafka = args.config(config, crate::up::topics())?;
+    kafka.group_instance_id = group_instance_id;
     if config.kafka.as_ref().and_then(|k| k.create_topics).unwrap_or(false) {
         let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
         runtime.block_on(init_topics(&kafka))?;

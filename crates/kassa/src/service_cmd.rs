@@ -8,7 +8,7 @@ use crate::wiring;
 use anyhow::Context;
 use clap::Args;
 use kassa_bus::Bus;
-use kassa_services::authorization::AuthorizationService;
+use kassa_services::authorization::{AuthorizationConfig, AuthorizationService};
 use kassa_services::ingest::IngestService;
 use kassa_services::reconciliation::{ReconciliationConfig, ReconciliationService};
 use kassa_services::settlement::SettlementService;
@@ -76,6 +76,11 @@ pub struct ServiceArgs {
     /// (settle) Close open settlement batches this often, in seconds (0: only when asked). [default: 3600]
     #[arg(long, env = "KASSA_CUTOFF_INTERVAL_S")]
     pub cutoff_interval_s: Option<u64>,
+    /// (authorize) Rebuild this instance's state from the topics, for a lost or suspect disk: its event
+    /// log is moved aside (to DATA_DIR/authorization.before-rebuild-UNIXTIME, kept for inspection) and
+    /// each partition the group gives it is replayed from `authorization.changelog` from the start.
+    #[arg(long)]
+    pub rebuild: bool,
 }
 
 pub fn run(service: Service, args: ServiceArgs) -> anyhow::Result<()> {
@@ -88,8 +93,28 @@ pub fn run(service: Service, args: ServiceArgs) -> anyhow::Result<()> {
     let config = wiring::load_config(args.config.as_deref())?;
     let dir = args.data_dir.clone().or(config.data_dir.clone()).unwrap_or_else(|| PathBuf::from("./kassa-data"));
     std::fs::create_dir_all(&dir).with_context(|| format!("creating the data directory {}", dir.display()))?;
+    if args.rebuild {
+        anyhow::ensure!(
+            service == Service::Authorize,
+            "--rebuild is built for `kassa authorize` only so far (its state is replayed from \
+             authorization.changelog); `kassa {}` cannot rebuild yet",
+            service.command()
+        );
+        let current = dir.join(service.log_name());
+        if current.exists() {
+            let unix_s = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+            let aside = dir.join(format!("{}.before-rebuild-{unix_s}", service.log_name()));
+            std::fs::rename(&current, &aside)
+                .with_context(|| format!("moving {} aside to {}", current.display(), aside.display()))?;
+            println!("rebuild: the old log is kept at {}; replaying the changelog", aside.display());
+        }
+    }
     let log = wiring::open_log(&dir, service.log_name())?;
-    let bus: Arc<dyn Bus> = crate::kafka_cmd::open_bus(&args.kafka, &config)?;
+    // A stable name in the consumer group, kept in the data directory: restarted
+    // (also after a crash), this instance takes its partitions back at once.
+    let instance_id = wiring::secret_file(&dir.join("instance.id"), 8)?;
+    let instance_id = format!("{}-{}", service.command(), hex::encode(instance_id));
+    let bus: Arc<dyn Bus> = crate::kafka_cmd::open_bus_as(&args.kafka, &config, Some(instance_id))?;
     let admin_token =
         wiring::admin_token(&dir, &args.admin_token_file.clone().unwrap_or_else(|| dir.join("admin.token")))?;
     let card_key = args.card_key.clone().unwrap_or_else(|| dir.join("card.key"));
@@ -138,7 +163,8 @@ pub fn run(service: Service, args: ServiceArgs) -> anyhow::Result<()> {
                         providers,
                         Arc::new(CardVault::new(crate::up::CARDS_WAITING_MAX)),
                         Arc::clone(&clock),
-                        wiring::authorization_config(&config),
+                        // Separate processes: instances share the partitions, state moves through the changelog.
+                        AuthorizationConfig { changelog: true, ..wiring::authorization_config(&config) },
                     )
                     .with_routing(wiring::routing(&config)?)
                     .with_card_seal(seal),

@@ -13,7 +13,9 @@ use kassa_services::authorization::AuthorizationService;
 use kassa_services::ingest::IngestService;
 use kassa_services::reconciliation::{ReconciliationConfig, ReconciliationService};
 use kassa_services::settlement::SettlementService;
-use kassa_services::topics::{PAYMENT_COMMANDS, PAYMENT_EVENTS, PROVIDER_HEALTH, SETTLEMENT_EVENTS};
+use kassa_services::topics::{
+    AUTHORIZATION_CHANGELOG, PAYMENT_COMMANDS, PAYMENT_EVENTS, PROVIDER_HEALTH, SETTLEMENT_EVENTS,
+};
 use kassa_services::vault::CardVault;
 use kassa_services::{Clock, SystemClock};
 use std::net::SocketAddr;
@@ -60,6 +62,8 @@ pub fn topics() -> Vec<TopicSpec> {
         TopicSpec::new(PAYMENT_EVENTS, PARTITIONS),
         TopicSpec::new(SETTLEMENT_EVENTS, PARTITIONS),
         TopicSpec::new(PROVIDER_HEALTH, PARTITIONS),
+        // As many partitions as payments.commands: partition p's commits go to partition p.
+        TopicSpec::new(AUTHORIZATION_CHANGELOG, PARTITIONS),
     ]
 }
 

@@ -190,6 +190,17 @@ fn separate_processes_take_payments_and_survive_a_sigkilled_authorizer() {
         assert!(started.elapsed() < Duration::from_secs(60), "payments are not being accepted");
         std::thread::sleep(Duration::from_millis(10));
     }
+    // The authorizer has joined its group and is deciding payments: kill it while it works.
+    loop {
+        let (status, list) = call(&ingest.addr, &key, "GET", "/v1/payments?limit=100", None);
+        assert_eq!(status, 200, "{list}");
+        let decided = list["data"].as_array().unwrap().iter().filter(|p| p["status"] != "processing").count();
+        if decided >= 10 {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(60), "the authorizer decides nothing: {list}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
     authorizer.kill(); // SIGKILL, calls in flight
     std::thread::sleep(Duration::from_millis(300));
     let authorizer = cluster.authorizer();

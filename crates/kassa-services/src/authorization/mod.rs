@@ -17,6 +17,7 @@
 //! before any other provider is tried, so at most one authorization per
 //! payment ever stands.
 
+pub mod changelog;
 mod process;
 
 pub use process::{
@@ -30,15 +31,16 @@ use crate::relay::{RelayConfig, run_relay};
 use crate::routing::{RoutingEngine, RoutingSettings};
 use crate::runtime::{Clock, derived_id};
 use crate::seal::CardSeal;
-use crate::topics::{PAYMENT_COMMANDS, PAYMENT_EVENTS, PROVIDER_HEALTH};
+use crate::topics::{AUTHORIZATION_CHANGELOG, AUTHORIZATION_GROUP, PAYMENT_COMMANDS, PAYMENT_EVENTS, PROVIDER_HEALTH};
 use crate::vault::CardVault;
-use kassa_bus::{Bus, Message};
+use kassa_bus::{Bus, Membership, Message, Rebalance};
 use kassa_codec::{decode_frame, decode_value, encode_value};
 use kassa_domain::PaymentId;
 use kassa_eventlog::{AppendRequest, EventLog, NewEvent, StateWrite, Table};
 use kassa_providers::{AuthorizeRequest, Connector, ProviderError};
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
@@ -56,6 +58,14 @@ pub struct AuthorizationConfig {
     pub retry_backoff_ms: u64,
     /// Payment records kept in memory per partition (the rest are read from disk).
     pub cached_payments_max: usize,
+    /// Share `payments.commands` with other instances of the service: each
+    /// partition's commits go first to `authorization.changelog`, so the
+    /// instance the group gives a partition to next restores its state
+    /// from there. Off: this instance is the only one.
+    pub changelog: bool,
+    /// How long a revoked partition waits for its provider calls under way
+    /// before it is handed over (the rest are resolved by its next owner).
+    pub handoff_wait_ms: u64,
 }
 
 impl Default for AuthorizationConfig {
@@ -66,6 +76,8 @@ impl Default for AuthorizationConfig {
             inquiries_max: 5,
             retry_backoff_ms: 250,
             cached_payments_max: 100_000,
+            changelog: false,
+            handoff_wait_ms: 5_000,
         }
     }
 }
@@ -294,19 +306,31 @@ impl AuthorizationService {
         }
     }
 
-    /// Start one actor per partition of `payments.commands`, and the relay
-    /// that publishes the service's events to `payments.events`.
+    /// Join the service's consumer group on `payments.commands` and run one
+    /// actor per partition this instance is given; start the relay that
+    /// publishes the service's events to `payments.events`.
     pub fn spawn(self: &Arc<Self>, stop: watch::Receiver<bool>) -> Result<Vec<JoinHandle<()>>, kassa_bus::BusError> {
         if let Err(error) = self.restore_routing() {
             tracing::error!(%error, "cannot restore routing changes made through the API; using the configured ones");
         }
-        let partitions = self.bus.partitions(PAYMENT_COMMANDS)?;
-        let mut tasks = Vec::new();
-        for partition in 0..partitions {
-            let service = Arc::clone(self);
-            let stop = stop.clone();
-            tasks.push(tokio::spawn(async move { service.run_partition(partition, stop).await }));
+        if self.config.changelog {
+            let (commands, changelog) =
+                (self.bus.partitions(PAYMENT_COMMANDS)?, self.bus.partitions(AUTHORIZATION_CHANGELOG)?);
+            if commands != changelog {
+                return Err(kassa_bus::BusError::PartitionCountChanged {
+                    topic: AUTHORIZATION_CHANGELOG.to_owned(),
+                    existing: changelog,
+                    configured: commands,
+                });
+            }
         }
+        // Without the changelog, state cannot move: this instance owns every partition.
+        let membership = if self.config.changelog {
+            self.bus.join_group(AUTHORIZATION_GROUP, PAYMENT_COMMANDS)?
+        } else {
+            Membership::sole(AUTHORIZATION_GROUP, self.bus.partitions(PAYMENT_COMMANDS)?)
+        };
+        let mut tasks = vec![tokio::spawn(Arc::clone(self).run_membership(membership, stop.clone()))];
         tasks.push(tokio::spawn(Arc::clone(self).run_health(stop.clone())));
         tasks.push(tokio::spawn(run_relay(
             Arc::clone(&self.log),
@@ -325,8 +349,63 @@ impl AuthorizationService {
         Ok(tasks)
     }
 
+    /// Start and stop partition actors as the group assigns and revokes
+    /// partitions; on stop, stop them all and wait for them.
+    async fn run_membership(self: Arc<Self>, mut membership: Membership, mut stop: watch::Receiver<bool>) {
+        let mut running: HashMap<u32, (watch::Sender<bool>, JoinHandle<()>)> = HashMap::new();
+        loop {
+            let change = tokio::select! {
+                _ = stop.changed() => break,
+                change = membership.changes.recv() => change,
+            };
+            match change {
+                None => break,
+                Some(Rebalance::Assigned(partitions)) => {
+                    tracing::info!(member = %membership.member_id, ?partitions, "partitions assigned");
+                    for partition in partitions {
+                        if running.get(&partition).is_some_and(|(_, task)| !task.is_finished()) {
+                            continue;
+                        }
+                        let (partition_stop, partition_stop_rx) = watch::channel(false);
+                        let task = tokio::spawn(Arc::clone(&self).run_partition(partition, partition_stop_rx));
+                        running.insert(partition, (partition_stop, task));
+                    }
+                }
+                Some(Rebalance::Revoked { partitions, done }) => {
+                    tracing::info!(member = %membership.member_id, ?partitions, "partitions revoked; handing them over");
+                    let stopping: Vec<_> = partitions.iter().filter_map(|p| running.remove(p)).collect();
+                    for (partition_stop, _) in &stopping {
+                        let _ = partition_stop.send(true);
+                    }
+                    for (_, task) in stopping {
+                        let _ = task.await;
+                    }
+                    drop(done);
+                }
+            }
+        }
+        for (partition_stop, _) in running.values() {
+            let _ = partition_stop.send(true);
+        }
+        for (_, (_, task)) in running {
+            let _ = task.await;
+        }
+    }
+
     async fn run_partition(self: Arc<Self>, partition: u32, mut stop: watch::Receiver<bool>) {
+        if self.config.changelog {
+            // Whatever other instances (or this one, before a crash) committed for this partition.
+            match changelog::restore(&self.log, self.bus.as_ref(), partition).await {
+                Ok(0) => {}
+                Ok(replayed) => tracing::info!(partition, replayed, "partition restored from the changelog"),
+                Err(error) => {
+                    tracing::error!(partition, %error, "cannot restore the partition; not taking it");
+                    return;
+                }
+            }
+        }
         let (effects_tx, mut effects_rx) = mpsc::channel::<EffectResult>(4096);
+        let partitions = self.bus.partitions(PAYMENT_COMMANDS).unwrap_or(1);
         let mut actor = PartitionActor {
             service: Arc::clone(&self),
             partition,
@@ -334,6 +413,10 @@ impl AuthorizationService {
             effects_tx,
             dispatch: Dispatch::default(),
             sealed_cards: Vec::new(),
+            in_flight: Arc::new(AtomicUsize::new(0)),
+            draining: false,
+            changelog_key: changelog::partition_key(partition, partitions),
+            stop: stop.clone(),
         };
         // Resume every payment that had work left when the service stopped.
         let mut resume = Vec::new();
@@ -376,7 +459,10 @@ impl AuthorizationService {
             let mut messages = Vec::new();
             let mut results = Vec::new();
             tokio::select! {
-                _ = stop.changed() => return,
+                _ = stop.changed() => {
+                    actor.hand_over(&mut effects_rx).await;
+                    return;
+                }
                 message = subscription.recv() => match message {
                     Some(Ok(message)) => messages.push(message),
                     Some(Err(error)) => { tracing::warn!(partition, %error, "fetch failed"); continue; }
@@ -416,6 +502,13 @@ struct PartitionActor {
     dispatch: Dispatch,
     /// Sealed cards taken in this batch, written with it.
     sealed_cards: Vec<(PaymentId, Vec<u8>)>,
+    /// Provider calls and timers started and not answered yet.
+    in_flight: Arc<AtomicUsize>,
+    /// Handing the partition over: results are recorded, no new calls start.
+    draining: bool,
+    /// Key of this partition's changelog records.
+    changelog_key: Vec<u8>,
+    stop: watch::Receiver<bool>,
 }
 
 type ActorError = kassa_eventlog::LogError;
@@ -484,6 +577,43 @@ impl PartitionActor {
             card_held: &card_held,
         };
         f(&process)
+    }
+
+    /// The partition is taken away (or the service stops): record the
+    /// answers of the calls under way, for a bounded time, without starting
+    /// new ones. What is left is resumed by the partition's next owner, as
+    /// after a crash.
+    async fn hand_over(&mut self, effects_rx: &mut mpsc::Receiver<EffectResult>) {
+        self.draining = true;
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(self.service.config.handoff_wait_ms);
+        loop {
+            // Read before draining: at zero, every result has been sent, so the drain sees it.
+            let idle = self.in_flight.load(Ordering::Acquire) == 0;
+            let mut results = Vec::new();
+            while let Ok(result) = effects_rx.try_recv() {
+                results.push(result);
+            }
+            // A timer that fired is left to the next owner's resume.
+            results.retain(|r| !matches!(r, EffectResult::Woken { .. }));
+            if results.is_empty() {
+                if idle {
+                    break;
+                }
+                match tokio::time::timeout_at(deadline, effects_rx.recv()).await {
+                    Ok(Some(EffectResult::Woken { .. })) => continue,
+                    Ok(Some(result)) => results.push(result),
+                    _ => break,
+                }
+            }
+            if let Err(error) = self.process(Vec::new(), results).await {
+                tracing::error!(partition = self.partition, %error, "recording answers while handing over failed");
+                break;
+            }
+        }
+        let left = self.in_flight.load(Ordering::Acquire);
+        if left > 0 {
+            tracing::info!(partition = self.partition, left, "handed over with calls still under way");
+        }
     }
 
     async fn resume(&mut self, payments: Vec<PaymentId>) -> Result<(), ActorError> {
@@ -579,10 +709,26 @@ impl PartitionActor {
         if batch.events.is_empty() && writes.is_empty() {
             return Ok(());
         }
-        self.service
-            .log
-            .append(AppendRequest { events: std::mem::take(&mut batch.events), expected: Vec::new(), writes })
-            .await?;
+        let mut request = AppendRequest { events: std::mem::take(&mut batch.events), expected: Vec::new(), writes };
+        if self.service.config.changelog {
+            // On the changelog first: whoever owns the partition next has it.
+            let now = self.service.clock.now().unix_ms();
+            let published = changelog::publish(
+                self.service.bus.as_ref(),
+                self.partition,
+                &self.changelog_key,
+                &request,
+                now,
+                &self.stop,
+            )
+            .await;
+            let Some(offset) = published else {
+                // Stopping while the broker is away: nothing of the batch happened.
+                return Ok(());
+            };
+            request.writes.push(changelog::offset_write(self.partition, offset + 1));
+        }
+        self.service.log.append(request).await?;
         if let Some(offset) = last_offset {
             self.service.bus.note_consumed(
                 crate::topics::AUTHORIZATION_GROUP,
@@ -596,6 +742,11 @@ impl PartitionActor {
         }
         self.cache.extend(batch.records);
         for effect in batch.effects {
+            // Handing over: calls under way finish their chains, but no timer
+            // is set — the next owner's resume picks up what waits on one.
+            if self.draining && matches!(effect, Effect::Wake { .. }) {
+                continue;
+            }
             if self.dispatch.admit(&effect) {
                 self.start(effect);
             }
@@ -609,14 +760,16 @@ impl PartitionActor {
 
     /// Run one provider call in its own task; its result comes back as an input.
     fn start(&self, effect: Effect) {
-        let tx = self.effects_tx.clone();
         if let Effect::Wake { payment_id, delay_ms } = effect {
+            // A timer is not a call under way: a hand-over does not wait for it.
+            let tx = self.effects_tx.clone();
             tokio::spawn(async move {
                 tokio::time::sleep(Duration::from_millis(delay_ms)).await;
                 let _ = tx.send(EffectResult::Woken { payment_id }).await;
             });
             return;
         }
+        let tx = InFlight::new(self.effects_tx.clone(), &self.in_flight);
         let deadline = Duration::from_millis(self.service.config.provider_timeout_ms);
         let vault = Arc::clone(&self.service.vault);
         let provider_name = match &effect {
@@ -654,10 +807,9 @@ impl PartitionActor {
                     EffectResult::OpDone { payment_id, op, result: Err(unavailable()) }
                 }
             };
-            let tx = self.effects_tx.clone();
             tokio::spawn(async move {
                 tokio::time::sleep(Duration::from_millis(1000)).await;
-                let _ = tx.send(result).await;
+                tx.send(result).await;
             });
             return;
         };
@@ -709,7 +861,31 @@ impl PartitionActor {
                     EffectResult::OpDone { payment_id, op, result }
                 }
             };
-            let _ = tx.send(result).await;
+            tx.send(result).await;
         });
+    }
+}
+
+/// A started call's way back to its actor, counted as under way until its
+/// result is sent (or the task is dropped).
+struct InFlight {
+    tx: mpsc::Sender<EffectResult>,
+    count: Arc<AtomicUsize>,
+}
+
+impl InFlight {
+    fn new(tx: mpsc::Sender<EffectResult>, count: &Arc<AtomicUsize>) -> Self {
+        count.fetch_add(1, Ordering::AcqRel);
+        InFlight { tx, count: Arc::clone(count) }
+    }
+
+    async fn send(self, result: EffectResult) {
+        let _ = self.tx.send(result).await;
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.count.fetch_sub(1, Ordering::AcqRel);
     }
 }

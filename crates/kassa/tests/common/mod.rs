@@ -37,7 +37,7 @@ impl Kassa {
             .args(extra)
             .arg("--data-dir")
             .arg(dir)
-            .env("KASSA_LOG", "warn")
+            .env("KASSA_LOG", std::env::var("KASSA_TEST_LOG").unwrap_or_else(|_| "warn".into()))
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()

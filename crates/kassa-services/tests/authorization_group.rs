@@ -1,0 +1,252 @@
+//! Several authorization instances sharing `payments.commands` through a
+//! consumer group, over the real embedded bus (its in-process group
+//! coordinator) and RocksDB logs: a second instance joins mid-load, the
+//! partitions move with their state through `authorization.changelog`, and
+//! no payment is lost, decided twice or authorized twice. Then a log rebuilt
+//! from the changelog alone equals what the owners hold.
+
+mod common;
+
+use kassa_bus::{Bus, BusConfig, EmbeddedBus, TopicSpec, partition_for};
+use kassa_codec::{EventPayload, decode_frame};
+use kassa_domain::*;
+use kassa_eventlog::{EventLog, LogConfig, Table};
+use kassa_providers::{Connector, LedgerState, SimulatedAcquirer, SimulatorConfig};
+use kassa_services::authorization::{AuthorizationConfig, AuthorizationService, changelog};
+use kassa_services::messages::{COMMAND_REJECTED, PaymentCommandMessage};
+use kassa_services::payment_key;
+use kassa_services::seal::CardSeal;
+use kassa_services::topics::{AUTHORIZATION_CHANGELOG, PAYMENT_COMMANDS, PAYMENT_EVENTS, PROVIDER_HEALTH};
+use kassa_services::vault::CardVault;
+use kassa_services::{SystemClock, routing::RoutingEngine, routing::RoutingSettings};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+
+const PARTITIONS: u32 = 4;
+const CARD_KEY: [u8; 32] = [5; 32];
+
+fn topics() -> Vec<TopicSpec> {
+    [PAYMENT_COMMANDS, PAYMENT_EVENTS, PROVIDER_HEALTH, AUTHORIZATION_CHANGELOG]
+        .iter()
+        .map(|t| TopicSpec::new(*t, PARTITIONS))
+        .collect()
+}
+
+struct Instance {
+    log: Arc<EventLog>,
+    stop: watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+fn start(dir: &std::path::Path, name: &str, bus: &Arc<EmbeddedBus>, sims: &[Arc<SimulatedAcquirer>]) -> Instance {
+    let log = Arc::new(EventLog::open(dir.join(name), LogConfig::default()).unwrap());
+    let providers: Vec<Arc<dyn Connector>> = sims.iter().map(|s| Arc::clone(s) as Arc<dyn Connector>).collect();
+    let names: Vec<String> = sims.iter().map(|s| s.name().to_owned()).collect();
+    let config = AuthorizationConfig {
+        provider_timeout_ms: 500,
+        retry_backoff_ms: 20,
+        changelog: true,
+        handoff_wait_ms: 2_000,
+        ..Default::default()
+    };
+    let service = Arc::new(
+        AuthorizationService::new(
+            Arc::clone(&log),
+            bus.clone(),
+            providers,
+            // Each instance has its own memory: cards reach it sealed, through the bus or the changelog.
+            Arc::new(CardVault::new(10_000)),
+            Arc::new(SystemClock),
+            config,
+        )
+        .with_routing(Arc::new(RoutingEngine::new(RoutingSettings::default(), &names).unwrap()))
+        .with_card_seal(Arc::new(CardSeal::new(&CARD_KEY).unwrap())),
+    );
+    let (stop, stop_rx) = watch::channel(false);
+    let tasks = service.spawn(stop_rx).unwrap();
+    Instance { log, stop, tasks }
+}
+
+impl Instance {
+    async fn stop(self) -> Arc<EventLog> {
+        self.stop.send(true).unwrap();
+        for task in self.tasks {
+            let _ = task.await;
+        }
+        self.log
+    }
+
+    /// Payments with events in this instance's log.
+    fn payments_decided(&self) -> usize {
+        self.log.scan(Table::State, b"payment/").unwrap().len()
+    }
+}
+
+async fn pay(bus: &EmbeddedBus, n: u64, seal: &CardSeal) -> PaymentId {
+    let payment_id = PaymentId::from_parts(1_795_651_200_000 + n, u128::from(n) * 7919 + 13);
+    let card = CardDetails::parse("4242424242424242", 12, 2030, "123", Timestamp(1_795_651_200_000)).unwrap();
+    let base = u128::from(n) << 64;
+    let sealed = seal.seal(payment_id, &card);
+    common::send_command(bus, base | 1, PaymentCommandMessage::CardSealed { payment_id, sealed }).await;
+    let request = PaymentRequested {
+        payment_id,
+        merchant_id: MerchantId::from_u128(1),
+        amount: Money::new(1000 + n as i64, Currency::from_code("EUR").unwrap()),
+        card: card.summarize(b"k"),
+        capture: true,
+        reference: None,
+        metadata: BTreeMap::new(),
+        requested_at: Timestamp(1_795_651_200_000),
+    };
+    common::send_command(bus, base | 2, PaymentCommandMessage::Requested(request)).await;
+    payment_id
+}
+
+/// Every event published on payments.events, per payment, in order.
+async fn published(bus: &EmbeddedBus) -> HashMap<PaymentId, Vec<kassa_codec::Envelope>> {
+    let mut out: HashMap<PaymentId, Vec<kassa_codec::Envelope>> = HashMap::new();
+    for partition in 0..PARTITIONS {
+        let mut offset = 0;
+        loop {
+            let batch = bus.fetch(PAYMENT_EVENTS, partition, offset, 4096, Duration::ZERO).await.unwrap();
+            if batch.is_empty() {
+                break;
+            }
+            for message in batch {
+                offset = message.offset + 1;
+                let envelope = decode_frame(&message.payload).unwrap();
+                out.entry(PaymentId::from_u128(envelope.stream_id)).or_default().push(envelope);
+            }
+        }
+    }
+    out
+}
+
+/// A payment's state from its published events, each event once (by id, as consumers do).
+fn state_of(events: &[kassa_codec::Envelope]) -> PaymentState {
+    let mut state = PaymentState::default();
+    let mut seen = HashSet::new();
+    for envelope in events {
+        if envelope.event_type == COMMAND_REJECTED || !seen.insert(envelope.event_id) {
+            continue;
+        }
+        apply(&mut state, &PaymentEvent::decode_payload(&envelope.event_type, &envelope.payload).unwrap());
+    }
+    state
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_authorizer_joins_mid_load_and_nothing_is_lost_or_doubled() {
+    let dir = tempfile::tempdir().unwrap();
+    let bus = Arc::new(EmbeddedBus::open(dir.path().join("bus"), BusConfig::new(topics())).unwrap());
+    let sims: Vec<Arc<SimulatedAcquirer>> = ["acq-alpha", "acq-beta", "acq-gamma"]
+        .iter()
+        .map(|n| {
+            Arc::new(SimulatedAcquirer::new(*n, SimulatorConfig { latency_ms_min: 5, latency_ms_max: 30, seed: 3 }))
+        })
+        .collect();
+    let seal = CardSeal::new(&CARD_KEY).unwrap();
+
+    let first = start(dir.path(), "authorization-1", &bus, &sims);
+    let mut payments = Vec::new();
+    for n in 0..150 {
+        payments.push(pay(&bus, n, &seal).await);
+    }
+    // The second instance joins while the first is busy: half the partitions move to it.
+    let second = start(dir.path(), "authorization-2", &bus, &sims);
+    for n in 150..300 {
+        payments.push(pay(&bus, n, &seal).await);
+        if n % 10 == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    // Every payment gets its outcome: authorized and captured (the test card approves).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let events = loop {
+        let events = published(&bus).await;
+        let done =
+            payments.iter().filter(|p| events.get(p).is_some_and(|e| state_of(e).stage == Stage::Captured)).count();
+        if done == payments.len() {
+            break events;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "only {done} of {} payments captured", payments.len());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+
+    for payment_id in &payments {
+        let published = &events[payment_id];
+        // One history: a sequence number never names two different events.
+        let mut by_seq: HashMap<u64, u128> = HashMap::new();
+        for envelope in published {
+            let id = *by_seq.entry(envelope.stream_seq).or_insert(envelope.event_id);
+            assert_eq!(id, envelope.event_id, "{payment_id}: seq {} names two events", envelope.stream_seq);
+        }
+        let state = state_of(published);
+        assert_eq!(state.stage, Stage::Captured, "{payment_id}");
+        // Authorized once, at one provider, across every acquirer's ledger.
+        let held: Vec<_> = sims
+            .iter()
+            .flat_map(|s| s.ledger())
+            .filter(|e| e.payment_id == *payment_id && e.state != LedgerState::Reversed)
+            .collect();
+        assert_eq!(held.len(), 1, "{payment_id} stands at {} providers", held.len());
+        assert_eq!(held[0].captured_minor, state.captured_minor, "{payment_id}");
+    }
+    // The work split: each instance decided payments.
+    let (decided_first, decided_second) = (first.payments_decided(), second.payments_decided());
+    assert!(decided_second > 0, "the second instance took no partition");
+    assert!(decided_first > 0);
+
+    // Partitions moved with their state: payments the first instance started, the second holds too.
+    let moved = payments
+        .iter()
+        .filter(|p| {
+            let key = kassa_services::consume::id_key("payment/", p.as_u128());
+            first.log.get(Table::State, &key).unwrap().is_some()
+                && second.log.get(Table::State, &key).unwrap().is_some()
+        })
+        .count();
+    assert!(moved > 0, "no payment moved between the instances");
+
+    let first_log = first.stop().await;
+    let second_log = second.stop().await;
+
+    // Rebuild from the changelog alone: the same payment records as the partitions' last owners hold.
+    let rebuilt = EventLog::open(dir.path().join("rebuilt"), LogConfig::default()).unwrap();
+    for partition in 0..PARTITIONS {
+        changelog::restore(&rebuilt, bus.as_ref(), partition).await.unwrap();
+        // Restoring again finds nothing new.
+        assert_eq!(changelog::restore(&rebuilt, bus.as_ref(), partition).await.unwrap(), 0);
+    }
+    // The range assignor: the first member (lower id) keeps the lower half.
+    let owner = |payment_id: &PaymentId| {
+        let partition = partition_for(&payment_key(payment_id.as_u128()), PARTITIONS);
+        if partition < PARTITIONS / 2 { &first_log } else { &second_log }
+    };
+    let mut compared = 0;
+    for payment_id in &payments {
+        let key = kassa_services::consume::id_key("payment/", payment_id.as_u128());
+        let expected = owner(payment_id).get(Table::State, &key).unwrap();
+        assert!(expected.is_some(), "{payment_id}: its owner has no record");
+        assert_eq!(rebuilt.get(Table::State, &key).unwrap(), expected, "{payment_id}: rebuilt record differs");
+        let routing = kassa_services::authorization::routing_stream(*payment_id);
+        let from_owner: Vec<_> = owner(payment_id)
+            .read_stream(payment_id.as_u128(), 1, 100)
+            .unwrap()
+            .into_iter()
+            .map(|e| e.event_id)
+            .collect();
+        let from_rebuilt: Vec<_> =
+            rebuilt.read_stream(payment_id.as_u128(), 1, 100).unwrap().into_iter().map(|e| e.event_id).collect();
+        assert_eq!(from_rebuilt, from_owner, "{payment_id}: rebuilt stream differs");
+        assert_eq!(
+            rebuilt.read_stream(routing, 1, 100).unwrap().len(),
+            owner(payment_id).read_stream(routing, 1, 100).unwrap().len()
+        );
+        compared += 1;
+    }
+    assert_eq!(compared, 300);
+}
