@@ -418,6 +418,7 @@ pub fn routing_router(
     let state = RoutingApp { authorization, clock, admin_token_hash: Sha256::digest(admin_token.as_bytes()).into() };
     Router::new()
         .route("/admin/providers", get(providers_status))
+        .route("/admin/partitions", get(partitions_owned))
         .route("/admin/providers/{name}/maintenance", post(add_maintenance))
         .route("/admin/routing/rules", get(get_rules).put(put_rules))
         .route("/admin/payments/{id}/routing", get(payment_routing))
@@ -455,6 +456,14 @@ async fn providers_status(State(app): State<RoutingApp>, headers: HeaderMap) -> 
             "rule_set_version": routing.rules().version,
             "data": routing.status(app.clock.now()),
         }))
+    })())
+}
+
+/// The partitions of `payments.commands` this instance owns now (its share of the group).
+async fn partitions_owned(State(app): State<RoutingApp>, headers: HeaderMap) -> Response {
+    json((|| {
+        app.operator(&headers)?;
+        Ok(serde_json::json!({"object": "partitions", "data": app.authorization.partitions_owned()}))
     })())
 }
 

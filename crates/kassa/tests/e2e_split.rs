@@ -340,3 +340,153 @@ fn single_service_commands_say_what_is_missing() {
     let stderr = run(&["reconcile", "--brokers", &tansu.brokers()]);
     assert!(stderr.contains("has no url"), "{stderr}");
 }
+
+/// Every event of a stopped service's log: (stream id, stream sequence, event id, type).
+fn log_events(path: &Path) -> Vec<(String, u64, String, String)> {
+    let output = Command::new(env!("CARGO_BIN_EXE_kassa"))
+        .args(["log", "dump", "--limit", "100000000", "--path"])
+        .arg(path)
+        .env("KASSA_LOG", "warn")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "log dump: {}", String::from_utf8_lossy(&output.stderr));
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(|line| {
+            let event: serde_json::Value = serde_json::from_str(line).unwrap();
+            (
+                event["stream_id"].as_str().unwrap().to_owned(),
+                event["stream_seq"].as_u64().unwrap(),
+                event["event_id"].as_str().unwrap().to_owned(),
+                event["type"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect()
+}
+
+/// Pay from `clients` threads, `each` payments per thread; returns (id, expected status).
+fn load(addr: &str, key: &str, clients: usize, each: usize, offset: usize) -> Vec<(String, &'static str)> {
+    let cards = [("4242424242424242", "captured"), ("4000000000000002", "declined")];
+    let threads: Vec<_> = (0..clients)
+        .map(|client| {
+            let (addr, key) = (addr.to_owned(), key.to_owned());
+            std::thread::spawn(move || {
+                (0..each)
+                    .map(|i| {
+                        let (number, expected) = cards[(client + i) % cards.len()];
+                        let amount = 1000 + (offset + client * 1000 + i) as i64;
+                        let (status, payment) =
+                            call(&addr, &key, "POST", "/v1/payments", Some(&pay(number, amount, true)));
+                        assert!(matches!(status, 200 | 202 | 402), "{status}: {payment}");
+                        (payment["id"].as_str().unwrap().to_owned(), expected)
+                    })
+                    .collect::<Vec<_>>()
+            })
+        })
+        .collect();
+    threads.into_iter().flat_map(|t| t.join().unwrap()).collect()
+}
+
+/// Wait until every payment has its outcome, and check each outcome happened once.
+fn each_once(addr: &str, key: &str, payments: &[(String, &str)]) {
+    let started = Instant::now();
+    for (id, expected) in payments {
+        let payment = loop {
+            let (status, payment) = call(addr, key, "GET", &format!("/v1/payments/{id}"), None);
+            assert_eq!(status, 200, "{payment}");
+            if payment["status"] != "processing" && payment["status"] != "authorized" {
+                break payment;
+            }
+            assert!(started.elapsed() < Duration::from_secs(120), "{id} did not reach an outcome: {payment}");
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        assert_eq!(payment["status"], *expected, "{id}: {payment}");
+        let (_, events) = call(addr, key, "GET", &format!("/v1/payments/{id}/events"), None);
+        let types: Vec<&str> = events["data"].as_array().unwrap().iter().map(|e| e["type"].as_str().unwrap()).collect();
+        let outcome = if *expected == "captured" { "payment.captured" } else { "payment.declined" };
+        for event in ["payment.requested", outcome] {
+            assert_eq!(types.iter().filter(|t| **t == event).count(), 1, "{id}: {event} once: {types:?}");
+        }
+    }
+}
+
+#[test]
+fn a_second_authorizer_joins_mid_load_and_one_rebuilds_from_the_changelog() {
+    let cluster = Cluster::start();
+    let ingest = cluster.spawn("ingest", "ingest", &[]);
+    let (status, merchant) = call(&ingest.addr, ADMIN_TOKEN, "POST", "/admin/merchants", Some(r#"{"name": "group"}"#));
+    assert_eq!(status, 201, "{merchant}");
+    let key = merchant["api_key"].as_str().unwrap().to_owned();
+    let first = cluster.spawn("authorize", "authorize-1", &["--card-key", &cluster.card_key()]);
+
+    // Load; the second authorizer joins the group half-way.
+    let (addr, load_key) = (ingest.addr.clone(), key.clone());
+    let before = std::thread::spawn(move || load(&addr, &load_key, 2, 150, 0));
+    let started = Instant::now();
+    loop {
+        let (status, list) = call(&ingest.addr, &key, "GET", "/v1/payments?limit=100", None);
+        assert_eq!(status, 200, "{list}");
+        if list["data"].as_array().unwrap().iter().filter(|p| p["status"] != "processing").count() >= 10 {
+            break; // the first instance owns the partitions and works
+        }
+        assert!(started.elapsed() < Duration::from_secs(60), "the first authorizer decides nothing: {list}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let second = cluster.spawn("authorize", "authorize-2", &["--card-key", &cluster.card_key()]);
+    // The group rebalances while the load goes on: the first hands half the partitions over.
+    let started = Instant::now();
+    loop {
+        let (status, second_owns) = second.operator("GET", "/admin/partitions", None);
+        assert_eq!(status, 200, "{second_owns}");
+        let (_, first_owns) = first.operator("GET", "/admin/partitions", None);
+        let count = |owned: &serde_json::Value| owned["data"].as_array().map_or(0, Vec::len);
+        if count(&first_owns) == 4 && count(&second_owns) == 4 {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(60), "no split: {first_owns} / {second_owns}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut payments = before.join().unwrap();
+    payments.extend(load(&ingest.addr, &key, 2, 30, 100));
+    each_once(&ingest.addr, &key, &payments);
+
+    // Nothing authorized twice at the providers.
+    let mut held: HashMap<String, usize> = HashMap::new();
+    for row in cluster.ledgers() {
+        if row["state"] != "reversed" {
+            *held.entry(row["payment_id"].as_str().unwrap().to_owned()).or_default() += 1;
+        }
+    }
+    for (id, expected) in &payments {
+        assert_eq!(held.get(id).copied().unwrap_or(0), usize::from(*expected == "captured"), "{id} ({expected})");
+    }
+
+    // The work split: the first instance did not decide every payment.
+    assert_eq!(first.terminate().code(), Some(0));
+    let first_log = log_events(&cluster.data("authorize-1").join("authorization"));
+    let requested_first = first_log.iter().filter(|e| e.3 == "payment.requested").count();
+    assert!(requested_first < payments.len(), "the first authorizer decided all {requested_first} payments alone");
+
+    // The second rebuilds from the changelog (its log moved aside) and goes on taking payments.
+    assert_eq!(second.terminate().code(), Some(0));
+    let second_dir = cluster.data("authorize-2");
+    let before_rebuild = log_events(&second_dir.join("authorization"));
+    assert!(before_rebuild.iter().any(|e| e.3 == "payment.requested"), "the second authorizer took no partition");
+    let second = cluster.spawn("authorize", "authorize-2", &["--card-key", &cluster.card_key(), "--rebuild"]);
+    let more = load(&ingest.addr, &key, 2, 10, 200);
+    each_once(&ingest.addr, &key, &more);
+    assert_eq!(second.terminate().code(), Some(0));
+    let aside = std::fs::read_dir(&second_dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.file_name().unwrap().to_string_lossy().starts_with("authorization.before-rebuild-"))
+        .expect("the old log is kept aside");
+    assert_eq!(log_events(&aside), before_rebuild);
+    // Every payment event the old log held, the rebuilt one holds: same stream, sequence and id.
+    let rebuilt: std::collections::HashSet<_> = log_events(&second_dir.join("authorization")).into_iter().collect();
+    for event in before_rebuild.iter().filter(|e| e.3.starts_with("payment.")) {
+        assert!(rebuilt.contains(event), "lost in the rebuild: {event:?}");
+    }
+    drop(ingest);
+}

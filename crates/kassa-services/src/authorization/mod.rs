@@ -107,6 +107,8 @@ pub struct AuthorizationService {
     rules_lock: tokio::sync::Mutex<()>,
     /// Opens the cards ingest sealed (`command.card_sealed`) into the vault.
     seal: Option<Arc<CardSeal>>,
+    /// Partitions of `payments.commands` with an actor running here.
+    owned: std::sync::Mutex<std::collections::BTreeSet<u32>>,
 }
 
 pub const ROUTING_RULES_CHANGED: &str = "routing.rules_changed";
@@ -165,6 +167,7 @@ impl AuthorizationService {
             routing,
             rules_lock: tokio::sync::Mutex::new(()),
             seal: None,
+            owned: std::sync::Mutex::default(),
         }
     }
 
@@ -178,6 +181,15 @@ impl AuthorizationService {
     pub fn with_routing(mut self, routing: Arc<RoutingEngine>) -> Self {
         self.routing = routing;
         self
+    }
+
+    /// The partitions of `payments.commands` this instance owns now.
+    pub fn partitions_owned(&self) -> Vec<u32> {
+        self.owned.lock().unwrap_or_else(|e| e.into_inner()).iter().copied().collect()
+    }
+
+    fn set_owned(&self, running: &HashMap<u32, (watch::Sender<bool>, JoinHandle<()>)>) {
+        *self.owned.lock().unwrap_or_else(|e| e.into_inner()) = running.keys().copied().collect();
     }
 
     pub fn routing(&self) -> &Arc<RoutingEngine> {
@@ -370,10 +382,12 @@ impl AuthorizationService {
                         let task = tokio::spawn(Arc::clone(&self).run_partition(partition, partition_stop_rx));
                         running.insert(partition, (partition_stop, task));
                     }
+                    self.set_owned(&running);
                 }
                 Some(Rebalance::Revoked { partitions, done }) => {
                     tracing::info!(member = %membership.member_id, ?partitions, "partitions revoked; handing them over");
                     let stopping: Vec<_> = partitions.iter().filter_map(|p| running.remove(p)).collect();
+                    self.set_owned(&running);
                     for (partition_stop, _) in &stopping {
                         let _ = partition_stop.send(true);
                     }
@@ -384,9 +398,8 @@ impl AuthorizationService {
                 }
             }
         }
-        for (partition_stop, _) in running.values() {
-            let _ = partition_stop.send(true);
-        }
+        running.iter().for_each(|(_, (partition_stop, _))| drop(partition_stop.send(true)));
+        *self.owned.lock().unwrap_or_else(|e| e.into_inner()) = Default::default();
         for (_, (_, task)) in running {
             let _ = task.await;
         }
