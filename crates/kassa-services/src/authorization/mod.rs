@@ -398,7 +398,9 @@ impl AuthorizationService {
                 }
             }
         }
-        running.iter().for_each(|(_, (partition_stop, _))| drop(partition_stop.send(true)));
+        for (partition_stop, _) in running.values() {
+            let _ = partition_stop.send(true);
+        }
         *self.owned.lock().unwrap_or_else(|e| e.into_inner()) = Default::default();
         for (_, (_, task)) in running {
             let _ = task.await;
