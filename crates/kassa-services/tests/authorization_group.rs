@@ -10,7 +10,7 @@ mod common;
 use kassa_bus::{Bus, BusConfig, EmbeddedBus, TopicSpec, partition_for};
 use kassa_codec::{EventPayload, decode_frame};
 use kassa_domain::*;
-use kassa_eventlog::{EventLog, LogConfig, Table};
+use kassa_eventlog::{AppendRequest, EventLog, LogConfig, NewEvent, StateWrite, Table};
 use kassa_providers::{Connector, LedgerState, SimulatedAcquirer, SimulatorConfig};
 use kassa_services::authorization::{AuthorizationConfig, AuthorizationService, changelog};
 use kassa_services::messages::{COMMAND_REJECTED, PaymentCommandMessage};
@@ -219,7 +219,7 @@ async fn a_second_authorizer_joins_mid_load_and_nothing_is_lost_or_doubled() {
     for partition in 0..PARTITIONS {
         changelog::restore(&rebuilt, bus.as_ref(), partition).await.unwrap();
         // Restoring again finds nothing new.
-        assert_eq!(changelog::restore(&rebuilt, bus.as_ref(), partition).await.unwrap(), 0);
+        assert_eq!(changelog::restore(&rebuilt, bus.as_ref(), partition).await.unwrap().replayed, 0);
     }
     // The range assignor: the first member (lower id) keeps the lower half.
     let owner = |payment_id: &PaymentId| {
@@ -249,4 +249,55 @@ async fn a_second_authorizer_joins_mid_load_and_nothing_is_lost_or_doubled() {
         compared += 1;
     }
     assert_eq!(compared, 300);
+}
+
+/// A commit that writes event `n` on stream 42 and sets key `k` to `n`.
+fn commit(n: u8) -> AppendRequest {
+    AppendRequest {
+        events: vec![NewEvent {
+            event_id: u128::from(n),
+            event_type: "payment.test".into(),
+            stream_id: 42,
+            timestamp_ms: 0,
+            causation_id: None,
+            correlation_id: None,
+            payload: vec![n],
+        }],
+        expected: Vec::new(),
+        writes: vec![StateWrite { table: Table::State, key: b"k".to_vec(), value: Some(vec![n]) }],
+    }
+}
+
+#[tokio::test]
+async fn an_owner_taken_over_is_fenced_and_its_late_commit_is_skipped() {
+    let dir = tempfile::tempdir().unwrap();
+    let bus = EmbeddedBus::open(dir.path().join("bus"), BusConfig::new(topics())).unwrap();
+    let (_stop_tx, stop) = watch::channel(false);
+    let open = |name: &str| EventLog::open(dir.path().join(name), LogConfig::default()).unwrap();
+    let (first_log, second_log) = (open("first"), open("second"));
+
+    let (mut first, _) = changelog::take(&first_log, &bus, 0, "first", &stop).await.unwrap().unwrap();
+    assert_eq!(first.epoch, 1);
+    assert!(first.publish(&bus, &commit(1), 0, &stop).await.unwrap().is_some());
+
+    // The group gives the partition to another instance while the first still runs.
+    let (mut second, restored) = changelog::take(&second_log, &bus, 0, "second", &stop).await.unwrap().unwrap();
+    assert_eq!((second.epoch, restored.replayed), (2, 1));
+    assert_eq!(second_log.get(Table::State, b"k").unwrap(), Some(vec![1]));
+
+    // The first's next commit lands after the claim: it learns it was taken over, and must not act on it.
+    match first.publish(&bus, &commit(2), 0, &stop).await {
+        Err(changelog::Fenced::TakenOver { ours: 1, newer: 2, .. }) => {}
+        other => panic!("expected the first owner fenced, got {other:?}"),
+    }
+    // The new owner goes on past the stale record.
+    assert!(second.publish(&bus, &commit(3), 0, &stop).await.unwrap().is_some());
+
+    // A replay keeps the owners' commits and skips the stale one.
+    let rebuilt = open("rebuilt");
+    let restored = changelog::restore(&rebuilt, &bus, 0).await.unwrap();
+    assert_eq!((restored.replayed, restored.epoch), (2, 2));
+    let ids: Vec<u128> = rebuilt.read_stream(42, 1, 10).unwrap().iter().map(|e| e.event_id).collect();
+    assert_eq!(ids, vec![1, 3]);
+    assert_eq!(rebuilt.get(Table::State, b"k").unwrap(), Some(vec![3]));
 }

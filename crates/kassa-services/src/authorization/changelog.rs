@@ -16,6 +16,15 @@
 //! second time. The local log is a materialization of the changelog, which
 //! is also how `--rebuild` works: an empty log replays every partition from
 //! the start.
+//!
+//! Fencing. Taking a partition ends with a *claim* record carrying the next
+//! owner epoch, and every commit carries its owner's epoch. Only the owner
+//! writes to a partition's changelog, so when a commit does not land right
+//! after the owner's previous record, someone else wrote in between: if that
+//! is a newer epoch, this instance was expelled from the group while it still
+//! ran (a zombie) and stops the partition before the commit has any effect;
+//! if it is an older one, it was a zombie's late record. Replays skip records
+//! of an epoch older than the latest claim.
 
 use crate::consume::stored_offset;
 use crate::topics::AUTHORIZATION_CHANGELOG;
@@ -27,6 +36,9 @@ use std::time::Duration;
 
 /// Format version of a changelog record (the first byte).
 const VERSION: u8 = 1;
+
+/// Fetches in a row that find nothing (each waits up to 1 s) before a restore gives up.
+const RESTORE_EMPTY_FETCHES_MAX: u32 = 30;
 
 /// Events replayed into one append, at most.
 const RESTORE_EVENTS_PER_APPEND_MAX: usize = 2048;
@@ -52,13 +64,34 @@ struct ChangelogWrite {
 
 #[derive(Debug, Serialize, Deserialize)]
 struct ChangelogRecord {
+    /// The epoch of the owner that wrote it.
+    epoch: u64,
+    /// A claim (the owner's name) starts `epoch`; it carries no change.
+    claim: Option<String>,
     events: Vec<ChangelogEvent>,
     writes: Vec<ChangelogWrite>,
+}
+
+/// A record read back from the changelog.
+#[derive(Debug)]
+pub struct Decoded {
+    pub epoch: u64,
+    pub claim: Option<String>,
+    pub request: AppendRequest,
 }
 
 /// Where an instance stored how far it replayed a partition's changelog.
 pub fn offset_key(partition: u32) -> Vec<u8> {
     format!("{AUTHORIZATION_CHANGELOG}/{partition}").into_bytes()
+}
+
+/// Where an instance stored the latest owner epoch it replayed.
+fn epoch_key(partition: u32) -> Vec<u8> {
+    format!("{AUTHORIZATION_CHANGELOG}/{partition}/epoch").into_bytes()
+}
+
+fn epoch_write(partition: u32, epoch: u64) -> StateWrite {
+    StateWrite { table: Table::Positions, key: epoch_key(partition), value: Some(epoch.to_be_bytes().to_vec()) }
 }
 
 /// The write that records a replayed (or produced) changelog offset.
@@ -74,9 +107,12 @@ pub fn partition_key(partition: u32, partitions: u32) -> Vec<u8> {
         .expect("murmur2 reaches every partition")
 }
 
-/// Encode an append as a changelog record.
-pub fn encode(request: &AppendRequest) -> Vec<u8> {
+/// Encode an append as a changelog record of owner epoch `epoch` (with
+/// `claim`, a claim of that epoch by the named owner).
+pub fn encode(epoch: u64, claim: Option<&str>, request: &AppendRequest) -> Vec<u8> {
     let record = ChangelogRecord {
+        epoch,
+        claim: claim.map(str::to_owned),
         events: request
             .events
             .iter()
@@ -109,8 +145,8 @@ pub fn encode(request: &AppendRequest) -> Vec<u8> {
     bytes
 }
 
-/// Decode a changelog record back into the append it was made from.
-pub fn decode(bytes: &[u8]) -> Result<AppendRequest, String> {
+/// Decode a changelog record back into its epoch and the append it was made from.
+pub fn decode(bytes: &[u8]) -> Result<Decoded, String> {
     match bytes.split_first() {
         Some((&VERSION, body)) => {
             let record: ChangelogRecord = decode_value(body, "changelog record").map_err(|e| e.to_string())?;
@@ -137,7 +173,8 @@ pub fn decode(bytes: &[u8]) -> Result<AppendRequest, String> {
                     payload: e.payload,
                 })
                 .collect();
-            Ok(AppendRequest { events, expected: Vec::new(), writes })
+            let request = AppendRequest { events, expected: Vec::new(), writes };
+            Ok(Decoded { epoch: record.epoch, claim: record.claim, request })
         }
         Some((version, _)) => Err(format!("unknown changelog record version {version}")),
         None => Err("empty changelog record".into()),
@@ -153,53 +190,106 @@ pub enum RestoreError {
     Log(#[from] LogError),
     #[error("changelog record {partition}@{offset} is unreadable ({reason}); the partition cannot be restored")]
     Corrupt { partition: u32, offset: u64, reason: String },
+    #[error("the changelog of partition {partition} ends at {end} but nothing can be read from {next} on")]
+    Stuck { partition: u32, next: u64, end: u64 },
+}
+
+/// How far a replay got.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Restored {
+    /// Records replayed (stale ones skipped are not counted).
+    pub replayed: u64,
+    /// The changelog offset after the last record read.
+    pub next: u64,
+    /// The latest owner epoch seen.
+    pub epoch: u64,
 }
 
 /// Replay `partition`'s changelog into `log`, from the offset stored there to
-/// the changelog's end as it is now. Returns how many records were replayed.
-pub async fn restore(log: &EventLog, bus: &dyn Bus, partition: u32) -> Result<u64, RestoreError> {
+/// the changelog's end as it is now, skipping records of stale owners.
+pub async fn restore(log: &EventLog, bus: &dyn Bus, partition: u32) -> Result<Restored, RestoreError> {
     let mut next = stored_offset(log, &offset_key(partition))?;
+    let mut epoch = stored_offset(log, &epoch_key(partition))?;
     let end = bus.end_offset(AUTHORIZATION_CHANGELOG, partition)?;
     let mut replayed = 0;
+    let mut empty_fetches = 0;
     while next < end {
         let messages = bus.fetch(AUTHORIZATION_CHANGELOG, partition, next, 1024, Duration::from_secs(1)).await?;
+        if messages.is_empty() {
+            empty_fetches += 1;
+            if empty_fetches >= RESTORE_EMPTY_FETCHES_MAX {
+                return Err(RestoreError::Stuck { partition, next, end });
+            }
+            continue;
+        }
+        empty_fetches = 0;
         let mut combined = AppendRequest::default();
         for message in messages {
             if message.offset < next {
                 continue;
             }
-            let request = decode(&message.payload).map_err(|reason| RestoreError::Corrupt {
+            let record = decode(&message.payload).map_err(|reason| RestoreError::Corrupt {
                 partition,
                 offset: message.offset,
                 reason,
             })?;
-            if combined.events.len() + request.events.len() > RESTORE_EVENTS_PER_APPEND_MAX {
-                log.append(std::mem::take(&mut combined)).await?;
-            }
-            combined.events.extend(request.events);
-            combined.writes.extend(request.writes);
-            combined.writes.push(offset_write(partition, message.offset + 1));
             next = message.offset + 1;
-            replayed += 1;
+            if record.epoch > epoch {
+                epoch = record.epoch;
+                combined.writes.push(epoch_write(partition, epoch));
+            }
+            if record.claim.is_none() {
+                if record.epoch == epoch {
+                    if combined.events.len() + record.request.events.len() > RESTORE_EVENTS_PER_APPEND_MAX {
+                        log.append(std::mem::take(&mut combined)).await?;
+                    }
+                    combined.events.extend(record.request.events);
+                    combined.writes.extend(record.request.writes);
+                    replayed += 1;
+                } else {
+                    let (offset, stale) = (message.offset, record.epoch);
+                    tracing::warn!(partition, offset, stale, epoch, "skipping a record of a stale owner");
+                }
+            }
+            combined.writes.push(offset_write(partition, next));
         }
         if !combined.events.is_empty() || !combined.writes.is_empty() {
             log.append(combined).await?;
         }
     }
-    Ok(replayed)
+    Ok(Restored { replayed, next, epoch })
 }
 
-/// Put an append on the partition's changelog; returns its offset. Retries
-/// until the broker takes it or `stop` turns true (then `None`).
-pub async fn publish(
+/// Why an owner may not commit.
+#[derive(Debug, thiserror::Error)]
+pub enum Fenced {
+    #[error("partition {partition} was taken over (owner epoch {newer} after this instance's {ours})")]
+    TakenOver { partition: u32, ours: u64, newer: u64 },
+    #[error("cannot check the changelog of partition {partition}: {reason}")]
+    Unchecked { partition: u32, reason: String },
+}
+
+/// This instance's hold on one partition's changelog.
+#[derive(Debug)]
+pub struct Ownership {
+    partition: u32,
+    key: Vec<u8>,
+    /// This owner's epoch.
+    pub epoch: u64,
+    /// Offset of this owner's last record (its claim, then its commits).
+    last_offset: u64,
+}
+
+/// Produce one record to the partition's changelog; its offset. Retries until
+/// the broker takes it, or `stop` turns true (then `None`).
+async fn produce(
     bus: &dyn Bus,
     partition: u32,
     key: &[u8],
-    request: &AppendRequest,
+    payload: Vec<u8>,
     timestamp_ms: i64,
     stop: &tokio::sync::watch::Receiver<bool>,
 ) -> Option<u64> {
-    let payload = encode(request);
     let mut backoff_ms = 50;
     loop {
         let record = Record {
@@ -228,6 +318,87 @@ pub async fn publish(
     }
 }
 
+/// Take `partition` over: replay its changelog, then claim the next owner
+/// epoch. The claim must land right after what was replayed; if another
+/// writer got in between, replay and claim again. `None`: stopped first.
+pub async fn take(
+    log: &EventLog,
+    bus: &dyn Bus,
+    partition: u32,
+    owner: &str,
+    stop: &tokio::sync::watch::Receiver<bool>,
+) -> Result<Option<(Ownership, Restored)>, RestoreError> {
+    let partitions = bus.partitions(AUTHORIZATION_CHANGELOG)?;
+    let key = partition_key(partition, partitions);
+    let mut replayed = 0;
+    loop {
+        let restored = restore(log, bus, partition).await?;
+        replayed += restored.replayed;
+        let epoch = restored.epoch + 1;
+        let claim = encode(epoch, Some(owner), &AppendRequest::default());
+        let Some(offset) = produce(bus, partition, &key, claim, 0, stop).await else { return Ok(None) };
+        if offset == restored.next {
+            let writes = vec![offset_write(partition, offset + 1), epoch_write(partition, epoch)];
+            log.append(AppendRequest { writes, ..Default::default() }).await?;
+            let ownership = Ownership { partition, key, epoch, last_offset: offset };
+            return Ok(Some((ownership, Restored { replayed, next: offset + 1, epoch })));
+        }
+        tracing::warn!(partition, offset, expected = restored.next, "another writer on the changelog; claiming again");
+        if *stop.borrow() {
+            return Ok(None);
+        }
+    }
+}
+
+impl Ownership {
+    /// Put a commit on the changelog; its offset. `Ok(None)`: stopped while
+    /// the broker was away (nothing of the commit happened). An error: this
+    /// instance no longer owns the partition — the commit must have no effect.
+    pub async fn publish(
+        &mut self,
+        bus: &dyn Bus,
+        request: &AppendRequest,
+        timestamp_ms: i64,
+        stop: &tokio::sync::watch::Receiver<bool>,
+    ) -> Result<Option<u64>, Fenced> {
+        let payload = encode(self.epoch, None, request);
+        let Some(offset) = produce(bus, self.partition, &self.key, payload, timestamp_ms, stop).await else {
+            return Ok(None);
+        };
+        if offset != self.last_offset + 1 {
+            self.check_between(bus, offset).await?;
+        }
+        self.last_offset = offset;
+        Ok(Some(offset))
+    }
+
+    /// Someone wrote between this owner's last record and `offset`: a newer
+    /// owner (fenced), or a stale one (its records are skipped by replays).
+    async fn check_between(&self, bus: &dyn Bus, offset: u64) -> Result<(), Fenced> {
+        let partition = self.partition;
+        let unchecked = |reason: String| Fenced::Unchecked { partition, reason };
+        let mut next = self.last_offset + 1;
+        while next < offset {
+            let messages = bus
+                .fetch(AUTHORIZATION_CHANGELOG, partition, next, 1024, Duration::from_secs(1))
+                .await
+                .map_err(|e| unchecked(e.to_string()))?;
+            if messages.is_empty() {
+                return Err(unchecked(format!("nothing readable at offset {next}")));
+            }
+            let from = next;
+            for message in messages.into_iter().filter(|m| m.offset >= from && m.offset < offset) {
+                let record = decode(&message.payload).map_err(unchecked)?;
+                if record.epoch > self.epoch {
+                    return Err(Fenced::TakenOver { partition, ours: self.epoch, newer: record.epoch });
+                }
+                next = message.offset + 1;
+            }
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -251,16 +422,19 @@ mod tests {
                 StateWrite { table: Table::Idempotency, key: b"c".to_vec(), value: Some(Vec::new()) },
             ],
         };
-        let decoded = decode(&encode(&request)).unwrap();
-        assert_eq!(decoded.events, request.events);
-        assert_eq!(decoded.writes, request.writes);
+        let decoded = decode(&encode(3, None, &request)).unwrap();
+        assert_eq!((decoded.epoch, decoded.claim), (3, None));
+        assert_eq!(decoded.request.events, request.events);
+        assert_eq!(decoded.request.writes, request.writes);
+        let claim = decode(&encode(4, Some("me"), &AppendRequest::default())).unwrap();
+        assert_eq!((claim.epoch, claim.claim.as_deref()), (4, Some("me")));
     }
 
     #[test]
     fn bad_records_are_errors_that_say_why() {
         assert!(decode(&[]).unwrap_err().contains("empty"));
         assert!(decode(&[9, 1, 2]).unwrap_err().contains("version 9"));
-        let mut bytes = encode(&AppendRequest::default());
+        let mut bytes = encode(1, None, &AppendRequest::default());
         bytes.push(0);
         assert!(decode(&bytes).unwrap_err().contains("trailing"));
         assert!(decode(&[VERSION, 0xff, 0xff]).is_err());

@@ -379,7 +379,8 @@ impl AuthorizationService {
                             continue;
                         }
                         let (partition_stop, partition_stop_rx) = watch::channel(false);
-                        let task = tokio::spawn(Arc::clone(&self).run_partition(partition, partition_stop_rx));
+                        let owner = membership.member_id.clone();
+                        let task = tokio::spawn(Arc::clone(&self).run_partition(partition, owner, partition_stop_rx));
                         running.insert(partition, (partition_stop, task));
                     }
                     self.set_owned(&running);
@@ -407,12 +408,17 @@ impl AuthorizationService {
         }
     }
 
-    async fn run_partition(self: Arc<Self>, partition: u32, mut stop: watch::Receiver<bool>) {
+    async fn run_partition(self: Arc<Self>, partition: u32, owner: String, mut stop: watch::Receiver<bool>) {
+        let mut ownership = None;
         if self.config.changelog {
-            // Whatever other instances (or this one, before a crash) committed for this partition.
-            match changelog::restore(&self.log, self.bus.as_ref(), partition).await {
-                Ok(0) => {}
-                Ok(replayed) => tracing::info!(partition, replayed, "partition restored from the changelog"),
+            // Whatever other instances (or this one, before a crash) committed for this partition, then a claim.
+            match changelog::take(&self.log, self.bus.as_ref(), partition, &owner, &stop).await {
+                Ok(Some((taken, restored))) => {
+                    let (replayed, epoch) = (restored.replayed, taken.epoch);
+                    tracing::info!(partition, replayed, epoch, "partition taken over from the changelog");
+                    ownership = Some(taken);
+                }
+                Ok(None) => return, // stopped first
                 Err(error) => {
                     tracing::error!(partition, %error, "cannot restore the partition; not taking it");
                     return;
@@ -420,7 +426,6 @@ impl AuthorizationService {
             }
         }
         let (effects_tx, mut effects_rx) = mpsc::channel::<EffectResult>(4096);
-        let partitions = self.bus.partitions(PAYMENT_COMMANDS).unwrap_or(1);
         let mut actor = PartitionActor {
             service: Arc::clone(&self),
             partition,
@@ -430,7 +435,7 @@ impl AuthorizationService {
             sealed_cards: Vec::new(),
             in_flight: Arc::new(AtomicUsize::new(0)),
             draining: false,
-            changelog_key: changelog::partition_key(partition, partitions),
+            ownership,
             stop: stop.clone(),
         };
         // Resume every payment that had work left when the service stopped.
@@ -501,9 +506,16 @@ impl AuthorizationService {
                     break;
                 }
             }
-            if let Err(error) = actor.process(messages, results).await {
-                tracing::error!(partition, %error, "authorization partition failed; stopping it (restart to recover)");
-                return;
+            match actor.process(messages, results).await {
+                Ok(()) => {}
+                Err(ActorError::Fenced(fenced)) => {
+                    tracing::error!(partition, %fenced, "another instance owns this partition now; stopped it here");
+                    return;
+                }
+                Err(error) => {
+                    tracing::error!(partition, %error, "authorization partition failed; stopping it (restart to recover)");
+                    return;
+                }
             }
         }
     }
@@ -521,12 +533,19 @@ struct PartitionActor {
     in_flight: Arc<AtomicUsize>,
     /// Handing the partition over: results are recorded, no new calls start.
     draining: bool,
-    /// Key of this partition's changelog records.
-    changelog_key: Vec<u8>,
+    /// This instance's claim on the partition's changelog (with `changelog` on).
+    ownership: Option<changelog::Ownership>,
     stop: watch::Receiver<bool>,
 }
 
-type ActorError = kassa_eventlog::LogError;
+#[derive(Debug, thiserror::Error)]
+enum ActorError {
+    #[error(transparent)]
+    Log(#[from] kassa_eventlog::LogError),
+    /// Another instance owns the partition now: stop it, with no effect.
+    #[error(transparent)]
+    Fenced(#[from] changelog::Fenced),
+}
 
 impl PartitionActor {
     fn load(&mut self, batch: &mut Batch, payment_id: PaymentId) -> Result<PaymentRecord, ActorError> {
@@ -534,7 +553,7 @@ impl PartitionActor {
             return Ok(record.clone());
         }
         Ok(match self.service.log.get(Table::State, &record_key(payment_id))? {
-            Some(bytes) => decode_value(&bytes, "payment record").map_err(|e| ActorError::BadChunk {
+            Some(bytes) => decode_value(&bytes, "payment record").map_err(|e| kassa_eventlog::LogError::BadChunk {
                 position: 0,
                 reason: format!("payment record {payment_id}: {e}"),
             })?,
@@ -725,19 +744,10 @@ impl PartitionActor {
             return Ok(());
         }
         let mut request = AppendRequest { events: std::mem::take(&mut batch.events), expected: Vec::new(), writes };
-        if self.service.config.changelog {
+        if let Some(ownership) = &mut self.ownership {
             // On the changelog first: whoever owns the partition next has it.
             let now = self.service.clock.now().unix_ms();
-            let published = changelog::publish(
-                self.service.bus.as_ref(),
-                self.partition,
-                &self.changelog_key,
-                &request,
-                now,
-                &self.stop,
-            )
-            .await;
-            let Some(offset) = published else {
+            let Some(offset) = ownership.publish(self.service.bus.as_ref(), &request, now, &self.stop).await? else {
                 // Stopping while the broker is away: nothing of the batch happened.
                 return Ok(());
             };
