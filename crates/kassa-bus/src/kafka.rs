@@ -546,9 +546,13 @@ impl Bus for KafkaBus {
         let slot = self.reader(topic, partition);
         let mut reader = slot.lock().await;
         if reader.consumer.is_none() || reader.next != from_offset {
-            if reader.consumer.is_none() {
-                reader.consumer = Some(self.new_consumer()?);
+            // A consumer is assigned once, never re-assigned: librdkafka 2.12 can abort on an
+            // assignment change while the previous one is still stopping (confluentinc/librdkafka#5573,
+            // seen here while the broker was down). Another offset gets a new consumer.
+            if let Some(old) = reader.consumer.take() {
+                std::thread::spawn(move || drop(old));
             }
+            reader.consumer = Some(self.new_consumer()?);
             let mut assignment = TopicPartitionList::new();
             assignment
                 .add_partition_offset(topic, partition as i32, Offset::Offset(from_offset as i64))
