@@ -162,7 +162,9 @@ pub async fn init_topics(config: &KafkaConfig) -> Result<Vec<(String, TopicInit)
         .topics
         .iter()
         .map(|spec| {
-            NewTopic::new(&spec.name, spec.partitions as i32, TopicReplication::Fixed(config.replication_factor))
+            let topic =
+                NewTopic::new(&spec.name, spec.partitions as i32, TopicReplication::Fixed(config.replication_factor));
+            if spec.kept_forever { topic.set("retention.ms", "-1").set("retention.bytes", "-1") } else { topic }
         })
         .collect();
     let options = AdminOptions::new().request_timeout(Some(config.request_timeout()));
@@ -626,7 +628,10 @@ impl Bus for KafkaBus {
             .create_with_context(context)
             .map_err(|e| broker_error(format!("joining group {group:?}"), e))?;
         consumer.subscribe(&[topic]).map_err(|e| broker_error(format!("joining group {group:?} on {topic:?}"), e))?;
-        let member_id = format!("{group}@{}", self.config.client_id);
+        let member_id = match &self.config.group_instance_id {
+            Some(id) => format!("{group}@{id}"),
+            None => format!("{group}@{}", self.config.client_id),
+        };
         let stop = Arc::new(AtomicBool::new(false));
         let key = (group.to_owned(), topic.to_owned());
         self.members.lock().unwrap_or_else(|e| e.into_inner()).insert(key.clone());

@@ -30,11 +30,18 @@ use std::time::Duration;
 pub struct TopicSpec {
     pub name: String,
     pub partitions: u32,
+    /// Never delete old messages (retention off): a topic that is replayed from its start.
+    pub kept_forever: bool,
 }
 
 impl TopicSpec {
     pub fn new(name: impl Into<String>, partitions: u32) -> Self {
-        TopicSpec { name: name.into(), partitions }
+        TopicSpec { name: name.into(), partitions, kept_forever: false }
+    }
+
+    /// A topic replayed from its start, so the cluster must never delete from it.
+    pub fn kept_forever(name: impl Into<String>, partitions: u32) -> Self {
+        TopicSpec { kept_forever: true, ..TopicSpec::new(name, partitions) }
     }
 }
 

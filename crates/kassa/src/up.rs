@@ -63,7 +63,8 @@ pub fn topics() -> Vec<TopicSpec> {
         TopicSpec::new(SETTLEMENT_EVENTS, PARTITIONS),
         TopicSpec::new(PROVIDER_HEALTH, PARTITIONS),
         // As many partitions as payments.commands: partition p's commits go to partition p.
-        TopicSpec::new(AUTHORIZATION_CHANGELOG, PARTITIONS),
+        // Replayed from the start by a new owner or --rebuild: created with retention off.
+        TopicSpec::kept_forever(AUTHORIZATION_CHANGELOG, PARTITIONS),
     ]
 }
 

@@ -66,6 +66,9 @@ struct ChangelogWrite {
 struct ChangelogRecord {
     /// The epoch of the owner that wrote it.
     epoch: u64,
+    /// The owner's commit number within its epoch (its claim is 0). A commit
+    /// sent again after an unclear failure has the same number: replays apply it once.
+    seq: u64,
     /// A claim (the owner's name) starts `epoch`; it carries no change.
     claim: Option<String>,
     events: Vec<ChangelogEvent>,
@@ -76,6 +79,7 @@ struct ChangelogRecord {
 #[derive(Debug)]
 pub struct Decoded {
     pub epoch: u64,
+    pub seq: u64,
     pub claim: Option<String>,
     pub request: AppendRequest,
 }
@@ -94,6 +98,15 @@ fn epoch_write(partition: u32, epoch: u64) -> StateWrite {
     StateWrite { table: Table::Positions, key: epoch_key(partition), value: Some(epoch.to_be_bytes().to_vec()) }
 }
 
+/// Where an instance stored the number of the last commit of that epoch it applied.
+fn seq_key(partition: u32) -> Vec<u8> {
+    format!("{AUTHORIZATION_CHANGELOG}/{partition}/seq").into_bytes()
+}
+
+fn seq_write(partition: u32, seq: u64) -> StateWrite {
+    StateWrite { table: Table::Positions, key: seq_key(partition), value: Some(seq.to_be_bytes().to_vec()) }
+}
+
 /// The write that records a replayed (or produced) changelog offset.
 pub fn offset_write(partition: u32, next_offset: u64) -> StateWrite {
     StateWrite { table: Table::Positions, key: offset_key(partition), value: Some(next_offset.to_be_bytes().to_vec()) }
@@ -109,9 +122,10 @@ pub fn partition_key(partition: u32, partitions: u32) -> Vec<u8> {
 
 /// Encode an append as a changelog record of owner epoch `epoch` (with
 /// `claim`, a claim of that epoch by the named owner).
-pub fn encode(epoch: u64, claim: Option<&str>, request: &AppendRequest) -> Vec<u8> {
+pub fn encode(epoch: u64, seq: u64, claim: Option<&str>, request: &AppendRequest) -> Vec<u8> {
     let record = ChangelogRecord {
         epoch,
+        seq,
         claim: claim.map(str::to_owned),
         events: request
             .events
@@ -174,7 +188,7 @@ pub fn decode(bytes: &[u8]) -> Result<Decoded, String> {
                 })
                 .collect();
             let request = AppendRequest { events, expected: Vec::new(), writes };
-            Ok(Decoded { epoch: record.epoch, claim: record.claim, request })
+            Ok(Decoded { epoch: record.epoch, seq: record.seq, claim: record.claim, request })
         }
         Some((version, _)) => Err(format!("unknown changelog record version {version}")),
         None => Err("empty changelog record".into()),
@@ -210,6 +224,7 @@ pub struct Restored {
 pub async fn restore(log: &EventLog, bus: &dyn Bus, partition: u32) -> Result<Restored, RestoreError> {
     let mut next = stored_offset(log, &offset_key(partition))?;
     let mut epoch = stored_offset(log, &epoch_key(partition))?;
+    let mut seq = stored_offset(log, &seq_key(partition))?;
     let end = bus.end_offset(AUTHORIZATION_CHANGELOG, partition)?;
     let mut replayed = 0;
     let mut empty_fetches = 0;
@@ -236,16 +251,23 @@ pub async fn restore(log: &EventLog, bus: &dyn Bus, partition: u32) -> Result<Re
             next = message.offset + 1;
             if record.epoch > epoch {
                 epoch = record.epoch;
+                seq = 0;
                 combined.writes.push(epoch_write(partition, epoch));
+                combined.writes.push(seq_write(partition, seq));
             }
             if record.claim.is_none() {
-                if record.epoch == epoch {
+                if record.epoch == epoch && record.seq > seq {
                     if combined.events.len() + record.request.events.len() > RESTORE_EVENTS_PER_APPEND_MAX {
                         log.append(std::mem::take(&mut combined)).await?;
                     }
+                    seq = record.seq;
                     combined.events.extend(record.request.events);
                     combined.writes.extend(record.request.writes);
+                    combined.writes.push(seq_write(partition, seq));
                     replayed += 1;
+                } else if record.epoch == epoch {
+                    let (offset, again) = (message.offset, record.seq);
+                    tracing::debug!(partition, offset, again, "skipping a commit sent twice");
                 } else {
                     let (offset, stale) = (message.offset, record.epoch);
                     tracing::warn!(partition, offset, stale, epoch, "skipping a record of a stale owner");
@@ -278,6 +300,8 @@ pub struct Ownership {
     pub epoch: u64,
     /// Offset of this owner's last record (its claim, then its commits).
     last_offset: u64,
+    /// Number of this owner's last commit.
+    seq: u64,
 }
 
 /// Produce one record to the partition's changelog; its offset. Retries until
@@ -335,12 +359,16 @@ pub async fn take(
         let restored = restore(log, bus, partition).await?;
         replayed += restored.replayed;
         let epoch = restored.epoch + 1;
-        let claim = encode(epoch, Some(owner), &AppendRequest::default());
+        if *stop.borrow() {
+            return Ok(None);
+        }
+        let claim = encode(epoch, 0, Some(owner), &AppendRequest::default());
         let Some(offset) = produce(bus, partition, &key, claim, 0, stop).await else { return Ok(None) };
         if offset == restored.next {
-            let writes = vec![offset_write(partition, offset + 1), epoch_write(partition, epoch)];
+            let writes =
+                vec![offset_write(partition, offset + 1), epoch_write(partition, epoch), seq_write(partition, 0)];
             log.append(AppendRequest { writes, ..Default::default() }).await?;
-            let ownership = Ownership { partition, key, epoch, last_offset: offset };
+            let ownership = Ownership { partition, key, epoch, last_offset: offset, seq: 0 };
             return Ok(Some((ownership, Restored { replayed, next: offset + 1, epoch })));
         }
         tracing::warn!(partition, offset, expected = restored.next, "another writer on the changelog; claiming again");
@@ -351,46 +379,60 @@ pub async fn take(
 }
 
 impl Ownership {
-    /// Put a commit on the changelog; its offset. `Ok(None)`: stopped while
-    /// the broker was away (nothing of the commit happened). An error: this
-    /// instance no longer owns the partition — the commit must have no effect.
+    /// Put a commit on the changelog. Returns the writes that record it in the
+    /// local append (the changelog offset and commit number). `Ok(None)`:
+    /// stopped while the broker was away — the commit may or may not be on the
+    /// changelog, so the caller must stop too (its next owner, or this
+    /// instance's next take, replays it if it is). An error: this instance no
+    /// longer owns the partition — the commit must have no effect.
     pub async fn publish(
         &mut self,
         bus: &dyn Bus,
         request: &AppendRequest,
         timestamp_ms: i64,
         stop: &tokio::sync::watch::Receiver<bool>,
-    ) -> Result<Option<u64>, Fenced> {
-        let payload = encode(self.epoch, None, request);
+    ) -> Result<Option<Vec<StateWrite>>, Fenced> {
+        let seq = self.seq + 1;
+        let payload = encode(self.epoch, seq, None, request);
         let Some(offset) = produce(bus, self.partition, &self.key, payload, timestamp_ms, stop).await else {
             return Ok(None);
         };
         if offset != self.last_offset + 1 {
-            self.check_between(bus, offset).await?;
+            self.check_between(bus, offset, seq).await?;
         }
         self.last_offset = offset;
-        Ok(Some(offset))
+        self.seq = seq;
+        Ok(Some(vec![offset_write(self.partition, offset + 1), seq_write(self.partition, seq)]))
     }
 
     /// Someone wrote between this owner's last record and `offset`: a newer
     /// owner (fenced), or a stale one (its records are skipped by replays).
-    async fn check_between(&self, bus: &dyn Bus, offset: u64) -> Result<(), Fenced> {
+    async fn check_between(&self, bus: &dyn Bus, offset: u64, seq: u64) -> Result<(), Fenced> {
         let partition = self.partition;
         let unchecked = |reason: String| Fenced::Unchecked { partition, reason };
         let mut next = self.last_offset + 1;
+        let mut empty_fetches = 0;
         while next < offset {
             let messages = bus
                 .fetch(AUTHORIZATION_CHANGELOG, partition, next, 1024, Duration::from_secs(1))
                 .await
                 .map_err(|e| unchecked(e.to_string()))?;
             if messages.is_empty() {
-                return Err(unchecked(format!("nothing readable at offset {next}")));
+                empty_fetches += 1;
+                if empty_fetches >= RESTORE_EMPTY_FETCHES_MAX {
+                    return Err(unchecked(format!("nothing readable at offset {next}")));
+                }
+                continue;
             }
             let from = next;
             for message in messages.into_iter().filter(|m| m.offset >= from && m.offset < offset) {
                 let record = decode(&message.payload).map_err(unchecked)?;
                 if record.epoch > self.epoch {
                     return Err(Fenced::TakenOver { partition, ours: self.epoch, newer: record.epoch });
+                }
+                // Of this epoch, only this very commit, sent before an unclear failure, may be here.
+                if record.epoch == self.epoch && (record.claim.is_some() || record.seq != seq) {
+                    return Err(unchecked(format!("an unexpected record of this owner's epoch at {}", message.offset)));
                 }
                 next = message.offset + 1;
             }
@@ -422,11 +464,11 @@ mod tests {
                 StateWrite { table: Table::Idempotency, key: b"c".to_vec(), value: Some(Vec::new()) },
             ],
         };
-        let decoded = decode(&encode(3, None, &request)).unwrap();
-        assert_eq!((decoded.epoch, decoded.claim), (3, None));
+        let decoded = decode(&encode(3, 5, None, &request)).unwrap();
+        assert_eq!((decoded.epoch, decoded.seq, decoded.claim), (3, 5, None));
         assert_eq!(decoded.request.events, request.events);
         assert_eq!(decoded.request.writes, request.writes);
-        let claim = decode(&encode(4, Some("me"), &AppendRequest::default())).unwrap();
+        let claim = decode(&encode(4, 0, Some("me"), &AppendRequest::default())).unwrap();
         assert_eq!((claim.epoch, claim.claim.as_deref()), (4, Some("me")));
     }
 
@@ -434,7 +476,7 @@ mod tests {
     fn bad_records_are_errors_that_say_why() {
         assert!(decode(&[]).unwrap_err().contains("empty"));
         assert!(decode(&[9, 1, 2]).unwrap_err().contains("version 9"));
-        let mut bytes = encode(1, None, &AppendRequest::default());
+        let mut bytes = encode(1, 1, None, &AppendRequest::default());
         bytes.push(0);
         assert!(decode(&bytes).unwrap_err().contains("trailing"));
         assert!(decode(&[VERSION, 0xff, 0xff]).is_err());

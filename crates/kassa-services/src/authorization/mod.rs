@@ -112,6 +112,8 @@ pub struct AuthorizationService {
 }
 
 pub const ROUTING_RULES_CHANGED: &str = "routing.rules_changed";
+/// Inputs per commit with the changelog (a commit with its routing decisions is a few KB per payment).
+const CHANGELOG_BATCH_INPUTS_MAX: usize = 128;
 const RULES_KEY: &[u8] = b"routing/rules";
 /// Event type of a provider health change (JSON payload: [`crate::routing::HealthChange`]).
 pub const PROVIDER_HEALTH_CHANGED: &str = "provider.health_changed";
@@ -181,6 +183,13 @@ impl AuthorizationService {
     pub fn with_routing(mut self, routing: Arc<RoutingEngine>) -> Self {
         self.routing = routing;
         self
+    }
+
+    /// Inputs decided in one commit. With the changelog, a commit is one
+    /// Kafka record: kept well under the usual 1 MB message limit.
+    fn batch_inputs_max(&self) -> usize {
+        let max = self.config.batch_inputs_max.max(1);
+        if self.config.changelog { max.min(CHANGELOG_BATCH_INPUTS_MAX) } else { max }
     }
 
     /// The partitions of `payments.commands` this instance owns now.
@@ -365,10 +374,25 @@ impl AuthorizationService {
     /// partitions; on stop, stop them all and wait for them.
     async fn run_membership(self: Arc<Self>, mut membership: Membership, mut stop: watch::Receiver<bool>) {
         let mut running: HashMap<u32, (watch::Sender<bool>, JoinHandle<()>)> = HashMap::new();
+        let mut check = tokio::time::interval(Duration::from_secs(2));
         loop {
             let change = tokio::select! {
                 _ = stop.changed() => break,
                 change = membership.changes.recv() => change,
+                _ = check.tick() => {
+                    // A partition whose actor stopped on an error (broker away, fenced, storage)
+                    // is still this instance's: take it again, so it never stays unowned.
+                    let ended: Vec<u32> =
+                        running.iter().filter(|(_, (_, task))| task.is_finished()).map(|(p, _)| *p).collect();
+                    for partition in ended {
+                        tracing::warn!(partition, "the partition's actor stopped; taking the partition again");
+                        let (partition_stop, partition_stop_rx) = watch::channel(false);
+                        let owner = membership.member_id.clone();
+                        let task = tokio::spawn(Arc::clone(&self).run_partition(partition, owner, partition_stop_rx));
+                        running.insert(partition, (partition_stop, task));
+                    }
+                    continue;
+                }
             };
             match change {
                 None => break,
@@ -413,6 +437,7 @@ impl AuthorizationService {
         if self.config.changelog {
             // Whatever other instances (or this one, before a crash) committed for this partition, then a claim.
             match changelog::take(&self.log, self.bus.as_ref(), partition, &owner, &stop).await {
+                Ok(Some(_)) if *stop.borrow() => return, // revoked meanwhile: the next owner claims anew
                 Ok(Some((taken, restored))) => {
                     let (replayed, epoch) = (restored.replayed, taken.epoch);
                     tracing::info!(partition, replayed, epoch, "partition taken over from the changelog");
@@ -494,7 +519,7 @@ impl AuthorizationService {
                 },
             }
             // Take whatever else is ready, up to the batch bound.
-            while messages.len() + results.len() < self.config.batch_inputs_max {
+            while messages.len() + results.len() < self.batch_inputs_max() {
                 if subscription.buffered() > 0 {
                     match subscription.recv().await {
                         Some(Ok(message)) => messages.push(message),
@@ -508,6 +533,7 @@ impl AuthorizationService {
             }
             match actor.process(messages, results).await {
                 Ok(()) => {}
+                Err(ActorError::Stopped) => return,
                 Err(ActorError::Fenced(fenced)) => {
                     tracing::error!(partition, %fenced, "another instance owns this partition now; stopped it here");
                     return;
@@ -545,6 +571,9 @@ enum ActorError {
     /// Another instance owns the partition now: stop it, with no effect.
     #[error(transparent)]
     Fenced(#[from] changelog::Fenced),
+    /// Stopped while a commit's fate on the changelog is unknown: stop here too.
+    #[error("stopped while the changelog was unreachable")]
+    Stopped,
 }
 
 impl PartitionActor {
@@ -614,9 +643,10 @@ impl PartitionActor {
     }
 
     /// The partition is taken away (or the service stops): record the
-    /// answers of the calls under way, for a bounded time, without starting
-    /// new ones. What is left is resumed by the partition's next owner, as
-    /// after a crash.
+    /// answers of the calls under way, for a bounded time. Calls that follow
+    /// from them (a capture after an approval, a failover) still start, but no
+    /// timer does, and nothing waits for them past the bound. What is left is
+    /// resumed by the partition's next owner, as after a crash.
     async fn hand_over(&mut self, effects_rx: &mut mpsc::Receiver<EffectResult>) {
         self.draining = true;
         let deadline = tokio::time::Instant::now() + Duration::from_millis(self.service.config.handoff_wait_ms);
@@ -652,7 +682,7 @@ impl PartitionActor {
 
     async fn resume(&mut self, payments: Vec<PaymentId>) -> Result<(), ActorError> {
         // In chunks, so no single append exceeds the log's per-request bound.
-        let chunk = self.service.config.batch_inputs_max.max(1);
+        let chunk = self.service.batch_inputs_max();
         for payments in payments.chunks(chunk) {
             let mut batch = Batch::default();
             for &payment_id in payments {
@@ -747,11 +777,12 @@ impl PartitionActor {
         if let Some(ownership) = &mut self.ownership {
             // On the changelog first: whoever owns the partition next has it.
             let now = self.service.clock.now().unix_ms();
-            let Some(offset) = ownership.publish(self.service.bus.as_ref(), &request, now, &self.stop).await? else {
-                // Stopping while the broker is away: nothing of the batch happened.
-                return Ok(());
+            let Some(writes) = ownership.publish(self.service.bus.as_ref(), &request, now, &self.stop).await? else {
+                // Stopping while the broker is away; the commit may be on the changelog, so
+                // nothing more happens here: whoever takes the partition next replays it.
+                return Err(ActorError::Stopped);
             };
-            request.writes.push(changelog::offset_write(self.partition, offset + 1));
+            request.writes.extend(writes);
         }
         self.service.log.append(request).await?;
         if let Some(offset) = last_offset {
