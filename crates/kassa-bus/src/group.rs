@@ -33,7 +33,7 @@ pub struct Membership {
     pub changes: mpsc::UnboundedReceiver<Rebalance>,
     /// Held for its `Drop`: leaves the group (the in-process coordinator) or
     /// closes the member's consumer (Kafka).
-    pub(crate) _leave: Option<Box<dyn std::any::Any + Send>>,
+    pub(crate) _leave: Box<dyn std::any::Any + Send>,
 }
 
 impl Membership {
@@ -41,7 +41,7 @@ impl Membership {
     pub fn sole(group: &str, partitions: u32) -> Membership {
         let (tx, changes) = mpsc::unbounded_channel();
         let _ = tx.send(Rebalance::Assigned((0..partitions).collect()));
-        Membership { member_id: format!("{group}-sole"), changes, _leave: Some(Box::new(tx)) }
+        Membership { member_id: format!("{group}-sole"), changes, _leave: Box::new(tx) }
     }
 }
 
@@ -126,7 +126,7 @@ impl Coordinator {
         let rebalance_key = key.clone();
         tokio::spawn(async move { coordinator.rebalance(rebalance_key, partitions).await });
         let leave = Leave { coordinator: self.clone(), key, member_id: member_id.clone(), partitions };
-        Membership { member_id, changes: rx, _leave: Some(Box::new(leave)) }
+        Membership { member_id, changes: rx, _leave: Box::new(leave) }
     }
 
     /// Bring the group to the range assignment over its current members:

@@ -641,7 +641,7 @@ impl Bus for KafkaBus {
             .name("kassa-kafka-group".into())
             .spawn(move || run_member(consumer, key, consumed, members, thread_stop))
             .map_err(|e| BusError::Broker { context: "starting a group member".into(), reason: e.to_string() })?;
-        Ok(Membership { member_id, changes, _leave: Some(Box::new(LeaveOnDrop(stop))) })
+        Ok(Membership { member_id, changes, _leave: Box::new(LeaveOnDrop(stop)) })
     }
 }
 
@@ -662,16 +662,15 @@ struct MemberContext {
 
 impl ClientContext for MemberContext {}
 
-impl MemberContext {
-    fn partitions(&self, list: &TopicPartitionList) -> Vec<u32> {
-        list.elements_for_topic(&self.topic).iter().map(|e| e.partition().max(0) as u32).collect()
-    }
+/// The partitions of `topic` in a list.
+fn partitions_in(list: &TopicPartitionList, topic: &str) -> Vec<u32> {
+    list.elements_for_topic(topic).iter().map(|e| e.partition().max(0) as u32).collect()
 }
 
 impl ConsumerContext for MemberContext {
     fn pre_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &rdkafka::consumer::Rebalance<'_>) {
         let rdkafka::consumer::Rebalance::Revoke(list) = rebalance else { return };
-        let partitions = self.partitions(list);
+        let partitions = partitions_in(list, &self.topic);
         if partitions.is_empty() {
             return;
         }
@@ -697,7 +696,7 @@ impl ConsumerContext for MemberContext {
                 if let Err(error) = consumer.pause(list) {
                     tracing::warn!(%error, "cannot pause the group member's partitions");
                 }
-                let partitions = self.partitions(list);
+                let partitions = partitions_in(list, &self.topic);
                 if !partitions.is_empty() {
                     let _ = self.changes.send(Rebalance::Assigned(partitions));
                 }
@@ -728,7 +727,7 @@ fn run_member(
         }
         last_commit = std::time::Instant::now();
         let owned: BTreeSet<u32> = match consumer.assignment() {
-            Ok(list) => list.elements_for_topic(&topic).iter().map(|e| e.partition().max(0) as u32).collect(),
+            Ok(list) => partitions_in(&list, &topic).into_iter().collect(),
             Err(_) => continue,
         };
         let noted = consumed.lock().unwrap_or_else(|e| e.into_inner()).clone();

@@ -21,6 +21,11 @@ pub fn stored_offset(log: &EventLog, key: &[u8]) -> Result<u64, LogError> {
     }
 }
 
+/// The write that stores `next` under `key` in the positions table (read back by [`stored_offset`]).
+pub fn position_write(key: Vec<u8>, next: u64) -> kassa_eventlog::StateWrite {
+    kassa_eventlog::StateWrite { table: Table::Positions, key, value: Some(next.to_be_bytes().to_vec()) }
+}
+
 /// A state-table key: a text prefix and a 128-bit id, big-endian so keys of
 /// one prefix sort by id.
 pub fn id_key(prefix: &str, id: u128) -> Vec<u8> {

@@ -4,8 +4,8 @@
 
 mod common;
 
-use kassa_bus::{Bus, BusConfig, EmbeddedBus, TopicSpec};
-use kassa_codec::{Envelope, EventPayload, decode_frame};
+use kassa_bus::{BusConfig, EmbeddedBus, TopicSpec};
+use kassa_codec::Envelope;
 use kassa_domain::routing::breaker::BreakerConfig;
 use kassa_domain::*;
 use kassa_eventlog::{EventLog, LogConfig};
@@ -144,35 +144,11 @@ impl World {
 
     /// Every event published on payments.events, per payment.
     async fn published(&self) -> HashMap<PaymentId, Vec<Envelope>> {
-        let mut out: HashMap<PaymentId, Vec<Envelope>> = HashMap::new();
-        for partition in 0..2 {
-            let mut offset = 0;
-            loop {
-                let batch = self.bus.fetch(PAYMENT_EVENTS, partition, offset, 1000, Duration::ZERO).await.unwrap();
-                if batch.is_empty() {
-                    break;
-                }
-                for message in batch {
-                    offset = message.offset + 1;
-                    let envelope = decode_frame(&message.payload).unwrap();
-                    out.entry(PaymentId::from_u128(envelope.stream_id)).or_default().push(envelope);
-                }
-            }
-        }
-        out
+        common::published(self.bus.as_ref(), 2).await
     }
 
     async fn state(&self, payment_id: PaymentId) -> PaymentState {
-        let events = self.published().await.remove(&payment_id).unwrap_or_default();
-        let mut state = PaymentState::default();
-        let mut seen = std::collections::HashSet::new();
-        for envelope in events {
-            if envelope.event_type == COMMAND_REJECTED || !seen.insert(envelope.event_id) {
-                continue;
-            }
-            apply(&mut state, &PaymentEvent::decode_payload(&envelope.event_type, &envelope.payload).unwrap());
-        }
-        state
+        common::state_of(&self.published().await.remove(&payment_id).unwrap_or_default())
     }
 
     /// Wait until the published state satisfies `done` (bounded: 10 s).

@@ -8,18 +8,17 @@
 mod common;
 
 use kassa_bus::{Bus, BusConfig, EmbeddedBus, TopicSpec, partition_for};
-use kassa_codec::{EventPayload, decode_frame};
 use kassa_domain::*;
 use kassa_eventlog::{AppendRequest, EventLog, LogConfig, NewEvent, StateWrite, Table};
 use kassa_providers::{Connector, LedgerState, SimulatedAcquirer, SimulatorConfig};
 use kassa_services::authorization::{AuthorizationConfig, AuthorizationService, changelog};
-use kassa_services::messages::{COMMAND_REJECTED, PaymentCommandMessage};
+use kassa_services::messages::PaymentCommandMessage;
 use kassa_services::payment_key;
 use kassa_services::seal::CardSeal;
 use kassa_services::topics::{AUTHORIZATION_CHANGELOG, PAYMENT_COMMANDS, PAYMENT_EVENTS, PROVIDER_HEALTH};
 use kassa_services::vault::CardVault;
 use kassa_services::{SystemClock, routing::RoutingEngine, routing::RoutingSettings};
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
@@ -104,39 +103,6 @@ async fn pay(bus: &EmbeddedBus, n: u64, seal: &CardSeal) -> PaymentId {
     payment_id
 }
 
-/// Every event published on payments.events, per payment, in order.
-async fn published(bus: &EmbeddedBus) -> HashMap<PaymentId, Vec<kassa_codec::Envelope>> {
-    let mut out: HashMap<PaymentId, Vec<kassa_codec::Envelope>> = HashMap::new();
-    for partition in 0..PARTITIONS {
-        let mut offset = 0;
-        loop {
-            let batch = bus.fetch(PAYMENT_EVENTS, partition, offset, 4096, Duration::ZERO).await.unwrap();
-            if batch.is_empty() {
-                break;
-            }
-            for message in batch {
-                offset = message.offset + 1;
-                let envelope = decode_frame(&message.payload).unwrap();
-                out.entry(PaymentId::from_u128(envelope.stream_id)).or_default().push(envelope);
-            }
-        }
-    }
-    out
-}
-
-/// A payment's state from its published events, each event once (by id, as consumers do).
-fn state_of(events: &[kassa_codec::Envelope]) -> PaymentState {
-    let mut state = PaymentState::default();
-    let mut seen = HashSet::new();
-    for envelope in events {
-        if envelope.event_type == COMMAND_REJECTED || !seen.insert(envelope.event_id) {
-            continue;
-        }
-        apply(&mut state, &PaymentEvent::decode_payload(&envelope.event_type, &envelope.payload).unwrap());
-    }
-    state
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_authorizer_joins_mid_load_and_nothing_is_lost_or_doubled() {
     let dir = tempfile::tempdir().unwrap();
@@ -166,9 +132,11 @@ async fn a_second_authorizer_joins_mid_load_and_nothing_is_lost_or_doubled() {
     // Every payment gets its outcome: authorized and captured (the test card approves).
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     let events = loop {
-        let events = published(&bus).await;
-        let done =
-            payments.iter().filter(|p| events.get(p).is_some_and(|e| state_of(e).stage == Stage::Captured)).count();
+        let events = common::published(bus.as_ref(), PARTITIONS).await;
+        let done = payments
+            .iter()
+            .filter(|p| events.get(p).is_some_and(|e| common::state_of(e).stage == Stage::Captured))
+            .count();
         if done == payments.len() {
             break events;
         }
@@ -184,7 +152,7 @@ async fn a_second_authorizer_joins_mid_load_and_nothing_is_lost_or_doubled() {
             let id = *by_seq.entry(envelope.stream_seq).or_insert(envelope.event_id);
             assert_eq!(id, envelope.event_id, "{payment_id}: seq {} names two events", envelope.stream_seq);
         }
-        let state = state_of(published);
+        let state = common::state_of(published);
         assert_eq!(state.stage, Stage::Captured, "{payment_id}");
         // Authorized once, at one provider, across every acquirer's ledger.
         let held: Vec<_> = sims

@@ -210,18 +210,9 @@ fn separate_processes_take_payments_and_survive_a_sigkilled_authorizer() {
     // Every payment reaches its outcome, once.
     let started = Instant::now();
     for (id, expected, _) in &payments {
-        let payment = loop {
-            let (status, payment) = call(&ingest.addr, &key, "GET", &format!("/v1/payments/{id}"), None);
-            assert_eq!(status, 200, "{payment}");
-            if payment["status"] != "processing" && payment["status"] != "authorized" {
-                break payment;
-            }
-            assert!(started.elapsed() < Duration::from_secs(120), "{id} did not reach an outcome: {payment}");
-            std::thread::sleep(Duration::from_millis(100));
-        };
+        let payment = outcome(&ingest.addr, &key, id, started);
         assert_eq!(payment["status"], *expected, "{id}: {payment}");
-        let (_, events) = call(&ingest.addr, &key, "GET", &format!("/v1/payments/{id}/events"), None);
-        let types: Vec<&str> = events["data"].as_array().unwrap().iter().map(|e| e["type"].as_str().unwrap()).collect();
+        let types = event_types(&ingest.addr, &key, id);
         let once: &[&str] = if *expected == "captured" {
             &["payment.requested", "payment.authorized", "payment.captured"]
         } else {
@@ -401,22 +392,32 @@ fn load(addr: &str, key: &str, clients: usize, each: usize, offset: usize) -> Ve
     threads.into_iter().flat_map(|t| t.join().unwrap()).collect()
 }
 
+/// A payment once it has its outcome (neither processing nor only authorized); 120 s after `started` at most.
+fn outcome(addr: &str, key: &str, id: &str, started: Instant) -> serde_json::Value {
+    loop {
+        let (status, payment) = call(addr, key, "GET", &format!("/v1/payments/{id}"), None);
+        assert_eq!(status, 200, "{payment}");
+        if payment["status"] != "processing" && payment["status"] != "authorized" {
+            return payment;
+        }
+        assert!(started.elapsed() < Duration::from_secs(120), "{id} did not reach an outcome: {payment}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The types of a payment's events, oldest first.
+fn event_types(addr: &str, key: &str, id: &str) -> Vec<String> {
+    let (_, events) = call(addr, key, "GET", &format!("/v1/payments/{id}/events"), None);
+    events["data"].as_array().unwrap().iter().map(|e| e["type"].as_str().unwrap().to_owned()).collect()
+}
+
 /// Wait until every payment has its outcome, and check each outcome happened once.
 fn each_once(addr: &str, key: &str, payments: &[(String, &str)]) {
     let started = Instant::now();
     for (id, expected) in payments {
-        let payment = loop {
-            let (status, payment) = call(addr, key, "GET", &format!("/v1/payments/{id}"), None);
-            assert_eq!(status, 200, "{payment}");
-            if payment["status"] != "processing" && payment["status"] != "authorized" {
-                break payment;
-            }
-            assert!(started.elapsed() < Duration::from_secs(120), "{id} did not reach an outcome: {payment}");
-            std::thread::sleep(Duration::from_millis(100));
-        };
+        let payment = outcome(addr, key, id, started);
         assert_eq!(payment["status"], *expected, "{id}: {payment}");
-        let (_, events) = call(addr, key, "GET", &format!("/v1/payments/{id}/events"), None);
-        let types: Vec<&str> = events["data"].as_array().unwrap().iter().map(|e| e["type"].as_str().unwrap()).collect();
+        let types = event_types(addr, key, id);
         let outcome = if *expected == "captured" { "payment.captured" } else { "payment.declined" };
         for event in ["payment.requested", outcome] {
             assert_eq!(types.iter().filter(|t| **t == event).count(), 1, "{id}: {event} once: {types:?}");

@@ -26,7 +26,7 @@
 //! if it is an older one, it was a zombie's late record. Replays skip records
 //! of an epoch older than the latest claim.
 
-use crate::consume::stored_offset;
+use crate::consume::{position_write, stored_offset};
 use crate::topics::AUTHORIZATION_CHANGELOG;
 use kassa_bus::{Bus, BusError, Record, partition_for};
 use kassa_codec::{decode_value, encode_value};
@@ -95,7 +95,7 @@ fn epoch_key(partition: u32) -> Vec<u8> {
 }
 
 fn epoch_write(partition: u32, epoch: u64) -> StateWrite {
-    StateWrite { table: Table::Positions, key: epoch_key(partition), value: Some(epoch.to_be_bytes().to_vec()) }
+    position_write(epoch_key(partition), epoch)
 }
 
 /// Where an instance stored the number of the last commit of that epoch it applied.
@@ -104,12 +104,12 @@ fn seq_key(partition: u32) -> Vec<u8> {
 }
 
 fn seq_write(partition: u32, seq: u64) -> StateWrite {
-    StateWrite { table: Table::Positions, key: seq_key(partition), value: Some(seq.to_be_bytes().to_vec()) }
+    position_write(seq_key(partition), seq)
 }
 
 /// The write that records a replayed (or produced) changelog offset.
 pub fn offset_write(partition: u32, next_offset: u64) -> StateWrite {
-    StateWrite { table: Table::Positions, key: offset_key(partition), value: Some(next_offset.to_be_bytes().to_vec()) }
+    position_write(offset_key(partition), next_offset)
 }
 
 /// A record key that Kafka's partitioner sends to `partition` (of `partitions`).
@@ -219,6 +219,41 @@ pub struct Restored {
     pub epoch: u64,
 }
 
+/// The next records of `partition` in `next..end`, decoded, with their
+/// offsets. Waits for them (a fetch that finds nothing is retried, up to
+/// [`RESTORE_EMPTY_FETCHES_MAX`] in a row, counted in `empty_fetches`).
+async fn read_records(
+    bus: &dyn Bus,
+    partition: u32,
+    next: u64,
+    end: u64,
+    empty_fetches: &mut u32,
+) -> Result<Vec<(u64, Decoded)>, RestoreError> {
+    loop {
+        let messages = bus.fetch(AUTHORIZATION_CHANGELOG, partition, next, 1024, Duration::from_secs(1)).await?;
+        let messages: Vec<_> = messages.into_iter().filter(|m| m.offset >= next && m.offset < end).collect();
+        if messages.is_empty() {
+            *empty_fetches += 1;
+            if *empty_fetches >= RESTORE_EMPTY_FETCHES_MAX {
+                return Err(RestoreError::Stuck { partition, next, end });
+            }
+            continue;
+        }
+        *empty_fetches = 0;
+        return messages
+            .into_iter()
+            .map(|m| {
+                let record = decode(&m.payload).map_err(|reason| RestoreError::Corrupt {
+                    partition,
+                    offset: m.offset,
+                    reason,
+                })?;
+                Ok((m.offset, record))
+            })
+            .collect();
+    }
+}
+
 /// Replay `partition`'s changelog into `log`, from the offset stored there to
 /// the changelog's end as it is now, skipping records of stale owners.
 pub async fn restore(log: &EventLog, bus: &dyn Bus, partition: u32) -> Result<Restored, RestoreError> {
@@ -229,26 +264,10 @@ pub async fn restore(log: &EventLog, bus: &dyn Bus, partition: u32) -> Result<Re
     let mut replayed = 0;
     let mut empty_fetches = 0;
     while next < end {
-        let messages = bus.fetch(AUTHORIZATION_CHANGELOG, partition, next, 1024, Duration::from_secs(1)).await?;
-        if messages.is_empty() {
-            empty_fetches += 1;
-            if empty_fetches >= RESTORE_EMPTY_FETCHES_MAX {
-                return Err(RestoreError::Stuck { partition, next, end });
-            }
-            continue;
-        }
-        empty_fetches = 0;
+        let records = read_records(bus, partition, next, end, &mut empty_fetches).await?;
         let mut combined = AppendRequest::default();
-        for message in messages {
-            if message.offset < next {
-                continue;
-            }
-            let record = decode(&message.payload).map_err(|reason| RestoreError::Corrupt {
-                partition,
-                offset: message.offset,
-                reason,
-            })?;
-            next = message.offset + 1;
+        for (offset, record) in records {
+            next = offset + 1;
             if record.epoch > epoch {
                 epoch = record.epoch;
                 seq = 0;
@@ -266,10 +285,10 @@ pub async fn restore(log: &EventLog, bus: &dyn Bus, partition: u32) -> Result<Re
                     combined.writes.push(seq_write(partition, seq));
                     replayed += 1;
                 } else if record.epoch == epoch {
-                    let (offset, again) = (message.offset, record.seq);
+                    let again = record.seq;
                     tracing::debug!(partition, offset, again, "skipping a commit sent twice");
                 } else {
-                    let (offset, stale) = (message.offset, record.epoch);
+                    let stale = record.epoch;
                     tracing::warn!(partition, offset, stale, epoch, "skipping a record of a stale owner");
                 }
             }
@@ -413,28 +432,18 @@ impl Ownership {
         let mut next = self.last_offset + 1;
         let mut empty_fetches = 0;
         while next < offset {
-            let messages = bus
-                .fetch(AUTHORIZATION_CHANGELOG, partition, next, 1024, Duration::from_secs(1))
+            let records = read_records(bus, partition, next, offset, &mut empty_fetches)
                 .await
                 .map_err(|e| unchecked(e.to_string()))?;
-            if messages.is_empty() {
-                empty_fetches += 1;
-                if empty_fetches >= RESTORE_EMPTY_FETCHES_MAX {
-                    return Err(unchecked(format!("nothing readable at offset {next}")));
-                }
-                continue;
-            }
-            let from = next;
-            for message in messages.into_iter().filter(|m| m.offset >= from && m.offset < offset) {
-                let record = decode(&message.payload).map_err(unchecked)?;
+            for (at, record) in records {
                 if record.epoch > self.epoch {
                     return Err(Fenced::TakenOver { partition, ours: self.epoch, newer: record.epoch });
                 }
                 // Of this epoch, only this very commit, sent before an unclear failure, may be here.
                 if record.epoch == self.epoch && (record.claim.is_some() || record.seq != seq) {
-                    return Err(unchecked(format!("an unexpected record of this owner's epoch at {}", message.offset)));
+                    return Err(unchecked(format!("an unexpected record of this owner's epoch at {at}")));
                 }
-                next = message.offset + 1;
+                next = at + 1;
             }
         }
         Ok(())

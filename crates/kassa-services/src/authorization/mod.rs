@@ -197,7 +197,7 @@ impl AuthorizationService {
         self.owned.lock().unwrap_or_else(|e| e.into_inner()).iter().copied().collect()
     }
 
-    fn set_owned(&self, running: &HashMap<u32, (watch::Sender<bool>, JoinHandle<()>)>) {
+    fn set_owned(&self, running: &HashMap<u32, RunningPartition>) {
         *self.owned.lock().unwrap_or_else(|e| e.into_inner()) = running.keys().copied().collect();
     }
 
@@ -373,7 +373,13 @@ impl AuthorizationService {
     /// Start and stop partition actors as the group assigns and revokes
     /// partitions; on stop, stop them all and wait for them.
     async fn run_membership(self: Arc<Self>, mut membership: Membership, mut stop: watch::Receiver<bool>) {
-        let mut running: HashMap<u32, (watch::Sender<bool>, JoinHandle<()>)> = HashMap::new();
+        let member_id = membership.member_id.clone();
+        let start = |partition: u32| {
+            let (partition_stop, partition_stop_rx) = watch::channel(false);
+            let task = tokio::spawn(Arc::clone(&self).run_partition(partition, member_id.clone(), partition_stop_rx));
+            (partition_stop, task)
+        };
+        let mut running: HashMap<u32, RunningPartition> = HashMap::new();
         let mut check = tokio::time::interval(Duration::from_secs(2));
         loop {
             let change = tokio::select! {
@@ -382,14 +388,9 @@ impl AuthorizationService {
                 _ = check.tick() => {
                     // A partition whose actor stopped on an error (broker away, fenced, storage)
                     // is still this instance's: take it again, so it never stays unowned.
-                    let ended: Vec<u32> =
-                        running.iter().filter(|(_, (_, task))| task.is_finished()).map(|(p, _)| *p).collect();
-                    for partition in ended {
+                    for (partition, slot) in running.iter_mut().filter(|(_, (_, task))| task.is_finished()) {
                         tracing::warn!(partition, "the partition's actor stopped; taking the partition again");
-                        let (partition_stop, partition_stop_rx) = watch::channel(false);
-                        let owner = membership.member_id.clone();
-                        let task = tokio::spawn(Arc::clone(&self).run_partition(partition, owner, partition_stop_rx));
-                        running.insert(partition, (partition_stop, task));
+                        *slot = start(*partition);
                     }
                     continue;
                 }
@@ -397,39 +398,25 @@ impl AuthorizationService {
             match change {
                 None => break,
                 Some(Rebalance::Assigned(partitions)) => {
-                    tracing::info!(member = %membership.member_id, ?partitions, "partitions assigned");
+                    tracing::info!(member = %member_id, ?partitions, "partitions assigned");
                     for partition in partitions {
-                        if running.get(&partition).is_some_and(|(_, task)| !task.is_finished()) {
-                            continue;
+                        if running.get(&partition).is_none_or(|(_, task)| task.is_finished()) {
+                            running.insert(partition, start(partition));
                         }
-                        let (partition_stop, partition_stop_rx) = watch::channel(false);
-                        let owner = membership.member_id.clone();
-                        let task = tokio::spawn(Arc::clone(&self).run_partition(partition, owner, partition_stop_rx));
-                        running.insert(partition, (partition_stop, task));
                     }
                     self.set_owned(&running);
                 }
                 Some(Rebalance::Revoked { partitions, done }) => {
-                    tracing::info!(member = %membership.member_id, ?partitions, "partitions revoked; handing them over");
-                    let stopping: Vec<_> = partitions.iter().filter_map(|p| running.remove(p)).collect();
+                    tracing::info!(member = %member_id, ?partitions, "partitions revoked; handing them over");
+                    let stopping = partitions.iter().filter_map(|p| running.remove(p)).collect();
                     self.set_owned(&running);
-                    for (partition_stop, _) in &stopping {
-                        let _ = partition_stop.send(true);
-                    }
-                    for (_, task) in stopping {
-                        let _ = task.await;
-                    }
+                    stop_partitions(stopping).await;
                     drop(done);
                 }
             }
         }
-        for (partition_stop, _) in running.values() {
-            let _ = partition_stop.send(true);
-        }
         *self.owned.lock().unwrap_or_else(|e| e.into_inner()) = Default::default();
-        for (_, (_, task)) in running {
-            let _ = task.await;
-        }
+        stop_partitions(running.into_values().collect()).await;
     }
 
     async fn run_partition(self: Arc<Self>, partition: u32, owner: String, mut stop: watch::Receiver<bool>) {
@@ -459,7 +446,6 @@ impl AuthorizationService {
             dispatch: Dispatch::default(),
             sealed_cards: Vec::new(),
             in_flight: Arc::new(AtomicUsize::new(0)),
-            draining: false,
             ownership,
             stop: stop.clone(),
         };
@@ -555,10 +541,8 @@ struct PartitionActor {
     dispatch: Dispatch,
     /// Sealed cards taken in this batch, written with it.
     sealed_cards: Vec<(PaymentId, Vec<u8>)>,
-    /// Provider calls and timers started and not answered yet.
+    /// Provider calls started and not answered yet (timers are not counted).
     in_flight: Arc<AtomicUsize>,
-    /// Handing the partition over: results are recorded, no new calls start.
-    draining: bool,
     /// This instance's claim on the partition's changelog (with `changelog` on).
     ownership: Option<changelog::Ownership>,
     stop: watch::Receiver<bool>,
@@ -648,7 +632,6 @@ impl PartitionActor {
     /// timer does, and nothing waits for them past the bound. What is left is
     /// resumed by the partition's next owner, as after a crash.
     async fn hand_over(&mut self, effects_rx: &mut mpsc::Receiver<EffectResult>) {
-        self.draining = true;
         let deadline = tokio::time::Instant::now() + Duration::from_millis(self.service.config.handoff_wait_ms);
         loop {
             // Read before draining: at zero, every result has been sent, so the drain sees it.
@@ -657,17 +640,19 @@ impl PartitionActor {
             while let Ok(result) = effects_rx.try_recv() {
                 results.push(result);
             }
-            // A timer that fired is left to the next owner's resume.
-            results.retain(|r| !matches!(r, EffectResult::Woken { .. }));
             if results.is_empty() {
                 if idle {
                     break;
                 }
                 match tokio::time::timeout_at(deadline, effects_rx.recv()).await {
-                    Ok(Some(EffectResult::Woken { .. })) => continue,
                     Ok(Some(result)) => results.push(result),
                     _ => break,
                 }
+            }
+            // A timer that fired is left to the next owner's resume.
+            results.retain(|r| !matches!(r, EffectResult::Woken { .. }));
+            if results.is_empty() {
+                continue;
             }
             if let Err(error) = self.process(Vec::new(), results).await {
                 tracing::error!(partition = self.partition, %error, "recording answers while handing over failed");
@@ -800,7 +785,7 @@ impl PartitionActor {
         for effect in batch.effects {
             // Handing over: calls under way finish their chains, but no timer
             // is set — the next owner's resume picks up what waits on one.
-            if self.draining && matches!(effect, Effect::Wake { .. }) {
+            if *self.stop.borrow() && matches!(effect, Effect::Wake { .. }) {
                 continue;
             }
             if self.dispatch.admit(&effect) {
@@ -919,6 +904,19 @@ impl PartitionActor {
             };
             tx.send(result).await;
         });
+    }
+}
+
+/// A partition actor: its stop signal and its task.
+type RunningPartition = (watch::Sender<bool>, JoinHandle<()>);
+
+/// Tell the actors to stop (hand their partitions over), then wait for them all.
+async fn stop_partitions(partitions: Vec<RunningPartition>) {
+    for (partition_stop, _) in &partitions {
+        let _ = partition_stop.send(true);
+    }
+    for (_, task) in partitions {
+        let _ = task.await;
     }
 }
 

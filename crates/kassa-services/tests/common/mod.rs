@@ -2,10 +2,46 @@
 #![allow(dead_code)]
 
 use kassa_bus::{Bus, Record};
-use kassa_codec::{Envelope, encode_frame};
-use kassa_services::messages::PaymentCommandMessage;
+use kassa_codec::{Envelope, EventPayload, decode_frame, encode_frame};
+use kassa_domain::{PaymentEvent, PaymentId, PaymentState, apply};
+use kassa_services::messages::{COMMAND_REJECTED, PaymentCommandMessage};
 use kassa_services::payment_key;
-use kassa_services::topics::PAYMENT_COMMANDS;
+use kassa_services::topics::{PAYMENT_COMMANDS, PAYMENT_EVENTS};
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+/// Every event published on `payments.events` (of `partitions` partitions), per payment, in order.
+pub async fn published(bus: &dyn Bus, partitions: u32) -> HashMap<PaymentId, Vec<Envelope>> {
+    let mut out: HashMap<PaymentId, Vec<Envelope>> = HashMap::new();
+    for partition in 0..partitions {
+        let mut offset = 0;
+        loop {
+            let batch = bus.fetch(PAYMENT_EVENTS, partition, offset, 4096, Duration::ZERO).await.unwrap();
+            if batch.is_empty() {
+                break;
+            }
+            for message in batch {
+                offset = message.offset + 1;
+                let envelope = decode_frame(&message.payload).unwrap();
+                out.entry(PaymentId::from_u128(envelope.stream_id)).or_default().push(envelope);
+            }
+        }
+    }
+    out
+}
+
+/// A payment's state from its published events, each event once (by id, as consumers do).
+pub fn state_of(events: &[Envelope]) -> PaymentState {
+    let mut state = PaymentState::default();
+    let mut seen = HashSet::new();
+    for envelope in events {
+        if envelope.event_type == COMMAND_REJECTED || !seen.insert(envelope.event_id) {
+            continue;
+        }
+        apply(&mut state, &PaymentEvent::decode_payload(&envelope.event_type, &envelope.payload).unwrap());
+    }
+    state
+}
 
 /// Put a command on `payments.commands` as ingest's relay would: a frame
 /// keyed by its payment, with `event_id` as the command's id.
