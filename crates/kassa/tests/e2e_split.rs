@@ -476,13 +476,9 @@ fn a_second_authorizer_joins_mid_load_and_one_rebuilds_from_the_changelog() {
         assert_eq!(held.get(id).copied().unwrap_or(0), usize::from(*expected == "captured"), "{id} ({expected})");
     }
 
-    // The work split: the first instance did not decide every payment.
-    assert_eq!(first.terminate().code(), Some(0));
-    let first_log = log_events(&cluster.data("authorize-1").join("authorization"));
-    let requested_first = first_log.iter().filter(|e| e.3 == "payment.requested").count();
-    assert!(requested_first < payments.len(), "the first authorizer decided all {requested_first} payments alone");
-
-    // The second rebuilds from the changelog (its log moved aside) and goes on taking payments.
+    // The second rebuilds from the changelog (its log moved aside) and goes on taking payments. The first
+    // keeps its partitions meanwhile: the second comes back under its own instance id and takes its own
+    // back, while a stopped instance's partitions wait for a broker that expires it (tansu 0.6 may not).
     assert_eq!(second.terminate().code(), Some(0));
     let second_dir = cluster.data("authorize-2");
     let before_rebuild = log_events(&second_dir.join("authorization"));
@@ -502,5 +498,11 @@ fn a_second_authorizer_joins_mid_load_and_one_rebuilds_from_the_changelog() {
     for event in before_rebuild.iter().filter(|e| e.3.starts_with("payment.")) {
         assert!(rebuilt.contains(event), "lost in the rebuild: {event:?}");
     }
+
+    // The work split: the first instance did not decide every payment.
+    assert_eq!(first.terminate().code(), Some(0));
+    let first_log = log_events(&cluster.data("authorize-1").join("authorization"));
+    let requested_first = first_log.iter().filter(|e| e.3 == "payment.requested").count();
+    assert!(requested_first < payments.len(), "the first authorizer decided all {requested_first} payments alone");
     drop(ingest);
 }
