@@ -52,6 +52,15 @@ impl CardVault {
         self.lock().remove(&payment_id).is_some()
     }
 
+    /// Forget the cards of the payments `drop` picks (a partition that moved
+    /// to another instance). How many were forgotten.
+    pub fn forget(&self, drop: impl Fn(PaymentId) -> bool) -> usize {
+        let mut cards = self.lock();
+        let before = cards.len();
+        cards.retain(|payment_id, _| !drop(*payment_id));
+        before - cards.len()
+    }
+
     pub fn len(&self) -> usize {
         self.lock().len()
     }

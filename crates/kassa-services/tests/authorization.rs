@@ -377,6 +377,24 @@ async fn a_timeout_the_provider_never_saw_is_reversed_before_failing_over() {
     world.stop().await;
 }
 
+/// Inquiries and then a reversal time out while the provider stays slow. The
+/// reversal is sent again, alone (it changes nothing Kassa records), until the
+/// provider answers; then the payment fails over as above. It never waits forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reversal_that_times_out_is_sent_again_until_the_provider_answers() {
+    let mut world = World::new();
+    world.sims[0].set_fault(Some(Fault::slow(5000)));
+    let payment = world.pay("4242424242424242", 901, true).await;
+    // 300 ms for the call, three inquiries of 300 ms, then reversals of 300 ms each.
+    tokio::time::sleep(Duration::from_millis(2_200)).await;
+    assert!(world.sims[0].ledger().is_empty());
+    world.sims[0].set_fault(None);
+    let state = world.until(payment, settled_outcome).await;
+    assert_eq!(state.provider.as_deref(), Some("acq-beta"), "{state:?}");
+    assert_eq!(world.held(payment), 1);
+    world.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreachable_issuer_is_retried_elsewhere_unless_the_advice_code_forbids_it() {
     let mut world = World::new();

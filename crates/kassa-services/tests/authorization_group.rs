@@ -35,12 +35,15 @@ fn topics() -> Vec<TopicSpec> {
 
 struct Instance {
     log: Arc<EventLog>,
+    vault: Arc<CardVault>,
     stop: watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
 fn start(dir: &std::path::Path, name: &str, bus: &Arc<EmbeddedBus>, sims: &[Arc<SimulatedAcquirer>]) -> Instance {
     let log = Arc::new(EventLog::open(dir.join(name), LogConfig::default()).unwrap());
+    // Each instance has its own memory: cards reach it sealed, through the bus or the changelog.
+    let vault = Arc::new(CardVault::new(10_000));
     let providers: Vec<Arc<dyn Connector>> = sims.iter().map(|s| Arc::clone(s) as Arc<dyn Connector>).collect();
     let names: Vec<String> = sims.iter().map(|s| s.name().to_owned()).collect();
     let config = AuthorizationConfig {
@@ -55,8 +58,7 @@ fn start(dir: &std::path::Path, name: &str, bus: &Arc<EmbeddedBus>, sims: &[Arc<
             Arc::clone(&log),
             bus.clone(),
             providers,
-            // Each instance has its own memory: cards reach it sealed, through the bus or the changelog.
-            Arc::new(CardVault::new(10_000)),
+            Arc::clone(&vault),
             Arc::new(SystemClock),
             config,
         )
@@ -65,7 +67,7 @@ fn start(dir: &std::path::Path, name: &str, bus: &Arc<EmbeddedBus>, sims: &[Arc<
     );
     let (stop, stop_rx) = watch::channel(false);
     let tasks = service.spawn(stop_rx).unwrap();
-    Instance { log, stop, tasks }
+    Instance { log, vault, stop, tasks }
 }
 
 impl Instance {
@@ -83,24 +85,50 @@ impl Instance {
     }
 }
 
-async fn pay(bus: &EmbeddedBus, n: u64, seal: &CardSeal) -> PaymentId {
-    let payment_id = PaymentId::from_parts(1_795_651_200_000 + n, u128::from(n) * 7919 + 13);
-    let card = CardDetails::parse("4242424242424242", 12, 2030, "123", Timestamp(1_795_651_200_000)).unwrap();
-    let base = u128::from(n) << 64;
-    let sealed = seal.seal(payment_id, &card);
-    common::send_command(bus, base | 1, PaymentCommandMessage::CardSealed { payment_id, sealed }).await;
+fn payment_id_of(n: u64) -> PaymentId {
+    PaymentId::from_parts(1_795_651_200_000 + n, u128::from(n) * 7919 + 13)
+}
+
+fn test_card() -> CardDetails {
+    CardDetails::parse("4242424242424242", 12, 2030, "123", Timestamp(1_795_651_200_000)).unwrap()
+}
+
+/// Payment `n`'s first command, as ingest sends it: its card, sealed.
+async fn send_card(bus: &EmbeddedBus, n: u64, seal: &CardSeal) -> PaymentId {
+    let payment_id = payment_id_of(n);
+    let sealed = seal.seal(payment_id, &test_card());
+    common::send_command(bus, u128::from(n) << 64 | 1, PaymentCommandMessage::CardSealed { payment_id, sealed }).await;
+    payment_id
+}
+
+/// Payment `n`'s second command: the request to authorize and capture it.
+async fn send_request(bus: &EmbeddedBus, n: u64) {
     let request = PaymentRequested {
-        payment_id,
+        payment_id: payment_id_of(n),
         merchant_id: MerchantId::from_u128(1),
         amount: Money::new(1000 + n as i64, Currency::from_code("EUR").unwrap()),
-        card: card.summarize(b"k"),
+        card: test_card().summarize(b"k"),
         capture: true,
         reference: None,
         metadata: BTreeMap::new(),
         requested_at: Timestamp(1_795_651_200_000),
     };
-    common::send_command(bus, base | 2, PaymentCommandMessage::Requested(request)).await;
+    common::send_command(bus, u128::from(n) << 64 | 2, PaymentCommandMessage::Requested(request)).await;
+}
+
+async fn pay(bus: &EmbeddedBus, n: u64, seal: &CardSeal) -> PaymentId {
+    let payment_id = send_card(bus, n, seal).await;
+    send_request(bus, n).await;
     payment_id
+}
+
+/// Wait up to `seconds` for `ready`.
+async fn wait_for(seconds: u64, what: &str, mut ready: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(seconds);
+    while !ready() {
+        assert!(tokio::time::Instant::now() < deadline, "waited {seconds} s for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -140,7 +168,15 @@ async fn a_second_authorizer_joins_mid_load_and_nothing_is_lost_or_doubled() {
         if done == payments.len() {
             break events;
         }
-        assert!(tokio::time::Instant::now() < deadline, "only {done} of {} payments captured", payments.len());
+        if tokio::time::Instant::now() >= deadline {
+            let stuck: Vec<_> = payments
+                .iter()
+                .map(|p| (p, events.get(p).map(|e| common::state_of(e)).unwrap_or_default()))
+                .filter(|(_, state)| state.stage != Stage::Captured)
+                .map(|(p, state)| format!("{p}: {:?} {:?}", state.stage, state.decline_code))
+                .collect();
+            panic!("only {done} of {} payments captured; the others: {stuck:?}", payments.len());
+        }
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
 
@@ -217,6 +253,60 @@ async fn a_second_authorizer_joins_mid_load_and_nothing_is_lost_or_doubled() {
         compared += 1;
     }
     assert_eq!(compared, 300);
+}
+
+/// A card reaches the first owner of its partition, the partition moves, and
+/// the request reaches the next owner: that owner opens the card the
+/// changelog brought it, instead of declining the payment for want of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_card_that_came_before_its_partition_moved_is_still_used() {
+    let dir = tempfile::tempdir().unwrap();
+    let bus = Arc::new(EmbeddedBus::open(dir.path().join("bus"), BusConfig::new(topics())).unwrap());
+    let sims: Vec<Arc<SimulatedAcquirer>> = ["acq-alpha", "acq-beta", "acq-gamma"]
+        .iter()
+        .map(|n| {
+            Arc::new(SimulatedAcquirer::new(*n, SimulatorConfig { latency_ms_min: 1, latency_ms_max: 5, seed: 5 }))
+        })
+        .collect();
+    let seal = CardSeal::new(&CARD_KEY).unwrap();
+    let first = start(dir.path(), "authorization-1", &bus, &sims);
+
+    // A payment of the upper half, which the second member will take.
+    let n = (0..).find(|n| partition_for(&payment_key(payment_id_of(*n).as_u128()), PARTITIONS) >= PARTITIONS / 2);
+    let n = n.unwrap();
+    let partition = partition_for(&payment_key(payment_id_of(n).as_u128()), PARTITIONS);
+    let payment_id = send_card(&bus, n, &seal).await;
+    let card_key = kassa_services::consume::id_key("card/", payment_id.as_u128());
+    wait_for(10, "the first owner to keep the sealed card", || {
+        first.log.get(Table::State, &card_key).unwrap().is_some()
+    })
+    .await;
+
+    let second = start(dir.path(), "authorization-2", &bus, &sims);
+    let claimed = format!("{AUTHORIZATION_CHANGELOG}/{partition}/epoch").into_bytes();
+    wait_for(10, "the second member to claim the partition", || {
+        second.log.get(Table::Positions, &claimed).unwrap().is_some()
+    })
+    .await;
+    assert!(!first.vault.contains(payment_id), "the first owner still holds a card of a partition it gave away");
+    send_request(&bus, n).await;
+
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let state = loop {
+        let events = common::published(bus.as_ref(), PARTITIONS).await;
+        let state = events.get(&payment_id).map(|e| common::state_of(e)).unwrap_or_default();
+        if matches!(state.stage, Stage::Captured | Stage::Declined | Stage::Voided)
+            || tokio::time::Instant::now() > deadline
+        {
+            break state;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(state.stage, Stage::Captured, "{payment_id}: {state:?}");
+    let record = kassa_services::consume::id_key("payment/", payment_id.as_u128());
+    assert!(first.log.get(Table::State, &record).unwrap().is_none(), "the first owner decided the payment");
+    first.stop().await;
+    second.stop().await;
 }
 
 /// A commit that writes event `n` on stream 42 and sets key `k` to `n`.

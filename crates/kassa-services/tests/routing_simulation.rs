@@ -128,6 +128,11 @@ async fn simulate(seed: u64) -> Result<(), String> {
         });
         common::send_command(bus.as_ref(), payment_id.as_u128() ^ 0xC0FFEE, message).await;
         payments.push((payment_id, number, amount));
+        if n % WAVE == WAVE - 1 {
+            // The wave meets the faults scheduled for it, however fast this machine
+            // is: the next wave's faults wait until this wave's payments are decided.
+            wait_for_outcomes(&bus, &payments[n + 1 - WAVE..]).await;
+        }
     }
     for sim in &sims {
         sim.set_fault(None);
@@ -150,9 +155,17 @@ async fn simulate(seed: u64) -> Result<(), String> {
             break published;
         }
         if started.elapsed() > Duration::from_secs(90) {
+            let stuck: Vec<String> = payments
+                .iter()
+                .filter(|(id, _, _)| {
+                    states.get(id).is_none_or(|s| matches!(s.stage, Stage::New | Stage::Requested | Stage::Authorizing))
+                })
+                .take(3)
+                .map(|(id, number, _)| format!("{id} ({number}): {:?}", published.streams.get(id)))
+                .collect();
             return Err(format!(
                 "{open} payments without an outcome, or captures still owed ({captured_at_providers} at providers, \
-                 {captured_by_kassa} by Kassa) after 90 s"
+                 {captured_by_kassa} by Kassa) after 90 s; some: {stuck:?}"
             ));
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -180,11 +193,45 @@ async fn simulate(seed: u64) -> Result<(), String> {
             }
         }
     }
-    eprintln!("seed {seed}: {} authorized, {} declined of {PAYMENTS}", outcomes[0], outcomes[1]);
+    let mut declines: BTreeMap<&str, usize> = BTreeMap::new();
+    for state in states.values() {
+        if let Some(code) = &state.decline_code {
+            *declines.entry(code.as_str()).or_default() += 1;
+        }
+    }
+    eprintln!("seed {seed}: {} authorized, {} declined of {PAYMENTS}: {declines:?}", outcomes[0], outcomes[1]);
     if outcomes[0] < PAYMENTS / 2 {
-        return Err(format!("only {} of {PAYMENTS} authorized: routing around faults is not working", outcomes[0]));
+        return Err(format!(
+            "only {} of {PAYMENTS} authorized (declines: {declines:?}): routing around faults is not working",
+            outcomes[0]
+        ));
     }
     Ok(())
+}
+
+/// Wait until `payments` have outcomes on `payments.events`, or stop getting
+/// them (some wait for a provider to recover: a stand-in, an unclear
+/// timeout), for at most 5 s.
+async fn wait_for_outcomes(bus: &EmbeddedBus, payments: &[(PaymentId, &str, i64)]) {
+    let started = Instant::now();
+    let (mut open_before, mut progressed) = (usize::MAX, Instant::now());
+    loop {
+        let states = published(bus).await.states;
+        let open = payments
+            .iter()
+            .filter(|(id, _, _)| {
+                states.get(id).is_none_or(|s| matches!(s.stage, Stage::New | Stage::Requested | Stage::Authorizing))
+            })
+            .count();
+        if open < open_before {
+            (open_before, progressed) = (open, Instant::now());
+        }
+        if open == 0 || progressed.elapsed() > Duration::from_millis(300) || started.elapsed() > Duration::from_secs(5)
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// What `payments.events` says: every payment's state and event types, and

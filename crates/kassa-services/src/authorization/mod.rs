@@ -33,7 +33,7 @@ use crate::runtime::{Clock, derived_id};
 use crate::seal::CardSeal;
 use crate::topics::{AUTHORIZATION_CHANGELOG, AUTHORIZATION_GROUP, PAYMENT_COMMANDS, PAYMENT_EVENTS, PROVIDER_HEALTH};
 use crate::vault::CardVault;
-use kassa_bus::{Bus, Membership, Message, Rebalance};
+use kassa_bus::{Bus, Membership, Message, Rebalance, partition_for};
 use kassa_codec::{decode_frame, decode_value, encode_value};
 use kassa_domain::PaymentId;
 use kassa_eventlog::{AppendRequest, EventLog, NewEvent, StateWrite, Table};
@@ -419,7 +419,20 @@ impl AuthorizationService {
         stop_partitions(running.into_values().collect()).await;
     }
 
-    async fn run_partition(self: Arc<Self>, partition: u32, owner: String, mut stop: watch::Receiver<bool>) {
+    async fn run_partition(self: Arc<Self>, partition: u32, owner: String, stop: watch::Receiver<bool>) {
+        Arc::clone(&self).run_partition_actor(partition, owner, stop).await;
+        if self.config.changelog {
+            // The partition may move on: its cards stay sealed in the log and on the
+            // changelog, and leave this memory (a restart here reopens what it needs).
+            let partitions = self.bus.partitions(PAYMENT_COMMANDS).unwrap_or(1);
+            let forgotten = self
+                .vault
+                .forget(|payment_id| partition_for(&crate::payment_key(payment_id.as_u128()), partitions) == partition);
+            tracing::debug!(partition, forgotten, "the partition's cards left memory");
+        }
+    }
+
+    async fn run_partition_actor(self: Arc<Self>, partition: u32, owner: String, mut stop: watch::Receiver<bool>) {
         let mut ownership = None;
         if self.config.changelog {
             // Whatever other instances (or this one, before a crash) committed for this partition, then a claim.
@@ -715,6 +728,11 @@ impl PartitionActor {
                 }
                 continue;
             }
+            if matches!(command, PaymentCommandMessage::Requested(_)) {
+                // Its card may have come to the partition's previous owner: the
+                // changelog brought it here sealed, but not into this vault.
+                self.restore_card(payment_id)?;
+            }
             let record = self.load(&mut batch, payment_id)?;
             self.decide(|process| process.command(&mut batch, record, command, envelope.event_id));
         }
@@ -755,21 +773,11 @@ impl PartitionActor {
                 value: Some((offset + 1).to_be_bytes().to_vec()),
             });
         }
-        if batch.events.is_empty() && writes.is_empty() {
-            return Ok(());
+        // A batch may record nothing and still start calls (a reversal sent
+        // again after a failure changes no state): those start all the same.
+        if !batch.events.is_empty() || !writes.is_empty() {
+            self.write(std::mem::take(&mut batch.events), writes).await?;
         }
-        let mut request = AppendRequest { events: std::mem::take(&mut batch.events), expected: Vec::new(), writes };
-        if let Some(ownership) = &mut self.ownership {
-            // On the changelog first: whoever owns the partition next has it.
-            let now = self.service.clock.now().unix_ms();
-            let Some(writes) = ownership.publish(self.service.bus.as_ref(), &request, now, &self.stop).await? else {
-                // Stopping while the broker is away; the commit may be on the changelog, so
-                // nothing more happens here: whoever takes the partition next replays it.
-                return Err(ActorError::Stopped);
-            };
-            request.writes.extend(writes);
-        }
-        self.service.log.append(request).await?;
         if let Some(offset) = last_offset {
             self.service.bus.note_consumed(
                 crate::topics::AUTHORIZATION_GROUP,
@@ -792,6 +800,23 @@ impl PartitionActor {
                 self.start(effect);
             }
         }
+        Ok(())
+    }
+
+    /// Make a batch's events and writes durable: on the changelog first (with
+    /// it on: whoever owns the partition next has them), then in the local log.
+    async fn write(&mut self, events: Vec<NewEvent>, writes: Vec<StateWrite>) -> Result<(), ActorError> {
+        let mut request = AppendRequest { events, expected: Vec::new(), writes };
+        if let Some(ownership) = &mut self.ownership {
+            let now = self.service.clock.now().unix_ms();
+            let Some(writes) = ownership.publish(self.service.bus.as_ref(), &request, now, &self.stop).await? else {
+                // Stopping while the broker is away; the commit may be on the changelog, so
+                // nothing more happens here: whoever takes the partition next replays it.
+                return Err(ActorError::Stopped);
+            };
+            request.writes.extend(writes);
+        }
+        self.service.log.append(request).await?;
         Ok(())
     }
 
