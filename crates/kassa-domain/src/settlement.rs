@@ -189,6 +189,35 @@ pub fn decide_batch(
     }
 }
 
+/// Apply an event read from outside (a topic, another service's log) that
+/// may not follow `state`: an error says why, and `state` is left unchanged.
+pub fn try_apply_batch(state: &mut BatchState, event: &BatchEvent) -> Result<(), String> {
+    match event {
+        BatchEvent::Opened { .. } if state.key.is_some() => return Err("the batch is opened twice".into()),
+        BatchEvent::EntryAdded { .. } | BatchEvent::Closed { .. } if !state.is_open() => {
+            return Err("the batch is not open (its opening is missing, or it is closed)".into());
+        }
+        BatchEvent::EntryAdded { entry } if state.entry_ids.contains(&entry.entry_id) => {
+            return Err(format!("entry {:#x} is batched twice", entry.entry_id));
+        }
+        BatchEvent::Closed { totals, .. } => {
+            let captured: i64 =
+                state.entries.iter().filter(|e| e.kind == EntryKind::Capture).map(|e| e.amount.minor).sum();
+            let refunded: i64 =
+                state.entries.iter().filter(|e| e.kind == EntryKind::Refund).map(|e| e.amount.minor).sum();
+            if totals.captured.minor != captured
+                || totals.refunded.minor != refunded
+                || totals.net.minor != captured - refunded - totals.fees.minor
+            {
+                return Err("the closing totals are not the batch's entries".into());
+            }
+        }
+        _ => {}
+    }
+    apply_batch(state, event);
+    Ok(())
+}
+
 /// # Panics
 /// On an event that cannot follow the state (events are facts).
 pub fn apply_batch(state: &mut BatchState, event: &BatchEvent) {
@@ -224,5 +253,50 @@ pub fn apply_batch(state: &mut BatchState, event: &BatchEvent) {
             );
             state.closed = Some((*totals, *closed_at));
         }
+    }
+}
+
+#[cfg(test)]
+mod try_apply_tests {
+    use super::*;
+    use crate::{Currency, MerchantId, PaymentId};
+
+    fn eur(minor: i64) -> Money {
+        Money::new(minor, Currency::from_code("EUR").unwrap())
+    }
+
+    #[test]
+    fn events_that_cannot_follow_are_refused_and_change_nothing() {
+        let key =
+            BatchKey { provider: "acq-alpha".into(), merchant_id: MerchantId::from_u128(1), currency: eur(0).currency };
+        let opened = BatchEvent::Opened { batch_id: BatchId::from_u128(7), key, opened_at: Timestamp(1) };
+        let entry = SettlementEntry {
+            entry_id: 9,
+            payment_id: PaymentId::from_u128(3),
+            kind: EntryKind::Capture,
+            amount: eur(500),
+        };
+        let added = BatchEvent::EntryAdded { entry };
+        let mut state = BatchState::default();
+        assert!(try_apply_batch(&mut state, &added).unwrap_err().contains("not open"));
+        assert_eq!(state, BatchState::default());
+        try_apply_batch(&mut state, &opened).unwrap();
+        assert!(try_apply_batch(&mut state, &opened).unwrap_err().contains("twice"));
+        try_apply_batch(&mut state, &added).unwrap();
+        assert!(try_apply_batch(&mut state, &added).unwrap_err().contains("batched twice"));
+        let totals = |captured| BatchTotals {
+            captured: eur(captured),
+            refunded: eur(0),
+            fees: eur(40),
+            net: eur(captured - 40),
+            entries: 1,
+        };
+        let before = state.clone();
+        assert!(
+            try_apply_batch(&mut state, &BatchEvent::Closed { totals: totals(600), closed_at: Timestamp(2) }).is_err()
+        );
+        assert_eq!(state, before);
+        try_apply_batch(&mut state, &BatchEvent::Closed { totals: totals(500), closed_at: Timestamp(2) }).unwrap();
+        assert!(try_apply_batch(&mut state, &added).is_err());
     }
 }

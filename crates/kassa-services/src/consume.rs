@@ -1,7 +1,7 @@
 //! What every consumer of the bus does the same way: find the position it
 //! stored, and take messages in batches.
 
-use kassa_bus::{Bus, Message, Subscription, SubscriptionConfig};
+use kassa_bus::{Bus, BusError, Message, Subscription, SubscriptionConfig};
 use kassa_eventlog::{AppendRequest, EventLog, LogError, NewEvent, Table};
 use std::sync::Arc;
 use tokio::sync::watch;
@@ -32,6 +32,43 @@ pub fn id_key(prefix: &str, id: u128) -> Vec<u8> {
     let mut key = prefix.as_bytes().to_vec();
     key.extend_from_slice(&id.to_be_bytes());
     key
+}
+
+/// Fetches in a row that find nothing (each waits up to 1 s) before reading a range gives up.
+pub const RANGE_EMPTY_FETCHES_MAX: u32 = 30;
+
+/// Why a range of a topic could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum RangeError {
+    #[error(transparent)]
+    Bus(#[from] BusError),
+    #[error("{topic} partition {partition} ends at {end} but nothing can be read from {next} on")]
+    Stuck { topic: String, partition: u32, next: u64, end: u64 },
+}
+
+/// The next messages of `topic`/`partition` in `next..end` (a replay up to an
+/// end taken before it began). Waits for them: a fetch that finds nothing is
+/// retried, up to [`RANGE_EMPTY_FETCHES_MAX`] in a row, counted in `empty_fetches`.
+pub async fn fetch_range(
+    bus: &dyn Bus,
+    topic: &str,
+    partition: u32,
+    next: u64,
+    end: u64,
+    empty_fetches: &mut u32,
+) -> Result<Vec<Message>, RangeError> {
+    loop {
+        let messages = bus.fetch(topic, partition, next, 1024, std::time::Duration::from_secs(1)).await?;
+        let messages: Vec<_> = messages.into_iter().filter(|m| m.offset >= next && m.offset < end).collect();
+        if !messages.is_empty() {
+            *empty_fetches = 0;
+            return Ok(messages);
+        }
+        *empty_fetches += 1;
+        if *empty_fetches >= RANGE_EMPTY_FETCHES_MAX {
+            return Err(RangeError::Stuck { topic: topic.to_owned(), partition, next, end });
+        }
+    }
 }
 
 /// Subscribe to `topic`/`partition` from the offset stored under `key`.

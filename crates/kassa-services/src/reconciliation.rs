@@ -19,7 +19,7 @@ use crate::topics::{PAYMENT_COMMANDS, SETTLEMENT_EVENTS};
 use kassa_bus::{Bus, Message};
 use kassa_codec::{EventPayload, decode_frame, decode_value, encode_value};
 use kassa_domain::reconciliation::{Reconciliation, reconcile};
-use kassa_domain::settlement::{BatchEvent, BatchState, EntryKind, SettlementEntry, apply_batch};
+use kassa_domain::settlement::{BatchEvent, BatchState, EntryKind, SettlementEntry, try_apply_batch};
 use kassa_domain::{BatchId, MerchantId, ReportId, Timestamp};
 use kassa_eventlog::{AppendRequest, EventLog, LogError, NewEvent, StateWrite, Table};
 use kassa_providers::Connector;
@@ -167,7 +167,10 @@ impl ReconciliationService {
             if duplicate {
                 continue;
             }
-            apply_batch(batch, &event);
+            if let Err(reason) = try_apply_batch(batch, &event) {
+                tracing::error!(partition, offset = message.offset, %batch_id, %reason, "settlement event skipped");
+                continue;
+            }
             match event {
                 BatchEvent::EntryAdded { entry } => new_entries.entry(batch_id).or_default().push(entry),
                 BatchEvent::Closed { .. } => closed_now.push(batch_id),
@@ -290,8 +293,11 @@ impl ReconciliationService {
                 unexpected = result.unexpected.len(), error = ?provider_error, "reconciliation found discrepancies");
         }
         let created_at = self.clock.now();
+        // Named by its batch and the batch's close: reconciling the batch again
+        // (a rebuild) makes the same report, and the same commands.
+        let closed_at = batch.closed.map_or(created_at, |(_, closed_at)| closed_at);
         ReconciliationReport {
-            report_id: ReportId::from_parts(created_at.unix_ms() as u64, derived_id(batch_id.as_u128(), "report", 0)),
+            report_id: ReportId::from_parts(closed_at.unix_ms() as u64, derived_id(batch_id.as_u128(), "report", 0)),
             batch_id,
             provider: key.provider,
             merchant_id: key.merchant_id,

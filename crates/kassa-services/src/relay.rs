@@ -28,6 +28,12 @@ fn position_key(topic: &str) -> Vec<u8> {
     format!("relay/{topic}").into_bytes()
 }
 
+/// The write that records `position` as the last one published to `topic`
+/// (a rebuild that replayed what the topic holds already).
+pub fn relayed_write(topic: &str, position: u64) -> StateWrite {
+    StateWrite { table: Table::Positions, key: position_key(topic), value: Some(position.to_be_bytes().to_vec()) }
+}
+
 /// The last log position published to `topic` (0: none).
 pub fn relayed_position(log: &EventLog, topic: &str) -> Result<u64, kassa_eventlog::LogError> {
     crate::consume::stored_offset(log, &position_key(topic))

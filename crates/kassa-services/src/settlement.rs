@@ -12,15 +12,16 @@
 //! with the consumed offsets in one append.
 
 use crate::batch_store::{batch_writes, load_batch};
-use crate::consume::{append_in_chunks, id_key, next_batch, resume_subscription};
+use crate::consume::{RangeError, append_in_chunks, fetch_range, id_key, next_batch, resume_subscription};
 use crate::messages::PaymentCommandMessage;
-use crate::relay::{RelayConfig, run_relay};
+use crate::relay::{RelayConfig, relayed_write, run_relay};
 use crate::runtime::{Clock, derived_id};
 use crate::topics::{PAYMENT_COMMANDS, PAYMENT_EVENTS, SETTLEMENT_EVENTS};
 use kassa_bus::{Bus, Message};
 use kassa_codec::{EventPayload, decode_frame, decode_value, encode_value};
 use kassa_domain::settlement::{
-    BatchCommand, BatchKey, BatchState, EntryKind, FeeSchedule, SettlementEntry, apply_batch, decide_batch,
+    BatchCommand, BatchEvent, BatchKey, BatchState, EntryKind, FeeSchedule, SettlementEntry, apply_batch, decide_batch,
+    try_apply_batch,
 };
 use kassa_domain::{BatchId, Currency, MerchantId, PaymentEvent, PaymentId};
 use kassa_eventlog::{AppendRequest, EventLog, LogError, NewEvent, StateWrite, Table};
@@ -230,6 +231,135 @@ impl SettlementService {
     }
 }
 
+/// Why settlement could not be rebuilt from the topics.
+#[derive(Debug, thiserror::Error)]
+pub enum RebuildError {
+    #[error("the settlement log to rebuild into is not empty (it holds {0} events): rebuild into a new one")]
+    NotEmpty(u64),
+    #[error("reading {SETTLEMENT_EVENTS}: {0}")]
+    Range(#[from] RangeError),
+    #[error(transparent)]
+    Bus(#[from] kassa_bus::BusError),
+    #[error("writing the rebuilt state: {0}")]
+    Log(#[from] LogError),
+    #[error("{SETTLEMENT_EVENTS} {partition}@{offset}: {reason}; the batches cannot be rebuilt from this topic")]
+    Bad { partition: u32, offset: u64, reason: String },
+}
+
+/// What a rebuild restored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rebuilt {
+    /// Batch events replayed (re-published copies dropped).
+    pub events: u64,
+    pub batches: u64,
+    /// Of them, still open (they close at the next cut-off).
+    pub open: u64,
+}
+
+impl SettlementService {
+    /// Rebuild settlement's batches into an empty `log` from `settlement.events`,
+    /// where its relay published every batch event (for a lost or suspect disk).
+    /// Each batch's events keep their ids and order, and the relays start past
+    /// them (nothing is published again). What batches were made of is then
+    /// known; the service, started on this log, follows `payments.events` from
+    /// the start again to learn each payment's merchant, currency and provider,
+    /// and adds only the captures and refunds no batch holds yet.
+    pub async fn rebuild(log: &EventLog, bus: &dyn Bus) -> Result<Rebuilt, RebuildError> {
+        if log.head_position() > 0 {
+            return Err(RebuildError::NotEmpty(log.head_position()));
+        }
+        let mut rebuilt = Rebuilt { events: 0, batches: 0, open: 0 };
+        for partition in 0..bus.partitions(SETTLEMENT_EVENTS)? {
+            let end = bus.end_offset(SETTLEMENT_EVENTS, partition)?;
+            // A batch's events are all on one partition, in order: batches of this partition until closed.
+            let mut batches: HashMap<BatchId, BatchState> = HashMap::new();
+            // Batches closed and written: any later event of theirs is a re-published copy.
+            let mut closed: std::collections::HashSet<BatchId> = Default::default();
+            let (mut next, mut empty_fetches) = (0, 0);
+            while next < end {
+                let messages = fetch_range(bus, SETTLEMENT_EVENTS, partition, next, end, &mut empty_fetches).await?;
+                let mut events = Vec::with_capacity(messages.len());
+                let mut writes = Vec::new();
+                let mut changed: BTreeMap<BatchId, Vec<SettlementEntry>> = BTreeMap::new();
+                for message in messages {
+                    next = message.offset + 1;
+                    let bad = |reason: String| RebuildError::Bad { partition, offset: message.offset, reason };
+                    let envelope = decode_frame(&message.payload).map_err(|e| bad(e.to_string()))?;
+                    let event = BatchEvent::decode_payload(&envelope.event_type, &envelope.payload)
+                        .map_err(|e| bad(format!("{}: {e}", envelope.event_type)))?;
+                    let batch_id = BatchId::from_u128(envelope.stream_id);
+                    if closed.contains(&batch_id) {
+                        continue;
+                    }
+                    let batch = batches.entry(batch_id).or_default();
+                    let duplicate = match &event {
+                        BatchEvent::Opened { .. } => batch.key.is_some(),
+                        BatchEvent::EntryAdded { entry } => batch.entry_ids.contains(&entry.entry_id),
+                        BatchEvent::Closed { .. } => batch.closed.is_some(),
+                    };
+                    if duplicate {
+                        continue;
+                    }
+                    try_apply_batch(batch, &event).map_err(|reason| bad(format!("batch {batch_id}: {reason}")))?;
+                    let new_entries = changed.entry(batch_id).or_default();
+                    match &event {
+                        BatchEvent::Opened { key, .. } => {
+                            writes.push(StateWrite {
+                                table: Table::State,
+                                key: open_key(key),
+                                value: Some(batch_id.as_u128().to_be_bytes().to_vec()),
+                            });
+                            writes.push(StateWrite {
+                                table: Table::State,
+                                key: merchant_batches_key(key.merchant_id, batch_id),
+                                value: Some(Vec::new()),
+                            });
+                        }
+                        BatchEvent::EntryAdded { entry } => {
+                            writes.push(StateWrite {
+                                table: Table::State,
+                                key: id_key("entry/", entry.entry_id),
+                                value: Some(batch_id.as_u128().to_be_bytes().to_vec()),
+                            });
+                            new_entries.push(entry.clone());
+                        }
+                        BatchEvent::Closed { .. } => {
+                            let key = batch.key.as_ref().expect("a closed batch was opened");
+                            writes.push(StateWrite { table: Table::State, key: open_key(key), value: None });
+                        }
+                    }
+                    events.push(NewEvent {
+                        event_id: envelope.event_id,
+                        event_type: envelope.event_type,
+                        stream_id: envelope.stream_id,
+                        timestamp_ms: envelope.timestamp_ms,
+                        causation_id: envelope.causation_id,
+                        correlation_id: envelope.correlation_id,
+                        payload: envelope.payload,
+                    });
+                }
+                for (batch_id, new_entries) in &changed {
+                    writes.extend(batch_writes(&batches[batch_id], new_entries));
+                    if batches[batch_id].closed.is_some() {
+                        batches.remove(batch_id);
+                        closed.insert(*batch_id);
+                        rebuilt.batches += 1;
+                    }
+                }
+                rebuilt.events += events.len() as u64;
+                log.append(AppendRequest { events, expected: Vec::new(), writes }).await?;
+            }
+            rebuilt.batches += batches.len() as u64;
+            rebuilt.open += batches.len() as u64;
+        }
+        // The relays start past what was replayed: it is on the topics already.
+        let head = log.head_position();
+        let writes = vec![relayed_write(SETTLEMENT_EVENTS, head), relayed_write(PAYMENT_COMMANDS, head)];
+        log.append(AppendRequest { writes, ..Default::default() }).await?;
+        Ok(rebuilt)
+    }
+}
+
 struct Actor {
     service: Arc<SettlementService>,
     infos: HashMap<PaymentId, PaymentInfo>,
@@ -330,6 +460,13 @@ impl Actor {
             if let (Some(entry), Some(merchant_id), Some(currency), Some(provider)) =
                 (entry, info.merchant_id, info.currency, info.provider.clone())
             {
+                let entry_key = id_key("entry/", entry.entry_id);
+                if self.service.log.get(Table::State, &entry_key)?.is_some() {
+                    // Batched already (a replay of payments.events after a rebuild):
+                    // no batch opens for it.
+                    changed_infos.insert(payment_id, info);
+                    continue;
+                }
                 let key = BatchKey { provider, merchant_id, currency };
                 let mut batch = match changed_batches.remove(&key) {
                     Some(batch) => batch,
@@ -363,31 +500,28 @@ impl Actor {
                     });
                 }
                 let batch_id = batch.batch_id.expect("opened above");
-                let entry_key = id_key("entry/", entry.entry_id);
-                if self.service.log.get(Table::State, &entry_key)?.is_none() {
-                    match decide_batch(&batch, BatchCommand::Add { entry: entry.clone() }, now) {
-                        Ok(added) => {
-                            for event in added {
-                                apply_batch(&mut batch, &event);
-                                self.record(
-                                    &mut events,
-                                    batch_id.as_u128(),
-                                    entry.entry_id,
-                                    1,
-                                    event.event_type(),
-                                    event.encode_payload(),
-                                );
-                            }
-                            writes.push(StateWrite {
-                                table: Table::State,
-                                key: entry_key,
-                                value: Some(batch_id.as_u128().to_be_bytes().to_vec()),
-                            });
-                            new_entries.entry(key.clone()).or_default().push(entry.clone());
+                match decide_batch(&batch, BatchCommand::Add { entry: entry.clone() }, now) {
+                    Ok(added) => {
+                        for event in added {
+                            apply_batch(&mut batch, &event);
+                            self.record(
+                                &mut events,
+                                batch_id.as_u128(),
+                                entry.entry_id,
+                                1,
+                                event.event_type(),
+                                event.encode_payload(),
+                            );
                         }
-                        Err(rejection) => {
-                            tracing::error!(entry = entry.entry_id, %rejection, "entry not batched; needs an operator")
-                        }
+                        writes.push(StateWrite {
+                            table: Table::State,
+                            key: entry_key,
+                            value: Some(batch_id.as_u128().to_be_bytes().to_vec()),
+                        });
+                        new_entries.entry(key.clone()).or_default().push(entry.clone());
+                    }
+                    Err(rejection) => {
+                        tracing::error!(entry = entry.entry_id, %rejection, "entry not batched; needs an operator")
                     }
                 }
                 changed_batches.insert(key, batch);

@@ -1,6 +1,8 @@
 //! Settlement batching over the real bus and logs: captures and refunds land
 //! in one batch per provider, merchant and currency; a cut-off closes it with
-//! exact totals and records every captured payment settled once.
+//! exact totals and records every captured payment settled once. Then the
+//! disks of settlement and reconciliation are lost, and both rebuild from the
+//! topics: the same batches, the same report, nothing settled twice.
 
 mod common;
 
@@ -73,7 +75,7 @@ async fn a_cutoff_closes_exact_batches_and_settles_each_payment_once() {
         "acq-alpha",
         SimulatorConfig { latency_ms_min: 1, latency_ms_max: 3, seed: 3 },
     ));
-    let providers: Vec<Arc<dyn Connector>> = vec![sim];
+    let providers: Vec<Arc<dyn Connector>> = vec![Arc::clone(&sim) as Arc<dyn Connector>];
     let authorization = Arc::new(AuthorizationService::new(
         Arc::new(EventLog::open(dir.path().join("authorization"), LogConfig::default()).unwrap()),
         bus.clone(),
@@ -193,6 +195,117 @@ async fn a_cutoff_closes_exact_batches_and_settles_each_payment_once() {
         assert_eq!(state.report_id, Some(report.report_id));
     }
 
+    // A fourth payment's capture waits in an open batch.
+    let pay = |i: u128, amount: i64| {
+        let payment_id = PaymentId::from_parts(1_795_651_200_000, i);
+        let card = CardDetails::parse("4242424242424242", 12, 2030, "123", Timestamp(1_795_651_200_000)).unwrap();
+        let summary = card.summarize(b"k");
+        vault.put(payment_id, card).unwrap();
+        let request = PaymentCommandMessage::Requested(PaymentRequested {
+            payment_id,
+            merchant_id: MerchantId::from_u128(MERCHANT),
+            amount: eur(amount),
+            card: summary,
+            capture: true,
+            reference: None,
+            metadata: BTreeMap::new(),
+            requested_at: Timestamp(1_795_651_200_000),
+        });
+        (payment_id, request)
+    };
+    let (fourth, request) = pay(4, 700);
+    send(&bus, 104, request).await;
+    until(&bus, fourth, |s| s.stage == Stage::Captured).await;
+    let merchant = MerchantId::from_u128(MERCHANT);
+    let before = loop {
+        let batches = settlement.batches(merchant, 10).unwrap();
+        if batches.len() == 2 && batches.iter().any(|b| b.is_open() && b.entries.len() == 1) {
+            break batches;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    stop.send(true).unwrap();
+    for task in tasks {
+        let _ = task.await;
+    }
+    drop((authorization, settlement, reconciliation));
+
+    // The disks of settlement and reconciliation are lost: both rebuild from the topics.
+    let log = Arc::new(EventLog::open(dir.path().join("settlement-rebuilt"), LogConfig::default()).unwrap());
+    let rebuilt = SettlementService::rebuild(&log, bus.as_ref()).await.unwrap();
+    assert_eq!((rebuilt.batches, rebuilt.open), (2, 1), "{rebuilt:?}");
+    assert!(SettlementService::rebuild(&log, bus.as_ref()).await.unwrap_err().to_string().contains("not empty"));
+    let config = SettlementConfig { cutoff_interval_ms: 0, ..SettlementConfig::default() };
+    let settlement = Arc::new(SettlementService::new(log, bus.clone(), Arc::new(SystemClock), config));
+    assert_eq!(settlement.batches(merchant, 10).unwrap(), before, "the rebuilt batches differ");
+    let reconciliation = Arc::new(ReconciliationService::new(
+        Arc::new(EventLog::open(dir.path().join("reconciliation-rebuilt"), LogConfig::default()).unwrap()),
+        bus.clone(),
+        vec![Arc::clone(&sim) as Arc<dyn Connector>],
+        Arc::new(SystemClock),
+        ReconciliationConfig { retry_delay_ms: 50, ..ReconciliationConfig::default() },
+    ));
+    // Its stopped readers let go of the log a moment later.
+    let mut authorization_log = EventLog::open(dir.path().join("authorization"), LogConfig::default());
+    for _ in 0..100 {
+        if authorization_log.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        authorization_log = EventLog::open(dir.path().join("authorization"), LogConfig::default());
+    }
+    let authorization = Arc::new(AuthorizationService::new(
+        Arc::new(authorization_log.unwrap()),
+        bus.clone(),
+        vec![Arc::clone(&sim) as Arc<dyn Connector>],
+        Arc::clone(&vault),
+        Arc::new(SystemClock),
+        AuthorizationConfig::default(),
+    ));
+    let (stop, stop_rx) = watch::channel(false);
+    let mut tasks = authorization.spawn(stop_rx.clone()).unwrap();
+    tasks.extend(settlement.spawn(stop_rx.clone()).unwrap());
+    tasks.extend(reconciliation.spawn(stop_rx).unwrap());
+
+    // Reconciliation, replaying settlement.events, makes the same report again.
+    let mut again = None;
+    for _ in 0..500 {
+        if let Some(found) = reconciliation.reports(merchant, 10).unwrap().into_iter().next() {
+            again = Some(found);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let again = again.expect("the report made again");
+    assert_eq!((again.report_id, &again.result), (report.report_id, &report.result));
+
+    // A fifth capture joins the open batch; the cut-off settles the fourth and fifth, once.
+    let (fifth, request) = pay(5, 800);
+    send(&bus, 105, request).await;
+    until(&bus, fifth, |s| s.stage == Stage::Captured).await;
+    for _ in 0..500 {
+        if settlement.batches(merchant, 10).unwrap().iter().any(|b| b.is_open() && b.entries.len() == 2) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let after = settlement.batches(merchant, 10).unwrap();
+    assert_eq!(after.len(), 2, "a replay of payments.events opened a batch: {after:?}");
+    assert_eq!(after.iter().find(|b| !b.is_open()), before.iter().find(|b| !b.is_open()));
+    let open = after.iter().find(|b| b.is_open()).expect("the open batch");
+    let mut in_open: Vec<PaymentId> = open.entries.iter().map(|e| e.payment_id).collect();
+    in_open.sort();
+    assert_eq!(in_open, vec![fourth, fifth], "batched twice: {open:?}");
+    assert_eq!(open.captured_minor, 700 + 800);
+    let closed_again = settlement.cutoff().await.unwrap();
+    assert_eq!(closed_again.len(), 1);
+    for payment in [fourth, fifth] {
+        let state = until(&bus, payment, |s| matches!(s.stage, Stage::Settled | Stage::Reconciled)).await;
+        assert_eq!(state.batch_id, Some(closed_again[0]));
+    }
+    for payment in &payments {
+        assert_eq!(stage_of(&bus, *payment).await.batch_id, Some(closed[0]), "{payment} settled twice");
+    }
     stop.send(true).unwrap();
     for task in tasks {
         let _ = task.await;

@@ -76,9 +76,11 @@ pub struct ServiceArgs {
     /// (settle) Close open settlement batches this often, in seconds (0: only when asked). [default: 3600]
     #[arg(long, env = "KASSA_CUTOFF_INTERVAL_S")]
     pub cutoff_interval_s: Option<u64>,
-    /// (authorize) Rebuild this instance's state from the topics, for a lost or suspect disk: its event
-    /// log is moved aside (to DATA_DIR/authorization.before-rebuild-UNIXTIME, kept for inspection) and
-    /// each partition the group gives it is replayed from `authorization.changelog` from the start.
+    /// (authorize, settle, reconcile) Rebuild this instance's state from the topics, for a lost or
+    /// suspect disk. Its event log is moved aside (to DATA_DIR/SERVICE.before-rebuild-UNIXTIME, kept for
+    /// inspection). authorize replays each partition the group gives it from `authorization.changelog`;
+    /// settle replays its batches from `settlement.events`, then follows `payments.events` from the start;
+    /// reconcile follows `settlement.events` from the start, asking for each closed batch's report again.
     #[arg(long)]
     pub rebuild: bool,
 }
@@ -95,10 +97,9 @@ pub fn run(service: Service, args: ServiceArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&dir).with_context(|| format!("creating the data directory {}", dir.display()))?;
     if args.rebuild {
         anyhow::ensure!(
-            service == Service::Authorize,
-            "--rebuild is built for `kassa authorize` only so far (its state is replayed from \
-             authorization.changelog); `kassa {}` cannot rebuild yet",
-            service.command()
+            service != Service::Ingest,
+            "--rebuild is not built for `kassa ingest` yet: its merchants, API keys and idempotency keys live \
+             only in its own log (no topic holds them); keep a copy of its data directory"
         );
         let current = dir.join(service.log_name());
         if current.exists() {
@@ -106,7 +107,7 @@ pub fn run(service: Service, args: ServiceArgs) -> anyhow::Result<()> {
             let aside = dir.join(format!("{}.before-rebuild-{unix_s}", service.log_name()));
             std::fs::rename(&current, &aside)
                 .with_context(|| format!("moving {} aside to {}", current.display(), aside.display()))?;
-            println!("rebuild: the old log is kept at {}; replaying the changelog", aside.display());
+            println!("rebuild: the old log is kept at {}", aside.display());
         }
     }
     let log = wiring::open_log(&dir, service.log_name())?;
@@ -174,6 +175,14 @@ pub fn run(service: Service, args: ServiceArgs) -> anyhow::Result<()> {
                     .merge(kassa_services::http::routing_router(authorization, clock, &admin_token))
             }
             Service::Settle => {
+                if args.rebuild {
+                    let rebuilt = SettlementService::rebuild(&log, bus.as_ref()).await?;
+                    println!(
+                        "rebuild: {} batches ({} open) from {} events of settlement.events; following \
+                         payments.events from the start",
+                        rebuilt.batches, rebuilt.open, rebuilt.events
+                    );
+                }
                 let cutoff_interval_s = args.cutoff_interval_s.or(config.cutoff_interval_s).unwrap_or(3600);
                 let settlement = Arc::new(SettlementService::new(
                     log,

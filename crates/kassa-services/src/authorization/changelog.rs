@@ -26,7 +26,7 @@
 //! if it is an older one, it was a zombie's late record. Replays skip records
 //! of an epoch older than the latest claim.
 
-use crate::consume::{position_write, stored_offset};
+use crate::consume::{RangeError, fetch_range, position_write, stored_offset};
 use crate::topics::AUTHORIZATION_CHANGELOG;
 use kassa_bus::{Bus, BusError, Record, partition_for};
 use kassa_codec::{decode_value, encode_value};
@@ -36,9 +36,6 @@ use std::time::Duration;
 
 /// Format version of a changelog record (the first byte).
 const VERSION: u8 = 1;
-
-/// Fetches in a row that find nothing (each waits up to 1 s) before a restore gives up.
-const RESTORE_EMPTY_FETCHES_MAX: u32 = 30;
 
 /// Events replayed into one append, at most.
 const RESTORE_EVENTS_PER_APPEND_MAX: usize = 2048;
@@ -204,8 +201,8 @@ pub enum RestoreError {
     Log(#[from] LogError),
     #[error("changelog record {partition}@{offset} is unreadable ({reason}); the partition cannot be restored")]
     Corrupt { partition: u32, offset: u64, reason: String },
-    #[error("the changelog of partition {partition} ends at {end} but nothing can be read from {next} on")]
-    Stuck { partition: u32, next: u64, end: u64 },
+    #[error(transparent)]
+    Range(#[from] RangeError),
 }
 
 /// How far a replay got.
@@ -219,9 +216,7 @@ pub struct Restored {
     pub epoch: u64,
 }
 
-/// The next records of `partition` in `next..end`, decoded, with their
-/// offsets. Waits for them (a fetch that finds nothing is retried, up to
-/// [`RESTORE_EMPTY_FETCHES_MAX`] in a row, counted in `empty_fetches`).
+/// The next records of `partition` in `next..end`, decoded, with their offsets.
 async fn read_records(
     bus: &dyn Bus,
     partition: u32,
@@ -229,29 +224,15 @@ async fn read_records(
     end: u64,
     empty_fetches: &mut u32,
 ) -> Result<Vec<(u64, Decoded)>, RestoreError> {
-    loop {
-        let messages = bus.fetch(AUTHORIZATION_CHANGELOG, partition, next, 1024, Duration::from_secs(1)).await?;
-        let messages: Vec<_> = messages.into_iter().filter(|m| m.offset >= next && m.offset < end).collect();
-        if messages.is_empty() {
-            *empty_fetches += 1;
-            if *empty_fetches >= RESTORE_EMPTY_FETCHES_MAX {
-                return Err(RestoreError::Stuck { partition, next, end });
-            }
-            continue;
-        }
-        *empty_fetches = 0;
-        return messages
-            .into_iter()
-            .map(|m| {
-                let record = decode(&m.payload).map_err(|reason| RestoreError::Corrupt {
-                    partition,
-                    offset: m.offset,
-                    reason,
-                })?;
-                Ok((m.offset, record))
-            })
-            .collect();
-    }
+    let messages = fetch_range(bus, AUTHORIZATION_CHANGELOG, partition, next, end, empty_fetches).await?;
+    messages
+        .into_iter()
+        .map(|m| {
+            let record =
+                decode(&m.payload).map_err(|reason| RestoreError::Corrupt { partition, offset: m.offset, reason })?;
+            Ok((m.offset, record))
+        })
+        .collect()
 }
 
 /// Replay `partition`'s changelog into `log`, from the offset stored there to
