@@ -59,8 +59,9 @@ pub struct UpArgs {
 pub fn topics() -> Vec<TopicSpec> {
     vec![
         TopicSpec::new(PAYMENT_COMMANDS, PARTITIONS),
-        TopicSpec::new(PAYMENT_EVENTS, PARTITIONS),
-        TopicSpec::new(SETTLEMENT_EVENTS, PARTITIONS),
+        // Replayed from the start by `settle|reconcile --rebuild`: created with retention off.
+        TopicSpec::kept_forever(PAYMENT_EVENTS, PARTITIONS),
+        TopicSpec::kept_forever(SETTLEMENT_EVENTS, PARTITIONS),
         TopicSpec::new(PROVIDER_HEALTH, PARTITIONS),
         // As many partitions as payments.commands: partition p's commits go to partition p.
         // Replayed from the start by a new owner or --rebuild: created with retention off.
