@@ -13,6 +13,12 @@ mod wiring;
 use clap::{Parser, Subcommand};
 use std::io::IsTerminal;
 
+/// mimalloc instead of the system allocator: the pipeline allocates and frees
+/// many small buffers across threads, where glibc's malloc spent ~17% of the
+/// CPU (BENCHMARKS.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser, Debug)]
 #[command(name = "kassa", version, about = "Kassa: an event-sourced payment transaction engine")]
 struct Cli {
