@@ -35,7 +35,19 @@ async fn close(bus: Arc<KafkaBus>) {
 async fn read_all(bus: &KafkaBus, topic: &str, partition: u32, from: u64) -> Vec<kassa_bus::Message> {
     let mut out = Vec::new();
     let mut next = from;
-    let end = bus.end_offset(topic, partition).unwrap();
+    // Right after a broker restart the client may still be reconnecting: a
+    // watermark query can time out then, and is asked again (bounded).
+    let mut attempts = 0;
+    let end = loop {
+        match bus.end_offset(topic, partition) {
+            Ok(end) => break end,
+            Err(error) if attempts < 5 => {
+                attempts += 1;
+                eprintln!("{topic}/{partition}: {error}; asking again");
+            }
+            Err(error) => panic!("{topic}/{partition}: {error}"),
+        }
+    };
     while next < end {
         let batch = bus.fetch(topic, partition, next, 100, Duration::from_secs(5)).await.unwrap();
         assert!(!batch.is_empty(), "{topic}/{partition}: nothing at {next} though the end is {end}");
