@@ -203,6 +203,7 @@ pub fn run(service: Service, args: ServiceArgs) -> anyhow::Result<()> {
             }
         };
         let name = service.command();
+        let signal = wiring::stop_signal(&tasks);
         match listen {
             Some(listen) => {
                 let listener = wiring::bind(listen, &dir).await?;
@@ -210,19 +211,16 @@ pub fn run(service: Service, args: ServiceArgs) -> anyhow::Result<()> {
                 ready.store(true, Ordering::Release);
                 tracing::info!(service = name, %listen, data_dir = %dir.display(), "kassa service is up");
                 println!("kassa {name} is up on http://{listen}");
-                axum::serve(listener, app)
-                    .with_graceful_shutdown(wiring::shutdown_signal())
-                    .await
-                    .context("serving HTTP")?;
+                axum::serve(listener, app).with_graceful_shutdown(signal.stopped).await.context("serving HTTP")?;
             }
             None => {
                 tracing::info!(service = name, data_dir = %dir.display(), "kassa service is up");
                 println!("kassa {name} is up (no HTTP API; pass --listen for its operator API)");
-                wiring::shutdown_signal().await;
+                signal.stopped.await;
             }
         }
         wiring::stop_all(stop_tx, tasks).await;
-        anyhow::Ok(())
+        wiring::check_stopped(&signal.task_ended)
     })?;
     drop(runtime);
     tracing::info!("stopped");

@@ -170,9 +170,10 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
         ready.store(true, Ordering::Release);
         tracing::info!(listen = %listen, data_dir = %dir.display(), "kassa is up");
         println!("kassa is up on http://{}", listen);
-        axum::serve(listener, app).with_graceful_shutdown(wiring::shutdown_signal()).await.context("serving HTTP")?;
+        let signal = wiring::stop_signal(&tasks);
+        axum::serve(listener, app).with_graceful_shutdown(signal.stopped).await.context("serving HTTP")?;
         wiring::stop_all(stop_tx, tasks).await;
-        anyhow::Ok(())
+        wiring::check_stopped(&signal.task_ended)
     })?;
     // Dropping the runtime drops the last handles on the logs and the bus, which
     // joins their writer threads: everything acknowledged is on disk.

@@ -225,6 +225,54 @@ pub async fn stop_all(stop: watch::Sender<bool>, tasks: Vec<JoinHandle<()>>) {
     }
 }
 
+/// What stops a running Kassa: a signal, or a service task that ended on its own.
+pub struct StopSignal {
+    /// Resolves on SIGTERM or Ctrl-C, or when one of the watched tasks ends.
+    pub stopped: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
+    /// Whether a task ended on its own (then Kassa exits non-zero).
+    pub task_ended: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// Resolves on SIGTERM or Ctrl-C — or when one of `tasks` ends by itself. A
+/// service task ends early only on an error it cannot recover from in place
+/// (its log refused a write, its stored position cannot be read, its consumer
+/// group is gone). Kassa then stops as a whole and exits non-zero, so its
+/// supervisor restarts it and every service resumes from its log, rather than
+/// answering on with one service stopped.
+pub fn stop_signal(tasks: &[JoinHandle<()>]) -> StopSignal {
+    let handles: Vec<tokio::task::AbortHandle> = tasks.iter().map(JoinHandle::abort_handle).collect();
+    let task_ended = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = Arc::clone(&task_ended);
+    let stopped = Box::pin(async move {
+        let ended = async {
+            loop {
+                if handles.iter().any(tokio::task::AbortHandle::is_finished) {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        };
+        tokio::select! {
+            () = shutdown_signal() => {}
+            () = ended => {
+                tracing::error!("a service stopped on an error (logged above); stopping Kassa so that it restarts");
+                flag.store(true, std::sync::atomic::Ordering::Release);
+            }
+        }
+    });
+    StopSignal { stopped, task_ended }
+}
+
+/// After [`stop_all`]: an error if a task had ended by itself.
+pub fn check_stopped(signal_flag: &std::sync::atomic::AtomicBool) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        !signal_flag.load(std::sync::atomic::Ordering::Acquire),
+        "a service stopped on an error (see the log above); Kassa stopped the others and exits so it can be \
+         restarted: every service resumes from its event log"
+    );
+    Ok(())
+}
+
 /// Resolves on SIGTERM or Ctrl-C.
 pub async fn shutdown_signal() {
     let ctrl_c = async {
@@ -247,5 +295,26 @@ pub async fn shutdown_signal() {
     tokio::select! {
         () = ctrl_c => {},
         () = terminate => {},
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_task_that_ends_by_itself_stops_kassa_and_is_an_error() {
+        let running = tokio::spawn(std::future::pending::<()>());
+        let signal = stop_signal(std::slice::from_ref(&running));
+        // Nothing ended: still running.
+        let mut stopped = signal.stopped;
+        assert!(tokio::time::timeout(Duration::from_millis(600), &mut stopped).await.is_err());
+        check_stopped(&signal.task_ended).unwrap();
+
+        let ended = tokio::spawn(async {});
+        let signal = stop_signal(&[running, ended]);
+        tokio::time::timeout(Duration::from_secs(5), signal.stopped).await.expect("stopped when a task ended");
+        let error = check_stopped(&signal.task_ended).unwrap_err().to_string();
+        assert!(error.contains("stopped on an error"), "{error}");
     }
 }
