@@ -20,6 +20,6 @@ pub use id::{AttemptId, BatchId, CaptureId, EventId, Id128, IdError, MerchantId,
 pub use money::{Money, MoneyError};
 pub use payment::{
     AuthorizationResult, DeclineCategory, PaymentCommand, PaymentEvent, PaymentRequested, PaymentState, PaymentStatus,
-    Rejection, RequestPayment, STAND_IN_CODE, Stage, apply, decide,
+    Rejection, RequestPayment, STAND_IN_CODE, Stage, apply, decide, try_apply,
 };
 pub use time::Timestamp;

@@ -599,13 +599,23 @@ pub fn decide(state: &PaymentState, command: PaymentCommand, now: Timestamp) -> 
 /// # Panics
 /// On an event that cannot follow the state, or that breaks an invariant:
 /// events are facts, so this is a bug or corruption that passed the checksum.
+/// Events from outside (another service, over the bus) go through [`try_apply`].
 pub fn apply(state: &mut PaymentState, event: &PaymentEvent) {
+    if let Err(reason) = try_apply(state, event) {
+        panic!("{reason}");
+    }
+}
+
+/// Fold one event read from outside into the state: an event that cannot
+/// follow the state is an error that says why, and changes nothing. (An event
+/// that follows but breaks an invariant is an error too, after it was folded.)
+pub fn try_apply(state: &mut PaymentState, event: &PaymentEvent) -> Result<(), String> {
     use PaymentEvent as E;
-    let bad = |state: &PaymentState| -> ! { panic!("event {event:?} cannot follow stage {:?}", state.stage) };
+    let bad = |state: &PaymentState| format!("event {event:?} cannot follow stage {:?}", state.stage);
     match event {
         E::Requested(requested) => {
             if state.stage != Stage::New {
-                bad(state)
+                return Err(bad(state));
             }
             state.request = Some(requested.clone());
             state.stage = Stage::Requested;
@@ -613,7 +623,7 @@ pub fn apply(state: &mut PaymentState, event: &PaymentEvent) {
         E::AuthorizationStarted { attempt_id, provider } => {
             let forwarding = state.stand_in_pending() && state.in_flight.attempt_id.is_none();
             if state.stage != Stage::Requested && !forwarding {
-                bad(state)
+                return Err(bad(state));
             }
             if !forwarding {
                 state.stage = Stage::Authorizing;
@@ -624,7 +634,7 @@ pub fn apply(state: &mut PaymentState, event: &PaymentEvent) {
         }
         E::Authorized { attempt_id, provider, authorization_code, amount } => {
             if state.stage != Stage::Authorizing || state.in_flight.attempt_id != Some(*attempt_id) {
-                bad(state)
+                return Err(bad(state));
             }
             state.stage = Stage::Authorized;
             state.in_flight = InFlight::default();
@@ -636,7 +646,7 @@ pub fn apply(state: &mut PaymentState, event: &PaymentEvent) {
             let from_attempt = state.stage == Stage::Authorizing && state.in_flight.attempt_id == *attempt_id;
             let without_attempt = state.stage == Stage::Requested && attempt_id.is_none();
             if !(from_attempt || without_attempt) {
-                bad(state)
+                return Err(bad(state));
             }
             state.stage = Stage::Declined;
             state.in_flight = InFlight::default();
@@ -646,7 +656,7 @@ pub fn apply(state: &mut PaymentState, event: &PaymentEvent) {
         E::AuthorizationFailed { attempt_id, .. } | E::AuthorizationReversed { attempt_id, .. } => {
             let forwarding = state.stand_in_pending();
             if !(state.stage == Stage::Authorizing || forwarding) || state.in_flight.attempt_id != Some(*attempt_id) {
-                bad(state)
+                return Err(bad(state));
             }
             if !forwarding {
                 state.stage = Stage::Requested;
@@ -656,7 +666,7 @@ pub fn apply(state: &mut PaymentState, event: &PaymentEvent) {
         E::AttemptDeclined { attempt_id, code, .. } => {
             let forwarding = state.stand_in_pending();
             if !(state.stage == Stage::Authorizing || forwarding) || state.in_flight.attempt_id != Some(*attempt_id) {
-                bad(state)
+                return Err(bad(state));
             }
             if !forwarding {
                 state.stage = Stage::Requested;
@@ -668,13 +678,13 @@ pub fn apply(state: &mut PaymentState, event: &PaymentEvent) {
             if !(state.stage == Stage::Authorizing || state.stand_in_pending())
                 || state.in_flight.attempt_id != Some(*attempt_id)
             {
-                bad(state)
+                return Err(bad(state));
             }
             state.in_flight.outcome_unknown = true;
         }
         E::AuthorizedByStandIn { amount } => {
             if state.stage != Stage::Requested {
-                bad(state)
+                return Err(bad(state));
             }
             state.stage = Stage::Authorized;
             state.provider = None;
@@ -683,7 +693,7 @@ pub fn apply(state: &mut PaymentState, event: &PaymentEvent) {
         }
         E::StandInConfirmed { attempt_id, provider, authorization_code } => {
             if !state.stand_in_pending() || state.in_flight.attempt_id != Some(*attempt_id) {
-                bad(state)
+                return Err(bad(state));
             }
             state.in_flight = InFlight::default();
             state.provider = Some(provider.clone());
@@ -691,7 +701,7 @@ pub fn apply(state: &mut PaymentState, event: &PaymentEvent) {
         }
         E::StandInDeclined { attempt_id, provider, code } => {
             if !state.stand_in_pending() || state.in_flight.attempt_id != *attempt_id {
-                bad(state)
+                return Err(bad(state));
             }
             state.stage = Stage::Declined;
             state.in_flight = InFlight::default();
@@ -702,39 +712,52 @@ pub fn apply(state: &mut PaymentState, event: &PaymentEvent) {
         }
         E::Captured { amount, .. } => {
             if !matches!(state.stage, Stage::Authorized | Stage::Captured) {
-                bad(state)
+                return Err(bad(state));
             }
             state.captured_minor += amount.minor;
             state.stage = Stage::Captured;
         }
         E::Voided { .. } => {
             if state.stage != Stage::Authorized {
-                bad(state)
+                return Err(bad(state));
             }
             state.stage = Stage::Voided;
         }
         E::Refunded { amount, .. } => {
             if !matches!(state.stage, Stage::Captured | Stage::Settled | Stage::Reconciled) {
-                bad(state)
+                return Err(bad(state));
             }
             state.refunded_minor += amount.minor;
         }
         E::Settled { batch_id } => {
             if state.stage != Stage::Captured {
-                bad(state)
+                return Err(bad(state));
             }
             state.stage = Stage::Settled;
             state.batch_id = Some(*batch_id);
         }
         E::Reconciled { report_id } => {
             if state.stage != Stage::Settled {
-                bad(state)
+                return Err(bad(state));
             }
             state.stage = Stage::Reconciled;
             state.report_id = Some(*report_id);
         }
     }
-    if let Err(broken) = state.check_invariants() {
-        panic!("invariant broken after {event:?}: {broken}");
+    state.check_invariants().map_err(|broken| format!("invariant broken after {event:?}: {broken}"))
+}
+
+#[cfg(test)]
+mod try_apply_tests {
+    use super::*;
+    use crate::ReportId;
+
+    #[test]
+    fn an_event_that_cannot_follow_is_an_error_and_changes_nothing() {
+        let mut state = PaymentState::default();
+        let reconciled = PaymentEvent::Reconciled { report_id: ReportId::from_u128(1) };
+        let reason = try_apply(&mut state, &reconciled).unwrap_err();
+        assert!(reason.contains("cannot follow stage New"), "{reason}");
+        assert_eq!(state, PaymentState::default());
     }
 }

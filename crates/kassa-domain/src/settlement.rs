@@ -200,19 +200,23 @@ pub fn try_apply_batch(state: &mut BatchState, event: &BatchEvent) -> Result<(),
         BatchEvent::EntryAdded { entry } if state.entry_ids.contains(&entry.entry_id) => {
             return Err(format!("entry {:#x} is batched twice", entry.entry_id));
         }
+        // The same checks as adding it here: currency, a positive amount, no overflow.
+        BatchEvent::EntryAdded { entry } => {
+            decide_batch(state, BatchCommand::Add { entry: entry.clone() }, Timestamp(0))
+                .map_err(|rejection| format!("entry {:#x}: {rejection}", entry.entry_id))?;
+        }
         BatchEvent::Closed { totals, .. } => {
-            let captured: i64 =
-                state.entries.iter().filter(|e| e.kind == EntryKind::Capture).map(|e| e.amount.minor).sum();
-            let refunded: i64 =
-                state.entries.iter().filter(|e| e.kind == EntryKind::Refund).map(|e| e.amount.minor).sum();
-            if totals.captured.minor != captured
-                || totals.refunded.minor != refunded
-                || totals.net.minor != captured - refunded - totals.fees.minor
+            // The running totals were checked entry by entry as they were added.
+            let net =
+                state.captured_minor.checked_sub(state.refunded_minor).and_then(|n| n.checked_sub(totals.fees.minor));
+            if totals.captured.minor != state.captured_minor
+                || totals.refunded.minor != state.refunded_minor
+                || net != Some(totals.net.minor)
             {
                 return Err("the closing totals are not the batch's entries".into());
             }
         }
-        _ => {}
+        BatchEvent::Opened { .. } => {}
     }
     apply_batch(state, event);
     Ok(())
@@ -282,6 +286,21 @@ mod try_apply_tests {
         assert_eq!(state, BatchState::default());
         try_apply_batch(&mut state, &opened).unwrap();
         assert!(try_apply_batch(&mut state, &opened).unwrap_err().contains("twice"));
+        let usd = Money::new(500, Currency::from_code("USD").unwrap());
+        let foreign = SettlementEntry {
+            entry_id: 10,
+            payment_id: PaymentId::from_u128(4),
+            kind: EntryKind::Capture,
+            amount: usd,
+        };
+        assert!(try_apply_batch(&mut state, &BatchEvent::EntryAdded { entry: foreign }).is_err());
+        let negative = SettlementEntry {
+            entry_id: 11,
+            payment_id: PaymentId::from_u128(5),
+            kind: EntryKind::Refund,
+            amount: eur(-1),
+        };
+        assert!(try_apply_batch(&mut state, &BatchEvent::EntryAdded { entry: negative }).is_err());
         try_apply_batch(&mut state, &added).unwrap();
         assert!(try_apply_batch(&mut state, &added).unwrap_err().contains("batched twice"));
         let totals = |captured| BatchTotals {

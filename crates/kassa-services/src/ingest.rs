@@ -18,7 +18,7 @@ use kassa_bus::Bus;
 use kassa_codec::{EventPayload, decode_frame, decode_value, encode_value};
 use kassa_domain::{
     CaptureId, MerchantId, PaymentCommand, PaymentEvent, PaymentId, PaymentState, RefundId, RequestPayment, apply,
-    decide,
+    decide, try_apply,
 };
 use kassa_eventlog::{AppendRequest, EventLog, NewEvent, StateWrite, Table};
 use serde::{Deserialize, Serialize};
@@ -789,7 +789,13 @@ impl IngestService {
                 match PaymentEvent::decode_payload(&envelope.event_type, &envelope.payload) {
                     Ok(event) => {
                         let data = event_data(&event);
-                        apply(&mut view.state, &event);
+                        if let Err(reason) = try_apply(&mut view.state, &event) {
+                            // A peer sent an event that cannot follow what this view holds: skip
+                            // it, and say so, rather than stop the read model.
+                            tracing::error!(%payment_id, offset = message.offset, %reason, "payment event skipped");
+                            views.insert(payment_id, view);
+                            continue;
+                        }
                         data
                     }
                     Err(error) => {

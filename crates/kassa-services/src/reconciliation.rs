@@ -210,18 +210,22 @@ impl ReconciliationService {
                 REPORT_RECORDED,
                 encode_value(&summary),
             ));
-            for (index, entry) in report.result.matched.iter().filter(|e| e.kind == EntryKind::Capture).enumerate() {
+            for entry in report.result.matched.iter().filter(|e| e.kind == EntryKind::Capture) {
                 let command = PaymentCommandMessage::RecordReconciliation {
                     payment_id: entry.payment_id,
                     report_id: report.report_id,
                 };
-                commands.push(self.event(
+                let mut event = self.event(
                     entry.payment_id.as_u128(),
                     report.report_id.as_u128(),
-                    index as u64 + 1,
+                    1,
                     command.event_type(),
                     command.encode_payload(),
-                ));
+                );
+                // Named by the capture it reconciles (one batch, one report): reconciling
+                // the batch again makes the same id, which authorization drops.
+                event.event_id = derived_id(entry.entry_id, command.event_type(), 1);
+                commands.push(event);
             }
         }
         // Commands first, in chunks; the reports, batches and offset last: a

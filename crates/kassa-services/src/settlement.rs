@@ -12,7 +12,10 @@
 //! with the consumed offsets in one append.
 
 use crate::batch_store::{batch_writes, load_batch};
-use crate::consume::{RangeError, append_in_chunks, fetch_range, id_key, next_batch, resume_subscription};
+use crate::consume::{
+    EVENTS_PER_APPEND_MAX, RangeError, append_in_chunks, fetch_range, id_key, next_batch, position_write,
+    resume_subscription,
+};
 use crate::messages::PaymentCommandMessage;
 use crate::relay::{RelayConfig, relayed_write, run_relay};
 use crate::runtime::{Clock, derived_id};
@@ -268,7 +271,13 @@ impl SettlementService {
         if log.head_position() > 0 {
             return Err(RebuildError::NotEmpty(log.head_position()));
         }
+        // Until the last append, the log is half-built: `spawn` refuses it.
+        log.append(AppendRequest { writes: vec![position_write(REBUILDING.to_vec(), 1)], ..Default::default() })
+            .await?;
         let mut rebuilt = Rebuilt { events: 0, batches: 0, open: 0 };
+        // The open batches of each key, over every partition (batches of one key are on several,
+        // so a later batch may be read before an earlier one closes).
+        let mut open_by_key: HashMap<BatchKey, std::collections::BTreeSet<BatchId>> = HashMap::new();
         for partition in 0..bus.partitions(SETTLEMENT_EVENTS)? {
             let end = bus.end_offset(SETTLEMENT_EVENTS, partition)?;
             // A batch's events are all on one partition, in order: batches of this partition until closed.
@@ -304,11 +313,7 @@ impl SettlementService {
                     let new_entries = changed.entry(batch_id).or_default();
                     match &event {
                         BatchEvent::Opened { key, .. } => {
-                            writes.push(StateWrite {
-                                table: Table::State,
-                                key: open_key(key),
-                                value: Some(batch_id.as_u128().to_be_bytes().to_vec()),
-                            });
+                            open_by_key.entry(key.clone()).or_default().insert(batch_id);
                             writes.push(StateWrite {
                                 table: Table::State,
                                 key: merchant_batches_key(key.merchant_id, batch_id),
@@ -323,9 +328,17 @@ impl SettlementService {
                             });
                             new_entries.push(entry.clone());
                         }
-                        BatchEvent::Closed { .. } => {
+                        BatchEvent::Closed { closed_at, .. } => {
                             let key = batch.key.as_ref().expect("a closed batch was opened");
-                            writes.push(StateWrite { table: Table::State, key: open_key(key), value: None });
+                            if let Some(open) = open_by_key.get_mut(key) {
+                                open.remove(&batch_id);
+                            }
+                            // Its settlement commands may not have reached payments.commands
+                            // (two relays, either may lead): made again with the same ids, and
+                            // published again; authorization drops what it has by id.
+                            for entry in batch.entries.iter().filter(|e| e.kind == EntryKind::Capture) {
+                                events.push(settlement_command(entry, batch_id, closed_at.unix_ms()));
+                            }
                         }
                     }
                     events.push(NewEvent {
@@ -347,17 +360,68 @@ impl SettlementService {
                     }
                 }
                 rebuilt.events += events.len() as u64;
-                log.append(AppendRequest { events, expected: Vec::new(), writes }).await?;
+                append_in_chunks_with(log, events, writes).await?;
             }
             rebuilt.batches += batches.len() as u64;
-            rebuilt.open += batches.len() as u64;
         }
-        // The relays start past what was replayed: it is on the topics already.
-        let head = log.head_position();
-        let writes = vec![relayed_write(SETTLEMENT_EVENTS, head), relayed_write(PAYMENT_COMMANDS, head)];
+        // The open batch of each key (ids are time-ordered: the latest, should there be more than
+        // one); the batch events' relay starts past them (they are on the topic already), the
+        // commands' relay from the start (the commands made again above).
+        let mut writes = Vec::new();
+        for (key, open) in &open_by_key {
+            let Some(batch_id) = open.last() else { continue };
+            if open.len() > 1 {
+                tracing::warn!(%batch_id, open = open.len(), "several open batches of one key; the latest takes new entries");
+            }
+            rebuilt.open += 1;
+            writes.push(StateWrite {
+                table: Table::State,
+                key: open_key(key),
+                value: Some(batch_id.as_u128().to_be_bytes().to_vec()),
+            });
+        }
+        writes.push(relayed_write(SETTLEMENT_EVENTS, log.head_position()));
+        writes.push(StateWrite { table: Table::Positions, key: REBUILDING.to_vec(), value: None });
         log.append(AppendRequest { writes, ..Default::default() }).await?;
         Ok(rebuilt)
     }
+
+    /// Whether `log` holds a rebuild that did not finish (it must be rebuilt again, not used).
+    pub fn rebuild_unfinished(log: &EventLog) -> Result<bool, LogError> {
+        Ok(log.get(Table::Positions, REBUILDING)?.is_some())
+    }
+}
+
+/// Set while a rebuild writes the log, cleared by its last append.
+const REBUILDING: &[u8] = b"settlement.rebuilding";
+
+/// The command that records `entry`'s payment settled in `batch_id`: the same
+/// id whether a cut-off or a rebuild makes it.
+fn settlement_command(entry: &SettlementEntry, batch_id: BatchId, timestamp_ms: i64) -> NewEvent {
+    let command = PaymentCommandMessage::RecordSettlement { payment_id: entry.payment_id, batch_id };
+    NewEvent {
+        event_id: derived_id(entry.entry_id, command.event_type(), 3),
+        event_type: command.event_type().to_owned(),
+        stream_id: entry.payment_id.as_u128(),
+        timestamp_ms,
+        causation_id: Some(entry.entry_id),
+        correlation_id: None,
+        payload: command.encode_payload(),
+    }
+}
+
+/// Append events and writes that may be more than one append carries: the
+/// events in chunks, the writes with the last chunk.
+async fn append_in_chunks_with(
+    log: &EventLog,
+    mut events: Vec<NewEvent>,
+    writes: Vec<StateWrite>,
+) -> Result<(), LogError> {
+    let last = events.len().saturating_sub(EVENTS_PER_APPEND_MAX);
+    let tail = events.split_off(last);
+    append_in_chunks(log, events).await?;
+    log.append(AppendRequest { events: tail, expected: Vec::new(), writes }).await?;
+    Ok(())
 }
 
 struct Actor {
@@ -596,16 +660,7 @@ impl Actor {
             // repeat, so none is settled twice.
             let mut commands = Vec::new();
             for entry in batch.entries.iter().filter(|e| e.kind == EntryKind::Capture) {
-                let command = PaymentCommandMessage::RecordSettlement { payment_id: entry.payment_id, batch_id };
-                let payload = command.encode_payload();
-                self.record(
-                    &mut commands,
-                    entry.payment_id.as_u128(),
-                    entry.entry_id,
-                    3,
-                    command.event_type(),
-                    payload,
-                );
+                commands.push(settlement_command(entry, batch_id, now.unix_ms()));
             }
             append_in_chunks(&self.service.log, commands).await?;
             let mut writes = batch_writes(&batch, &[]);

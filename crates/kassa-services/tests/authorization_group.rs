@@ -337,12 +337,16 @@ async fn an_owner_taken_over_is_fenced_and_its_late_commit_is_skipped() {
     let (mut first, _) = changelog::take(&first_log, &bus, 0, "first", &stop).await.unwrap().unwrap();
     assert_eq!(first.epoch, 1);
     assert!(first.publish(&bus, &commit(1), 0, &stop).await.unwrap().is_some());
+    first.confirm(&bus).await.expect("nobody else wrote: still the owner");
 
     // The group gives the partition to another instance while the first still runs.
     let (mut second, restored) = changelog::take(&second_log, &bus, 0, "second", &stop).await.unwrap().unwrap();
     assert_eq!((second.epoch, restored.replayed), (2, 1));
     assert_eq!(second_log.get(Table::State, b"k").unwrap(), Some(vec![1]));
 
+    // Before calls that follow from a batch writing nothing, the first checks its hold: taken over.
+    first.confirm(&bus).await.expect_err("the first owner confirmed after a takeover");
+    second.confirm(&bus).await.expect("the new owner holds the partition");
     // The first's next commit lands after the claim: it learns it was taken over, and must not act on it.
     match first.publish(&bus, &commit(2), 0, &stop).await {
         Err(changelog::Fenced::TakenOver { ours: 1, newer: 2, .. }) => {}

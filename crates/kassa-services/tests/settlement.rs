@@ -6,9 +6,9 @@
 
 mod common;
 
-use kassa_bus::{Bus, BusConfig, EmbeddedBus, TopicSpec};
-use kassa_codec::{EventPayload, decode_frame};
-use kassa_domain::settlement::EntryKind;
+use kassa_bus::{Bus, BusConfig, EmbeddedBus, Record, TopicSpec, partition_for};
+use kassa_codec::{Envelope, EventPayload, decode_frame, encode_frame};
+use kassa_domain::settlement::{BatchEvent, BatchKey, BatchTotals, EntryKind, SettlementEntry};
 use kassa_domain::*;
 use kassa_eventlog::{EventLog, LogConfig};
 use kassa_providers::{Connector, SimulatedAcquirer, SimulatorConfig};
@@ -306,6 +306,109 @@ async fn a_cutoff_closes_exact_batches_and_settles_each_payment_once() {
     for payment in &payments {
         assert_eq!(stage_of(&bus, *payment).await.batch_id, Some(closed[0]), "{payment} settled twice");
     }
+    stop.send(true).unwrap();
+    for task in tasks {
+        let _ = task.await;
+    }
+}
+
+/// Put a batch event on `settlement.events` as settlement's relay does.
+async fn publish(bus: &EmbeddedBus, batch_id: BatchId, seq: u64, event: &BatchEvent) {
+    let envelope = Envelope {
+        event_id: batch_id.as_u128() ^ u128::from(seq),
+        event_type: event.event_type().to_owned(),
+        stream_id: batch_id.as_u128(),
+        stream_seq: seq,
+        position: seq,
+        timestamp_ms: 0,
+        causation_id: None,
+        correlation_id: None,
+        payload: event.encode_payload(),
+        prev_hash: [0; 32],
+    };
+    let record = Record {
+        topic: SETTLEMENT_EVENTS.into(),
+        key: kassa_services::payment_key(batch_id.as_u128()),
+        payload: encode_frame(&envelope),
+        timestamp_ms: 0,
+    };
+    bus.produce(vec![record]).await.unwrap();
+}
+
+/// Two batches of one key on different partitions: the open one is read
+/// first, then the older one opens and closes. The rebuild keeps the open one
+/// open (a cut-off closes it), and makes the older one's settlement commands again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebuild_keeps_the_open_batch_of_a_key_whose_batches_are_on_two_partitions() {
+    let dir = tempfile::tempdir().unwrap();
+    let topics = vec![
+        TopicSpec::new(PAYMENT_COMMANDS, 2),
+        TopicSpec::new(PAYMENT_EVENTS, 2),
+        TopicSpec::new(SETTLEMENT_EVENTS, 2),
+    ];
+    let bus = Arc::new(EmbeddedBus::open(dir.path().join("bus"), BusConfig::new(topics)).unwrap());
+    let eur = |m| Money::new(m, Currency::from_code("EUR").unwrap());
+    let on = |partition: u32, from: u64| {
+        (from..)
+            .map(|n| BatchId::from_parts(1_795_651_200_000 + n, 7))
+            .find(|b| partition_for(&kassa_services::payment_key(b.as_u128()), 2) == partition)
+            .unwrap()
+    };
+    // The older, closed batch on partition 1; the newer, open one on partition 0 (read first).
+    let (older, newer) = (on(1, 0), on(0, 1_000));
+    assert!(older < newer);
+    let key = BatchKey {
+        provider: "acq-alpha".into(),
+        merchant_id: MerchantId::from_u128(MERCHANT),
+        currency: eur(0).currency,
+    };
+    let entry = |id: u128, amount| SettlementEntry {
+        entry_id: id,
+        payment_id: PaymentId::from_u128(id),
+        kind: EntryKind::Capture,
+        amount: eur(amount),
+    };
+    let opened = |batch_id| BatchEvent::Opened { batch_id, key: key.clone(), opened_at: Timestamp(1) };
+    publish(&bus, newer, 1, &opened(newer)).await;
+    publish(&bus, newer, 2, &BatchEvent::EntryAdded { entry: entry(2, 700) }).await;
+    publish(&bus, older, 1, &opened(older)).await;
+    publish(&bus, older, 2, &BatchEvent::EntryAdded { entry: entry(1, 500) }).await;
+    let totals = BatchTotals { captured: eur(500), refunded: eur(0), fees: eur(40), net: eur(460), entries: 1 };
+    publish(&bus, older, 3, &BatchEvent::Closed { totals, closed_at: Timestamp(2) }).await;
+    // A copy re-published by the relay after a crash changes nothing.
+    publish(&bus, older, 3, &BatchEvent::Closed { totals, closed_at: Timestamp(2) }).await;
+
+    let log = Arc::new(EventLog::open(dir.path().join("settlement"), LogConfig::default()).unwrap());
+    let rebuilt = SettlementService::rebuild(&log, bus.as_ref()).await.unwrap();
+    assert_eq!((rebuilt.batches, rebuilt.open), (2, 1), "{rebuilt:?}");
+    assert!(!SettlementService::rebuild_unfinished(&log).unwrap());
+    let config = SettlementConfig { cutoff_interval_ms: 0, ..SettlementConfig::default() };
+    let settlement = Arc::new(SettlementService::new(log, bus.clone(), Arc::new(SystemClock), config));
+    let (stop, stop_rx) = watch::channel(false);
+    let tasks = settlement.spawn(stop_rx).unwrap();
+    assert_eq!(settlement.cutoff().await.unwrap(), vec![newer], "the open batch closes at the cut-off");
+
+    // Settlement commands for both batches' captures reach payments.commands.
+    let mut commanded = Vec::new();
+    for _ in 0..500 {
+        commanded.clear();
+        for partition in 0..2 {
+            for message in bus.fetch(PAYMENT_COMMANDS, partition, 0, 100, Duration::ZERO).await.unwrap() {
+                let envelope = decode_frame(&message.payload).unwrap();
+                if let Ok(PaymentCommandMessage::RecordSettlement { payment_id, batch_id }) =
+                    PaymentCommandMessage::decode(&envelope.event_type, &envelope.payload)
+                {
+                    commanded.push((payment_id.as_u128(), batch_id));
+                }
+            }
+        }
+        if commanded.len() >= 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    commanded.sort();
+    assert_eq!(commanded, vec![(1, older), (2, newer)]);
     stop.send(true).unwrap();
     for task in tasks {
         let _ = task.await;

@@ -183,6 +183,12 @@ pub fn run(service: Service, args: ServiceArgs) -> anyhow::Result<()> {
                         rebuilt.batches, rebuilt.open, rebuilt.events
                     );
                 }
+                anyhow::ensure!(
+                    !SettlementService::rebuild_unfinished(&log)?,
+                    "the settlement log in {} holds a rebuild that did not finish; run `kassa settle --rebuild` \
+                     again (it moves this log aside and starts over)",
+                    dir.display()
+                );
                 let cutoff_interval_s = args.cutoff_interval_s.or(config.cutoff_interval_s).unwrap_or(3600);
                 let settlement = Arc::new(SettlementService::new(
                     log,

@@ -145,10 +145,14 @@ pub async fn providers(
                 let url = format!("http://{}", listener.local_addr()?);
                 tracing::info!(provider = %p.name, %url, "simulated acquirer serving");
                 let (sim_for_task, router, stop) = (Arc::clone(&sim), protocol_router(Arc::clone(&sim)), stop.clone());
+                let mut stopping = stop.clone();
                 let name = p.name.clone();
                 tasks.push(tokio::spawn(async move {
                     if let Err(error) = serve(sim_for_task, listener, router, stop).await {
+                        // A simulated provider that is gone is a provider outage (routing goes
+                        // around it), not a reason to stop Kassa: this task ends with the others.
                         tracing::error!(provider = %name, %error, "simulated acquirer stopped");
+                        let _ = stopping.wait_for(|stop| *stop).await;
                     }
                 }));
                 simulators.push(sim);

@@ -405,6 +405,30 @@ impl Ownership {
         Ok(Some(vec![offset_write(self.partition, offset + 1), seq_write(self.partition, seq)]))
     }
 
+    /// Check, without writing, that no newer owner has claimed the partition
+    /// since this owner's last record: before provider calls that follow from
+    /// a batch that records nothing (a reversal sent again), which no commit
+    /// would fence.
+    pub async fn confirm(&self, bus: &dyn Bus) -> Result<(), Fenced> {
+        let partition = self.partition;
+        let unchecked = |reason: String| Fenced::Unchecked { partition, reason };
+        let end = bus.end_offset(AUTHORIZATION_CHANGELOG, partition).map_err(|e| unchecked(e.to_string()))?;
+        let mut next = self.last_offset + 1;
+        let mut empty_fetches = 0;
+        while next < end {
+            let records = read_records(bus, partition, next, end, &mut empty_fetches)
+                .await
+                .map_err(|e| unchecked(e.to_string()))?;
+            for (at, record) in records {
+                if record.epoch > self.epoch {
+                    return Err(Fenced::TakenOver { partition, ours: self.epoch, newer: record.epoch });
+                }
+                next = at + 1;
+            }
+        }
+        Ok(())
+    }
+
     /// Someone wrote between this owner's last record and `offset`: a newer
     /// owner (fenced), or a stale one (its records are skipped by replays).
     async fn check_between(&self, bus: &dyn Bus, offset: u64, seq: u64) -> Result<(), Fenced> {

@@ -777,6 +777,9 @@ impl PartitionActor {
         // again after a failure changes no state): those start all the same.
         if !batch.events.is_empty() || !writes.is_empty() {
             self.write(std::mem::take(&mut batch.events), writes).await?;
+        } else if let Some(ownership) = self.ownership.as_ref().filter(|_| !batch.effects.is_empty()) {
+            // No commit to fence this owner: check it still owns the partition first.
+            ownership.confirm(self.service.bus.as_ref()).await?;
         }
         if let Some(offset) = last_offset {
             self.service.bus.note_consumed(
