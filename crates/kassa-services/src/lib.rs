@@ -7,6 +7,7 @@
 
 pub mod authorization;
 pub mod batch_store;
+pub mod changelog;
 pub mod consume;
 pub mod http;
 pub mod ingest;
@@ -35,6 +36,9 @@ pub mod topics {
     /// instance can take the partition over (keyed to land on the commands
     /// partition they belong to; kept as long as the commands are).
     pub const AUTHORIZATION_CHANGELOG: &str = "authorization.changelog";
+    /// Reconciliation → reconciliation: each `settlement.events` partition's commits, as
+    /// `authorization.changelog` is for authorization.
+    pub const RECONCILIATION_CHANGELOG: &str = "reconciliation.changelog";
 
     /// The consumer groups the services report their positions under (for lag
     /// monitoring only: positions are read back from each service's own log),

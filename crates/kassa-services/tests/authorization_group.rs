@@ -11,7 +11,8 @@ use kassa_bus::{Bus, BusConfig, EmbeddedBus, TopicSpec, partition_for};
 use kassa_domain::*;
 use kassa_eventlog::{AppendRequest, EventLog, LogConfig, NewEvent, StateWrite, Table};
 use kassa_providers::{Connector, LedgerState, SimulatedAcquirer, SimulatorConfig};
-use kassa_services::authorization::{AuthorizationConfig, AuthorizationService, changelog};
+use kassa_services::authorization::{AuthorizationConfig, AuthorizationService};
+use kassa_services::changelog;
 use kassa_services::messages::PaymentCommandMessage;
 use kassa_services::payment_key;
 use kassa_services::seal::CardSeal;
@@ -221,9 +222,12 @@ async fn a_second_authorizer_joins_mid_load_and_nothing_is_lost_or_doubled() {
     // Rebuild from the changelog alone: the same payment records as the partitions' last owners hold.
     let rebuilt = EventLog::open(dir.path().join("rebuilt"), LogConfig::default()).unwrap();
     for partition in 0..PARTITIONS {
-        changelog::restore(&rebuilt, bus.as_ref(), partition).await.unwrap();
+        changelog::restore(&rebuilt, bus.as_ref(), AUTHORIZATION_CHANGELOG, partition).await.unwrap();
         // Restoring again finds nothing new.
-        assert_eq!(changelog::restore(&rebuilt, bus.as_ref(), partition).await.unwrap().replayed, 0);
+        assert_eq!(
+            changelog::restore(&rebuilt, bus.as_ref(), AUTHORIZATION_CHANGELOG, partition).await.unwrap().replayed,
+            0
+        );
     }
     // The range assignor: the first member (lower id) keeps the lower half.
     let owner = |payment_id: &PaymentId| {
@@ -334,13 +338,15 @@ async fn an_owner_taken_over_is_fenced_and_its_late_commit_is_skipped() {
     let open = |name: &str| EventLog::open(dir.path().join(name), LogConfig::default()).unwrap();
     let (first_log, second_log) = (open("first"), open("second"));
 
-    let (mut first, _) = changelog::take(&first_log, &bus, 0, "first", &stop).await.unwrap().unwrap();
+    let (mut first, _) =
+        changelog::take(&first_log, &bus, AUTHORIZATION_CHANGELOG, 0, "first", &stop).await.unwrap().unwrap();
     assert_eq!(first.epoch, 1);
     assert!(first.publish(&bus, &commit(1), 0, &stop).await.unwrap().is_some());
     first.confirm(&bus).await.expect("nobody else wrote: still the owner");
 
     // The group gives the partition to another instance while the first still runs.
-    let (mut second, restored) = changelog::take(&second_log, &bus, 0, "second", &stop).await.unwrap().unwrap();
+    let (mut second, restored) =
+        changelog::take(&second_log, &bus, AUTHORIZATION_CHANGELOG, 0, "second", &stop).await.unwrap().unwrap();
     assert_eq!((second.epoch, restored.replayed), (2, 1));
     assert_eq!(second_log.get(Table::State, b"k").unwrap(), Some(vec![1]));
 
@@ -366,7 +372,7 @@ async fn an_owner_taken_over_is_fenced_and_its_late_commit_is_skipped() {
 
     // A replay keeps the owners' commits, once each, and skips the stale one.
     let rebuilt = open("rebuilt");
-    let restored = changelog::restore(&rebuilt, &bus, 0).await.unwrap();
+    let restored = changelog::restore(&rebuilt, &bus, AUTHORIZATION_CHANGELOG, 0).await.unwrap();
     assert_eq!((restored.replayed, restored.epoch), (3, 2));
     let ids: Vec<u128> = rebuilt.read_stream(42, 1, 10).unwrap().iter().map(|e| e.event_id).collect();
     assert_eq!(ids, vec![1, 3, 4]);

@@ -17,7 +17,6 @@
 //! before any other provider is tried, so at most one authorization per
 //! payment ever stands.
 
-pub mod changelog;
 mod process;
 
 pub use process::{
@@ -25,6 +24,7 @@ pub use process::{
     STAND_IN_RETRY_MS, routing_stream,
 };
 
+use crate::changelog;
 use crate::consume::{id_key, resume_subscription};
 use crate::messages::PaymentCommandMessage;
 use crate::relay::{RelayConfig, run_relay};
@@ -436,7 +436,8 @@ impl AuthorizationService {
         let mut ownership = None;
         if self.config.changelog {
             // Whatever other instances (or this one, before a crash) committed for this partition, then a claim.
-            match changelog::take(&self.log, self.bus.as_ref(), partition, &owner, &stop).await {
+            match changelog::take(&self.log, self.bus.as_ref(), AUTHORIZATION_CHANGELOG, partition, &owner, &stop).await
+            {
                 Ok(Some(_)) if *stop.borrow() => return, // revoked meanwhile: the next owner claims anew
                 Ok(Some((taken, restored))) => {
                     let (replayed, epoch) = (restored.replayed, taken.epoch);

@@ -1,21 +1,21 @@
-//! The changelog: how a partition of authorization moves between instances.
+//! The changelog: how a partition's state moves between the instances of a
+//! service that share an input topic through a consumer group (authorization
+//! on `payments.commands`, reconciliation on `settlement.events`).
 //!
-//! When several authorizers share `payments.commands` through a consumer
-//! group, each partition's commits go first to the same partition of
-//! `authorization.changelog` — the whole append: events, payment records,
-//! `seen/` markers, sealed cards, the commands offset — and only then into the
-//! instance's own log, recording how far in the changelog it got in the same
-//! write. Provider calls start after both.
+//! Each partition's commits go first to the same partition of the service's
+//! changelog topic — the whole append: events, state writes, the consumed
+//! offset — and only then into the instance's own log, recording how far in
+//! the changelog it got in the same write. Effects (provider calls) start after
+//! both.
 //!
 //! An instance that is assigned a partition first replays the changelog from
 //! the offset it stored (0 if it never owned the partition) into its own log.
-//! A partition's streams (its payments and their routing streams) are written
-//! only through its commits, so replaying the commits in order gives every
-//! stream the same sequence numbers and event ids the previous owner gave
-//! them: consumers of `payments.events` drop what the new owner publishes a
-//! second time. The local log is a materialization of the changelog, which
-//! is also how `--rebuild` works: an empty log replays every partition from
-//! the start.
+//! A partition's streams are written only by its commits, so replaying the
+//! commits in order gives every stream the same sequence numbers and event ids
+//! the previous owner gave them: consumers drop what the new owner publishes a
+//! second time. The local log is a materialization of the changelog, which is
+//! also how `--rebuild` works: an empty log replays every partition from the
+//! start.
 //!
 //! Fencing. Taking a partition ends with a *claim* record carrying the next
 //! owner epoch, and every commit carries its owner's epoch. Only the owner
@@ -27,7 +27,6 @@
 //! of an epoch older than the latest claim.
 
 use crate::consume::{RangeError, fetch_range, position_write, stored_offset};
-use crate::topics::AUTHORIZATION_CHANGELOG;
 use kassa_bus::{Bus, BusError, Record, partition_for};
 use kassa_codec::{decode_value, encode_value};
 use kassa_eventlog::{AppendRequest, EventLog, LogError, NewEvent, StateWrite, Table};
@@ -82,31 +81,31 @@ pub struct Decoded {
 }
 
 /// Where an instance stored how far it replayed a partition's changelog.
-pub fn offset_key(partition: u32) -> Vec<u8> {
-    format!("{AUTHORIZATION_CHANGELOG}/{partition}").into_bytes()
+pub fn offset_key(topic: &str, partition: u32) -> Vec<u8> {
+    format!("{topic}/{partition}").into_bytes()
 }
 
 /// Where an instance stored the latest owner epoch it replayed.
-fn epoch_key(partition: u32) -> Vec<u8> {
-    format!("{AUTHORIZATION_CHANGELOG}/{partition}/epoch").into_bytes()
+fn epoch_key(topic: &str, partition: u32) -> Vec<u8> {
+    format!("{topic}/{partition}/epoch").into_bytes()
 }
 
-fn epoch_write(partition: u32, epoch: u64) -> StateWrite {
-    position_write(epoch_key(partition), epoch)
+fn epoch_write(topic: &str, partition: u32, epoch: u64) -> StateWrite {
+    position_write(epoch_key(topic, partition), epoch)
 }
 
 /// Where an instance stored the number of the last commit of that epoch it applied.
-fn seq_key(partition: u32) -> Vec<u8> {
-    format!("{AUTHORIZATION_CHANGELOG}/{partition}/seq").into_bytes()
+fn seq_key(topic: &str, partition: u32) -> Vec<u8> {
+    format!("{topic}/{partition}/seq").into_bytes()
 }
 
-fn seq_write(partition: u32, seq: u64) -> StateWrite {
-    position_write(seq_key(partition), seq)
+fn seq_write(topic: &str, partition: u32, seq: u64) -> StateWrite {
+    position_write(seq_key(topic, partition), seq)
 }
 
 /// The write that records a replayed (or produced) changelog offset.
-pub fn offset_write(partition: u32, next_offset: u64) -> StateWrite {
-    position_write(offset_key(partition), next_offset)
+pub fn offset_write(topic: &str, partition: u32, next_offset: u64) -> StateWrite {
+    position_write(offset_key(topic, partition), next_offset)
 }
 
 /// A record key that Kafka's partitioner sends to `partition` (of `partitions`).
@@ -219,12 +218,13 @@ pub struct Restored {
 /// The next records of `partition` in `next..end`, decoded, with their offsets.
 async fn read_records(
     bus: &dyn Bus,
+    topic: &str,
     partition: u32,
     next: u64,
     end: u64,
     empty_fetches: &mut u32,
 ) -> Result<Vec<(u64, Decoded)>, RestoreError> {
-    let messages = fetch_range(bus, AUTHORIZATION_CHANGELOG, partition, next, end, empty_fetches).await?;
+    let messages = fetch_range(bus, topic, partition, next, end, empty_fetches).await?;
     messages
         .into_iter()
         .map(|m| {
@@ -237,23 +237,23 @@ async fn read_records(
 
 /// Replay `partition`'s changelog into `log`, from the offset stored there to
 /// the changelog's end as it is now, skipping records of stale owners.
-pub async fn restore(log: &EventLog, bus: &dyn Bus, partition: u32) -> Result<Restored, RestoreError> {
-    let mut next = stored_offset(log, &offset_key(partition))?;
-    let mut epoch = stored_offset(log, &epoch_key(partition))?;
-    let mut seq = stored_offset(log, &seq_key(partition))?;
-    let end = bus.end_offset(AUTHORIZATION_CHANGELOG, partition)?;
+pub async fn restore(log: &EventLog, bus: &dyn Bus, topic: &str, partition: u32) -> Result<Restored, RestoreError> {
+    let mut next = stored_offset(log, &offset_key(topic, partition))?;
+    let mut epoch = stored_offset(log, &epoch_key(topic, partition))?;
+    let mut seq = stored_offset(log, &seq_key(topic, partition))?;
+    let end = bus.end_offset(topic, partition)?;
     let mut replayed = 0;
     let mut empty_fetches = 0;
     while next < end {
-        let records = read_records(bus, partition, next, end, &mut empty_fetches).await?;
+        let records = read_records(bus, topic, partition, next, end, &mut empty_fetches).await?;
         let mut combined = AppendRequest::default();
         for (offset, record) in records {
             next = offset + 1;
             if record.epoch > epoch {
                 epoch = record.epoch;
                 seq = 0;
-                combined.writes.push(epoch_write(partition, epoch));
-                combined.writes.push(seq_write(partition, seq));
+                combined.writes.push(epoch_write(topic, partition, epoch));
+                combined.writes.push(seq_write(topic, partition, seq));
             }
             if record.claim.is_none() {
                 if record.epoch == epoch && record.seq > seq {
@@ -263,7 +263,7 @@ pub async fn restore(log: &EventLog, bus: &dyn Bus, partition: u32) -> Result<Re
                     seq = record.seq;
                     combined.events.extend(record.request.events);
                     combined.writes.extend(record.request.writes);
-                    combined.writes.push(seq_write(partition, seq));
+                    combined.writes.push(seq_write(topic, partition, seq));
                     replayed += 1;
                 } else if record.epoch == epoch {
                     let again = record.seq;
@@ -273,7 +273,7 @@ pub async fn restore(log: &EventLog, bus: &dyn Bus, partition: u32) -> Result<Re
                     tracing::warn!(partition, offset, stale, epoch, "skipping a record of a stale owner");
                 }
             }
-            combined.writes.push(offset_write(partition, next));
+            combined.writes.push(offset_write(topic, partition, next));
         }
         if !combined.events.is_empty() || !combined.writes.is_empty() {
             log.append(combined).await?;
@@ -294,6 +294,8 @@ pub enum Fenced {
 /// This instance's hold on one partition's changelog.
 #[derive(Debug)]
 pub struct Ownership {
+    /// The changelog topic.
+    topic: &'static str,
     partition: u32,
     key: Vec<u8>,
     /// This owner's epoch.
@@ -308,6 +310,7 @@ pub struct Ownership {
 /// the broker takes it, or `stop` turns true (then `None`).
 async fn produce(
     bus: &dyn Bus,
+    topic: &str,
     partition: u32,
     key: &[u8],
     payload: Vec<u8>,
@@ -316,12 +319,7 @@ async fn produce(
 ) -> Option<u64> {
     let mut backoff_ms = 50;
     loop {
-        let record = Record {
-            topic: AUTHORIZATION_CHANGELOG.to_owned(),
-            key: key.to_vec(),
-            payload: payload.clone(),
-            timestamp_ms,
-        };
+        let record = Record { topic: topic.to_owned(), key: key.to_vec(), payload: payload.clone(), timestamp_ms };
         match bus.produce(vec![record]).await {
             Ok(produced) if produced.first().map(|p| p.partition) == Some(partition) => {
                 return produced.first().map(|p| p.offset);
@@ -348,27 +346,31 @@ async fn produce(
 pub async fn take(
     log: &EventLog,
     bus: &dyn Bus,
+    topic: &'static str,
     partition: u32,
     owner: &str,
     stop: &tokio::sync::watch::Receiver<bool>,
 ) -> Result<Option<(Ownership, Restored)>, RestoreError> {
-    let partitions = bus.partitions(AUTHORIZATION_CHANGELOG)?;
+    let partitions = bus.partitions(topic)?;
     let key = partition_key(partition, partitions);
     let mut replayed = 0;
     loop {
-        let restored = restore(log, bus, partition).await?;
+        let restored = restore(log, bus, topic, partition).await?;
         replayed += restored.replayed;
         let epoch = restored.epoch + 1;
         if *stop.borrow() {
             return Ok(None);
         }
         let claim = encode(epoch, 0, Some(owner), &AppendRequest::default());
-        let Some(offset) = produce(bus, partition, &key, claim, 0, stop).await else { return Ok(None) };
+        let Some(offset) = produce(bus, topic, partition, &key, claim, 0, stop).await else { return Ok(None) };
         if offset == restored.next {
-            let writes =
-                vec![offset_write(partition, offset + 1), epoch_write(partition, epoch), seq_write(partition, 0)];
+            let writes = vec![
+                offset_write(topic, partition, offset + 1),
+                epoch_write(topic, partition, epoch),
+                seq_write(topic, partition, 0),
+            ];
             log.append(AppendRequest { writes, ..Default::default() }).await?;
-            let ownership = Ownership { partition, key, epoch, last_offset: offset, seq: 0 };
+            let ownership = Ownership { topic, partition, key, epoch, last_offset: offset, seq: 0 };
             return Ok(Some((ownership, Restored { replayed, next: offset + 1, epoch })));
         }
         tracing::warn!(partition, offset, expected = restored.next, "another writer on the changelog; claiming again");
@@ -394,7 +396,8 @@ impl Ownership {
     ) -> Result<Option<Vec<StateWrite>>, Fenced> {
         let seq = self.seq + 1;
         let payload = encode(self.epoch, seq, None, request);
-        let Some(offset) = produce(bus, self.partition, &self.key, payload, timestamp_ms, stop).await else {
+        let Some(offset) = produce(bus, self.topic, self.partition, &self.key, payload, timestamp_ms, stop).await
+        else {
             return Ok(None);
         };
         if offset != self.last_offset + 1 {
@@ -402,7 +405,7 @@ impl Ownership {
         }
         self.last_offset = offset;
         self.seq = seq;
-        Ok(Some(vec![offset_write(self.partition, offset + 1), seq_write(self.partition, seq)]))
+        Ok(Some(vec![offset_write(self.topic, self.partition, offset + 1), seq_write(self.topic, self.partition, seq)]))
     }
 
     /// Check, without writing, that no newer owner has claimed the partition
@@ -412,11 +415,11 @@ impl Ownership {
     pub async fn confirm(&self, bus: &dyn Bus) -> Result<(), Fenced> {
         let partition = self.partition;
         let unchecked = |reason: String| Fenced::Unchecked { partition, reason };
-        let end = bus.end_offset(AUTHORIZATION_CHANGELOG, partition).map_err(|e| unchecked(e.to_string()))?;
+        let end = bus.end_offset(self.topic, partition).map_err(|e| unchecked(e.to_string()))?;
         let mut next = self.last_offset + 1;
         let mut empty_fetches = 0;
         while next < end {
-            let records = read_records(bus, partition, next, end, &mut empty_fetches)
+            let records = read_records(bus, self.topic, partition, next, end, &mut empty_fetches)
                 .await
                 .map_err(|e| unchecked(e.to_string()))?;
             for (at, record) in records {
@@ -437,7 +440,7 @@ impl Ownership {
         let mut next = self.last_offset + 1;
         let mut empty_fetches = 0;
         while next < offset {
-            let records = read_records(bus, partition, next, offset, &mut empty_fetches)
+            let records = read_records(bus, self.topic, partition, next, offset, &mut empty_fetches)
                 .await
                 .map_err(|e| unchecked(e.to_string()))?;
             for (at, record) in records {
