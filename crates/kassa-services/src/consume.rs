@@ -123,3 +123,79 @@ pub async fn next_batch(
         return Some(messages);
     }
 }
+
+/// The partitions a group member owns now, shared with whoever reports them
+/// (`GET /admin/partitions`).
+pub type Owned = std::sync::Mutex<std::collections::BTreeSet<u32>>;
+
+/// One partition's task: its stop signal and its handle.
+type RunningPartition = (watch::Sender<bool>, tokio::task::JoinHandle<()>);
+
+/// Run one task per partition `membership` gives this member: `start(partition,
+/// member_id, stop)` on assignment; on revocation, stop those tasks and wait for
+/// them before handing the partitions back. A task that ended by itself (an
+/// error) while its partition is still assigned is started again every 2 s, so
+/// no partition stays unowned. On `stop`, stop them all and wait.
+pub async fn run_partitions<F>(
+    mut membership: kassa_bus::Membership,
+    mut stop: watch::Receiver<bool>,
+    owned: &Owned,
+    start: F,
+) where
+    F: Fn(u32, String, watch::Receiver<bool>) -> tokio::task::JoinHandle<()>,
+{
+    let member_id = membership.member_id.clone();
+    let launch = |partition: u32| {
+        let (partition_stop, partition_stop_rx) = watch::channel(false);
+        (partition_stop, start(partition, member_id.clone(), partition_stop_rx))
+    };
+    let set_owned = |running: &std::collections::HashMap<u32, RunningPartition>| {
+        *owned.lock().unwrap_or_else(|e| e.into_inner()) = running.keys().copied().collect();
+    };
+    let mut running: std::collections::HashMap<u32, RunningPartition> = std::collections::HashMap::new();
+    let mut check = tokio::time::interval(std::time::Duration::from_secs(2));
+    loop {
+        let change = tokio::select! {
+            _ = stop.changed() => break,
+            change = membership.changes.recv() => change,
+            _ = check.tick() => {
+                for (partition, slot) in running.iter_mut().filter(|(_, (_, task))| task.is_finished()) {
+                    tracing::warn!(partition, "the partition's task stopped; taking the partition again");
+                    *slot = launch(*partition);
+                }
+                continue;
+            }
+        };
+        match change {
+            None => break,
+            Some(kassa_bus::Rebalance::Assigned(partitions)) => {
+                tracing::info!(member = %member_id, ?partitions, "partitions assigned");
+                for partition in partitions {
+                    if running.get(&partition).is_none_or(|(_, task)| task.is_finished()) {
+                        running.insert(partition, launch(partition));
+                    }
+                }
+                set_owned(&running);
+            }
+            Some(kassa_bus::Rebalance::Revoked { partitions, done }) => {
+                tracing::info!(member = %member_id, ?partitions, "partitions revoked; handing them over");
+                let stopping = partitions.iter().filter_map(|p| running.remove(p)).collect();
+                set_owned(&running);
+                stop_partitions(stopping).await;
+                drop(done);
+            }
+        }
+    }
+    owned.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    stop_partitions(running.into_values().collect()).await;
+}
+
+/// Tell the tasks to stop (hand their partitions over), then wait for them all.
+async fn stop_partitions(partitions: Vec<RunningPartition>) {
+    for (partition_stop, _) in &partitions {
+        let _ = partition_stop.send(true);
+    }
+    for (_, task) in partitions {
+        let _ = task.await;
+    }
+}

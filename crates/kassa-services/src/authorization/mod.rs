@@ -33,7 +33,7 @@ use crate::runtime::{Clock, derived_id};
 use crate::seal::CardSeal;
 use crate::topics::{AUTHORIZATION_CHANGELOG, AUTHORIZATION_GROUP, PAYMENT_COMMANDS, PAYMENT_EVENTS, PROVIDER_HEALTH};
 use crate::vault::CardVault;
-use kassa_bus::{Bus, Membership, Message, Rebalance, partition_for};
+use kassa_bus::{Bus, Membership, Message, partition_for};
 use kassa_codec::{decode_frame, decode_value, encode_value};
 use kassa_domain::PaymentId;
 use kassa_eventlog::{AppendRequest, EventLog, NewEvent, StateWrite, Table};
@@ -108,7 +108,7 @@ pub struct AuthorizationService {
     /// Opens the cards ingest sealed (`command.card_sealed`) into the vault.
     seal: Option<Arc<CardSeal>>,
     /// Partitions of `payments.commands` with an actor running here.
-    owned: std::sync::Mutex<std::collections::BTreeSet<u32>>,
+    owned: crate::consume::Owned,
 }
 
 pub const ROUTING_RULES_CHANGED: &str = "routing.rules_changed";
@@ -195,10 +195,6 @@ impl AuthorizationService {
     /// The partitions of `payments.commands` this instance owns now.
     pub fn partitions_owned(&self) -> Vec<u32> {
         self.owned.lock().unwrap_or_else(|e| e.into_inner()).iter().copied().collect()
-    }
-
-    fn set_owned(&self, running: &HashMap<u32, RunningPartition>) {
-        *self.owned.lock().unwrap_or_else(|e| e.into_inner()) = running.keys().copied().collect();
     }
 
     pub fn routing(&self) -> &Arc<RoutingEngine> {
@@ -372,51 +368,12 @@ impl AuthorizationService {
 
     /// Start and stop partition actors as the group assigns and revokes
     /// partitions; on stop, stop them all and wait for them.
-    async fn run_membership(self: Arc<Self>, mut membership: Membership, mut stop: watch::Receiver<bool>) {
-        let member_id = membership.member_id.clone();
-        let start = |partition: u32| {
-            let (partition_stop, partition_stop_rx) = watch::channel(false);
-            let task = tokio::spawn(Arc::clone(&self).run_partition(partition, member_id.clone(), partition_stop_rx));
-            (partition_stop, task)
-        };
-        let mut running: HashMap<u32, RunningPartition> = HashMap::new();
-        let mut check = tokio::time::interval(Duration::from_secs(2));
-        loop {
-            let change = tokio::select! {
-                _ = stop.changed() => break,
-                change = membership.changes.recv() => change,
-                _ = check.tick() => {
-                    // A partition whose actor stopped on an error (broker away, fenced, storage)
-                    // is still this instance's: take it again, so it never stays unowned.
-                    for (partition, slot) in running.iter_mut().filter(|(_, (_, task))| task.is_finished()) {
-                        tracing::warn!(partition, "the partition's actor stopped; taking the partition again");
-                        *slot = start(*partition);
-                    }
-                    continue;
-                }
-            };
-            match change {
-                None => break,
-                Some(Rebalance::Assigned(partitions)) => {
-                    tracing::info!(member = %member_id, ?partitions, "partitions assigned");
-                    for partition in partitions {
-                        if running.get(&partition).is_none_or(|(_, task)| task.is_finished()) {
-                            running.insert(partition, start(partition));
-                        }
-                    }
-                    self.set_owned(&running);
-                }
-                Some(Rebalance::Revoked { partitions, done }) => {
-                    tracing::info!(member = %member_id, ?partitions, "partitions revoked; handing them over");
-                    let stopping = partitions.iter().filter_map(|p| running.remove(p)).collect();
-                    self.set_owned(&running);
-                    stop_partitions(stopping).await;
-                    drop(done);
-                }
-            }
-        }
-        *self.owned.lock().unwrap_or_else(|e| e.into_inner()) = Default::default();
-        stop_partitions(running.into_values().collect()).await;
+    async fn run_membership(self: Arc<Self>, membership: Membership, stop: watch::Receiver<bool>) {
+        let service = Arc::clone(&self);
+        crate::consume::run_partitions(membership, stop, &self.owned, move |partition, owner, stop| {
+            tokio::spawn(Arc::clone(&service).run_partition(partition, owner, stop))
+        })
+        .await;
     }
 
     async fn run_partition(self: Arc<Self>, partition: u32, owner: String, stop: watch::Receiver<bool>) {
@@ -933,19 +890,6 @@ impl PartitionActor {
             };
             tx.send(result).await;
         });
-    }
-}
-
-/// A partition actor: its stop signal and its task.
-type RunningPartition = (watch::Sender<bool>, JoinHandle<()>);
-
-/// Tell the actors to stop (hand their partitions over), then wait for them all.
-async fn stop_partitions(partitions: Vec<RunningPartition>) {
-    for (partition_stop, _) in &partitions {
-        let _ = partition_stop.send(true);
-    }
-    for (_, task) in partitions {
-        let _ = task.await;
     }
 }
 
