@@ -11,12 +11,13 @@
 //! an owed capture may still be on its way.
 
 use crate::batch_store::{batch_writes, load_batch};
-use crate::consume::{append_in_chunks, id_key, next_batch, resume_subscription};
+use crate::changelog;
+use crate::consume::{EVENTS_PER_APPEND_MAX, Owned, id_key, next_batch, resume_subscription, run_partitions};
 use crate::messages::PaymentCommandMessage;
 use crate::relay::{RelayConfig, run_relay};
 use crate::runtime::{Clock, derived_id};
-use crate::topics::{PAYMENT_COMMANDS, SETTLEMENT_EVENTS};
-use kassa_bus::{Bus, Message};
+use crate::topics::{PAYMENT_COMMANDS, RECONCILIATION_CHANGELOG, RECONCILIATION_GROUP, SETTLEMENT_EVENTS};
+use kassa_bus::{Bus, Membership, Message};
 use kassa_codec::{EventPayload, decode_frame, decode_value, encode_value};
 use kassa_domain::reconciliation::{Reconciliation, reconcile};
 use kassa_domain::settlement::{BatchEvent, BatchState, EntryKind, SettlementEntry, try_apply_batch};
@@ -39,11 +40,21 @@ pub struct ReconciliationConfig {
     pub retry_delay_ms: u64,
     /// Deadline of one report call.
     pub provider_timeout_ms: u64,
+    /// Share `settlement.events` with other instances through a consumer
+    /// group, each partition's state moving with it through
+    /// `reconciliation.changelog` (`kassa reconcile`). Off: this instance owns
+    /// every partition.
+    pub changelog: bool,
 }
 
 impl Default for ReconciliationConfig {
     fn default() -> Self {
-        ReconciliationConfig { report_attempts_max: 5, retry_delay_ms: 1000, provider_timeout_ms: 5000 }
+        ReconciliationConfig {
+            report_attempts_max: 5,
+            retry_delay_ms: 1000,
+            provider_timeout_ms: 5000,
+            changelog: false,
+        }
     }
 }
 
@@ -72,6 +83,21 @@ pub struct ReconciliationService {
     config: ReconciliationConfig,
     /// Open batches being followed, so each event does not reload its batch.
     open: std::sync::Mutex<HashMap<BatchId, BatchState>>,
+    /// The partitions of `settlement.events` this instance owns.
+    owned: Owned,
+}
+
+/// Why a partition stopped.
+#[derive(Debug, thiserror::Error)]
+enum PartitionError {
+    #[error(transparent)]
+    Log(#[from] LogError),
+    /// Another instance owns the partition now: stop it, with no effect.
+    #[error(transparent)]
+    Fenced(#[from] changelog::Fenced),
+    /// Stopped while a commit's fate on the changelog is unknown.
+    #[error("stopped while the changelog was unreachable")]
+    Stopped,
 }
 
 fn merchant_reports_key(merchant_id: MerchantId, report_id: ReportId) -> Vec<u8> {
@@ -92,38 +118,52 @@ impl ReconciliationService {
         clock: Arc<dyn Clock>,
         config: ReconciliationConfig,
     ) -> Self {
-        ReconciliationService { log, bus, providers, clock, config, open: std::sync::Mutex::new(HashMap::new()) }
+        ReconciliationService {
+            log,
+            bus,
+            providers,
+            clock,
+            config,
+            open: std::sync::Mutex::new(HashMap::new()),
+            owned: Owned::default(),
+        }
     }
 
-    /// One reader per partition of `settlement.events`, and the relay of its commands.
+    /// The partitions of `settlement.events` this instance owns now.
+    pub fn partitions_owned(&self) -> Vec<u32> {
+        self.owned.lock().unwrap_or_else(|e| e.into_inner()).iter().copied().collect()
+    }
+
+    /// One reader per partition of `settlement.events` this instance owns
+    /// (every one, or its share in the group with `changelog`), and the relay
+    /// of its commands.
     pub fn spawn(self: &Arc<Self>, stop: watch::Receiver<bool>) -> Result<Vec<JoinHandle<()>>, kassa_bus::BusError> {
-        let mut tasks = Vec::new();
-        for partition in 0..self.bus.partitions(SETTLEMENT_EVENTS)? {
-            let service = Arc::clone(self);
-            let mut stop = stop.clone();
-            tasks.push(tokio::spawn(async move {
-                let subscription = resume_subscription(
-                    &service.log,
-                    &service.bus,
-                    SETTLEMENT_EVENTS,
-                    partition,
-                    &offset_key(partition),
-                );
-                let mut subscription = match subscription {
-                    Ok(subscription) => subscription,
-                    Err(error) => {
-                        tracing::error!(partition, %error, "reconciliation cannot read its position; stopped");
-                        return;
-                    }
-                };
-                while let Some(messages) = next_batch(&mut subscription, 256, &mut stop).await {
-                    if let Err(error) = service.consume(partition, messages).await {
-                        tracing::error!(partition, %error, "reconciliation failed; stopping it (restart to recover)");
-                        return;
-                    }
-                }
-            }));
-        }
+        let partitions = self.bus.partitions(SETTLEMENT_EVENTS)?;
+        let membership = if self.config.changelog {
+            let changelog = self.bus.partitions(RECONCILIATION_CHANGELOG)?;
+            if changelog != partitions {
+                return Err(kassa_bus::BusError::PartitionCountChanged {
+                    topic: RECONCILIATION_CHANGELOG.to_owned(),
+                    existing: changelog,
+                    configured: partitions,
+                });
+            }
+            self.bus.join_group(RECONCILIATION_GROUP, SETTLEMENT_EVENTS)?
+        } else {
+            Membership::sole(RECONCILIATION_GROUP, partitions)
+        };
+        let service = Arc::clone(self);
+        let mut tasks = vec![tokio::spawn({
+            let stop = stop.clone();
+            async move {
+                let owned = &service.owned;
+                let starter = Arc::clone(&service);
+                run_partitions(membership, stop, owned, move |partition, owner, stop| {
+                    tokio::spawn(Arc::clone(&starter).run_partition(partition, owner, stop))
+                })
+                .await;
+            }
+        })];
         tasks.push(tokio::spawn(run_relay(
             Arc::clone(&self.log),
             Arc::clone(&self.bus),
@@ -135,7 +175,74 @@ impl ReconciliationService {
         Ok(tasks)
     }
 
-    async fn consume(&self, partition: u32, messages: Vec<Message>) -> Result<(), LogError> {
+    async fn run_partition(self: Arc<Self>, partition: u32, owner: String, mut stop: watch::Receiver<bool>) {
+        let mut ownership = None;
+        if self.config.changelog {
+            // What other instances (or this one, before a crash) did with this partition, then a claim.
+            let taken =
+                changelog::take(&self.log, self.bus.as_ref(), RECONCILIATION_CHANGELOG, partition, &owner, &stop);
+            match taken.await {
+                Ok(Some(_)) if *stop.borrow() => return,
+                Ok(Some((taken, restored))) => {
+                    let (replayed, epoch) = (restored.replayed, taken.epoch);
+                    tracing::info!(
+                        partition,
+                        replayed,
+                        epoch,
+                        "reconciliation partition taken over from the changelog"
+                    );
+                    ownership = Some(taken);
+                    // Batches cached while another instance owned the partition may be stale.
+                    self.open.lock().unwrap_or_else(|e| e.into_inner()).clear();
+                }
+                Ok(None) => return,
+                Err(error) => {
+                    tracing::error!(partition, %error, "cannot restore the reconciliation partition; not taking it");
+                    return;
+                }
+            }
+        }
+        let subscription =
+            resume_subscription(&self.log, &self.bus, SETTLEMENT_EVENTS, partition, &offset_key(partition));
+        let mut subscription = match subscription {
+            Ok(subscription) => subscription,
+            Err(error) => {
+                tracing::error!(partition, %error, "reconciliation cannot read its position; partition stopped");
+                return;
+            }
+        };
+        while let Some(messages) = next_batch(&mut subscription, 256, &mut stop).await {
+            if let Err(error) = self.consume(partition, messages, ownership.as_mut(), &stop).await {
+                tracing::error!(partition, %error, "reconciliation partition stopped");
+                return;
+            }
+        }
+    }
+
+    /// Make an append durable: on the changelog first (with it on), then in the log.
+    async fn commit(
+        &self,
+        mut request: AppendRequest,
+        ownership: &mut Option<&mut changelog::Ownership>,
+        stop: &watch::Receiver<bool>,
+    ) -> Result<(), PartitionError> {
+        if let Some(ownership) = ownership {
+            let now = self.clock.now().unix_ms();
+            let writes =
+                ownership.publish(self.bus.as_ref(), &request, now, stop).await?.ok_or(PartitionError::Stopped)?;
+            request.writes.extend(writes);
+        }
+        self.log.append(request).await?;
+        Ok(())
+    }
+
+    async fn consume(
+        &self,
+        partition: u32,
+        messages: Vec<Message>,
+        mut ownership: Option<&mut changelog::Ownership>,
+        stop: &watch::Receiver<bool>,
+    ) -> Result<(), PartitionError> {
         let last_offset = messages.last().map(|m| m.offset);
         let mut batches: HashMap<BatchId, BatchState> = HashMap::new();
         let mut new_entries: HashMap<BatchId, Vec<SettlementEntry>> = HashMap::new();
@@ -231,7 +338,11 @@ impl ReconciliationService {
         // Commands first, in chunks; the reports, batches and offset last: a
         // crash in between re-does the reports, and a payment already
         // reconciled refuses the repeat.
-        append_in_chunks(&self.log, commands).await?;
+        while !commands.is_empty() {
+            let rest = commands.split_off(commands.len().min(EVENTS_PER_APPEND_MAX));
+            let chunk = std::mem::replace(&mut commands, rest);
+            self.commit(AppendRequest { events: chunk, ..Default::default() }, &mut ownership, stop).await?;
+        }
         if let Some(offset) = last_offset {
             writes.push(StateWrite {
                 table: Table::Positions,
@@ -239,9 +350,10 @@ impl ReconciliationService {
                 value: Some((offset + 1).to_be_bytes().to_vec()),
             });
         }
-        self.log.append(AppendRequest { events: report_events, expected: Vec::new(), writes }).await?;
+        let request = AppendRequest { events: report_events, expected: Vec::new(), writes };
+        self.commit(request, &mut ownership, stop).await?;
         if let Some(offset) = last_offset {
-            self.bus.note_consumed(crate::topics::RECONCILIATION_GROUP, SETTLEMENT_EVENTS, partition, offset + 1);
+            self.bus.note_consumed(RECONCILIATION_GROUP, SETTLEMENT_EVENTS, partition, offset + 1);
         }
         // Keep open batches in memory; closed ones are done.
         let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());

@@ -80,7 +80,7 @@ pub struct ServiceArgs {
     /// suspect disk. Its event log is moved aside (to DATA_DIR/SERVICE.before-rebuild-UNIXTIME, kept for
     /// inspection). authorize replays each partition the group gives it from `authorization.changelog`;
     /// settle replays its batches from `settlement.events`, then follows `payments.events` from the start;
-    /// reconcile follows `settlement.events` from the start, asking for each closed batch's report again.
+    /// reconcile replays each partition the group gives it from `reconciliation.changelog`.
     #[arg(long)]
     pub rebuild: bool,
 }
@@ -203,7 +203,14 @@ pub fn run(service: Service, args: ServiceArgs) -> anyhow::Result<()> {
                 let (providers, _) =
                     wiring::providers(&config, wiring::ProviderReach::UrlsOnly, &stop_rx, &mut tasks).await?;
                 let reconciliation =
-                    Arc::new(ReconciliationService::new(log, bus, providers, clock, ReconciliationConfig::default()));
+                    // Separate processes: instances share the partitions, state moves through the changelog.
+                    Arc::new(ReconciliationService::new(
+                        log,
+                        bus,
+                        providers,
+                        clock,
+                        ReconciliationConfig { changelog: true, ..ReconciliationConfig::default() },
+                    ));
                 tasks.extend(reconciliation.spawn(stop_rx.clone())?);
                 kassa_services::http::operator_router(None, Some(reconciliation), Arc::clone(&ready), &admin_token)
             }

@@ -14,7 +14,8 @@ use kassa_services::ingest::IngestService;
 use kassa_services::reconciliation::{ReconciliationConfig, ReconciliationService};
 use kassa_services::settlement::SettlementService;
 use kassa_services::topics::{
-    AUTHORIZATION_CHANGELOG, PAYMENT_COMMANDS, PAYMENT_EVENTS, PROVIDER_HEALTH, SETTLEMENT_EVENTS,
+    AUTHORIZATION_CHANGELOG, PAYMENT_COMMANDS, PAYMENT_EVENTS, PROVIDER_HEALTH, RECONCILIATION_CHANGELOG,
+    SETTLEMENT_EVENTS,
 };
 use kassa_services::vault::CardVault;
 use kassa_services::{Clock, SystemClock};
@@ -66,6 +67,8 @@ pub fn topics() -> Vec<TopicSpec> {
         // As many partitions as payments.commands: partition p's commits go to partition p.
         // Replayed from the start by a new owner or --rebuild: created with retention off.
         TopicSpec::kept_forever(AUTHORIZATION_CHANGELOG, PARTITIONS),
+        // As many partitions as settlement.events, for the same reason.
+        TopicSpec::kept_forever(RECONCILIATION_CHANGELOG, PARTITIONS),
     ]
 }
 
