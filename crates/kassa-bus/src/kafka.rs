@@ -123,6 +123,9 @@ fn config_error(reason: String) -> BusError {
     BusError::Broker { context: "Kafka configuration".into(), reason }
 }
 
+/// The largest record the producer sends, and the topics kept forever take (64 MiB).
+const RECORD_BYTES_MAX: &str = "67108864";
+
 fn broker_error(context: impl Into<String>, error: KafkaError) -> BusError {
     BusError::Broker { context: context.into(), reason: error.to_string() }
 }
@@ -164,7 +167,11 @@ pub async fn init_topics(config: &KafkaConfig) -> Result<Vec<(String, TopicInit)
         .map(|spec| {
             let topic =
                 NewTopic::new(&spec.name, spec.partitions as i32, TopicReplication::Fixed(config.replication_factor));
-            if spec.kept_forever { topic.set("retention.ms", "-1").set("retention.bytes", "-1") } else { topic }
+            if spec.kept_forever {
+                topic.set("retention.ms", "-1").set("retention.bytes", "-1").set("max.message.bytes", RECORD_BYTES_MAX)
+            } else {
+                topic
+            }
         })
         .collect();
     let options = AdminOptions::new().request_timeout(Some(config.request_timeout()));
@@ -394,6 +401,9 @@ impl KafkaBus {
         let delivery_timeout = config.delivery_timeout_ms.to_string();
         let producer_defaults = [
             ("linger.ms", "2"),
+            // A changelog commit can be a few MB (a batch's report); `init-topics` lets the
+            // topics replayed from the start take records up to this size.
+            ("message.max.bytes", RECORD_BYTES_MAX),
             ("message.timeout.ms", delivery_timeout.as_str()),
             ("max.in.flight.requests.per.connection", "5"),
         ];
@@ -516,6 +526,13 @@ impl Bus for KafkaBus {
                         next = back;
                         tokio::time::sleep(Duration::from_millis(5)).await;
                     }
+                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge), _)) => {
+                        return Err(BusError::TooLarge {
+                            topic: record.topic.clone(),
+                            bytes: record.payload.len(),
+                            reason: "over the producer's message.max.bytes".into(),
+                        });
+                    }
                     Err((error, _)) => {
                         return Err(broker_error(format!("producing to {}/{partition}", record.topic), error));
                     }
@@ -527,6 +544,18 @@ impl Bus for KafkaBus {
             match delivery.await {
                 Ok(Ok(delivery)) => produced.push(Produced { partition, offset: delivery.offset.max(0) as u64 }),
                 Ok(Err((error, message))) => {
+                    if matches!(
+                        error,
+                        KafkaError::MessageProduction(
+                            RDKafkaErrorCode::MessageSizeTooLarge | RDKafkaErrorCode::InvalidMessageSize
+                        )
+                    ) {
+                        return Err(BusError::TooLarge {
+                            topic: message.topic().to_owned(),
+                            bytes: message.payload().map_or(0, <[u8]>::len),
+                            reason: error.to_string(),
+                        });
+                    }
                     let context = format!("delivering to {}/{partition}", message.topic());
                     return Err(broker_error(context, error));
                 }

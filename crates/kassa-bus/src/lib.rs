@@ -94,6 +94,9 @@ pub enum BusError {
     Closed,
     #[error("Kafka broker ({context}): {reason}")]
     Broker { context: String, reason: String },
+    /// A record larger than the broker or the topic takes: retrying cannot help.
+    #[error("a record of {bytes} bytes is larger than {topic:?} takes ({reason})")]
+    TooLarge { topic: String, bytes: usize, reason: String },
 }
 
 /// The bus seen by a service.

@@ -328,6 +328,11 @@ async fn produce(
                 tracing::error!(partition, ?produced, "changelog record landed in another partition; not used");
                 return None;
             }
+            Err(error @ BusError::TooLarge { .. }) => {
+                // Retrying cannot help: stop the partition, loudly (the commit has had no effect).
+                tracing::error!(partition, %error, "a commit is too large for the changelog; the partition stops");
+                return None;
+            }
             Err(error) => {
                 tracing::warn!(partition, %error, "cannot write the changelog; retrying");
                 if *stop.borrow() {

@@ -128,21 +128,27 @@ pub async fn next_batch(
 /// (`GET /admin/partitions`).
 pub type Owned = std::sync::Mutex<std::collections::BTreeSet<u32>>;
 
+/// How a partition's task ended: `Some(reason)` when it cannot go on here at
+/// all (the member stops, and with it the process, rather than retry forever).
+pub type PartitionEnd = Option<String>;
+
 /// One partition's task: its stop signal and its handle.
-type RunningPartition = (watch::Sender<bool>, tokio::task::JoinHandle<()>);
+type RunningPartition = (watch::Sender<bool>, tokio::task::JoinHandle<PartitionEnd>);
 
 /// Run one task per partition `membership` gives this member: `start(partition,
 /// member_id, stop)` on assignment; on revocation, stop those tasks and wait for
 /// them before handing the partitions back. A task that ended by itself (an
 /// error) while its partition is still assigned is started again every 2 s, so
-/// no partition stays unowned. On `stop`, stop them all and wait.
+/// no partition stays unowned — unless it ended with a reason it cannot go on
+/// (`Some`): then every task stops and this returns, ending the service. On
+/// `stop`, stop them all and wait.
 pub async fn run_partitions<F>(
     mut membership: kassa_bus::Membership,
     mut stop: watch::Receiver<bool>,
     owned: &Owned,
     start: F,
 ) where
-    F: Fn(u32, String, watch::Receiver<bool>) -> tokio::task::JoinHandle<()>,
+    F: Fn(u32, String, watch::Receiver<bool>) -> tokio::task::JoinHandle<PartitionEnd>,
 {
     let member_id = membership.member_id.clone();
     let launch = |partition: u32| {
@@ -159,9 +165,24 @@ pub async fn run_partitions<F>(
             _ = stop.changed() => break,
             change = membership.changes.recv() => change,
             _ = check.tick() => {
-                for (partition, slot) in running.iter_mut().filter(|(_, (_, task))| task.is_finished()) {
-                    tracing::warn!(partition, "the partition's task stopped; taking the partition again");
-                    *slot = launch(*partition);
+                let ended: Vec<u32> =
+                    running.iter().filter(|(_, (_, task))| task.is_finished()).map(|(p, _)| *p).collect();
+                let mut fatal = None;
+                for partition in ended {
+                    let Some((_, task)) = running.remove(&partition) else { continue };
+                    match task.await {
+                        Ok(Some(reason)) => {
+                            tracing::error!(partition, %reason, "a partition cannot go on here; stopping the service");
+                            fatal = Some(reason);
+                        }
+                        _ => {
+                            tracing::warn!(partition, "the partition's task stopped; taking the partition again");
+                            running.insert(partition, launch(partition));
+                        }
+                    }
+                }
+                if fatal.is_some() {
+                    break;
                 }
                 continue;
             }

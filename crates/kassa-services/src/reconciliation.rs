@@ -12,7 +12,9 @@
 
 use crate::batch_store::{batch_writes, load_batch};
 use crate::changelog;
-use crate::consume::{EVENTS_PER_APPEND_MAX, Owned, id_key, next_batch, resume_subscription, run_partitions};
+use crate::consume::{
+    EVENTS_PER_APPEND_MAX, Owned, PartitionEnd, id_key, next_batch, resume_subscription, run_partitions,
+};
 use crate::messages::PaymentCommandMessage;
 use crate::relay::{RelayConfig, run_relay};
 use crate::runtime::{Clock, derived_id};
@@ -98,6 +100,9 @@ enum PartitionError {
     /// Stopped while a commit's fate on the changelog is unknown.
     #[error("stopped while the changelog was unreachable")]
     Stopped,
+    /// Stopped before an input's reports were made: nothing of it was committed.
+    #[error("stopped before the input was committed")]
+    Interrupted,
 }
 
 fn merchant_reports_key(merchant_id: MerchantId, report_id: ReportId) -> Vec<u8> {
@@ -175,30 +180,44 @@ impl ReconciliationService {
         Ok(tasks)
     }
 
-    async fn run_partition(self: Arc<Self>, partition: u32, owner: String, mut stop: watch::Receiver<bool>) {
+    /// Follow one partition of `settlement.events`; `Some(reason)` when it cannot go on here at all.
+    async fn run_partition(
+        self: Arc<Self>,
+        partition: u32,
+        owner: String,
+        mut stop: watch::Receiver<bool>,
+    ) -> PartitionEnd {
         let mut ownership = None;
         if self.config.changelog {
             // What other instances (or this one, before a crash) did with this partition, then a claim.
             let taken =
                 changelog::take(&self.log, self.bus.as_ref(), RECONCILIATION_CHANGELOG, partition, &owner, &stop);
             match taken.await {
-                Ok(Some(_)) if *stop.borrow() => return,
+                Ok(Some(_)) if *stop.borrow() => return None,
                 Ok(Some((taken, restored))) => {
                     let (replayed, epoch) = (restored.replayed, taken.epoch);
-                    tracing::info!(
-                        partition,
-                        replayed,
-                        epoch,
-                        "reconciliation partition taken over from the changelog"
-                    );
+                    tracing::info!(partition, replayed, epoch, "reconciliation partition taken from the changelog");
+                    let followed = match crate::consume::stored_offset(&self.log, &offset_key(partition)) {
+                        Ok(followed) => followed,
+                        Err(error) => return Some(error.to_string()),
+                    };
+                    if epoch == 1 && followed > 0 {
+                        // The first claim ever, on a log that followed the partition before the
+                        // changelog existed: the changelog would lack that state.
+                        return Some(format!(
+                            "this reconciliation log followed {SETTLEMENT_EVENTS} partition {partition} before \
+                             {RECONCILIATION_CHANGELOG} existed; run `kassa reconcile --rebuild` once"
+                        ));
+                    }
                     ownership = Some(taken);
                     // Batches cached while another instance owned the partition may be stale.
                     self.open.lock().unwrap_or_else(|e| e.into_inner()).clear();
                 }
-                Ok(None) => return,
+                Ok(None) => return None,
+                Err(error @ changelog::RestoreError::Corrupt { .. }) => return Some(error.to_string()),
                 Err(error) => {
                     tracing::error!(partition, %error, "cannot restore the reconciliation partition; not taking it");
-                    return;
+                    return None;
                 }
             }
         }
@@ -206,17 +225,21 @@ impl ReconciliationService {
             resume_subscription(&self.log, &self.bus, SETTLEMENT_EVENTS, partition, &offset_key(partition));
         let mut subscription = match subscription {
             Ok(subscription) => subscription,
-            Err(error) => {
-                tracing::error!(partition, %error, "reconciliation cannot read its position; partition stopped");
-                return;
-            }
+            Err(error) => return Some(format!("reading the position in {SETTLEMENT_EVENTS}: {error}")),
         };
         while let Some(messages) = next_batch(&mut subscription, 256, &mut stop).await {
-            if let Err(error) = self.consume(partition, messages, ownership.as_mut(), &stop).await {
-                tracing::error!(partition, %error, "reconciliation partition stopped");
-                return;
+            match self.consume(partition, messages, ownership.as_mut(), &stop).await {
+                Ok(()) => {}
+                Err(PartitionError::Interrupted) => return None,
+                // Its log refuses writes: starting the partition again here cannot help.
+                Err(PartitionError::Log(error)) => return Some(error.to_string()),
+                Err(error) => {
+                    tracing::error!(partition, %error, "reconciliation partition stopped");
+                    return None;
+                }
             }
         }
+        None
     }
 
     /// Make an append durable: on the changelog first (with it on), then in the log.
@@ -291,7 +314,13 @@ impl ReconciliationService {
         let mut report_events = Vec::new();
         let mut commands = Vec::new();
         for batch_id in closed_now {
-            let report = self.reconcile_batch(&batches[&batch_id]).await;
+            let report = self.reconcile_batch(&batches[&batch_id], stop).await;
+            if *stop.borrow() {
+                // Stopping (or handing the partition over) while providers were asked: nothing
+                // of this input is committed, and whoever runs the partition next reconciles
+                // these batches again (the same ids) rather than keep a report cut short.
+                return Err(PartitionError::Interrupted);
+            }
             writes.push(StateWrite {
                 table: Table::State,
                 key: id_key("report/", report.report_id.as_u128()),
@@ -377,7 +406,7 @@ impl ReconciliationService {
     }
 
     /// Ask the provider for its lines (again while some are not there yet) and match them.
-    async fn reconcile_batch(&self, batch: &BatchState) -> ReconciliationReport {
+    async fn reconcile_batch(&self, batch: &BatchState, stop: &watch::Receiver<bool>) -> ReconciliationReport {
         let batch_id = batch.batch_id.expect("a closed batch has an id");
         let key = batch.key.clone().expect("a closed batch has a key");
         let ids: Vec<u128> = batch.entries.iter().map(|e| e.entry_id).collect();
@@ -387,6 +416,10 @@ impl ReconciliationService {
         let mut provider_error = None;
         for attempt in 0..self.config.report_attempts_max.max(1) {
             if attempt > 0 {
+                // Asking again for missing lines; a hand-over does not wait for that.
+                if *stop.borrow() {
+                    break;
+                }
                 tokio::time::sleep(Duration::from_millis(self.config.retry_delay_ms)).await;
             }
             let Some(provider) = provider else {

@@ -204,3 +204,33 @@ async fn a_second_reconciler_joins_and_the_reports_move_with_their_partitions() 
     first.stop().await;
     second.stop().await;
 }
+
+/// A log that followed `settlement.events` before the changelog existed: the
+/// first claim would leave the changelog without that state, so the service
+/// stops (and with it the process) and says what to do, instead of going on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_from_before_the_changelog_stops_the_service_with_what_to_do() {
+    let dir = tempfile::tempdir().unwrap();
+    let topics = [SETTLEMENT_EVENTS, RECONCILIATION_CHANGELOG, PAYMENT_COMMANDS]
+        .iter()
+        .map(|t| TopicSpec::new(*t, PARTITIONS))
+        .collect();
+    let bus = Arc::new(EmbeddedBus::open(dir.path().join("bus"), BusConfig::new(topics)).unwrap());
+    let sim = Arc::new(SimulatedAcquirer::new(
+        "acq-alpha",
+        SimulatorConfig { latency_ms_min: 1, latency_ms_max: 2, seed: 4 },
+    ));
+    {
+        let log = EventLog::open(dir.path().join("reconciliation-old"), LogConfig::default()).unwrap();
+        let followed = kassa_eventlog::StateWrite {
+            table: kassa_eventlog::Table::Positions,
+            key: format!("{SETTLEMENT_EVENTS}/0").into_bytes(),
+            value: Some(5u64.to_be_bytes().to_vec()),
+        };
+        log.append(kassa_eventlog::AppendRequest { writes: vec![followed], ..Default::default() }).await.unwrap();
+    }
+    let old = start(dir.path(), "reconciliation-old", &bus, &sim);
+    // The group member's task (the first) ends by itself: the binary then exits 1.
+    wait_for("the service to stop", || old.tasks[0].is_finished()).await;
+    old.stop().await;
+}

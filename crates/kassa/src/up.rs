@@ -60,7 +60,7 @@ pub struct UpArgs {
 pub fn topics() -> Vec<TopicSpec> {
     vec![
         TopicSpec::new(PAYMENT_COMMANDS, PARTITIONS),
-        // Replayed from the start by `settle|reconcile --rebuild`: created with retention off.
+        // Replayed from the start by `settle --rebuild`: created with retention off.
         TopicSpec::kept_forever(PAYMENT_EVENTS, PARTITIONS),
         TopicSpec::kept_forever(SETTLEMENT_EVENTS, PARTITIONS),
         TopicSpec::new(PROVIDER_HEALTH, PARTITIONS),

@@ -371,7 +371,11 @@ impl AuthorizationService {
     async fn run_membership(self: Arc<Self>, membership: Membership, stop: watch::Receiver<bool>) {
         let service = Arc::clone(&self);
         crate::consume::run_partitions(membership, stop, &self.owned, move |partition, owner, stop| {
-            tokio::spawn(Arc::clone(&service).run_partition(partition, owner, stop))
+            let service = Arc::clone(&service);
+            tokio::spawn(async move {
+                service.run_partition(partition, owner, stop).await;
+                None
+            })
         })
         .await;
     }
