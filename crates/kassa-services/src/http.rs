@@ -560,7 +560,9 @@ pub fn operator_router(
             .route("/admin/settlement/batches/{id}", get(operator_batch));
     }
     if reconciliation.is_some() {
-        router = router.route("/admin/reconciliation/reports", get(operator_reports));
+        router = router
+            .route("/admin/reconciliation/reports", get(operator_reports))
+            .route("/admin/partitions", get(operator_partitions));
     }
     router
         .fallback(|| async { error_response(&ApiError::not_found("route")) })
@@ -621,6 +623,14 @@ async fn operator_batches(
 
 async fn operator_batch(State(app): State<OperatorApp>, headers: HeaderMap, Path(id): Path<String>) -> Response {
     json((|| batch_of(app.settlement(&headers)?, &id, None))())
+}
+
+/// The partitions of `settlement.events` this reconciler owns.
+async fn operator_partitions(State(app): State<OperatorApp>, headers: HeaderMap) -> Response {
+    json((|| {
+        let reconciliation = app.reconciliation(&headers)?;
+        Ok(serde_json::json!({"object": "partitions", "data": reconciliation.partitions_owned()}))
+    })())
 }
 
 async fn operator_reports(

@@ -335,6 +335,10 @@ fn separate_processes_take_payments_and_survive_a_sigkilled_authorizer() {
         );
         std::thread::sleep(Duration::from_millis(300));
     }
+    // The rebuilt reconciler owns every partition of settlement.events (it is alone in its group).
+    let (status, partitions) = call(&reconcile.addr, ADMIN_TOKEN, "GET", "/admin/partitions", None);
+    assert_eq!(status, 200, "{partitions}");
+    assert_eq!(partitions["data"].as_array().map(Vec::len), Some(8), "{partitions}");
     // Every capture is batched already: a cut-off finds nothing to close.
     let (status, body) = call(&settle.addr, ADMIN_TOKEN, "POST", "/admin/settlement/cutoff", None);
     assert_eq!(status, 200, "{body}");
