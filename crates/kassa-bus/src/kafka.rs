@@ -123,9 +123,6 @@ fn config_error(reason: String) -> BusError {
     BusError::Broker { context: "Kafka configuration".into(), reason }
 }
 
-/// The largest record the producer sends, and the topics kept forever take (64 MiB).
-const RECORD_BYTES_MAX: &str = "67108864";
-
 fn broker_error(context: impl Into<String>, error: KafkaError) -> BusError {
     BusError::Broker { context: context.into(), reason: error.to_string() }
 }
@@ -167,11 +164,7 @@ pub async fn init_topics(config: &KafkaConfig) -> Result<Vec<(String, TopicInit)
         .map(|spec| {
             let topic =
                 NewTopic::new(&spec.name, spec.partitions as i32, TopicReplication::Fixed(config.replication_factor));
-            if spec.kept_forever {
-                topic.set("retention.ms", "-1").set("retention.bytes", "-1").set("max.message.bytes", RECORD_BYTES_MAX)
-            } else {
-                topic
-            }
+            if spec.kept_forever { topic.set("retention.ms", "-1").set("retention.bytes", "-1") } else { topic }
         })
         .collect();
     let options = AdminOptions::new().request_timeout(Some(config.request_timeout()));
@@ -229,8 +222,13 @@ pub async fn init_topics(config: &KafkaConfig) -> Result<Vec<(String, TopicInit)
 /// One partition's reader: a consumer assigned to it, and the offset it will read next.
 struct Reader {
     consumer: Option<StreamConsumer>,
+    /// The offset the consumer reads next ([`UNKNOWN_POSITION`] while a fetch is under way).
     next: u64,
 }
+
+/// A reader's position while a fetch is under way: no fetch asks for it, so a
+/// fetch that was dropped half-way makes the next one start on a new consumer.
+const UNKNOWN_POSITION: u64 = u64::MAX;
 
 impl Drop for Reader {
     fn drop(&mut self) {
@@ -401,9 +399,6 @@ impl KafkaBus {
         let delivery_timeout = config.delivery_timeout_ms.to_string();
         let producer_defaults = [
             ("linger.ms", "2"),
-            // A changelog commit can be a few MB (a batch's report); `init-topics` lets the
-            // topics replayed from the start take records up to this size.
-            ("message.max.bytes", RECORD_BYTES_MAX),
             ("message.timeout.ms", delivery_timeout.as_str()),
             ("max.in.flight.requests.per.connection", "5"),
         ];
@@ -592,11 +587,18 @@ impl Bus for KafkaBus {
             consumer.assign(&assignment).map_err(|e| broker_error(format!("assigning {topic}/{partition}"), e))?;
             reader.next = from_offset;
         }
+        // Until this fetch returns, the consumer's position counts as unknown: after a fetch that
+        // was dropped half-way (its subscription stopped), the next one starts on a new consumer
+        // at the offset it asks for rather than trust where the old one stands.
+        reader.next = UNKNOWN_POSITION;
         let consumer = reader.consumer.as_ref().expect("created above");
         let mut messages = Vec::new();
         let context = |e| broker_error(format!("reading {topic}/{partition}@{from_offset}"), e);
         match tokio::time::timeout(wait, consumer.recv()).await {
-            Err(_waited) => return Ok(messages),
+            Err(_waited) => {
+                reader.next = from_offset;
+                return Ok(messages);
+            }
             Ok(Err(error)) => return Err(context(error)),
             Ok(Ok(message)) => messages.push(to_message(topic, partition, &message)),
         }
@@ -610,9 +612,7 @@ impl Bus for KafkaBus {
         }
         // Only what was asked for: a message before the offset (none should be) is dropped.
         messages.retain(|m| m.offset >= from_offset);
-        if let Some(last) = messages.last() {
-            reader.next = last.offset + 1;
-        }
+        reader.next = messages.last().map_or(from_offset, |last| last.offset + 1);
         Ok(messages)
     }
 

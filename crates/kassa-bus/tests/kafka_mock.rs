@@ -96,3 +96,43 @@ async fn a_second_member_gets_its_share_only_after_the_first_handed_it_back() {
     close(first_bus).await;
     close(second_bus).await;
 }
+
+/// A fetch dropped half-way (its subscription stopped while it waited or
+/// read) may already have taken messages from the consumer. The next fetch
+/// from the same offset still gets every message, in order, none skipped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fetch_cut_short_loses_no_message() {
+    let cluster = MockCluster::new(1).unwrap();
+    cluster.create_topic("t", 4, 1).unwrap();
+    let bus = bus(&cluster, None);
+    let partition = partition_for(b"k", 4);
+    let mut next = 0;
+    let mut seen = Vec::new();
+    for n in 0..60u32 {
+        let record =
+            Record { topic: "t".into(), key: b"k".to_vec(), payload: n.to_be_bytes().to_vec(), timestamp_ms: 0 };
+        bus.produce(vec![record.clone(), record]).await.unwrap();
+        // Cut the fetch short at varying points: before, while or after it takes messages.
+        let cut = Duration::from_micros(u64::from(n % 10) * 300);
+        if let Ok(Ok(messages)) =
+            tokio::time::timeout(cut, bus.fetch("t", partition, next, 1, Duration::from_secs(5))).await
+        {
+            for message in messages {
+                assert_eq!(message.offset, next, "a message was skipped");
+                next += 1;
+                seen.push(message.offset);
+            }
+        }
+    }
+    // Then read the rest, whole.
+    let end = bus.end_offset("t", partition).unwrap();
+    while next < end {
+        for message in bus.fetch("t", partition, next, 100, Duration::from_secs(5)).await.unwrap() {
+            assert_eq!(message.offset, next, "a message was skipped");
+            next += 1;
+            seen.push(message.offset);
+        }
+    }
+    assert_eq!(seen, (0..end).collect::<Vec<_>>());
+    close(bus).await;
+}
