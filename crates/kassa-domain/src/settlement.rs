@@ -119,6 +119,16 @@ impl BatchState {
         self.key.is_some() && self.closed.is_none()
     }
 
+    /// Whether the batch already holds `event`: a copy published again (a
+    /// relay repeats what it sent before a crash), to be dropped.
+    pub fn holds(&self, event: &BatchEvent) -> bool {
+        match event {
+            BatchEvent::Opened { .. } => self.key.is_some(),
+            BatchEvent::EntryAdded { entry } => self.entry_ids.contains(&entry.entry_id),
+            BatchEvent::Closed { .. } => self.closed.is_some(),
+        }
+    }
+
     /// Totals as they would be if the batch closed now with `fees`.
     pub fn totals(&self, fees: FeeSchedule) -> Result<BatchTotals, BatchRejection> {
         let key = self.key.as_ref().ok_or(BatchRejection::NotFound)?;

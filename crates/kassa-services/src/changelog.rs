@@ -406,7 +406,7 @@ impl Ownership {
             return Ok(None);
         };
         if offset != self.last_offset + 1 {
-            self.check_between(bus, offset, seq).await?;
+            self.check_between(bus, offset, Some(seq)).await?;
         }
         self.last_offset = offset;
         self.seq = seq;
@@ -418,28 +418,17 @@ impl Ownership {
     /// a batch that records nothing (a reversal sent again), which no commit
     /// would fence.
     pub async fn confirm(&self, bus: &dyn Bus) -> Result<(), Fenced> {
-        let partition = self.partition;
-        let unchecked = |reason: String| Fenced::Unchecked { partition, reason };
-        let end = bus.end_offset(self.topic, partition).map_err(|e| unchecked(e.to_string()))?;
-        let mut next = self.last_offset + 1;
-        let mut empty_fetches = 0;
-        while next < end {
-            let records = read_records(bus, self.topic, partition, next, end, &mut empty_fetches)
-                .await
-                .map_err(|e| unchecked(e.to_string()))?;
-            for (at, record) in records {
-                if record.epoch > self.epoch {
-                    return Err(Fenced::TakenOver { partition, ours: self.epoch, newer: record.epoch });
-                }
-                next = at + 1;
-            }
-        }
-        Ok(())
+        let end = bus
+            .end_offset(self.topic, self.partition)
+            .map_err(|e| Fenced::Unchecked { partition: self.partition, reason: e.to_string() })?;
+        self.check_between(bus, end, None).await
     }
 
-    /// Someone wrote between this owner's last record and `offset`: a newer
-    /// owner (fenced), or a stale one (its records are skipped by replays).
-    async fn check_between(&self, bus: &dyn Bus, offset: u64, seq: u64) -> Result<(), Fenced> {
+    /// What was written between this owner's last record and `offset`: a newer
+    /// owner's claim fences this one; a stale owner's records are skipped by
+    /// replays. With `commit`, that commit of this owner (sent before an
+    /// unclear failure) is the only record of its epoch allowed there.
+    async fn check_between(&self, bus: &dyn Bus, offset: u64, commit: Option<u64>) -> Result<(), Fenced> {
         let partition = self.partition;
         let unchecked = |reason: String| Fenced::Unchecked { partition, reason };
         let mut next = self.last_offset + 1;
@@ -452,8 +441,10 @@ impl Ownership {
                 if record.epoch > self.epoch {
                     return Err(Fenced::TakenOver { partition, ours: self.epoch, newer: record.epoch });
                 }
-                // Of this epoch, only this very commit, sent before an unclear failure, may be here.
-                if record.epoch == self.epoch && (record.claim.is_some() || record.seq != seq) {
+                if let Some(seq) = commit
+                    && record.epoch == self.epoch
+                    && (record.claim.is_some() || record.seq != seq)
+                {
                     return Err(unchecked(format!("an unexpected record of this owner's epoch at {at}")));
                 }
                 next = at + 1;

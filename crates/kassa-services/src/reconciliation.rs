@@ -288,13 +288,7 @@ impl ReconciliationService {
                     slot.insert(batch)
                 }
             };
-            // Re-published events: the batch already holds them.
-            let duplicate = match &event {
-                BatchEvent::Opened { .. } => batch.key.is_some(),
-                BatchEvent::EntryAdded { entry } => batch.entry_ids.contains(&entry.entry_id),
-                BatchEvent::Closed { .. } => batch.closed.is_some(),
-            };
-            if duplicate {
+            if batch.holds(&event) {
                 continue;
             }
             if let Err(reason) = try_apply_batch(batch, &event) {

@@ -301,12 +301,7 @@ impl SettlementService {
                         continue;
                     }
                     let batch = batches.entry(batch_id).or_default();
-                    let duplicate = match &event {
-                        BatchEvent::Opened { .. } => batch.key.is_some(),
-                        BatchEvent::EntryAdded { entry } => batch.entry_ids.contains(&entry.entry_id),
-                        BatchEvent::Closed { .. } => batch.closed.is_some(),
-                    };
-                    if duplicate {
+                    if batch.holds(&event) {
                         continue;
                     }
                     try_apply_batch(batch, &event).map_err(|reason| bad(format!("batch {batch_id}: {reason}")))?;

@@ -8,8 +8,8 @@
 
 mod common;
 
-use kassa_bus::{Bus, BusConfig, EmbeddedBus, Record, TopicSpec, partition_for};
-use kassa_codec::{Envelope, EventPayload, decode_frame, encode_frame};
+use kassa_bus::{Bus, BusConfig, EmbeddedBus, TopicSpec, partition_for};
+use kassa_codec::decode_frame;
 use kassa_domain::settlement::{BatchEvent, BatchKey, BatchTotals, EntryKind, SettlementEntry};
 use kassa_domain::*;
 use kassa_eventlog::{EventLog, LogConfig};
@@ -30,6 +30,14 @@ const MERCHANT: u128 = 9;
 
 fn eur(minor: i64) -> Money {
     Money::new(minor, Currency::from_code("EUR").unwrap())
+}
+
+fn open_bus(dir: &std::path::Path) -> Arc<EmbeddedBus> {
+    let topics = [SETTLEMENT_EVENTS, RECONCILIATION_CHANGELOG, PAYMENT_COMMANDS]
+        .iter()
+        .map(|t| TopicSpec::new(*t, PARTITIONS))
+        .collect();
+    Arc::new(EmbeddedBus::open(dir.join("bus"), BusConfig::new(topics)).unwrap())
 }
 
 struct Instance {
@@ -63,29 +71,6 @@ impl Instance {
     }
 }
 
-/// Put a batch event on `settlement.events` as settlement's relay does.
-async fn publish(bus: &EmbeddedBus, batch_id: BatchId, seq: u64, event: &BatchEvent) {
-    let envelope = Envelope {
-        event_id: batch_id.as_u128() ^ u128::from(seq),
-        event_type: event.event_type().to_owned(),
-        stream_id: batch_id.as_u128(),
-        stream_seq: seq,
-        position: seq,
-        timestamp_ms: 0,
-        causation_id: None,
-        correlation_id: None,
-        payload: event.encode_payload(),
-        prev_hash: [0; 32],
-    };
-    let record = Record {
-        topic: SETTLEMENT_EVENTS.into(),
-        key: payment_key(batch_id.as_u128()),
-        payload: encode_frame(&envelope),
-        timestamp_ms: 0,
-    };
-    bus.produce(vec![record]).await.unwrap();
-}
-
 /// Batch `b` of the test: `ENTRIES` captures the acquirer holds, opened and closed.
 async fn settle_batch(bus: &EmbeddedBus, sim: &SimulatedAcquirer, b: u64) -> BatchId {
     let batch_id = BatchId::from_parts(1_795_651_200_000 + b, u128::from(b) * 7_919 + 1);
@@ -94,7 +79,7 @@ async fn settle_batch(bus: &EmbeddedBus, sim: &SimulatedAcquirer, b: u64) -> Bat
         merchant_id: MerchantId::from_u128(MERCHANT),
         currency: eur(0).currency,
     };
-    publish(bus, batch_id, 1, &BatchEvent::Opened { batch_id, key, opened_at: Timestamp(1) }).await;
+    common::publish_batch_event(bus, batch_id, 1, &BatchEvent::Opened { batch_id, key, opened_at: Timestamp(1) }).await;
     let deadline = Duration::from_secs(5);
     let mut captured = 0;
     for e in 0..ENTRIES {
@@ -108,12 +93,18 @@ async fn settle_batch(bus: &EmbeddedBus, sim: &SimulatedAcquirer, b: u64) -> Bat
         sim.authorize(request, deadline).await.unwrap();
         sim.capture(attempt_id, capture_id, amount, deadline).await.unwrap();
         let entry = SettlementEntry { entry_id: capture_id.as_u128(), payment_id, kind: EntryKind::Capture, amount };
-        publish(bus, batch_id, 2 + e, &BatchEvent::EntryAdded { entry }).await;
+        common::publish_batch_event(bus, batch_id, 2 + e, &BatchEvent::EntryAdded { entry }).await;
         captured += amount.minor;
     }
     let totals =
         BatchTotals { captured: eur(captured), refunded: eur(0), fees: eur(0), net: eur(captured), entries: ENTRIES };
-    publish(bus, batch_id, 2 + ENTRIES, &BatchEvent::Closed { totals, closed_at: Timestamp(1_795_651_300_000) }).await;
+    common::publish_batch_event(
+        bus,
+        batch_id,
+        2 + ENTRIES,
+        &BatchEvent::Closed { totals, closed_at: Timestamp(1_795_651_300_000) },
+    )
+    .await;
     batch_id
 }
 
@@ -129,11 +120,7 @@ async fn wait_for(what: &str, mut ready: impl FnMut() -> bool) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_reconciler_joins_and_the_reports_move_with_their_partitions() {
     let dir = tempfile::tempdir().unwrap();
-    let topics = [SETTLEMENT_EVENTS, RECONCILIATION_CHANGELOG, PAYMENT_COMMANDS]
-        .iter()
-        .map(|t| TopicSpec::new(*t, PARTITIONS))
-        .collect();
-    let bus = Arc::new(EmbeddedBus::open(dir.path().join("bus"), BusConfig::new(topics)).unwrap());
+    let bus = open_bus(dir.path());
     let sim = Arc::new(SimulatedAcquirer::new(
         "acq-alpha",
         SimulatorConfig { latency_ms_min: 1, latency_ms_max: 2, seed: 4 },
@@ -211,11 +198,7 @@ async fn a_second_reconciler_joins_and_the_reports_move_with_their_partitions() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_log_from_before_the_changelog_stops_the_service_with_what_to_do() {
     let dir = tempfile::tempdir().unwrap();
-    let topics = [SETTLEMENT_EVENTS, RECONCILIATION_CHANGELOG, PAYMENT_COMMANDS]
-        .iter()
-        .map(|t| TopicSpec::new(*t, PARTITIONS))
-        .collect();
-    let bus = Arc::new(EmbeddedBus::open(dir.path().join("bus"), BusConfig::new(topics)).unwrap());
+    let bus = open_bus(dir.path());
     let sim = Arc::new(SimulatedAcquirer::new(
         "acq-alpha",
         SimulatorConfig { latency_ms_min: 1, latency_ms_max: 2, seed: 4 },

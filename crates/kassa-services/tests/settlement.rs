@@ -6,8 +6,8 @@
 
 mod common;
 
-use kassa_bus::{Bus, BusConfig, EmbeddedBus, Record, TopicSpec, partition_for};
-use kassa_codec::{Envelope, EventPayload, decode_frame, encode_frame};
+use kassa_bus::{Bus, BusConfig, EmbeddedBus, TopicSpec, partition_for};
+use kassa_codec::{EventPayload, decode_frame};
 use kassa_domain::settlement::{BatchEvent, BatchKey, BatchTotals, EntryKind, SettlementEntry};
 use kassa_domain::*;
 use kassa_eventlog::{EventLog, LogConfig};
@@ -312,29 +312,6 @@ async fn a_cutoff_closes_exact_batches_and_settles_each_payment_once() {
     }
 }
 
-/// Put a batch event on `settlement.events` as settlement's relay does.
-async fn publish(bus: &EmbeddedBus, batch_id: BatchId, seq: u64, event: &BatchEvent) {
-    let envelope = Envelope {
-        event_id: batch_id.as_u128() ^ u128::from(seq),
-        event_type: event.event_type().to_owned(),
-        stream_id: batch_id.as_u128(),
-        stream_seq: seq,
-        position: seq,
-        timestamp_ms: 0,
-        causation_id: None,
-        correlation_id: None,
-        payload: event.encode_payload(),
-        prev_hash: [0; 32],
-    };
-    let record = Record {
-        topic: SETTLEMENT_EVENTS.into(),
-        key: kassa_services::payment_key(batch_id.as_u128()),
-        payload: encode_frame(&envelope),
-        timestamp_ms: 0,
-    };
-    bus.produce(vec![record]).await.unwrap();
-}
-
 /// Two batches of one key on different partitions: the open one is read
 /// first, then the older one opens and closes. The rebuild keeps the open one
 /// open (a cut-off closes it), and makes the older one's settlement commands again.
@@ -369,14 +346,14 @@ async fn a_rebuild_keeps_the_open_batch_of_a_key_whose_batches_are_on_two_partit
         amount: eur(amount),
     };
     let opened = |batch_id| BatchEvent::Opened { batch_id, key: key.clone(), opened_at: Timestamp(1) };
-    publish(&bus, newer, 1, &opened(newer)).await;
-    publish(&bus, newer, 2, &BatchEvent::EntryAdded { entry: entry(2, 700) }).await;
-    publish(&bus, older, 1, &opened(older)).await;
-    publish(&bus, older, 2, &BatchEvent::EntryAdded { entry: entry(1, 500) }).await;
+    common::publish_batch_event(bus.as_ref(), newer, 1, &opened(newer)).await;
+    common::publish_batch_event(bus.as_ref(), newer, 2, &BatchEvent::EntryAdded { entry: entry(2, 700) }).await;
+    common::publish_batch_event(bus.as_ref(), older, 1, &opened(older)).await;
+    common::publish_batch_event(bus.as_ref(), older, 2, &BatchEvent::EntryAdded { entry: entry(1, 500) }).await;
     let totals = BatchTotals { captured: eur(500), refunded: eur(0), fees: eur(40), net: eur(460), entries: 1 };
-    publish(&bus, older, 3, &BatchEvent::Closed { totals, closed_at: Timestamp(2) }).await;
+    common::publish_batch_event(bus.as_ref(), older, 3, &BatchEvent::Closed { totals, closed_at: Timestamp(2) }).await;
     // A copy re-published by the relay after a crash changes nothing.
-    publish(&bus, older, 3, &BatchEvent::Closed { totals, closed_at: Timestamp(2) }).await;
+    common::publish_batch_event(bus.as_ref(), older, 3, &BatchEvent::Closed { totals, closed_at: Timestamp(2) }).await;
 
     let log = Arc::new(EventLog::open(dir.path().join("settlement"), LogConfig::default()).unwrap());
     let rebuilt = SettlementService::rebuild(&log, bus.as_ref()).await.unwrap();

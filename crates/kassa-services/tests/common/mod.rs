@@ -67,6 +67,34 @@ pub async fn send_command(bus: &dyn Bus, event_id: u128, message: PaymentCommand
     bus.produce(vec![record]).await.unwrap();
 }
 
+/// Put a batch event on `settlement.events` as settlement's relay does (keyed by its batch).
+pub async fn publish_batch_event(
+    bus: &dyn Bus,
+    batch_id: kassa_domain::BatchId,
+    seq: u64,
+    event: &kassa_domain::settlement::BatchEvent,
+) {
+    let envelope = Envelope {
+        event_id: batch_id.as_u128() ^ u128::from(seq),
+        event_type: event.event_type().to_owned(),
+        stream_id: batch_id.as_u128(),
+        stream_seq: seq,
+        position: seq,
+        timestamp_ms: 0,
+        causation_id: None,
+        correlation_id: None,
+        payload: event.encode_payload(),
+        prev_hash: [0; 32],
+    };
+    let record = Record {
+        topic: kassa_services::topics::SETTLEMENT_EVENTS.into(),
+        key: payment_key(batch_id.as_u128()),
+        payload: encode_frame(&envelope),
+        timestamp_ms: 0,
+    };
+    bus.produce(vec![record]).await.unwrap();
+}
+
 /// xorshift64*: a simulation's only source of choices.
 pub struct Rng(pub u64);
 
