@@ -5,6 +5,7 @@
 # POST /v1/payments to ingest (each answer waits for the payment's outcome).
 # Each service's consumer lag is sampled every second (`kassa kafka lag`).
 # Usage: scripts/bench-split.sh [SECONDS] [CONNECTIONS]   (default 20 s, 256)
+# KAFKA_PROPERTIES="key=value …" passes librdkafka properties to every service.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/setup.sh
@@ -47,6 +48,7 @@ for name in acq-alpha acq-beta acq-gamma; do
 done
 
 common=(--bus kafka --brokers "${brokers}" --config "${config}" --admin-token-file "${work}/admin.token")
+for property in ${KAFKA_PROPERTIES:-}; do common+=(--kafka-property "${property}"); done
 export KASSA_LOG="${KASSA_LOG:-warn}"
 names=(acq-alpha acq-beta acq-gamma)
 start() { # SERVICE DATA [ARGS…]

@@ -593,7 +593,13 @@ impl Bus for KafkaBus {
         reader.next = UNKNOWN_POSITION;
         let consumer = reader.consumer.as_ref().expect("created above");
         let mut messages = Vec::new();
-        let context = |e| broker_error(format!("reading {topic}/{partition}@{from_offset}"), e);
+        let context = |e: KafkaError| match e.rdkafka_error_code() {
+            // `auto.offset.reset=error`: the position is before the first or past the last message.
+            Some(RDKafkaErrorCode::AutoOffsetReset | RDKafkaErrorCode::OffsetOutOfRange) => {
+                BusError::OffsetGone { topic: topic.to_owned(), partition, offset: from_offset, reason: e.to_string() }
+            }
+            _ => broker_error(format!("reading {topic}/{partition}@{from_offset}"), e),
+        };
         match tokio::time::timeout(wait, consumer.recv()).await {
             Err(_waited) => {
                 reader.next = from_offset;

@@ -97,6 +97,22 @@ pub enum BusError {
     /// A record larger than the broker or the topic takes: retrying cannot help.
     #[error("a record of {bytes} bytes is larger than {topic:?} takes ({reason})")]
     TooLarge { topic: String, bytes: usize, reason: String },
+    /// The consumer's stored position is not on the broker: the messages it
+    /// had not read yet were deleted (retention), or the topic was deleted and
+    /// created again. Retrying cannot help, and skipping would lose them.
+    #[error(
+        "offset {offset} of {topic:?}/{partition} is not on the broker ({reason}): the messages from there on were \
+         deleted, or the topic was created anew; this consumer cannot resume where it stopped"
+    )]
+    OffsetGone { topic: String, partition: u32, offset: u64, reason: String },
+}
+
+impl BusError {
+    /// Whether reading on (or producing again) can never succeed, so the
+    /// consumer must stop rather than retry.
+    pub fn is_fatal(&self) -> bool {
+        matches!(self, BusError::TooLarge { .. } | BusError::OffsetGone { .. } | BusError::Corrupt { .. })
+    }
 }
 
 /// The bus seen by a service.

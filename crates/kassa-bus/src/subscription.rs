@@ -60,6 +60,11 @@ impl Subscription {
                         }
                     }
                     Err(BusError::Closed) => return,
+                    Err(error) if error.is_fatal() => {
+                        tracing::error!(%topic, partition, offset = next, %error, "cannot read on");
+                        let _ = tx.send(Err(error)).await;
+                        return;
+                    }
                     Err(error) => {
                         tracing::warn!(%topic, partition, offset = next, %error, "fetch failed; retrying");
                         if tx.send(Err(error)).await.is_err() {
@@ -73,7 +78,8 @@ impl Subscription {
         Subscription { rx, task }
     }
 
-    /// The next message (or a fetch error, after which reading goes on).
+    /// The next message, or a fetch error: reading goes on after a passing one,
+    /// and ends after a fatal one ([`BusError::is_fatal`]).
     pub async fn recv(&mut self) -> Option<Result<Message, BusError>> {
         self.rx.recv().await
     }

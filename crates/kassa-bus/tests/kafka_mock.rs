@@ -136,3 +136,31 @@ async fn a_fetch_cut_short_loses_no_message() {
     assert_eq!(seen, (0..end).collect::<Vec<_>>());
     close(bus).await;
 }
+
+/// A stored position the broker does not have (the topic was emptied by
+/// retention, or deleted and created again) stops the subscription with an
+/// error that says so, instead of a warning and a retry every 200 ms forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_position_the_broker_does_not_have_stops_the_subscription() {
+    let cluster = MockCluster::new(1).unwrap();
+    cluster.create_topic("t", 4, 1).unwrap();
+    let bus = bus(&cluster, None);
+    let record = Record { topic: "t".into(), key: b"pay-1".to_vec(), payload: b"x".to_vec(), timestamp_ms: 7 };
+    let partition = bus.produce(vec![record]).await.unwrap()[0].partition;
+    let shared: Arc<dyn Bus> = bus.clone();
+    // The log says it read 1,000 messages of a partition that holds one.
+    let mut subscription =
+        kassa_bus::Subscription::start(shared, "t", partition, 1_000, kassa_bus::SubscriptionConfig::default());
+    let first = tokio::time::timeout(Duration::from_secs(30), subscription.recv()).await.expect("an answer in 30 s");
+    match first {
+        Some(Err(error @ BusError::OffsetGone { offset: 1_000, .. })) => {
+            assert!(error.is_fatal());
+            assert!(error.to_string().contains("cannot resume"), "{error}");
+        }
+        other => panic!("expected OffsetGone at 1000, got {other:?}"),
+    }
+    let after = tokio::time::timeout(Duration::from_secs(5), subscription.recv()).await.expect("the end in 5 s");
+    assert!(after.is_none(), "the subscription read on after a fatal error: {after:?}");
+    drop(subscription);
+    close(bus).await;
+}

@@ -96,19 +96,25 @@ pub async fn append_in_chunks(log: &EventLog, mut events: Vec<NewEvent>) -> Resu
 }
 
 /// Wait for the next message, then take whatever else is already fetched, up
-/// to `max`. `None` when `stop` turns true or the subscription ends.
+/// to `max`. `Ok(None)` when `stop` turns true or the subscription ends; an
+/// error only when reading cannot go on ([`BusError::is_fatal`]): passing
+/// failures are logged and the subscription retries.
 pub async fn next_batch(
     subscription: &mut Subscription,
     max: usize,
     stop: &mut watch::Receiver<bool>,
-) -> Option<Vec<Message>> {
+) -> Result<Option<Vec<Message>>, BusError> {
     loop {
         let first = tokio::select! {
-            _ = stop.changed() => return None,
-            message = subscription.recv() => message?,
+            _ = stop.changed() => return Ok(None),
+            message = subscription.recv() => match message {
+                Some(message) => message,
+                None => return Ok(None),
+            },
         };
         let mut messages = match first {
             Ok(message) => vec![message],
+            Err(error) if error.is_fatal() => return Err(error),
             Err(error) => {
                 tracing::warn!(%error, "fetch failed; the subscription retries");
                 continue;
@@ -120,7 +126,7 @@ pub async fn next_batch(
                 _ => break,
             }
         }
-        return Some(messages);
+        return Ok(Some(messages));
     }
 }
 
@@ -128,9 +134,20 @@ pub async fn next_batch(
 /// (`GET /admin/partitions`).
 pub type Owned = std::sync::Mutex<std::collections::BTreeSet<u32>>;
 
-/// How a partition's task ended: `Some(reason)` when it cannot go on here at
-/// all (the member stops, and with it the process, rather than retry forever).
-pub type PartitionEnd = Option<String>;
+/// How a partition's task ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PartitionEnd {
+    /// Told to stop, or failed in a way a fresh start may mend: started
+    /// again while the partition is still assigned here.
+    Again,
+    /// Another member owns the partition now (this one was fenced): not
+    /// started again until the group assigns it here anew. Starting it
+    /// sooner would claim it back and fence the rightful owner.
+    TakenOver,
+    /// It cannot go on here at all: every task stops and the service ends
+    /// (the process exits with this reason) rather than retry forever.
+    Fatal(String),
+}
 
 /// One partition's task: its stop signal and its handle.
 type RunningPartition = (watch::Sender<bool>, tokio::task::JoinHandle<PartitionEnd>);
@@ -139,9 +156,10 @@ type RunningPartition = (watch::Sender<bool>, tokio::task::JoinHandle<PartitionE
 /// member_id, stop)` on assignment; on revocation, stop those tasks and wait for
 /// them before handing the partitions back. A task that ended by itself (an
 /// error) while its partition is still assigned is started again every 2 s, so
-/// no partition stays unowned — unless it ended with a reason it cannot go on
-/// (`Some`): then every task stops and this returns, ending the service. On
-/// `stop`, stop them all and wait.
+/// no partition stays unowned ([`PartitionEnd::Again`]); one that was taken
+/// over waits for the next assignment ([`PartitionEnd::TakenOver`]); one that
+/// cannot go on ([`PartitionEnd::Fatal`]) stops every task and this returns,
+/// ending the service. On `stop`, stop them all and wait.
 pub async fn run_partitions<F>(
     mut membership: kassa_bus::Membership,
     mut stop: watch::Receiver<bool>,
@@ -171,16 +189,20 @@ pub async fn run_partitions<F>(
                 for partition in ended {
                     let Some((_, task)) = running.remove(&partition) else { continue };
                     match task.await {
-                        Ok(Some(reason)) => {
+                        Ok(PartitionEnd::Fatal(reason)) => {
                             tracing::error!(partition, %reason, "a partition cannot go on here; stopping the service");
                             fatal = Some(reason);
                         }
-                        _ => {
+                        Ok(PartitionEnd::TakenOver) => {
+                            tracing::warn!(partition, "another member took the partition over; waiting for the group");
+                        }
+                        Ok(PartitionEnd::Again) | Err(_) => {
                             tracing::warn!(partition, "the partition's task stopped; taking the partition again");
                             running.insert(partition, launch(partition));
                         }
                     }
                 }
+                set_owned(&running);
                 if fatal.is_some() {
                     break;
                 }
@@ -218,5 +240,55 @@ async fn stop_partitions(partitions: Vec<RunningPartition>) {
     }
     for (_, task) in partitions {
         let _ = task.await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// A partition that ended by itself is started again while assigned,
+    /// unless another member took it over: that one waits for the group.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_partition_taken_over_is_not_started_again_until_assigned_anew() {
+        let starts: Arc<[AtomicUsize; 2]> = Arc::new([AtomicUsize::new(0), AtomicUsize::new(0)]);
+        let (stop_tx, stop) = watch::channel(false);
+        let owned = Arc::new(Owned::default());
+        let counted = Arc::clone(&starts);
+        let (owned_by_group, group_stop) = (Arc::clone(&owned), stop.clone());
+        let group = tokio::spawn(async move {
+            let membership = kassa_bus::Membership::sole("g", 2);
+            run_partitions(membership, group_stop, &owned_by_group, move |partition, _owner, _stop| {
+                counted[partition as usize].fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move { if partition == 0 { PartitionEnd::TakenOver } else { PartitionEnd::Again } })
+            })
+            .await
+        });
+        // The check runs every 2 s: long enough for two of them.
+        tokio::time::sleep(std::time::Duration::from_millis(4_500)).await;
+        assert_eq!(starts[0].load(Ordering::SeqCst), 1, "a partition taken over was claimed back");
+        assert!(starts[1].load(Ordering::SeqCst) >= 2, "a partition that stopped was not started again");
+        assert!(!owned.lock().unwrap().contains(&0));
+        stop_tx.send(true).unwrap();
+        tokio::time::timeout(std::time::Duration::from_secs(5), group).await.unwrap().unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_partition_that_cannot_go_on_ends_the_member() {
+        let (_stop_tx, stop) = watch::channel(false);
+        let owned = Owned::default();
+        let membership = kassa_bus::Membership::sole("g", 3);
+        let ended = run_partitions(membership, stop, &owned, |partition, _owner, mut stop| {
+            tokio::spawn(async move {
+                if partition == 1 {
+                    return PartitionEnd::Fatal("its log is corrupt".into());
+                }
+                let _ = stop.changed().await;
+                PartitionEnd::Again
+            })
+        });
+        tokio::time::timeout(std::time::Duration::from_secs(10), ended).await.expect("the member ended");
+        assert!(owned.lock().unwrap().is_empty());
     }
 }

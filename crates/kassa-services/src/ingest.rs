@@ -740,7 +740,15 @@ impl IngestService {
                 return;
             }
         };
-        while let Some(messages) = next_batch(&mut subscription, 1024, &mut stop).await {
+        loop {
+            let messages = match next_batch(&mut subscription, 1024, &mut stop).await {
+                Ok(Some(messages)) => messages,
+                Ok(None) => return,
+                Err(error) => {
+                    tracing::error!(partition, %error, "read model cannot read on; stopped");
+                    return;
+                }
+            };
             if let Err(error) = self.apply_to_read_model(partition, messages).await {
                 tracing::error!(partition, %error, "read model update failed; stopping it (restart to recover)");
                 return;

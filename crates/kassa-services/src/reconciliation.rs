@@ -193,18 +193,18 @@ impl ReconciliationService {
             let taken =
                 changelog::take(&self.log, self.bus.as_ref(), RECONCILIATION_CHANGELOG, partition, &owner, &stop);
             match taken.await {
-                Ok(Some(_)) if *stop.borrow() => return None,
+                Ok(Some(_)) if *stop.borrow() => return PartitionEnd::Again,
                 Ok(Some((taken, restored))) => {
                     let (replayed, epoch) = (restored.replayed, taken.epoch);
                     tracing::info!(partition, replayed, epoch, "reconciliation partition taken from the changelog");
                     let followed = match crate::consume::stored_offset(&self.log, &offset_key(partition)) {
                         Ok(followed) => followed,
-                        Err(error) => return Some(error.to_string()),
+                        Err(error) => return PartitionEnd::Fatal(error.to_string()),
                     };
                     if epoch == 1 && followed > 0 {
                         // The first claim ever, on a log that followed the partition before the
                         // changelog existed: the changelog would lack that state.
-                        return Some(format!(
+                        return PartitionEnd::Fatal(format!(
                             "this reconciliation log followed {SETTLEMENT_EVENTS} partition {partition} before \
                              {RECONCILIATION_CHANGELOG} existed; run `kassa reconcile --rebuild` once"
                         ));
@@ -213,11 +213,11 @@ impl ReconciliationService {
                     // Batches cached while another instance owned the partition may be stale.
                     self.open.lock().unwrap_or_else(|e| e.into_inner()).clear();
                 }
-                Ok(None) => return None,
-                Err(error @ changelog::RestoreError::Corrupt { .. }) => return Some(error.to_string()),
+                Ok(None) => return PartitionEnd::Again,
+                Err(error @ changelog::RestoreError::Corrupt { .. }) => return PartitionEnd::Fatal(error.to_string()),
                 Err(error) => {
                     tracing::error!(partition, %error, "cannot restore the reconciliation partition; not taking it");
-                    return None;
+                    return PartitionEnd::Again;
                 }
             }
         }
@@ -225,21 +225,29 @@ impl ReconciliationService {
             resume_subscription(&self.log, &self.bus, SETTLEMENT_EVENTS, partition, &offset_key(partition));
         let mut subscription = match subscription {
             Ok(subscription) => subscription,
-            Err(error) => return Some(format!("reading the position in {SETTLEMENT_EVENTS}: {error}")),
+            Err(error) => return PartitionEnd::Fatal(format!("reading the position in {SETTLEMENT_EVENTS}: {error}")),
         };
-        while let Some(messages) = next_batch(&mut subscription, 256, &mut stop).await {
+        loop {
+            let messages = match next_batch(&mut subscription, 256, &mut stop).await {
+                Ok(Some(messages)) => messages,
+                Ok(None) => return PartitionEnd::Again,
+                Err(error) => return PartitionEnd::Fatal(error.to_string()),
+            };
             match self.consume(partition, messages, ownership.as_mut(), &stop).await {
                 Ok(()) => {}
-                Err(PartitionError::Interrupted) => return None,
+                Err(PartitionError::Interrupted) => return PartitionEnd::Again,
                 // Its log refuses writes: starting the partition again here cannot help.
-                Err(PartitionError::Log(error)) => return Some(error.to_string()),
+                Err(PartitionError::Log(error)) => return PartitionEnd::Fatal(error.to_string()),
+                Err(PartitionError::Fenced(fenced)) => {
+                    tracing::warn!(partition, %fenced, "another instance owns this partition now; stopped it here");
+                    return PartitionEnd::TakenOver;
+                }
                 Err(error) => {
                     tracing::error!(partition, %error, "reconciliation partition stopped");
-                    return None;
+                    return PartitionEnd::Again;
                 }
             }
         }
-        None
     }
 
     /// Make an append durable: on the changelog first (with it on), then in the log.

@@ -134,9 +134,16 @@ impl SettlementService {
                         return;
                     }
                 };
-                while let Some(messages) =
-                    next_batch(&mut subscription, service.config.batch_inputs_max, &mut stop).await
-                {
+                loop {
+                    let messages = match next_batch(&mut subscription, service.config.batch_inputs_max, &mut stop).await
+                    {
+                        Ok(Some(messages)) => messages,
+                        Ok(None) => return,
+                        Err(error) => {
+                            tracing::error!(partition, %error, "settlement cannot read on; reader stopped");
+                            return;
+                        }
+                    };
                     if service.inputs.send(Input::Messages(partition, messages)).await.is_err() {
                         return;
                     }

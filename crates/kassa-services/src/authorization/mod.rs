@@ -25,7 +25,7 @@ pub use process::{
 };
 
 use crate::changelog;
-use crate::consume::{id_key, resume_subscription};
+use crate::consume::{PartitionEnd, id_key, resume_subscription};
 use crate::messages::PaymentCommandMessage;
 use crate::relay::{RelayConfig, run_relay};
 use crate::routing::{RoutingEngine, RoutingSettings};
@@ -372,16 +372,18 @@ impl AuthorizationService {
         let service = Arc::clone(&self);
         crate::consume::run_partitions(membership, stop, &self.owned, move |partition, owner, stop| {
             let service = Arc::clone(&service);
-            tokio::spawn(async move {
-                service.run_partition(partition, owner, stop).await;
-                None
-            })
+            tokio::spawn(async move { service.run_partition(partition, owner, stop).await })
         })
         .await;
     }
 
-    async fn run_partition(self: Arc<Self>, partition: u32, owner: String, stop: watch::Receiver<bool>) {
-        Arc::clone(&self).run_partition_actor(partition, owner, stop).await;
+    async fn run_partition(
+        self: Arc<Self>,
+        partition: u32,
+        owner: String,
+        stop: watch::Receiver<bool>,
+    ) -> PartitionEnd {
+        let end = Arc::clone(&self).run_partition_actor(partition, owner, stop).await;
         if self.config.changelog {
             // The partition may move on: its cards stay sealed in the log and on the
             // changelog, and leave this memory (a restart here reopens what it needs).
@@ -391,24 +393,30 @@ impl AuthorizationService {
                 .forget(|payment_id| partition_for(&crate::payment_key(payment_id.as_u128()), partitions) == partition);
             tracing::debug!(partition, forgotten, "the partition's cards left memory");
         }
+        end
     }
 
-    async fn run_partition_actor(self: Arc<Self>, partition: u32, owner: String, mut stop: watch::Receiver<bool>) {
+    async fn run_partition_actor(
+        self: Arc<Self>,
+        partition: u32,
+        owner: String,
+        mut stop: watch::Receiver<bool>,
+    ) -> PartitionEnd {
         let mut ownership = None;
         if self.config.changelog {
             // Whatever other instances (or this one, before a crash) committed for this partition, then a claim.
             match changelog::take(&self.log, self.bus.as_ref(), AUTHORIZATION_CHANGELOG, partition, &owner, &stop).await
             {
-                Ok(Some(_)) if *stop.borrow() => return, // revoked meanwhile: the next owner claims anew
+                Ok(Some(_)) if *stop.borrow() => return PartitionEnd::Again, // revoked meanwhile: the next owner claims anew
                 Ok(Some((taken, restored))) => {
                     let (replayed, epoch) = (restored.replayed, taken.epoch);
                     tracing::info!(partition, replayed, epoch, "partition taken over from the changelog");
                     ownership = Some(taken);
                 }
-                Ok(None) => return, // stopped first
+                Ok(None) => return PartitionEnd::Again, // stopped first
                 Err(error) => {
                     tracing::error!(partition, %error, "cannot restore the partition; not taking it");
-                    return;
+                    return PartitionEnd::Again;
                 }
             }
         }
@@ -436,20 +444,20 @@ impl AuthorizationService {
             }
             Err(error) => {
                 tracing::error!(partition, %error, "cannot scan active payments; partition stopped");
-                return;
+                return PartitionEnd::Again;
             }
         }
         for &payment_id in &resume {
             if let Err(error) = actor.restore_card(payment_id) {
                 tracing::error!(partition, %error, "cannot read a stored card; partition stopped");
-                return;
+                return PartitionEnd::Again;
             }
         }
         if !resume.is_empty() {
             tracing::info!(partition, payments = resume.len(), "resuming payments with work left");
             if let Err(error) = actor.resume(resume).await {
                 tracing::error!(partition, %error, "resuming failed; partition stopped");
-                return;
+                return PartitionEnd::Again;
             }
         }
         let subscription =
@@ -458,7 +466,7 @@ impl AuthorizationService {
             Ok(subscription) => subscription,
             Err(error) => {
                 tracing::error!(partition, %error, "cannot read the stored offset; partition stopped");
-                return;
+                return PartitionEnd::Again;
             }
         };
         loop {
@@ -467,16 +475,17 @@ impl AuthorizationService {
             tokio::select! {
                 _ = stop.changed() => {
                     actor.hand_over(&mut effects_rx).await;
-                    return;
+                    return PartitionEnd::Again;
                 }
                 message = subscription.recv() => match message {
                     Some(Ok(message)) => messages.push(message),
+                    Some(Err(error)) if error.is_fatal() => return PartitionEnd::Fatal(error.to_string()),
                     Some(Err(error)) => { tracing::warn!(partition, %error, "fetch failed"); continue; }
-                    None => return,
+                    None => return PartitionEnd::Again,
                 },
                 result = effects_rx.recv() => match result {
                     Some(result) => results.push(result),
-                    None => return,
+                    None => return PartitionEnd::Again,
                 },
             }
             // Take whatever else is ready, up to the batch bound.
@@ -494,15 +503,18 @@ impl AuthorizationService {
             }
             match actor.process(messages, results).await {
                 Ok(()) => {}
-                Err(ActorError::Stopped) => return,
+                Err(ActorError::Stopped) => return PartitionEnd::Again,
                 Err(ActorError::Fenced(fenced)) => {
-                    tracing::error!(partition, %fenced, "another instance owns this partition now; stopped it here");
-                    return;
+                    tracing::warn!(partition, %fenced, "another instance owns this partition now; stopped it here");
+                    return PartitionEnd::TakenOver;
                 }
-                Err(error) => {
-                    tracing::error!(partition, %error, "authorization partition failed; stopping it (restart to recover)");
-                    return;
+                // A fresh start reloads the partition's state from the log.
+                Err(ActorError::Log(error @ kassa_eventlog::LogError::Conflict { .. })) => {
+                    tracing::error!(partition, %error, "authorization partition failed; starting it again");
+                    return PartitionEnd::Again;
                 }
+                // Its log refuses writes or reads: starting the partition again here cannot help.
+                Err(ActorError::Log(error)) => return PartitionEnd::Fatal(error.to_string()),
             }
         }
     }
