@@ -75,6 +75,32 @@ start reconcile reconcile
 sleep 2
 export KASSA_KEY="$(cat "${work}/ingest/demo-merchant.key")"
 
+# One payment through the idle pipeline: its latency and when each service recorded its events.
+one_payment() {
+  local started answer id
+  started="$(date +%s%3N)"
+  answer="$(curl -fs -X POST "http://127.0.0.1:${ingest_port}/v1/payments" -H "Authorization: Bearer ${KASSA_KEY}" \
+    -H 'Content-Type: application/json' -H "Idempotency-Key: idle-$(date +%s%N)" \
+    -d '{"amount": 1999, "currency": "EUR", "card": {"number": "4242424242424242", "exp_month": 12, "exp_year": 2030, "cvc": "123"}}')"
+  echo "  answered in $(( $(date +%s%3N) - started )) ms: $(echo "${answer}" | grep -o '"status":"[a-z_]*"')"
+  id="$(echo "${answer}" | grep -o '"id":"pay_[^"]*"' | cut -d'"' -f4)"
+  sleep 1
+  curl -fs "http://127.0.0.1:${ingest_port}/v1/payments/${id}/events" -H "Authorization: Bearer ${KASSA_KEY}" \
+    | grep -o '"at":"[^"]*"\|"type":"[a-z._]*"' | paste -d' ' - - | sed 's/^/    /' || true
+}
+say "one payment through the idle pipeline, three times:"
+for _ in 1 2 3; do one_payment; done
+
+# What every process spends with nothing to do (polling the broker), before the load.
+mapfile -t idle_before < <(cpu_seconds)
+sleep 5
+mapfile -t idle_after < <(cpu_seconds)
+say "CPU seconds over 5 s idle, before the load:"
+idle_names=("${names[@]}" tansu)
+for i in "${!idle_names[@]}"; do
+  awk -v n="${idle_names[$i]}" -v a="${idle_after[$i]}" -v b="${idle_before[$i]}" 'BEGIN {printf "  %-10s %6.2f\n", n, a - b}'
+done
+
 "${kassa}" kafka lag --brokers "${brokers}" --every-s 1 > "${work}/lag.txt" 2>/dev/null &
 lag_pid=$!
 say "wrk: ${seconds}s, ${connections} connections, POST /v1/payments to kassa ingest (separate processes over tansu)"
