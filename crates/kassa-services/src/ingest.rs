@@ -4,14 +4,17 @@
 //! accepted payment or command in its own log — the outbox its relay
 //! publishes to `payments.commands` — and keeps a read model of every
 //! payment, fed by `payments.events`, which answers reads and tells waiting
-//! requests when their payment has an outcome.
+//! requests when their payment has an outcome. Merchants made here go out on
+//! `merchants` too, and every instance follows that topic from its start, so
+//! any instance knows every merchant's API key (several instances can serve
+//! one set of topics).
 
 use crate::consume::{id_key, next_batch, resume_subscription};
 use crate::messages::{CARD_SEALED, COMMAND_REJECTED, CommandRejected, PaymentCommandMessage};
 use crate::relay::{RelayConfig, run_relay};
 use crate::runtime::Clock;
 use crate::seal::CardSeal;
-use crate::topics::{PAYMENT_COMMANDS, PAYMENT_EVENTS};
+use crate::topics::{MERCHANTS, PAYMENT_COMMANDS, PAYMENT_EVENTS};
 use crate::vault::CardVault;
 use kassa_api::{ApiError, ApiKey, ErrorType, fingerprint};
 use kassa_bus::Bus;
@@ -220,6 +223,23 @@ fn position_key(partition: u32) -> Vec<u8> {
     format!("{PAYMENT_EVENTS}/{partition}").into_bytes()
 }
 
+/// How far this instance followed `merchants`.
+const MERCHANTS_POSITION: &[u8] = b"merchants/0";
+
+/// The event that records a merchant, on the log and on `merchants`.
+const MERCHANT_CREATED: &str = "merchant.created";
+
+/// Where the relay publishes one of ingest's own events (none: not published).
+fn route(event: &kassa_codec::Envelope) -> Option<&'static str> {
+    if event.event_type == "payment.requested" || event.event_type.starts_with("command.") {
+        Some(PAYMENT_COMMANDS)
+    } else if event.event_type == MERCHANT_CREATED {
+        Some(MERCHANTS)
+    } else {
+        None
+    }
+}
+
 impl IngestService {
     pub fn new(
         log: Arc<EventLog>,
@@ -260,13 +280,11 @@ impl IngestService {
             Arc::clone(&self.log),
             Arc::clone(&self.bus),
             PAYMENT_COMMANDS,
-            |e| {
-                (e.event_type == "payment.requested" || e.event_type.starts_with("command."))
-                    .then_some(PAYMENT_COMMANDS)
-            },
+            route,
             RelayConfig::default(),
             stop.clone(),
         ))];
+        tasks.push(tokio::spawn(Arc::clone(self).follow_merchants(stop.clone())));
         for partition in 0..self.bus.partitions(PAYMENT_EVENTS)? {
             let service = Arc::clone(self);
             let stop = stop.clone();
@@ -282,6 +300,37 @@ impl IngestService {
         let request = new_merchant(name, self.clock.now())?;
         self.log.append(request.0).await.map_err(internal)?;
         Ok((request.1, request.2))
+    }
+
+    /// Learn the merchants other instances made (and, read back, this one's
+    /// own): each `merchant.created` on `merchants` stores its key's hash here.
+    /// Only the key: the event stays on the topic, and is not appended here
+    /// again (the relay would publish it once more).
+    async fn follow_merchants(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+        let mut subscription = match resume_subscription(&self.log, &self.bus, MERCHANTS, 0, MERCHANTS_POSITION) {
+            Ok(subscription) => subscription,
+            Err(error) => {
+                tracing::error!(%error, "cannot read the position in {MERCHANTS}; stopped");
+                return;
+            }
+        };
+        loop {
+            let messages = match next_batch(&mut subscription, 1024, &mut stop).await {
+                Ok(Some(messages)) => messages,
+                Ok(None) => return,
+                Err(error) => {
+                    tracing::error!(%error, "cannot read {MERCHANTS} on; stopped");
+                    return;
+                }
+            };
+            let Some(next) = messages.last().map(|m| m.offset + 1) else { continue };
+            let mut writes: Vec<StateWrite> = messages.iter().filter_map(merchant_key_write).collect();
+            writes.push(crate::consume::position_write(MERCHANTS_POSITION.to_vec(), next));
+            if let Err(error) = self.log.append(AppendRequest { writes, ..Default::default() }).await {
+                tracing::error!(%error, "cannot store merchants; stopped");
+                return;
+            }
+        }
     }
 
     /// The merchant an `Authorization` header belongs to (401 otherwise).
@@ -804,6 +853,14 @@ impl IngestService {
                             views.insert(payment_id, view);
                             continue;
                         }
+                        if let PaymentEvent::Requested(requested) = &event {
+                            // Listed for its merchant here too when another instance took it.
+                            writes.push(StateWrite {
+                                table: Table::State,
+                                key: merchant_index_key(requested.merchant_id, payment_id),
+                                value: Some(Vec::new()),
+                            });
+                        }
                         data
                     }
                     Err(error) => {
@@ -860,6 +917,33 @@ impl IngestService {
     }
 }
 
+/// The write that lets a `merchant.created` message's key in; `None` (logged)
+/// for any other message: a peer's bad message changes nothing.
+fn merchant_key_write(message: &kassa_bus::Message) -> Option<StateWrite> {
+    let decoded = decode_frame(&message.payload).map_err(|e| e.to_string()).and_then(|envelope| {
+        if envelope.event_type != MERCHANT_CREATED {
+            return Err(format!("a {:?} event is not a merchant", envelope.event_type));
+        }
+        let (merchant_id, _name, hash_hex): (MerchantId, String, String) =
+            decode_value(&envelope.payload, MERCHANT_CREATED).map_err(|e| e.to_string())?;
+        if hash_hex.len() != 64 || !hash_hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(format!("{hash_hex:?} is not a key hash"));
+        }
+        Ok((merchant_id, hash_hex))
+    });
+    match decoded {
+        Ok((merchant_id, hash_hex)) => Some(StateWrite {
+            table: Table::State,
+            key: merchant_key_key(&hash_hex),
+            value: Some(merchant_id.as_u128().to_be_bytes().to_vec()),
+        }),
+        Err(reason) => {
+            tracing::error!(offset = message.offset, %reason, "message on {MERCHANTS} skipped");
+            None
+        }
+    }
+}
+
 /// The append that creates a merchant, with its id and key: for the running
 /// service and for `kassa merchant create` on a stopped one alike.
 pub fn new_merchant(name: &str, now: kassa_domain::Timestamp) -> Result<(AppendRequest, MerchantId, ApiKey), ApiError> {
@@ -874,7 +958,7 @@ pub fn new_merchant(name: &str, now: kassa_domain::Timestamp) -> Result<(AppendR
     let key = ApiKey::from_random(rand::random());
     let event = NewEvent {
         event_id: rand::random(),
-        event_type: "merchant.created".into(),
+        event_type: MERCHANT_CREATED.into(),
         stream_id: merchant_id.as_u128(),
         timestamp_ms: now.unix_ms(),
         causation_id: None,
@@ -1000,4 +1084,54 @@ fn event_data(event: &PaymentEvent) -> String {
         PaymentEvent::Reconciled { report_id } => serde_json::json!({"report_id": report_id.to_string()}),
     };
     value.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kassa_codec::{Envelope, encode_frame};
+
+    fn message(event_type: &str, payload: Vec<u8>) -> kassa_bus::Message {
+        let envelope = Envelope {
+            event_id: 1,
+            event_type: event_type.into(),
+            stream_id: 2,
+            stream_seq: 1,
+            position: 1,
+            timestamp_ms: 0,
+            causation_id: None,
+            correlation_id: None,
+            payload,
+            prev_hash: kassa_codec::GENESIS_HASH,
+        };
+        kassa_bus::Message {
+            topic: MERCHANTS.into(),
+            partition: 0,
+            offset: 0,
+            key: Vec::new(),
+            payload: encode_frame(&envelope),
+            timestamp_ms: 0,
+        }
+    }
+
+    #[test]
+    fn a_merchant_on_the_topic_lets_its_key_in_and_anything_else_changes_nothing() {
+        let (request, merchant_id, key) = new_merchant("shop", kassa_domain::Timestamp(1)).unwrap();
+        let event = &request.events[0];
+        let write = merchant_key_write(&message(&event.event_type, event.payload.clone())).expect("a merchant");
+        assert_eq!(write.key, merchant_key_key(&key.hash_hex()));
+        assert_eq!(write.value, Some(merchant_id.as_u128().to_be_bytes().to_vec()));
+
+        let not_a_hash = encode_value(&(merchant_id, "shop", "sk_live_in_clear"));
+        let mut garbage = message(MERCHANT_CREATED, Vec::new());
+        garbage.payload = b"not a frame".to_vec();
+        for bad in [
+            message(MERCHANT_CREATED, not_a_hash),
+            message(MERCHANT_CREATED, b"\x01\x02".to_vec()),
+            message("payment.requested", event.payload.clone()),
+            garbage,
+        ] {
+            assert!(merchant_key_write(&bad).is_none(), "{:?}", bad.payload);
+        }
+    }
 }

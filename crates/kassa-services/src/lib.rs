@@ -39,6 +39,10 @@ pub mod topics {
     /// Reconciliation → reconciliation: each `settlement.events` partition's commits, as
     /// `authorization.changelog` is for authorization.
     pub const RECONCILIATION_CHANGELOG: &str = "reconciliation.changelog";
+    /// Ingest → every ingest instance: merchants and their API keys (hashed),
+    /// keyed by merchant id. One partition, kept forever: an instance reads it
+    /// from the start, so a merchant made on one instance is known to all.
+    pub const MERCHANTS: &str = "merchants";
 
     /// The consumer groups the services report their positions under (for lag
     /// monitoring only: positions are read back from each service's own log),

@@ -98,8 +98,9 @@ pub fn run(service: Service, args: ServiceArgs) -> anyhow::Result<()> {
     if args.rebuild {
         anyhow::ensure!(
             service != Service::Ingest,
-            "--rebuild is not built for `kassa ingest` yet: its merchants, API keys and idempotency keys live \
-             only in its own log (no topic holds them); keep a copy of its data directory"
+            "--rebuild is not built for `kassa ingest` yet: its idempotency keys live only in its own log (no \
+             topic holds them), and a retry after a rebuild would make a second payment; keep a copy of its data \
+             directory"
         );
         let current = dir.join(service.log_name());
         if current.exists() {

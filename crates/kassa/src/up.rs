@@ -14,7 +14,7 @@ use kassa_services::ingest::IngestService;
 use kassa_services::reconciliation::{ReconciliationConfig, ReconciliationService};
 use kassa_services::settlement::SettlementService;
 use kassa_services::topics::{
-    AUTHORIZATION_CHANGELOG, PAYMENT_COMMANDS, PAYMENT_EVENTS, PROVIDER_HEALTH, RECONCILIATION_CHANGELOG,
+    AUTHORIZATION_CHANGELOG, MERCHANTS, PAYMENT_COMMANDS, PAYMENT_EVENTS, PROVIDER_HEALTH, RECONCILIATION_CHANGELOG,
     SETTLEMENT_EVENTS,
 };
 use kassa_services::vault::CardVault;
@@ -69,6 +69,8 @@ pub fn topics() -> Vec<TopicSpec> {
         TopicSpec::kept_forever(AUTHORIZATION_CHANGELOG, PARTITIONS),
         // As many partitions as settlement.events, for the same reason.
         TopicSpec::kept_forever(RECONCILIATION_CHANGELOG, PARTITIONS),
+        // Every ingest instance reads all of it from the start: one partition, kept forever.
+        TopicSpec::kept_forever(MERCHANTS, 1),
     ]
 }
 

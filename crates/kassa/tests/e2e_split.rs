@@ -540,3 +540,88 @@ fn a_second_authorizer_joins_mid_load_and_one_rebuilds_from_the_changelog() {
     assert!(requested_first < payments.len(), "the first authorizer decided all {requested_first} payments alone");
     drop(ingest);
 }
+
+/// The merchant a key belongs to is known to an instance once `kassa ingest` there answers with it
+/// (not 401); 60 s at most.
+fn wait_until_known(addr: &str, key: &str) {
+    let started = Instant::now();
+    loop {
+        let (status, list) = call(addr, key, "GET", "/v1/payments?limit=1", None);
+        if status == 200 {
+            return;
+        }
+        assert_eq!(status, 401, "{list}");
+        assert!(started.elapsed() < Duration::from_secs(60), "{addr} never learnt the merchant");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn two_ingest_instances_share_merchants_and_serve_each_others_payments() {
+    let cluster = Cluster::start();
+    let first = cluster.spawn("ingest", "ingest", &[]);
+    let second = cluster.spawn("ingest", "ingest-second", &["--card-key", &cluster.card_key()]);
+    let _authorizer = cluster.authorizer();
+
+    // A merchant made on one instance works on the other, both ways; keys stay secret (hashes only travel).
+    let make = |addr: &str, name: &str| {
+        let (status, merchant) =
+            call(addr, ADMIN_TOKEN, "POST", "/admin/merchants", Some(&format!(r#"{{"name": "{name}"}}"#)));
+        assert_eq!(status, 201, "{merchant}");
+        merchant["api_key"].as_str().unwrap().to_owned()
+    };
+    let (key_one, key_two) = (make(&first.addr, "made-on-first"), make(&second.addr, "made-on-second"));
+    wait_until_known(&second.addr, &key_one);
+    wait_until_known(&first.addr, &key_two);
+    let (status, _) = call(&second.addr, "sk_not_a_key_anyone_made", "GET", "/v1/payments", None);
+    assert_eq!(status, 401);
+
+    // Payments taken by either instance reach their outcome, and each instance reads them all.
+    let mut taken = load(&first.addr, &key_one, 2, 10, 0);
+    taken.extend(load(&second.addr, &key_one, 2, 10, 100));
+    let list = |addr: &str| {
+        let (status, list) = call(addr, &key_one, "GET", "/v1/payments?limit=100", None);
+        assert_eq!(status, 200, "{list}");
+        let mut ids: Vec<String> =
+            list["data"].as_array().unwrap().iter().map(|p| p["id"].as_str().unwrap().to_owned()).collect();
+        ids.sort();
+        ids
+    };
+    let mut ids: Vec<String> = taken.iter().map(|(id, _)| id.clone()).collect();
+    ids.sort();
+    for instance in [&first, &second] {
+        // Each reads every partition of payments.events: the other's payments arrive there too.
+        let started = Instant::now();
+        while list(&instance.addr) != ids {
+            assert!(started.elapsed() < Duration::from_secs(60), "{} lists {:?}", instance.addr, list(&instance.addr));
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        each_once(&instance.addr, &key_one, &taken);
+    }
+
+    // A merchant sees only its own payments, on either instance: another's is 404.
+    for addr in [&first.addr, &second.addr] {
+        let (status, body) = call(addr, &key_two, "GET", &format!("/v1/payments/{}", taken[0].0), None);
+        assert_eq!(status, 404, "{body}");
+    }
+
+    // A capture asked of the instance that did not take the payment.
+    let (status, payment) =
+        call(&first.addr, &key_one, "POST", "/v1/payments", Some(&pay("4242424242424242", 5000, false)));
+    assert!(matches!(status, 200 | 202), "{status}: {payment}");
+    let id = payment["id"].as_str().unwrap().to_owned();
+    let started = Instant::now();
+    loop {
+        let (_, payment) = call(&second.addr, &key_one, "GET", &format!("/v1/payments/{id}"), None);
+        if payment["status"] == "authorized" {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(60), "{payment}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (status, payment) =
+        call(&second.addr, &key_one, "POST", &format!("/v1/payments/{id}/capture"), Some(r#"{"amount": 3000}"#));
+    assert!(matches!(status, 200 | 202), "{status}: {payment}");
+    let payment = outcome(&first.addr, &key_one, &id, Instant::now());
+    assert_eq!((payment["status"].as_str(), payment["amount_captured"].as_i64()), (Some("captured"), Some(3000)));
+}
