@@ -10,7 +10,9 @@
 //! one set of topics).
 
 use crate::consume::{id_key, next_batch, resume_subscription};
-use crate::messages::{CARD_SEALED, COMMAND_REJECTED, CommandRejected, PaymentCommandMessage};
+use crate::messages::{
+    CARD_SEALED, COMMAND_REJECTED, CommandRejected, DUPLICATE_REQUEST, DuplicateRequest, PaymentCommandMessage,
+};
 use crate::relay::{RelayConfig, run_relay};
 use crate::runtime::Clock;
 use crate::seal::CardSeal;
@@ -43,6 +45,10 @@ pub struct IngestConfig {
     /// (the bus is down or far behind), new requests are answered 503 with
     /// `Retry-After` instead of the outbox growing until memory or disk runs out.
     pub outbox_events_max: u64,
+    /// How long a request with an `Idempotency-Key` waits to learn whether the
+    /// key was its to take (another instance may have taken it first), before
+    /// it answers 202. Authorization decides that on reading the request.
+    pub claim_wait_ms: u64,
 }
 
 impl Default for IngestConfig {
@@ -52,6 +58,7 @@ impl Default for IngestConfig {
             token_key: b"kassa-default-token-key".to_vec(),
             idempotency_key_chars_max: 255,
             outbox_events_max: 200_000,
+            claim_wait_ms: 5_000,
         }
     }
 }
@@ -207,6 +214,11 @@ fn merchant_index_key(merchant_id: MerchantId, payment_id: PaymentId) -> Vec<u8>
 
 fn idempotency_key(merchant_id: MerchantId, key: &str) -> Vec<u8> {
     format!("{merchant_id}/{key}").into_bytes()
+}
+
+/// A payment whose `Idempotency-Key` another payment held: the original's id.
+fn duplicate_key(payment_id: PaymentId) -> Vec<u8> {
+    id_key("duplicate/", payment_id.as_u128())
 }
 
 fn internal(error: impl std::fmt::Display) -> ApiError {
@@ -391,7 +403,28 @@ impl IngestService {
     }
 
     pub fn get_payment(&self, merchant_id: MerchantId, payment_id: PaymentId) -> Result<serde_json::Value, ApiError> {
+        let payment_id = self.original(payment_id)?;
         Ok(payment_json(payment_id, &self.own_view(merchant_id, payment_id)?.state))
+    }
+
+    /// The payment a request became: itself, or — when its `Idempotency-Key`
+    /// was another payment's and the request the same (a retry that reached
+    /// another instance) — that one. Ids answered 202 before authorization
+    /// found the duplicate lead to the original.
+    fn original(&self, payment_id: PaymentId) -> Result<PaymentId, ApiError> {
+        match self.duplicate_of(payment_id)? {
+            Some(DuplicateRequest { original, same_request: true }) => Ok(original),
+            // Refused (its key was used for another request): it never became a payment.
+            Some(DuplicateRequest { same_request: false, .. }) => Err(ApiError::not_found("payment")),
+            None => Ok(payment_id),
+        }
+    }
+
+    fn duplicate_of(&self, payment_id: PaymentId) -> Result<Option<DuplicateRequest>, ApiError> {
+        match self.log.get(Table::State, &duplicate_key(payment_id)).map_err(internal)? {
+            Some(bytes) => DuplicateRequest::decode(&bytes).map(Some).map_err(internal),
+            None => Ok(None),
+        }
     }
 
     pub fn payment_events(
@@ -399,6 +432,7 @@ impl IngestService {
         merchant_id: MerchantId,
         payment_id: PaymentId,
     ) -> Result<serde_json::Value, ApiError> {
+        let payment_id = self.original(payment_id)?;
         self.own_view(merchant_id, payment_id)?;
         let data: Vec<_> = self
             .history(payment_id)?
@@ -439,6 +473,9 @@ impl IngestService {
             if data.len() == query.limit as usize {
                 has_more = true;
                 break;
+            }
+            if self.duplicate_of(id)?.is_some() {
+                continue; // a request taken here that another payment's key made a duplicate: listed as that one
             }
             match self.view_or_accepted(id)? {
                 Some(view) => data.push(payment_json(id, &view.state)),
@@ -512,12 +549,7 @@ impl IngestService {
         if let Some(bytes) = stored {
             let record: IdempotencyRecord = decode_value(&bytes, "idempotency record").map_err(internal)?;
             if record.fingerprint != print {
-                return Err(ApiError::new(
-                    409,
-                    ErrorType::IdempotencyError,
-                    "idempotency_key_reused",
-                    "this Idempotency-Key was used with a different request; use a new key for a new request",
-                ));
+                return Err(idempotency_key_reused());
             }
             if let Some((status, body)) = record.response {
                 let body = serde_json::from_str(&body).map_err(internal)?;
@@ -540,6 +572,8 @@ impl IngestService {
                 payment_id: answer.body["id"].as_str().and_then(|id| PaymentId::parse(id).ok()),
                 response: Some((answer.status, answer.body.to_string())),
             },
+            // The key was another request's (on another instance): that one owns it, not this.
+            Err(error) if error.code == "idempotency_key_reused" => return answer,
             // A 4xx is an answer too; a 5xx may be retried with the same key.
             Err(error) if error.status < 500 => IdempotencyRecord {
                 fingerprint: print,
@@ -554,6 +588,38 @@ impl IngestService {
     }
 
     /// `POST /v1/payments`.
+    /// What travels of an `Idempotency-Key` and a request's fingerprint: hashes
+    /// keyed with the token key (the fingerprint covers the card number, so it
+    /// never leaves in a form that could be tried against card numbers).
+    fn claim_of(&self, merchant_id: MerchantId, slot: &IdempotencySlot) -> ([u8; 32], String) {
+        use sha2::{Digest, Sha256};
+        let keyed = |what: &[u8]| {
+            let mut hasher = Sha256::new();
+            hasher.update((self.config.token_key.len() as u64).to_le_bytes());
+            hasher.update(&self.config.token_key);
+            hasher.update(merchant_id.as_u128().to_be_bytes());
+            hasher.update(what);
+            <[u8; 32]>::from(hasher.finalize())
+        };
+        let print = keyed(slot.fingerprint.as_bytes());
+        (keyed(&slot.key), print.iter().map(|b| format!("{b:02x}")).collect())
+    }
+
+    /// A new payment id on the partition of `payments.commands` an idempotency
+    /// key maps to, so that every claim on the key reaches one actor.
+    fn payment_id_meeting(&self, key_hash: &[u8; 32], now: kassa_domain::Timestamp) -> Result<PaymentId, ApiError> {
+        let partitions = self.bus.partitions(PAYMENT_COMMANDS).map_err(internal)?;
+        let target = kassa_bus::partition_for(key_hash, partitions);
+        // Each try lands there with odds 1/partitions.
+        for _ in 0..10_000 {
+            let payment_id = PaymentId::from_parts(now.unix_ms() as u64, rand::random());
+            if kassa_bus::partition_for(&crate::payment_key(payment_id.as_u128()), partitions) == target {
+                return Ok(payment_id);
+            }
+        }
+        Err(internal(format!("no payment id found on partition {target} of {partitions}")))
+    }
+
     /// Refuse new work while the outbox holds more than its bound.
     fn check_outbox(&self) -> Result<(), ApiError> {
         let relayed = crate::relay::relayed_position(&self.log, PAYMENT_COMMANDS).map_err(internal)?;
@@ -581,7 +647,13 @@ impl IngestService {
             self.check_outbox()?;
             let now = self.clock.now();
             let request = kassa_api::parse_create_payment(body, now)?;
-            let payment_id = PaymentId::from_parts(now.unix_ms() as u64, rand::random());
+            // A request with a key claims it where every instance's claims on that key meet.
+            let claim = slot.as_ref().map(|slot| self.claim_of(merchant_id, slot));
+            let slot_key = slot.as_ref().map(|slot| slot.key.clone());
+            let payment_id = match &claim {
+                Some((key_hash, _)) => self.payment_id_meeting(key_hash, now)?,
+                None => PaymentId::from_parts(now.unix_ms() as u64, rand::random()),
+            };
             let command = PaymentCommand::Request(RequestPayment {
                 payment_id,
                 merchant_id,
@@ -611,8 +683,22 @@ impl IngestService {
                     .put(payment_id, request.card)
                     .map_err(|full| ApiError::new(503, ErrorType::RateLimitError, "overloaded", full.to_string()))?;
             }
+            let claim = claim.map(|(key_hash, fingerprint)| {
+                let message =
+                    PaymentCommandMessage::ClaimIdempotencyKey { payment_id, merchant_id, key_hash, fingerprint };
+                NewEvent {
+                    event_id: rand::random(),
+                    event_type: message.event_type().to_owned(),
+                    stream_id: payment_id.as_u128(),
+                    timestamp_ms: now.unix_ms(),
+                    causation_id: None,
+                    correlation_id: Some(payment_id.as_u128()),
+                    payload: message.encode_payload(),
+                }
+            });
             let new_events = sealed
                 .into_iter()
+                .chain(claim)
                 .chain(events.iter().map(|event| NewEvent {
                     event_id: rand::random(),
                     event_type: event.event_type().to_owned(),
@@ -636,6 +722,37 @@ impl IngestService {
                     vault.remove(payment_id);
                 }
                 return Err(internal(error));
+            }
+            if let Some(slot_key) = slot_key {
+                // Whether the key was this request's to take: authorization decides that as
+                // soon as it reads the claim, with no provider call, so wait for it longer.
+                let decided = self
+                    .wait_bounded(payment_id, self.config.claim_wait_ms, || {
+                        if let Some(duplicate) = self.duplicate_of(payment_id)? {
+                            return Ok(Some(Some(duplicate)));
+                        }
+                        Ok(self.view(payment_id)?.filter(|v| v.state.request.is_some()).map(|_| None))
+                    })
+                    .await?;
+                if let Some(Some(duplicate)) = decided {
+                    if let Some(vault) = &self.vault {
+                        vault.remove(payment_id);
+                    }
+                    if !duplicate.same_request {
+                        // The key is the other request's: this one leaves no trace of it here.
+                        let forget = StateWrite { table: Table::Idempotency, key: slot_key, value: None };
+                        self.log.append(AppendRequest { writes: vec![forget], ..Default::default() }).await.map_err(internal)?;
+                        return Err(idempotency_key_reused());
+                    }
+                    // Another instance took this request first: answer with that payment.
+                    let original = duplicate.original;
+                    let state = match self.wait_for(original, has_outcome).await? {
+                        Some(state) => state,
+                        None => self.own_view(merchant_id, original)?.state,
+                    };
+                    let status = if has_outcome(&state) { 200 } else { 202 };
+                    return Ok(Answer { status, body: payment_json(original, &state), replayed: true });
+                }
             }
             let state = self.wait_for(payment_id, has_outcome).await?;
             Ok(match state {
@@ -675,6 +792,7 @@ impl IngestService {
         idempotency: Option<&str>,
         body: &[u8],
     ) -> Result<Answer, ApiError> {
+        let payment_id = self.original(payment_id)?;
         let print = fingerprint("POST", &format!("/v1/payments/{payment_id}/{action}"), body);
         self.idempotent(merchant_id, idempotency, print, |slot| async move {
             let view = self.own_view(merchant_id, payment_id)?;
@@ -758,9 +876,19 @@ impl IngestService {
     async fn wait_until<T>(
         &self,
         payment_id: PaymentId,
+        check: impl FnMut() -> Result<Option<T>, ApiError>,
+    ) -> Result<Option<T>, ApiError> {
+        self.wait_bounded(payment_id, self.config.outcome_wait_ms, check).await
+    }
+
+    /// [`Self::wait_until`], for up to `wait_ms`.
+    async fn wait_bounded<T>(
+        &self,
+        payment_id: PaymentId,
+        wait_ms: u64,
         mut check: impl FnMut() -> Result<Option<T>, ApiError>,
     ) -> Result<Option<T>, ApiError> {
-        let deadline = tokio::time::Instant::now() + Duration::from_millis(self.config.outcome_wait_ms);
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(wait_ms);
         let result = loop {
             // Registered before the check, so a change in between is not missed.
             let notify = self.waiters.notify_for(payment_id);
@@ -838,6 +966,27 @@ impl IngestService {
                     }
                     Err(error) => {
                         tracing::error!(%error, "undecodable rejection skipped");
+                        views.insert(payment_id, view);
+                        continue;
+                    }
+                }
+            } else if envelope.event_type == DUPLICATE_REQUEST {
+                match DuplicateRequest::decode(&envelope.payload) {
+                    Ok(duplicate) => {
+                        // Where a request that came second (here or on another instance) leads.
+                        writes.push(StateWrite {
+                            table: Table::State,
+                            key: duplicate_key(payment_id),
+                            value: Some(duplicate.encode_payload()),
+                        });
+                        serde_json::json!({
+                            "original": duplicate.original.to_string(),
+                            "same_request": duplicate.same_request,
+                        })
+                        .to_string()
+                    }
+                    Err(error) => {
+                        tracing::error!(%error, "undecodable duplicate request skipped");
                         views.insert(payment_id, view);
                         continue;
                     }
@@ -972,6 +1121,15 @@ pub fn new_merchant(name: &str, now: kassa_domain::Timestamp) -> Result<(AppendR
         value: Some(merchant_id.as_u128().to_be_bytes().to_vec()),
     }];
     Ok((AppendRequest { events: vec![event], expected: Vec::new(), writes }, merchant_id, key))
+}
+
+fn idempotency_key_reused() -> ApiError {
+    ApiError::new(
+        409,
+        ErrorType::IdempotencyError,
+        "idempotency_key_reused",
+        "this Idempotency-Key was used with a different request; use a new key for a new request",
+    )
 }
 
 /// The answer to a command the authorization service refused.

@@ -3,7 +3,7 @@
 //! domain events: stable type names, fields in a fixed order.
 
 use kassa_codec::{CodecError, EventPayload, decode_value, encode_value};
-use kassa_domain::{BatchId, CaptureId, PaymentEvent, PaymentId, PaymentRequested, RefundId, ReportId};
+use kassa_domain::{BatchId, CaptureId, MerchantId, PaymentEvent, PaymentId, PaymentRequested, RefundId, ReportId};
 
 /// What arrives on `payments.commands`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -39,6 +39,19 @@ pub enum PaymentCommandMessage {
         payment_id: PaymentId,
         report_id: ReportId,
     },
+    /// From ingest, just before a request made with an `Idempotency-Key`: the
+    /// payment claims the merchant's key. Ingest puts the payment on the
+    /// partition the key maps to, so every instance's claims on one key meet
+    /// at one authorization actor, which lets the first in and turns the
+    /// others into a [`DuplicateRequest`].
+    ClaimIdempotencyKey {
+        payment_id: PaymentId,
+        merchant_id: MerchantId,
+        /// SHA-256 of the key (the key itself stays with ingest).
+        key_hash: [u8; 32],
+        /// The request's fingerprint (`kassa_api::fingerprint`): same key, same request?
+        fingerprint: String,
+    },
 }
 
 pub const CARD_SEALED: &str = "command.card_sealed";
@@ -48,6 +61,8 @@ pub const REFUND: &str = "command.refund_payment";
 pub const RECORD_SETTLEMENT: &str = "command.record_settlement";
 pub const RECORD_RECONCILIATION: &str = "command.record_reconciliation";
 pub const COMMAND_REJECTED: &str = "payment.command_rejected";
+pub const CLAIM_IDEMPOTENCY_KEY: &str = "command.claim_idempotency_key";
+pub const DUPLICATE_REQUEST: &str = "payment.duplicate_request";
 
 impl PaymentCommandMessage {
     pub fn payment_id(&self) -> PaymentId {
@@ -58,7 +73,8 @@ impl PaymentCommandMessage {
             | PaymentCommandMessage::Void { payment_id }
             | PaymentCommandMessage::Refund { payment_id, .. }
             | PaymentCommandMessage::RecordSettlement { payment_id, .. }
-            | PaymentCommandMessage::RecordReconciliation { payment_id, .. } => *payment_id,
+            | PaymentCommandMessage::RecordReconciliation { payment_id, .. }
+            | PaymentCommandMessage::ClaimIdempotencyKey { payment_id, .. } => *payment_id,
         }
     }
 
@@ -71,6 +87,7 @@ impl PaymentCommandMessage {
             PaymentCommandMessage::Refund { .. } => REFUND,
             PaymentCommandMessage::RecordSettlement { .. } => RECORD_SETTLEMENT,
             PaymentCommandMessage::RecordReconciliation { .. } => RECORD_RECONCILIATION,
+            PaymentCommandMessage::ClaimIdempotencyKey { .. } => CLAIM_IDEMPOTENCY_KEY,
         }
     }
 
@@ -88,6 +105,9 @@ impl PaymentCommandMessage {
             PaymentCommandMessage::RecordSettlement { payment_id, batch_id } => encode_value(&(payment_id, batch_id)),
             PaymentCommandMessage::RecordReconciliation { payment_id, report_id } => {
                 encode_value(&(payment_id, report_id))
+            }
+            PaymentCommandMessage::ClaimIdempotencyKey { payment_id, merchant_id, key_hash, fingerprint } => {
+                encode_value(&(payment_id, merchant_id, key_hash, fingerprint))
             }
         }
     }
@@ -119,6 +139,10 @@ impl PaymentCommandMessage {
                 let (payment_id, report_id) = decode_value(payload, event_type)?;
                 PaymentCommandMessage::RecordReconciliation { payment_id, report_id }
             }
+            CLAIM_IDEMPOTENCY_KEY => {
+                let (payment_id, merchant_id, key_hash, fingerprint) = decode_value(payload, event_type)?;
+                PaymentCommandMessage::ClaimIdempotencyKey { payment_id, merchant_id, key_hash, fingerprint }
+            }
             other => return Err(CodecError::UnknownEventType { event_type: other.to_owned() }),
         })
     }
@@ -142,6 +166,29 @@ impl CommandRejected {
     pub fn decode(payload: &[u8]) -> Result<Self, CodecError> {
         let (command_id, code, message) = decode_value(payload, COMMAND_REJECTED)?;
         Ok(CommandRejected { command_id, code, message })
+    }
+}
+
+/// Authorization's answer to a [`PaymentCommandMessage::ClaimIdempotencyKey`]
+/// that came second: the key belongs to `original`. Recorded on the stream of
+/// the payment that claimed it in vain, which is never requested.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DuplicateRequest {
+    /// The payment that claimed the key first.
+    pub original: PaymentId,
+    /// Whether this request is the same as the original's (a retry), or a
+    /// different one made with the same key (refused).
+    pub same_request: bool,
+}
+
+impl DuplicateRequest {
+    pub fn encode_payload(&self) -> Vec<u8> {
+        encode_value(&(self.original, self.same_request))
+    }
+
+    pub fn decode(payload: &[u8]) -> Result<Self, CodecError> {
+        let (original, same_request) = decode_value(payload, DUPLICATE_REQUEST)?;
+        Ok(DuplicateRequest { original, same_request })
     }
 }
 
@@ -171,6 +218,12 @@ mod tests {
                 payment_id: PaymentId::from_u128(1),
                 report_id: ReportId::from_u128(5),
             },
+            PaymentCommandMessage::ClaimIdempotencyKey {
+                payment_id: PaymentId::from_u128(1),
+                merchant_id: MerchantId::from_u128(6),
+                key_hash: [7; 32],
+                fingerprint: "f".into(),
+            },
         ];
         for message in messages {
             let decoded = PaymentCommandMessage::decode(message.event_type(), &message.encode_payload()).unwrap();
@@ -179,5 +232,7 @@ mod tests {
         assert!(PaymentCommandMessage::decode("command.teleport", &[]).is_err());
         let rejected = CommandRejected { command_id: 9, code: "c".into(), message: "m".into() };
         assert_eq!(CommandRejected::decode(&rejected.encode_payload()).unwrap(), rejected);
+        let duplicate = DuplicateRequest { original: PaymentId::from_u128(8), same_request: true };
+        assert_eq!(DuplicateRequest::decode(&duplicate.encode_payload()).unwrap(), duplicate);
     }
 }

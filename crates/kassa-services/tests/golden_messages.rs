@@ -5,8 +5,8 @@
 //! `KASSA_BLESS_GOLDEN=1 cargo test -p kassa-services --test golden_messages`.
 
 use kassa_codec::{decode_value, encode_value};
-use kassa_domain::{BatchId, CaptureId, PaymentId, RefundId, ReportId};
-use kassa_services::messages::{CommandRejected, PaymentCommandMessage};
+use kassa_domain::{BatchId, CaptureId, MerchantId, PaymentId, RefundId, ReportId};
+use kassa_services::messages::{CommandRejected, DUPLICATE_REQUEST, DuplicateRequest, PaymentCommandMessage};
 use kassa_services::reconciliation::REPORT_RECORDED;
 use std::path::PathBuf;
 
@@ -37,6 +37,12 @@ fn command_payloads_still_decode() {
         PaymentCommandMessage::Refund { payment_id, refund_id: RefundId::from_u128(8), amount_minor: None },
         PaymentCommandMessage::RecordSettlement { payment_id, batch_id: BatchId::from_u128(9) },
         PaymentCommandMessage::RecordReconciliation { payment_id, report_id: ReportId::from_u128(10) },
+        PaymentCommandMessage::ClaimIdempotencyKey {
+            payment_id,
+            merchant_id: MerchantId::from_u128(11),
+            key_hash: [0x5A; 32],
+            fingerprint: "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08".into(),
+        },
     ];
     for message in messages {
         let stored = check(message.event_type(), message.encode_payload());
@@ -53,6 +59,10 @@ fn refusals_and_reports_still_decode() {
     };
     let stored = check("payment.command_rejected", rejected.encode_payload());
     assert_eq!(CommandRejected::decode(&stored).unwrap(), rejected);
+
+    let duplicate = DuplicateRequest { original: PaymentId::from_u128(12), same_request: true };
+    let stored = check(DUPLICATE_REQUEST, duplicate.encode_payload());
+    assert_eq!(DuplicateRequest::decode(&stored).unwrap(), duplicate);
 
     let summary = (ReportId::from_u128(10), BatchId::from_u128(9), 3u64, 1u64, 0u64, 2u64);
     let stored = check(REPORT_RECORDED, encode_value(&summary));

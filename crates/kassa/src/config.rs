@@ -20,6 +20,9 @@ pub struct Config {
     pub cutoff_interval_s: Option<u64>,
     /// How long a payment request waits for its outcome before answering 202 (ms).
     pub outcome_wait_ms: Option<u64>,
+    /// How long a request with an Idempotency-Key waits to learn whether its key
+    /// was free (another ingest instance may hold it) before answering 202 (ms). [default: 5000]
+    pub claim_wait_ms: Option<u64>,
     /// Deadline of one provider call (ms).
     pub provider_timeout_ms: Option<u64>,
     /// Accepted requests not yet passed on to the bus, at most; past it new
@@ -172,6 +175,9 @@ impl Config {
             .map_err(|e| anyhow::anyhow!("routing: {e}"))?;
         if let Some(wait) = self.outcome_wait_ms {
             anyhow::ensure!(wait <= 60_000, "outcome_wait_ms {wait} is over a minute");
+        }
+        if let Some(wait) = self.claim_wait_ms {
+            anyhow::ensure!(wait <= 60_000, "claim_wait_ms {wait} is over a minute");
         }
         if let Some(max) = self.outbox_events_max {
             anyhow::ensure!(max >= 1, "outbox_events_max must be at least 1");

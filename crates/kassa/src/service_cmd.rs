@@ -70,6 +70,10 @@ pub struct ServiceArgs {
     /// creates it when missing; an authorizer needs a copy. [default: DATA_DIR/card.key]
     #[arg(long, env = "KASSA_CARD_KEY_FILE")]
     pub card_key: Option<PathBuf>,
+    /// (ingest) The key card tokens and idempotency claims are made with: every ingest instance of a
+    /// deployment needs the same one (a copy of the first's). Created when missing. [default: DATA_DIR/token.key]
+    #[arg(long, env = "KASSA_TOKEN_KEY_FILE")]
+    pub token_key: Option<PathBuf>,
     /// The operator token for `/admin/…`; created when missing. [default: DATA_DIR/admin.token]
     #[arg(long, env = "KASSA_ADMIN_TOKEN_FILE")]
     pub admin_token_file: Option<PathBuf>,
@@ -139,7 +143,8 @@ pub fn run(service: Service, args: ServiceArgs) -> anyhow::Result<()> {
         let ready = Arc::new(AtomicBool::new(false));
         let app = match service {
             Service::Ingest => {
-                let token_key = wiring::secret_file(&dir.join("token.key"), 32)?;
+                let token_key = args.token_key.clone().unwrap_or_else(|| dir.join("token.key"));
+                let token_key = wiring::secret_file(&token_key, 32)?;
                 let ingest = Arc::new(
                     IngestService::new(
                         log,

@@ -179,6 +179,7 @@ pub fn ingest_config(config: &Config, token_key: Vec<u8>) -> IngestConfig {
     IngestConfig {
         token_key,
         outcome_wait_ms: config.outcome_wait_ms.unwrap_or(defaults.outcome_wait_ms),
+        claim_wait_ms: config.claim_wait_ms.unwrap_or(defaults.claim_wait_ms),
         outbox_events_max: config.outbox_events_max.unwrap_or(defaults.outbox_events_max),
         ..defaults
     }

@@ -560,7 +560,12 @@ fn wait_until_known(addr: &str, key: &str) {
 fn two_ingest_instances_share_merchants_and_serve_each_others_payments() {
     let cluster = Cluster::start();
     let first = cluster.spawn("ingest", "ingest", &[]);
-    let second = cluster.spawn("ingest", "ingest-second", &["--card-key", &cluster.card_key()]);
+    let token_key = cluster.data("ingest").join("token.key");
+    let second = cluster.spawn(
+        "ingest",
+        "ingest-second",
+        &["--card-key", &cluster.card_key(), "--token-key", token_key.to_str().unwrap()],
+    );
     let _authorizer = cluster.authorizer();
 
     // A merchant made on one instance works on the other, both ways; keys stay secret (hashes only travel).
@@ -603,6 +608,56 @@ fn two_ingest_instances_share_merchants_and_serve_each_others_payments() {
     for addr in [&first.addr, &second.addr] {
         let (status, body) = call(addr, &key_two, "GET", &format!("/v1/payments/{}", taken[0].0), None);
         assert_eq!(status, 404, "{body}");
+    }
+
+    // One Idempotency-Key sent to both instances at once: one payment, the same answer from each.
+    let keyed = |addr: &str, key: &str, body: &str| {
+        let auth = format!("Bearer {key_one}");
+        let headers = [("Authorization", auth.as_str()), ("Idempotency-Key", key)];
+        let (status, replayed, body) =
+            request(addr, "POST", "/v1/payments", Some("application/json"), &headers, body.as_bytes()).unwrap();
+        let replayed = replayed.iter().find(|(name, _)| name == "idempotent-replayed").map(|(_, v)| v.clone());
+        (status, replayed, serde_json::from_slice::<serde_json::Value>(&body).unwrap_or_default())
+    };
+    for round in 0..5 {
+        let key = format!("order-{round}");
+        let body = pay("4242424242424242", 7000 + round, true);
+        let answers: Vec<_> = std::thread::scope(|scope| {
+            let sent: Vec<_> = [&first.addr, &second.addr]
+                .into_iter()
+                .map(|addr| {
+                    let (key, body, keyed) = (&key, &body, &keyed);
+                    scope.spawn(move || keyed(addr, key, body))
+                })
+                .collect();
+            sent.into_iter().map(|answer| answer.join().unwrap()).collect()
+        });
+        let ids: Vec<&str> = answers.iter().map(|(_, _, body)| body["id"].as_str().unwrap_or("none")).collect();
+        assert_eq!(ids[0], ids[1], "one key, two payments: {answers:?}");
+        assert!(answers.iter().all(|(status, _, _)| matches!(status, 200 | 202)), "{answers:?}");
+        assert!(answers.iter().any(|(_, replayed, _)| replayed.as_deref() == Some("true")), "{answers:?}");
+        // The same key with another request, on either instance: refused, nothing made.
+        for addr in [&first.addr, &second.addr] {
+            let (status, _, body) = keyed(addr, &key, &pay("4242424242424242", 1, true));
+            assert_eq!((status, body["error"]["code"].as_str()), (409, Some("idempotency_key_reused")), "{body}");
+        }
+    }
+
+    // A key used on one instance, then for another request on the other: refused there, nothing made.
+    let (status, _, taken_first) = keyed(&first.addr, "order-x", &pay("4242424242424242", 8100, true));
+    assert!(matches!(status, 200 | 202), "{taken_first}");
+    let (status, _, refused) = keyed(&second.addr, "order-x", &pay("4242424242424242", 8200, true));
+    assert_eq!((status, refused["error"]["code"].as_str()), (409, Some("idempotency_key_reused")), "{refused}");
+    // And the same request again on the other instance: the first payment, replayed.
+    let (status, replayed, again) = keyed(&second.addr, "order-x", &pay("4242424242424242", 8100, true));
+    assert!(matches!(status, 200 | 202), "{again}");
+    assert_eq!((again["id"].as_str(), replayed.as_deref()), (taken_first["id"].as_str(), Some("true")), "{again}");
+    let amounts: Vec<i64> = {
+        let (_, list) = call(&second.addr, &key_one, "GET", "/v1/payments?limit=100", None);
+        list["data"].as_array().unwrap().iter().map(|p| p["amount"].as_i64().unwrap()).collect()
+    };
+    for (amount, times) in [(7000, 1), (7004, 1), (8100, 1), (8200, 0)] {
+        assert_eq!(amounts.iter().filter(|a| **a == amount).count(), times, "{amount}: {amounts:?}");
     }
 
     // A capture asked of the instance that did not take the payment.

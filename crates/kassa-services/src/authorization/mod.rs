@@ -142,6 +142,19 @@ fn seen_key(event_id: u128) -> Vec<u8> {
     id_key("seen/", event_id)
 }
 
+/// Which payment holds a merchant's `Idempotency-Key` (by the key's hash):
+/// `(payment id, the request's fingerprint, when it was claimed in ms)`.
+fn idempotency_claim_key(merchant_id: kassa_domain::MerchantId, key_hash: &[u8; 32]) -> Vec<u8> {
+    let mut key = id_key("idempotency/", merchant_id.as_u128());
+    key.extend_from_slice(key_hash);
+    key
+}
+
+/// A payment that claimed a key another held: it is never requested.
+fn duplicate_key(payment_id: PaymentId) -> Vec<u8> {
+    id_key("duplicate/", payment_id.as_u128())
+}
+
 fn offset_key(partition: u32) -> Vec<u8> {
     format!("{PAYMENT_COMMANDS}/{partition}").into_bytes()
 }
@@ -702,6 +715,13 @@ impl PartitionActor {
                 }
                 continue;
             }
+            if let PaymentCommandMessage::ClaimIdempotencyKey { merchant_id, key_hash, fingerprint, .. } = &command {
+                self.claim(&mut batch, payment_id, *merchant_id, key_hash, fingerprint, envelope.event_id)?;
+                continue;
+            }
+            if matches!(command, PaymentCommandMessage::Requested(_)) && self.is_duplicate(&batch, payment_id)? {
+                continue; // its key is another payment's: it never becomes a payment
+            }
             if matches!(command, PaymentCommandMessage::Requested(_)) {
                 // Its card may have come to the partition's previous owner: the
                 // changelog brought it here sealed, but not into this vault.
@@ -716,6 +736,55 @@ impl PartitionActor {
             self.decide(|process| process.result(&mut batch, record, result));
         }
         self.commit(batch, last_offset).await
+    }
+
+    /// Let a payment claim its merchant's `Idempotency-Key`: the first claim
+    /// holds it; a later one by another payment records a duplicate request on
+    /// that payment's stream (the same request, or a different one refused), and
+    /// the payment is never requested. Claims of one key always reach this
+    /// partition: ingest puts the payment there.
+    fn claim(
+        &mut self,
+        batch: &mut Batch,
+        payment_id: PaymentId,
+        merchant_id: kassa_domain::MerchantId,
+        key_hash: &[u8; 32],
+        fingerprint: &str,
+        cause: u128,
+    ) -> Result<(), ActorError> {
+        let key = idempotency_claim_key(merchant_id, key_hash);
+        let held = match batch.claims.get(&key) {
+            Some(value) => Some(value.clone()),
+            None => self.service.log.get(Table::State, &key)?,
+        };
+        let held: Option<(PaymentId, String, i64)> = match held {
+            Some(bytes) => Some(decode_value(&bytes, "idempotency claim").map_err(|e| {
+                kassa_eventlog::LogError::BadChunk { position: 0, reason: format!("idempotency claim: {e}") }
+            })?),
+            None => None,
+        };
+        match held {
+            None => {
+                let claimed_at = self.service.clock.now().unix_ms();
+                batch.claims.insert(key, encode_value(&(payment_id, fingerprint, claimed_at)));
+            }
+            Some((original, ..)) if original == payment_id => {} // the same claim again
+            Some((original, first_fingerprint, _)) => {
+                let record = self.load(batch, payment_id)?;
+                batch.claims.insert(duplicate_key(payment_id), encode_value(&original));
+                let same_request = first_fingerprint == fingerprint;
+                self.decide(|process| {
+                    process.duplicate_request(batch, record, payment_id, original, same_request, cause)
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether a payment claimed a key another payment holds.
+    fn is_duplicate(&self, batch: &Batch, payment_id: PaymentId) -> Result<bool, ActorError> {
+        let key = duplicate_key(payment_id);
+        Ok(batch.claims.contains_key(&key) || self.service.log.get(Table::State, &key)?.is_some())
     }
 
     /// Write the batch in one append, then start its effects.
@@ -739,6 +808,9 @@ impl PartitionActor {
         }
         for event_id in &batch.seen {
             writes.push(StateWrite { table: Table::State, key: seen_key(*event_id), value: Some(Vec::new()) });
+        }
+        for (key, value) in std::mem::take(&mut batch.claims) {
+            writes.push(StateWrite { table: Table::State, key, value: Some(value) });
         }
         if let Some(offset) = last_offset {
             writes.push(StateWrite {

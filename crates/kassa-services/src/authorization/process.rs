@@ -9,7 +9,7 @@
 //! on a virtual clock, and replays a seed exactly.
 
 use super::AuthorizationConfig;
-use crate::messages::{COMMAND_REJECTED, CommandRejected, PaymentCommandMessage};
+use crate::messages::{COMMAND_REJECTED, CommandRejected, DUPLICATE_REQUEST, DuplicateRequest, PaymentCommandMessage};
 use crate::routing::RoutingEngine;
 use crate::runtime::derived_id;
 use kassa_codec::EventPayload;
@@ -162,6 +162,8 @@ pub struct Batch {
     pub effects: Vec<Effect>,
     /// Ids of the command envelopes decided (a duplicate delivery is dropped by id).
     pub seen: HashSet<u128>,
+    /// Idempotency claims and duplicate markers to write, by state key.
+    pub claims: BTreeMap<Vec<u8>, Vec<u8>>,
 }
 
 /// Decides inputs for payments: the routing engine, the bounds, the time of
@@ -195,6 +197,31 @@ impl Process<'_> {
             Err(Rejection::PaymentAlreadyExists) => {} // a re-published request
             Err(rejection) => self.reject(batch, &mut record, payment_id, cause, &rejection),
         }
+        batch.records.insert(payment_id, record);
+    }
+
+    /// A payment claimed an `Idempotency-Key` that `original` holds: record that
+    /// on its stream, where the ingest instance that took it learns it. It
+    /// never becomes a payment (its request is dropped).
+    pub fn duplicate_request(
+        &self,
+        batch: &mut Batch,
+        mut record: PaymentRecord,
+        payment_id: PaymentId,
+        original: PaymentId,
+        same_request: bool,
+        cause: u128,
+    ) {
+        record.events_written += 1;
+        batch.events.push(NewEvent {
+            event_id: derived_id(payment_id.as_u128(), "event", record.events_written),
+            event_type: DUPLICATE_REQUEST.to_owned(),
+            stream_id: payment_id.as_u128(),
+            timestamp_ms: self.now.unix_ms(),
+            causation_id: Some(cause),
+            correlation_id: Some(payment_id.as_u128()),
+            payload: DuplicateRequest { original, same_request }.encode_payload(),
+        });
         batch.records.insert(payment_id, record);
     }
 
@@ -322,7 +349,9 @@ impl Process<'_> {
                 amount: money(amount_minor, state.captured_minor - state.refunded_minor),
             },
             PaymentCommandMessage::RecordSettlement { batch_id, .. } => PaymentCommand::RecordSettlement { batch_id },
-            PaymentCommandMessage::CardSealed { .. } => return None,
+            PaymentCommandMessage::CardSealed { .. } | PaymentCommandMessage::ClaimIdempotencyKey { .. } => {
+                return None;
+            }
             PaymentCommandMessage::RecordReconciliation { report_id, .. } => {
                 PaymentCommand::RecordReconciliation { report_id }
             }
