@@ -592,17 +592,30 @@ impl IngestService {
     /// keyed with the token key (the fingerprint covers the card number, so it
     /// never leaves in a form that could be tried against card numbers).
     fn claim_of(&self, merchant_id: MerchantId, slot: &IdempotencySlot) -> ([u8; 32], String) {
+        let print = self.keyed_hash(merchant_id, &[slot.fingerprint.as_bytes()]);
+        (self.keyed_hash(merchant_id, &[&slot.key]), print.iter().map(|b| format!("{b:02x}")).collect())
+    }
+
+    /// The id of a capture, void or refund made with an `Idempotency-Key`: the
+    /// same request (key and fingerprint) gets the same id on every instance, so
+    /// authorization, which drops a command id it has seen, carries it out once.
+    fn command_id_of(&self, merchant_id: MerchantId, slot: &IdempotencySlot) -> u128 {
+        let hash = self.keyed_hash(merchant_id, &[b"command", &slot.key, slot.fingerprint.as_bytes()]);
+        u128::from_be_bytes(hash[..16].try_into().expect("16 of 32 bytes"))
+    }
+
+    /// SHA-256 keyed with the token key, over the merchant and `parts`.
+    fn keyed_hash(&self, merchant_id: MerchantId, parts: &[&[u8]]) -> [u8; 32] {
         use sha2::{Digest, Sha256};
-        let keyed = |what: &[u8]| {
-            let mut hasher = Sha256::new();
-            hasher.update((self.config.token_key.len() as u64).to_le_bytes());
-            hasher.update(&self.config.token_key);
-            hasher.update(merchant_id.as_u128().to_be_bytes());
-            hasher.update(what);
-            <[u8; 32]>::from(hasher.finalize())
-        };
-        let print = keyed(slot.fingerprint.as_bytes());
-        (keyed(&slot.key), print.iter().map(|b| format!("{b:02x}")).collect())
+        let mut hasher = Sha256::new();
+        hasher.update((self.config.token_key.len() as u64).to_le_bytes());
+        hasher.update(&self.config.token_key);
+        hasher.update(merchant_id.as_u128().to_be_bytes());
+        for part in parts {
+            hasher.update((part.len() as u64).to_le_bytes());
+            hasher.update(part);
+        }
+        hasher.finalize().into()
     }
 
     /// A new payment id on the partition of `payments.commands` an idempotency
@@ -795,7 +808,7 @@ impl IngestService {
         let payment_id = self.original(payment_id)?;
         let print = fingerprint("POST", &format!("/v1/payments/{payment_id}/{action}"), body);
         self.idempotent(merchant_id, idempotency, print, |slot| async move {
-            let view = self.own_view(merchant_id, payment_id)?;
+            self.own_view(merchant_id, payment_id)?; // 404 unless it is this merchant's
             self.check_outbox()?;
             let amount = match action {
                 "void" => {
@@ -806,21 +819,23 @@ impl IngestService {
                 }
                 _ => kassa_api::parse_amount_request(body)?.amount_minor,
             };
+            // With a key, the same request gets the same ids on any instance: authorization carries it out once.
+            let keyed = slot.as_ref().map(|slot| self.command_id_of(merchant_id, slot));
+            let command_id: u128 = keyed.unwrap_or_else(rand::random);
+            let id_for = |label: &str| keyed.map_or_else(rand::random, |id| crate::runtime::derived_id(id, label, 0));
             let message = match action {
                 "capture" => PaymentCommandMessage::Capture {
                     payment_id,
-                    capture_id: CaptureId::from_u128(rand::random()),
+                    capture_id: CaptureId::from_u128(id_for("capture")),
                     amount_minor: amount,
                 },
                 "void" => PaymentCommandMessage::Void { payment_id },
                 _ => PaymentCommandMessage::Refund {
                     payment_id,
-                    refund_id: RefundId::from_u128(rand::random()),
+                    refund_id: RefundId::from_u128(id_for("refund")),
                     amount_minor: amount,
                 },
             };
-            let before = view.applied_seq;
-            let command_id: u128 = rand::random();
             let now = self.clock.now();
             let event = NewEvent {
                 event_id: command_id,
@@ -844,10 +859,12 @@ impl IngestService {
                         return Err(rejection_error(rejected));
                     }
                     let view = self.own_view(merchant_id, payment_id)?;
-                    let caused = view.applied_seq > before
-                        && self.history(payment_id)?.iter().any(|h| {
-                            h.sequence > before && h.caused_by == Some(command_id) && h.event_type != COMMAND_REJECTED
-                        });
+                    // Any event this command caused, also one before this request: the same
+                    // request taken first by another instance has the same command id.
+                    let caused = self
+                        .history(payment_id)?
+                        .iter()
+                        .any(|h| h.caused_by == Some(command_id) && h.event_type != COMMAND_REJECTED);
                     Ok(caused.then_some(view.state))
                 })
                 .await?;

@@ -679,4 +679,37 @@ fn two_ingest_instances_share_merchants_and_serve_each_others_payments() {
     assert!(matches!(status, 200 | 202), "{status}: {payment}");
     let payment = outcome(&first.addr, &key_one, &id, Instant::now());
     assert_eq!((payment["status"].as_str(), payment["amount_captured"].as_i64()), (Some("captured"), Some(3000)));
+
+    // One refund, its key sent to both instances at once: refunded once.
+    let refund = |addr: &str| {
+        let auth = format!("Bearer {key_one}");
+        let headers = [("Authorization", auth.as_str()), ("Idempotency-Key", "refund-1")];
+        let path = format!("/v1/payments/{id}/refunds");
+        let (status, _, body) =
+            request(addr, "POST", &path, Some("application/json"), &headers, br#"{"amount": 1000}"#).unwrap();
+        (status, serde_json::from_slice::<serde_json::Value>(&body).unwrap_or_default())
+    };
+    let answers: Vec<_> = std::thread::scope(|scope| {
+        let sent: Vec<_> =
+            [&first.addr, &second.addr].into_iter().map(|addr| scope.spawn(move || refund(addr))).collect();
+        sent.into_iter().map(|answer| answer.join().unwrap()).collect()
+    });
+    assert!(answers.iter().all(|(status, _)| matches!(status, 200 | 202)), "{answers:?}");
+    let started = Instant::now();
+    loop {
+        let (_, payment) = call(&second.addr, &key_one, "GET", &format!("/v1/payments/{id}"), None);
+        if payment["amount_refunded"] == 1000 {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(60), "{payment}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    for instance in [&first, &second] {
+        let types = event_types(&instance.addr, &key_one, &id);
+        let refunds = types.iter().filter(|t| t.as_str() == "payment.refunded").count();
+        assert_eq!(refunds, 1, "refunded twice: {types:?}");
+        let (_, payment) = call(&instance.addr, &key_one, "GET", &format!("/v1/payments/{id}"), None);
+        assert_eq!(payment["amount_refunded"], 1000, "{payment}");
+    }
 }
