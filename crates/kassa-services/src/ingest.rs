@@ -238,6 +238,9 @@ fn position_key(partition: u32) -> Vec<u8> {
 /// How far this instance followed `merchants`.
 const MERCHANTS_POSITION: &[u8] = b"merchants/0";
 
+/// Set once this log's merchants from before `merchants` existed were published there.
+const MERCHANTS_SHARED: &[u8] = b"merchants/shared";
+
 /// The event that records a merchant, on the log and on `merchants`.
 const MERCHANT_CREATED: &str = "merchant.created";
 
@@ -319,6 +322,10 @@ impl IngestService {
     /// Only the key: the event stays on the topic, and is not appended here
     /// again (the relay would publish it once more).
     async fn follow_merchants(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+        if let Err(error) = self.share_earlier_merchants(&stop).await {
+            tracing::error!(%error, "cannot publish this instance's earlier merchants to {MERCHANTS}; stopped");
+            return;
+        }
         let mut subscription = match resume_subscription(&self.log, &self.bus, MERCHANTS, 0, MERCHANTS_POSITION) {
             Ok(subscription) => subscription,
             Err(error) => {
@@ -343,6 +350,61 @@ impl IngestService {
                 return;
             }
         }
+    }
+
+    /// Once per log: publish to `merchants` the merchants this log holds from
+    /// before the topic existed (their key hashes), so other instances, and a
+    /// rebuild of this one, know them too. Publishing one twice is harmless.
+    async fn share_earlier_merchants(&self, stop: &watch::Receiver<bool>) -> Result<(), String> {
+        if self.log.get(Table::Positions, MERCHANTS_SHARED).map_err(|e| e.to_string())?.is_some() {
+            return Ok(());
+        }
+        let prefix = merchant_key_key("");
+        let stored = self.log.scan(Table::State, &prefix).map_err(|e| e.to_string())?;
+        let records: Vec<kassa_bus::Record> = stored
+            .iter()
+            .filter_map(|(key, value)| {
+                let hash_hex = std::str::from_utf8(key.get(prefix.len()..)?).ok()?;
+                let merchant_id = MerchantId::from_u128(u128::from_be_bytes(value.as_slice().try_into().ok()?));
+                let envelope = kassa_codec::Envelope {
+                    event_id: crate::runtime::derived_id(merchant_id.as_u128(), "merchant-shared", 0),
+                    event_type: MERCHANT_CREATED.to_owned(),
+                    stream_id: merchant_id.as_u128(),
+                    stream_seq: 1,
+                    position: 0,
+                    timestamp_ms: self.clock.now().unix_ms(),
+                    causation_id: None,
+                    correlation_id: None,
+                    payload: encode_value(&(merchant_id, "", hash_hex)),
+                    prev_hash: kassa_codec::GENESIS_HASH,
+                };
+                Some(kassa_bus::Record {
+                    topic: MERCHANTS.to_owned(),
+                    key: crate::payment_key(merchant_id.as_u128()),
+                    payload: kassa_codec::encode_frame(&envelope),
+                    timestamp_ms: envelope.timestamp_ms,
+                })
+            })
+            .collect();
+        while !records.is_empty() {
+            match self.bus.produce(records.clone()).await {
+                Ok(_) => break,
+                Err(error) if error.is_fatal() => return Err(error.to_string()),
+                Err(error) => {
+                    tracing::warn!(%error, "cannot publish earlier merchants yet; retrying");
+                    if *stop.borrow() {
+                        return Ok(()); // the next start tries again
+                    }
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            }
+        }
+        let marker = crate::consume::position_write(MERCHANTS_SHARED.to_vec(), records.len() as u64);
+        self.log
+            .append(AppendRequest { writes: vec![marker], ..Default::default() })
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(())
     }
 
     /// The merchant an `Authorization` header belongs to (401 otherwise).

@@ -80,11 +80,13 @@ pub struct ServiceArgs {
     /// (settle) Close open settlement batches this often, in seconds (0: only when asked). [default: 3600]
     #[arg(long, env = "KASSA_CUTOFF_INTERVAL_S")]
     pub cutoff_interval_s: Option<u64>,
-    /// (authorize, settle, reconcile) Rebuild this instance's state from the topics, for a lost or
-    /// suspect disk. Its event log is moved aside (to DATA_DIR/SERVICE.before-rebuild-UNIXTIME, kept for
-    /// inspection). authorize replays each partition the group gives it from `authorization.changelog`;
-    /// settle replays its batches from `settlement.events`, then follows `payments.events` from the start;
-    /// reconcile replays each partition the group gives it from `reconciliation.changelog`.
+    /// Rebuild this instance's state from the topics, for a lost or suspect disk. Its event log is
+    /// moved aside (to DATA_DIR/SERVICE.before-rebuild-UNIXTIME, kept for inspection). ingest reads
+    /// `merchants` and `payments.events` from the start (refused while its outbox holds what the bus
+    /// has not taken); authorize replays each partition the group gives it from
+    /// `authorization.changelog`; settle replays its batches from `settlement.events`, then follows
+    /// `payments.events` from the start; reconcile replays each partition the group gives it from
+    /// `reconciliation.changelog`.
     #[arg(long)]
     pub rebuild: bool,
 }
@@ -100,13 +102,10 @@ pub fn run(service: Service, args: ServiceArgs) -> anyhow::Result<()> {
     let dir = args.data_dir.clone().or(config.data_dir.clone()).unwrap_or_else(|| PathBuf::from("./kassa-data"));
     std::fs::create_dir_all(&dir).with_context(|| format!("creating the data directory {}", dir.display()))?;
     if args.rebuild {
-        anyhow::ensure!(
-            service != Service::Ingest,
-            "--rebuild is not built for `kassa ingest` yet: its idempotency keys live only in its own log (no \
-             topic holds them), and a retry after a rebuild would make a second payment; keep a copy of its data \
-             directory"
-        );
         let current = dir.join(service.log_name());
+        if service == Service::Ingest && current.exists() {
+            outbox_is_empty(&current)?;
+        }
         if current.exists() {
             let unix_s = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
             let aside = dir.join(format!("{}.before-rebuild-{unix_s}", service.log_name()));
@@ -243,5 +242,27 @@ pub fn run(service: Service, args: ServiceArgs) -> anyhow::Result<()> {
     })?;
     drop(runtime);
     tracing::info!("stopped");
+    Ok(())
+}
+
+/// An ingest log is its outbox: what it accepted and has not passed on to the
+/// bus yet is on no topic, and a rebuild would lose it. Refuse then.
+fn outbox_is_empty(path: &std::path::Path) -> anyhow::Result<()> {
+    let log = kassa_eventlog::EventLog::open(path, kassa_eventlog::LogConfig::default()).with_context(|| {
+        format!(
+            "opening the old ingest log {} to check that everything it accepted is on the bus; if that log is \
+             lost, move it aside yourself and start again with --rebuild (requests it accepted and had not \
+             passed on are lost with it)",
+            path.display()
+        )
+    })?;
+    let relayed = kassa_services::relay::relayed_position(&log, kassa_services::topics::PAYMENT_COMMANDS)?;
+    let waiting = log.head_position().saturating_sub(relayed);
+    anyhow::ensure!(
+        waiting == 0,
+        "--rebuild refused: {waiting} events this ingest log accepted (payments, commands or merchants) are not on \
+         the bus yet, and a rebuild would lose them; start `kassa ingest` without --rebuild until they are \
+         passed on (the broker must be up), then rebuild"
+    );
     Ok(())
 }
