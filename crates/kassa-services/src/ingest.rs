@@ -608,10 +608,42 @@ impl IngestService {
         Fut: std::future::Future<Output = Result<Answer, ApiError>>,
     {
         let stored = self.log.get(Table::Idempotency, &storage_key).map_err(internal)?;
-        if let Some(bytes) = stored {
-            let record: IdempotencyRecord = decode_value(&bytes, "idempotency record").map_err(internal)?;
+        let stored = match stored {
+            Some(bytes) => Some(decode_value::<IdempotencyRecord>(&bytes, "idempotency record").map_err(internal)?),
+            None => None,
+        };
+        // The payment the record names (also in an answer stored before its claim was decided).
+        let taken = stored.as_ref().and_then(|record| {
+            let answered = record.response.as_ref().and_then(|(_, body)| {
+                let body: serde_json::Value = serde_json::from_str(body).ok()?;
+                PaymentId::parse(body["id"].as_str()?).ok()
+            });
+            record.payment_id.or(answered)
+        });
+        let duplicate = match taken {
+            Some(payment_id) => self.duplicate_of(payment_id)?,
+            None => None,
+        };
+        let stored = match (stored, &duplicate) {
+            // The request recorded here found the key was another request's: it never became a
+            // payment, and the key is not this record's. Forget it; go on as if the key were new here.
+            (Some(_), Some(DuplicateRequest { same_request: false, .. })) => {
+                let forget = StateWrite { table: Table::Idempotency, key: storage_key.clone(), value: None };
+                self.log
+                    .append(AppendRequest { writes: vec![forget], ..Default::default() })
+                    .await
+                    .map_err(internal)?;
+                None
+            }
+            (stored, _) => stored,
+        };
+        if let Some(record) = stored {
             if record.fingerprint != print {
                 return Err(idempotency_key_reused());
+            }
+            if let Some(DuplicateRequest { original, same_request: true }) = duplicate {
+                // Another instance took this same request first: it is that payment.
+                return self.answer_with(merchant_id, original).await;
             }
             if let Some((status, body)) = record.response {
                 let body = serde_json::from_str(&body).map_err(internal)?;
@@ -650,6 +682,31 @@ impl IngestService {
     }
 
     /// `POST /v1/payments`.
+    /// The answer to a request that turned out to be `original`'s, replayed: its
+    /// outcome (waited for, bounded), or 202 with its state. 503 while this
+    /// instance has not read the original yet (never stored as the key's answer).
+    async fn answer_with(&self, merchant_id: MerchantId, original: PaymentId) -> Result<Answer, ApiError> {
+        let state = match self.wait_for(original, has_outcome).await? {
+            Some(state) => state,
+            None => match self.own_view(merchant_id, original) {
+                Ok(view) => view.state,
+                Err(error) if error.status == 404 => {
+                    return Err(ApiError::new(
+                        503,
+                        ErrorType::ApiError,
+                        "processing",
+                        format!(
+                            "this request is payment {original}, which this instance has not read yet; retry shortly"
+                        ),
+                    ));
+                }
+                Err(error) => return Err(error),
+            },
+        };
+        let status = if has_outcome(&state) { 200 } else { 202 };
+        Ok(Answer { status, body: payment_json(original, &state), replayed: true })
+    }
+
     /// What travels of an `Idempotency-Key` and a request's fingerprint: hashes
     /// keyed with the token key (the fingerprint covers the card number, so it
     /// never leaves in a form that could be tried against card numbers).
@@ -820,13 +877,7 @@ impl IngestService {
                         return Err(idempotency_key_reused());
                     }
                     // Another instance took this request first: answer with that payment.
-                    let original = duplicate.original;
-                    let state = match self.wait_for(original, has_outcome).await? {
-                        Some(state) => state,
-                        None => self.own_view(merchant_id, original)?.state,
-                    };
-                    let status = if has_outcome(&state) { 200 } else { 202 };
-                    return Ok(Answer { status, body: payment_json(original, &state), replayed: true });
+                    return self.answer_with(merchant_id, duplicate.original).await;
                 }
             }
             let state = self.wait_for(payment_id, has_outcome).await?;
@@ -923,11 +974,19 @@ impl IngestService {
                     let view = self.own_view(merchant_id, payment_id)?;
                     // Any event this command caused, also one before this request: the same
                     // request taken first by another instance has the same command id.
-                    let caused = self
-                        .history(payment_id)?
-                        .iter()
-                        .any(|h| h.caused_by == Some(command_id) && h.event_type != COMMAND_REJECTED);
-                    Ok(caused.then_some(view.state))
+                    let history = self.history(payment_id)?;
+                    let Some(caused) = history.iter().find(|h| h.caused_by == Some(command_id)) else {
+                        return Ok(None);
+                    };
+                    if caused.event_type == COMMAND_REJECTED {
+                        let data: serde_json::Value = serde_json::from_str(&caused.data).unwrap_or_default();
+                        return Err(rejection_error(CommandRejected {
+                            command_id,
+                            code: data["code"].as_str().unwrap_or("payment_state_conflict").to_owned(),
+                            message: data["message"].as_str().unwrap_or("the command was refused").to_owned(),
+                        }));
+                    }
+                    Ok(Some(view.state))
                 })
                 .await?;
             Ok(match outcome {

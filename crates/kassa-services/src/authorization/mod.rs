@@ -754,7 +754,7 @@ impl PartitionActor {
     ) -> Result<(), ActorError> {
         let key = idempotency_claim_key(merchant_id, key_hash);
         let held = match batch.claims.get(&key) {
-            Some(value) => Some(value.clone()),
+            Some(value) => value.clone(),
             None => self.service.log.get(Table::State, &key)?,
         };
         let held: Option<(PaymentId, String, i64)> = match held {
@@ -766,12 +766,22 @@ impl PartitionActor {
         match held {
             None => {
                 let claimed_at = self.service.clock.now().unix_ms();
-                batch.claims.insert(key, encode_value(&(payment_id, fingerprint, claimed_at)));
+                batch.claims.insert(key, Some(encode_value(&(payment_id, fingerprint, claimed_at))));
             }
             Some((original, ..)) if original == payment_id => {} // the same claim again
             Some((original, first_fingerprint, _)) => {
                 let record = self.load(batch, payment_id)?;
-                batch.claims.insert(duplicate_key(payment_id), encode_value(&original));
+                if record.state.request.is_some() {
+                    // Its request came first (never so from ingest): it is a payment; leave it one.
+                    tracing::error!(%payment_id, %original, "a claim came after its payment's request; ignored");
+                    return Ok(());
+                }
+                batch.claims.insert(duplicate_key(payment_id), Some(encode_value(&original)));
+                // Its card will never be used: out of memory and off the disk, whatever
+                // held it (this batch, an earlier one, or a restore after a restart).
+                self.service.vault.remove(payment_id);
+                self.sealed_cards.retain(|(id, _)| *id != payment_id);
+                batch.claims.insert(sealed_card_key(payment_id), None);
                 let same_request = first_fingerprint == fingerprint;
                 self.decide(|process| {
                     process.duplicate_request(batch, record, payment_id, original, same_request, cause)
@@ -810,7 +820,7 @@ impl PartitionActor {
             writes.push(StateWrite { table: Table::State, key: seen_key(*event_id), value: Some(Vec::new()) });
         }
         for (key, value) in std::mem::take(&mut batch.claims) {
-            writes.push(StateWrite { table: Table::State, key, value: Some(value) });
+            writes.push(StateWrite { table: Table::State, key, value });
         }
         if let Some(offset) = last_offset {
             writes.push(StateWrite {

@@ -162,8 +162,8 @@ pub struct Batch {
     pub effects: Vec<Effect>,
     /// Ids of the command envelopes decided (a duplicate delivery is dropped by id).
     pub seen: HashSet<u128>,
-    /// Idempotency claims and duplicate markers to write, by state key.
-    pub claims: BTreeMap<Vec<u8>, Vec<u8>>,
+    /// Idempotency claims and duplicate markers to write (or, `None`, delete), by state key.
+    pub claims: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
 }
 
 /// Decides inputs for payments: the routing engine, the bounds, the time of
