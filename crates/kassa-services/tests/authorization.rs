@@ -506,3 +506,67 @@ async fn a_sealed_card_still_needed_survives_a_restart_of_the_authorizer() {
     assert!(world.vault.is_empty(), "no card kept once its payment has an outcome");
     world.stop().await;
 }
+
+/// Three requests with one `Idempotency-Key`, as three ingest instances would
+/// send them (each claim just before its request, on the key's partition): the
+/// first is charged; the second (same request) and third (another request) are
+/// answered `payment.duplicate_request` and never reach a provider, and the
+/// second's sealed card leaves the log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_idempotency_key_claimed_three_times_charges_once() {
+    use kassa_services::messages::{DUPLICATE_REQUEST, DuplicateRequest};
+    let mut world = World::new();
+    let seal = CardSeal::new(&CARD_KEY).unwrap();
+    // Three payment ids on one partition of payments.commands (2 partitions here).
+    let partition_of = |id: PaymentId| kassa_bus::partition_for(&id.as_u128().to_be_bytes(), 2);
+    let ids: Vec<PaymentId> = (100..)
+        .map(|n| PaymentId::from_parts(1_795_651_200_000, n))
+        .filter(|id| partition_of(*id) == 0)
+        .take(3)
+        .collect();
+    let claim = |payment_id, fingerprint: &str| PaymentCommandMessage::ClaimIdempotencyKey {
+        payment_id,
+        merchant_id: MerchantId::from_u128(1),
+        key_hash: [3; 32],
+        fingerprint: fingerprint.into(),
+    };
+    let card = CardDetails::parse("4242424242424242", 12, 2030, "123", Timestamp(1_795_651_200_000)).unwrap();
+    for (payment_id, fingerprint) in ids.iter().zip(["same", "same", "other"]) {
+        world
+            .send(PaymentCommandMessage::CardSealed { payment_id: *payment_id, sealed: seal.seal(*payment_id, &card) })
+            .await;
+        world.send(claim(*payment_id, fingerprint)).await;
+        world.request(*payment_id, card.summarize(b"k"), 2500, true).await;
+    }
+    let state = world.until(ids[0], settled_outcome).await;
+    assert_eq!(state.status(), Some(PaymentStatus::Captured));
+    let mut published = HashMap::new();
+    for _ in 0..500 {
+        published = world.published().await;
+        if ids[1..].iter().all(|id| published.contains_key(id)) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    for (payment_id, same_request) in [(ids[1], true), (ids[2], false)] {
+        let events = published.get(&payment_id).cloned().unwrap_or_default();
+        let types: Vec<&str> = events.iter().map(|e| e.event_type.as_str()).collect();
+        assert_eq!(types, [DUPLICATE_REQUEST], "{payment_id}");
+        let duplicate = DuplicateRequest::decode(&events[0].payload).unwrap();
+        assert_eq!(duplicate, DuplicateRequest { original: ids[0], same_request });
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!((world.held(ids[0]), world.held(ids[1]), world.held(ids[2])), (1, 0, 0));
+
+    // The same claim delivered again changes nothing; the card of a duplicate is gone from the log.
+    world.send(claim(ids[1], "same")).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(world.published().await.get(&ids[1]).map(Vec::len), Some(1));
+    let (dir, _, _) = world.stop().await;
+    let log = retry_open(|| EventLog::open(dir.path().join("authorization"), LogConfig::default()));
+    let card_key = |id: PaymentId| kassa_services::consume::id_key("card/", id.as_u128());
+    for duplicate in &ids[1..] {
+        let stored = log.get(kassa_eventlog::Table::State, &card_key(*duplicate)).unwrap();
+        assert!(stored.is_none(), "{duplicate}'s sealed card is still stored");
+    }
+}

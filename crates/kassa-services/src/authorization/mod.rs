@@ -769,6 +769,7 @@ impl PartitionActor {
                 batch.claims.insert(key, Some(encode_value(&(payment_id, fingerprint, claimed_at))));
             }
             Some((original, ..)) if original == payment_id => {} // the same claim again
+            Some(_) if self.is_duplicate(batch, payment_id)? => {} // answered already
             Some((original, first_fingerprint, _)) => {
                 let record = self.load(batch, payment_id)?;
                 if record.state.request.is_some() {
