@@ -241,6 +241,13 @@ const MERCHANTS_POSITION: &[u8] = b"merchants/0";
 /// Set once this log's merchants from before `merchants` existed were published there.
 const MERCHANTS_SHARED: &[u8] = b"merchants/shared";
 
+/// On `merchants`: a keyed hash of a fixed text, so ingest instances can tell
+/// whether they share the token key (card tokens and idempotency claims must agree).
+const TOKEN_KEY_CHECK: &str = "ingest.token_key_check";
+
+/// The first token key check read from `merchants`: the deployment's token key.
+const TOKEN_KEY_FIRST: &[u8] = b"token-key/first";
+
 /// The event that records a merchant, on the log and on `merchants`.
 const MERCHANT_CREATED: &str = "merchant.created";
 
@@ -343,7 +350,35 @@ impl IngestService {
                 }
             };
             let Some(next) = messages.last().map(|m| m.offset + 1) else { continue };
-            let mut writes: Vec<StateWrite> = messages.iter().filter_map(merchant_key_write).collect();
+            let mut writes: Vec<StateWrite> = Vec::new();
+            let mut first = match self.log.get(Table::State, TOKEN_KEY_FIRST) {
+                Ok(first) => first,
+                Err(error) => {
+                    tracing::error!(%error, "cannot read the deployment's token key check; stopped");
+                    return;
+                }
+            };
+            for check in messages.iter().filter_map(token_key_check_of) {
+                if first.is_none() {
+                    // The earliest on the topic: the deployment's token key.
+                    first = Some(check.to_vec());
+                    writes.push(StateWrite {
+                        table: Table::State,
+                        key: TOKEN_KEY_FIRST.to_vec(),
+                        value: first.clone(),
+                    });
+                }
+            }
+            if first.is_some_and(|first| first != self.token_key_check()) {
+                // Crash-only: the process stops with this reason rather than make card tokens and
+                // idempotency claims no other instance agrees with.
+                tracing::error!(
+                    "this ingest instance's token key is not the one the deployment's first ingest instance uses: \
+                     start it with a copy of that instance's token.key (--token-key FILE); stopped"
+                );
+                return;
+            }
+            writes.extend(messages.iter().filter_map(merchant_key_write));
             writes.push(crate::consume::position_write(MERCHANTS_POSITION.to_vec(), next));
             if let Err(error) = self.log.append(AppendRequest { writes, ..Default::default() }).await {
                 tracing::error!(%error, "cannot store merchants; stopped");
@@ -352,18 +387,45 @@ impl IngestService {
         }
     }
 
-    /// Once per log: publish to `merchants` the merchants this log holds from
-    /// before the topic existed (their key hashes), so other instances, and a
-    /// rebuild of this one, know them too. Publishing one twice is harmless.
+    /// This instance's token key check (see [`TOKEN_KEY_CHECK`]).
+    fn token_key_check(&self) -> [u8; 32] {
+        self.keyed_hash(MerchantId::from_u128(0), &[TOKEN_KEY_CHECK.as_bytes()])
+    }
+
+    /// Once per log: publish to `merchants` this instance's token key check and
+    /// the merchants this log holds from before the topic existed (their key
+    /// hashes), so other instances, and a rebuild of this one, know them too.
+    /// Publishing one twice is harmless.
     async fn share_earlier_merchants(&self, stop: &watch::Receiver<bool>) -> Result<(), String> {
         if self.log.get(Table::Positions, MERCHANTS_SHARED).map_err(|e| e.to_string())?.is_some() {
             return Ok(());
         }
         let prefix = merchant_key_key("");
         let stored = self.log.scan(Table::State, &prefix).map_err(|e| e.to_string())?;
-        let records: Vec<kassa_bus::Record> = stored
-            .iter()
-            .filter_map(|(key, value)| {
+        let check = self.token_key_check();
+        let check_record = kassa_bus::Record {
+            topic: MERCHANTS.to_owned(),
+            key: TOKEN_KEY_CHECK.as_bytes().to_vec(),
+            payload: kassa_codec::encode_frame(&kassa_codec::Envelope {
+                event_id: crate::runtime::derived_id(
+                    u128::from_be_bytes(check[..16].try_into().expect("16 bytes")),
+                    TOKEN_KEY_CHECK,
+                    0,
+                ),
+                event_type: TOKEN_KEY_CHECK.to_owned(),
+                stream_id: 0,
+                stream_seq: 1,
+                position: 0,
+                timestamp_ms: self.clock.now().unix_ms(),
+                causation_id: None,
+                correlation_id: None,
+                payload: encode_value(&check),
+                prev_hash: kassa_codec::GENESIS_HASH,
+            }),
+            timestamp_ms: self.clock.now().unix_ms(),
+        };
+        let records: Vec<kassa_bus::Record> = std::iter::once(check_record)
+            .chain(stored.iter().filter_map(|(key, value)| {
                 let hash_hex = std::str::from_utf8(key.get(prefix.len()..)?).ok()?;
                 let merchant_id = MerchantId::from_u128(u128::from_be_bytes(value.as_slice().try_into().ok()?));
                 let envelope = kassa_codec::Envelope {
@@ -384,7 +446,7 @@ impl IngestService {
                     payload: kassa_codec::encode_frame(&envelope),
                     timestamp_ms: envelope.timestamp_ms,
                 })
-            })
+            }))
             .collect();
         while !records.is_empty() {
             match self.bus.produce(records.clone()).await {
@@ -1207,6 +1269,9 @@ impl IngestService {
 /// The write that lets a `merchant.created` message's key in; `None` (logged)
 /// for any other message: a peer's bad message changes nothing.
 fn merchant_key_write(message: &kassa_bus::Message) -> Option<StateWrite> {
+    if token_key_check_of(message).is_some() {
+        return None;
+    }
     let decoded = decode_frame(&message.payload).map_err(|e| e.to_string()).and_then(|envelope| {
         if envelope.event_type != MERCHANT_CREATED {
             return Err(format!("a {:?} event is not a merchant", envelope.event_type));
@@ -1229,6 +1294,15 @@ fn merchant_key_write(message: &kassa_bus::Message) -> Option<StateWrite> {
             None
         }
     }
+}
+
+/// The token key check a message on `merchants` carries, if it is one.
+fn token_key_check_of(message: &kassa_bus::Message) -> Option<[u8; 32]> {
+    let envelope = decode_frame(&message.payload).ok()?;
+    if envelope.event_type != TOKEN_KEY_CHECK {
+        return None;
+    }
+    decode_value(&envelope.payload, TOKEN_KEY_CHECK).ok()
 }
 
 /// The append that creates a merchant, with its id and key: for the running

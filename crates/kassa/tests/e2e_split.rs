@@ -746,4 +746,35 @@ fn two_ingest_instances_share_merchants_and_serve_each_others_payments() {
     assert_eq!((again["id"].as_str(), replayed.as_deref()), (taken_first["id"].as_str(), Some("true")), "{again}");
     let (_, payment) = call(&second.addr, &key_one, "GET", &format!("/v1/payments/{id}"), None);
     assert_eq!(payment["amount_refunded"], 1000, "{payment}");
+
+    // A third instance started without the deployment's token key stops, and says why: its card
+    // tokens and idempotency claims would not agree with the others'.
+    let mut third = Command::new(env!("CARGO_BIN_EXE_kassa"))
+        .arg("ingest")
+        .args(&cluster.common)
+        .args(["--listen", "127.0.0.1:0", "--card-key", &cluster.card_key(), "--data-dir"])
+        .arg(cluster.data("ingest-third"))
+        .env("KASSA_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = third.try_wait().unwrap() {
+            break status;
+        }
+        if started.elapsed() > Duration::from_secs(60) {
+            let _ = third.kill();
+            panic!("an ingest instance with another token key kept running");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(third.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+    assert!(!status.success(), "{stderr}");
+    assert!(stderr.contains("token key"), "{stderr}");
+    // The others go on.
+    wait_until_known(&first.addr, &key_one);
+    wait_until_known(&second.addr, &key_one);
 }
