@@ -594,17 +594,15 @@ impl IngestService {
         let mut data = Vec::new();
         let mut has_more = false;
         for id in ids {
+            if self.duplicate_of(id)?.is_some() {
+                continue; // a request taken here that another payment's key made a duplicate: listed as that one
+            }
+            let Some(view) = self.view_or_accepted(id)? else { continue };
             if data.len() == query.limit as usize {
                 has_more = true;
                 break;
             }
-            if self.duplicate_of(id)?.is_some() {
-                continue; // a request taken here that another payment's key made a duplicate: listed as that one
-            }
-            match self.view_or_accepted(id)? {
-                Some(view) => data.push(payment_json(id, &view.state)),
-                None => continue,
-            }
+            data.push(payment_json(id, &view.state));
         }
         Ok(serde_json::json!({ "data": data, "has_more": has_more }))
     }
