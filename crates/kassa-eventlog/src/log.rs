@@ -433,6 +433,23 @@ impl EventLog {
         Ok(out)
     }
 
+    /// Up to `limit` key/values of a table with `from <= key < until`, in key order.
+    pub fn scan_range(&self, table: Table, from: &[u8], until: &[u8], limit: usize) -> Result<Vec<KeyValue>, LogError> {
+        let mut iter = self.db.raw_iterator_cf(cf(&self.db, table.cf()));
+        iter.seek(from);
+        let mut out = Vec::new();
+        while iter.valid() && out.len() < limit {
+            let (Some(key), Some(value)) = (iter.key(), iter.value()) else { break };
+            if key >= until {
+                break;
+            }
+            out.push((key.to_vec(), value.to_vec()));
+            iter.next();
+        }
+        iter.status().map_err(|e| LogError::storage(format!("scanning {}", table.cf()), e))?;
+        Ok(out)
+    }
+
     /// Store a projection snapshot taken at `position`. Snapshots are derived
     /// data: losing one only means a longer replay.
     pub fn save_snapshot(&self, name: &str, position: u64, bytes: &[u8]) -> Result<(), LogError> {

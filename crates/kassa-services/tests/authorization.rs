@@ -61,12 +61,22 @@ impl World {
         vault: Arc<CardVault>,
         settings: RoutingSettings,
     ) -> World {
+        let config = AuthorizationConfig { provider_timeout_ms: 300, retry_backoff_ms: 20, ..Default::default() };
+        World::start_configured(dir, sims, vault, settings, config)
+    }
+
+    fn start_configured(
+        dir: tempfile::TempDir,
+        sims: Vec<Arc<SimulatedAcquirer>>,
+        vault: Arc<CardVault>,
+        settings: RoutingSettings,
+        config: AuthorizationConfig,
+    ) -> World {
         // After a stop, aborted read-ahead tasks release their handle on the
         // bus a moment later: retry the open (bounded) while its lock is held.
         let bus = Arc::new(retry_open(|| EmbeddedBus::open(dir.path().join("bus"), BusConfig::new(topics()))));
         let log = Arc::new(retry_open(|| EventLog::open(dir.path().join("authorization"), LogConfig::default())));
         let providers: Vec<Arc<dyn Connector>> = sims.iter().map(|s| Arc::clone(s) as Arc<dyn Connector>).collect();
-        let config = AuthorizationConfig { provider_timeout_ms: 300, retry_backoff_ms: 20, ..Default::default() };
         let names: Vec<String> = sims.iter().map(|s| s.name().to_owned()).collect();
         let routing = Arc::new(RoutingEngine::new(settings, &names).unwrap());
         let service = Arc::new(
@@ -84,13 +94,7 @@ impl World {
     }
 
     fn routed(settings: RoutingSettings) -> World {
-        let sims = ["acq-alpha", "acq-beta", "acq-gamma"]
-            .iter()
-            .map(|n| {
-                Arc::new(SimulatedAcquirer::new(*n, SimulatorConfig { latency_ms_min: 1, latency_ms_max: 5, seed: 7 }))
-            })
-            .collect();
-        World::start_routed(tempfile::tempdir().unwrap(), sims, Arc::new(CardVault::new(10_000)), settings)
+        World::start_routed(tempfile::tempdir().unwrap(), sims(), Arc::new(CardVault::new(10_000)), settings)
     }
 
     async fn stop(self) -> (tempfile::TempDir, Vec<Arc<SimulatedAcquirer>>, Arc<CardVault>) {
@@ -170,6 +174,15 @@ impl World {
             .filter(|e| e.payment_id == payment_id && e.state != LedgerState::Reversed)
             .count()
     }
+}
+
+fn sims() -> Vec<Arc<SimulatedAcquirer>> {
+    ["acq-alpha", "acq-beta", "acq-gamma"]
+        .iter()
+        .map(|n| {
+            Arc::new(SimulatedAcquirer::new(*n, SimulatorConfig { latency_ms_min: 1, latency_ms_max: 5, seed: 7 }))
+        })
+        .collect()
 }
 
 fn settled_outcome(state: &PaymentState) -> bool {
@@ -569,4 +582,56 @@ async fn one_idempotency_key_claimed_three_times_charges_once() {
         let stored = log.get(kassa_eventlog::Table::State, &card_key(*duplicate)).unwrap();
         assert!(stored.is_none(), "{duplicate}'s sealed card is still stored");
     }
+}
+
+/// A claim is kept `claim_keep_ms`, then dropped (with its time index) in a
+/// commit of its own: the key is free again, and a request made with it is a
+/// new payment.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idempotency_claim_is_dropped_after_its_keep_time() {
+    let config = AuthorizationConfig {
+        provider_timeout_ms: 300,
+        retry_backoff_ms: 20,
+        claim_keep_ms: 300,
+        claim_prune_interval_ms: 50,
+        ..Default::default()
+    };
+    let vault = Arc::new(CardVault::new(10_000));
+    let dir = tempfile::tempdir().unwrap();
+    let mut world = World::start_configured(dir, sims(), vault, RoutingSettings::default(), config);
+    let seal = CardSeal::new(&CARD_KEY).unwrap();
+    let card = CardDetails::parse("4242424242424242", 12, 2030, "123", Timestamp(1_795_651_200_000)).unwrap();
+    let partition_of = |id: PaymentId| kassa_bus::partition_for(&id.as_u128().to_be_bytes(), 2);
+    let ids: Vec<PaymentId> = (200..)
+        .map(|n| PaymentId::from_parts(1_795_651_200_000, n))
+        .filter(|id| partition_of(*id) == 1)
+        .take(2)
+        .collect();
+    for (round, payment_id) in ids.iter().enumerate() {
+        world
+            .send(PaymentCommandMessage::CardSealed { payment_id: *payment_id, sealed: seal.seal(*payment_id, &card) })
+            .await;
+        world
+            .send(PaymentCommandMessage::ClaimIdempotencyKey {
+                payment_id: *payment_id,
+                merchant_id: MerchantId::from_u128(1),
+                key_hash: [4; 32],
+                fingerprint: "same".into(),
+            })
+            .await;
+        world.request(*payment_id, card.summarize(b"k"), 1500, true).await;
+        let state = world.until(*payment_id, settled_outcome).await;
+        assert_eq!(state.status(), Some(PaymentStatus::Captured), "round {round}");
+        // Past the keep time and a few prune passes.
+        tokio::time::sleep(Duration::from_millis(600)).await;
+    }
+    assert_eq!(
+        (world.held(ids[0]), world.held(ids[1])),
+        (1, 1),
+        "the second request with the key, after its keep time, is a payment of its own"
+    );
+    let (dir, _, _) = world.stop().await;
+    let log = retry_open(|| EventLog::open(dir.path().join("authorization"), LogConfig::default()));
+    let left = log.scan(kassa_eventlog::Table::State, b"idempotency").unwrap();
+    assert!(left.is_empty(), "claims left after their keep time: {}", left.len());
 }

@@ -66,6 +66,10 @@ pub struct AuthorizationConfig {
     /// How long a revoked partition waits for its provider calls under way
     /// before it is handed over (the rest are resolved by its next owner).
     pub handoff_wait_ms: u64,
+    /// How long an `Idempotency-Key` claim is kept (at least: 24 h by
+    /// default), and how often each partition looks for older ones to drop.
+    pub claim_keep_ms: u64,
+    pub claim_prune_interval_ms: u64,
 }
 
 impl Default for AuthorizationConfig {
@@ -78,6 +82,8 @@ impl Default for AuthorizationConfig {
             cached_payments_max: 100_000,
             changelog: false,
             handoff_wait_ms: 5_000,
+            claim_keep_ms: 24 * 3_600_000,
+            claim_prune_interval_ms: 60_000,
         }
     }
 }
@@ -149,6 +155,15 @@ fn idempotency_claim_key(merchant_id: kassa_domain::MerchantId, key_hash: &[u8; 
     key.extend_from_slice(key_hash);
     key
 }
+
+/// The claims of a partition by when they were made, to drop the old ones:
+/// the prefix, then the time (big-endian ms), then the claim's key.
+fn claims_by_time_prefix(partition: u32) -> Vec<u8> {
+    format!("idempotency-at/{partition:05}/").into_bytes()
+}
+
+/// Claims dropped per pass at most (a pass is one commit).
+const CLAIMS_PRUNED_PER_PASS: usize = 1_000;
 
 /// A payment that claimed a key another held: it is never requested.
 fn duplicate_key(payment_id: PaymentId) -> Vec<u8> {
@@ -482,14 +497,18 @@ impl AuthorizationService {
                 return PartitionEnd::Again;
             }
         };
+        let mut prune = tokio::time::interval(Duration::from_millis(self.config.claim_prune_interval_ms.max(1)));
+        prune.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let mut messages = Vec::new();
             let mut results = Vec::new();
+            let mut pruning = false;
             tokio::select! {
                 _ = stop.changed() => {
                     actor.hand_over(&mut effects_rx).await;
                     return PartitionEnd::Again;
                 }
+                _ = prune.tick() => pruning = true,
                 message = subscription.recv() => match message {
                     Some(Ok(message)) => messages.push(message),
                     Some(Err(error)) if error.is_fatal() => return PartitionEnd::Fatal(error.to_string()),
@@ -502,7 +521,7 @@ impl AuthorizationService {
                 },
             }
             // Take whatever else is ready, up to the batch bound.
-            while messages.len() + results.len() < self.batch_inputs_max() {
+            while !pruning && messages.len() + results.len() < self.batch_inputs_max() {
                 if subscription.buffered() > 0 {
                     match subscription.recv().await {
                         Some(Ok(message)) => messages.push(message),
@@ -514,7 +533,8 @@ impl AuthorizationService {
                     break;
                 }
             }
-            match actor.process(messages, results).await {
+            let done = if pruning { actor.prune_claims().await } else { actor.process(messages, results).await };
+            match done {
                 Ok(()) => {}
                 Err(ActorError::Stopped) => return PartitionEnd::Again,
                 Err(ActorError::Fenced(fenced)) => {
@@ -766,6 +786,10 @@ impl PartitionActor {
         match held {
             None => {
                 let claimed_at = self.service.clock.now().unix_ms();
+                let mut by_time = claims_by_time_prefix(self.partition);
+                by_time.extend_from_slice(&(claimed_at.max(0) as u64).to_be_bytes());
+                by_time.extend_from_slice(&key);
+                batch.claims.insert(by_time, Some(Vec::new()));
                 batch.claims.insert(key, Some(encode_value(&(payment_id, fingerprint, claimed_at))));
             }
             Some((original, ..)) if original == payment_id => {} // the same claim again
@@ -790,6 +814,29 @@ impl PartitionActor {
             }
         }
         Ok(())
+    }
+
+    /// Drop the claims older than `claim_keep_ms` (up to a bound per pass), in
+    /// one commit, so they leave the changelog's state too. The key is then
+    /// free: a request made with it again is a new payment.
+    async fn prune_claims(&mut self) -> Result<(), ActorError> {
+        let prefix = claims_by_time_prefix(self.partition);
+        let cutoff = self.service.clock.now().unix_ms().saturating_sub(self.service.config.claim_keep_ms as i64);
+        let mut until = prefix.clone();
+        until.extend_from_slice(&(cutoff.max(0) as u64).to_be_bytes());
+        let old = self.service.log.scan_range(Table::State, &prefix, &until, CLAIMS_PRUNED_PER_PASS)?;
+        if old.is_empty() {
+            return Ok(());
+        }
+        let mut batch = Batch::default();
+        for (by_time, _) in old {
+            if let Some(claim) = by_time.get(prefix.len() + 8..) {
+                batch.claims.insert(claim.to_vec(), None);
+            }
+            batch.claims.insert(by_time, None);
+        }
+        tracing::debug!(partition = self.partition, dropped = batch.claims.len() / 2, "old idempotency claims dropped");
+        self.commit(batch, None).await
     }
 
     /// Whether a payment claimed a key another payment holds.
