@@ -907,25 +907,34 @@ impl IngestService {
                 value: Some(Vec::new()),
             }];
             writes.extend(slot.map(|slot| slot.write(payment_id)));
-            if let Err(error) =
-                self.log.append(AppendRequest { events: new_events, expected: Vec::new(), writes }).await
-            {
-                if let Some(vault) = &self.vault {
-                    vault.remove(payment_id);
-                }
-                return Err(internal(error));
-            }
+            let appended =
+                match self.log.append(AppendRequest { events: new_events, expected: Vec::new(), writes }).await {
+                    Ok(appended) => appended,
+                    Err(error) => {
+                        if let Some(vault) = &self.vault {
+                            vault.remove(payment_id);
+                        }
+                        return Err(internal(error));
+                    }
+                };
             if let Some(slot_key) = slot_key {
                 // Whether the key was this request's to take: authorization decides that as
-                // soon as it reads the claim, with no provider call, so wait for it longer.
-                let decided = self
-                    .wait_bounded(payment_id, self.config.claim_wait_ms, || {
-                        if let Some(duplicate) = self.duplicate_of(payment_id)? {
-                            return Ok(Some(Some(duplicate)));
-                        }
-                        Ok(self.view(payment_id)?.filter(|v| v.state.request.is_some()).map(|_| None))
-                    })
-                    .await?;
+                // soon as it reads the claim, with no provider call, so wait for it longer —
+                // once the claim is on the bus. While it is not (the broker is down), the
+                // request is answered as any other, 202 after the usual wait.
+                let decided_check = || {
+                    if let Some(duplicate) = self.duplicate_of(payment_id)? {
+                        return Ok(Some(Some(duplicate)));
+                    }
+                    Ok(self.view(payment_id)?.filter(|v| v.state.request.is_some()).map(|_| None))
+                };
+                let mut decided = self.wait_bounded(payment_id, self.config.outcome_wait_ms, decided_check).await?;
+                let published = crate::relay::relayed_position(&self.log, PAYMENT_COMMANDS).map_err(internal)?
+                    >= appended.last_position;
+                if decided.is_none() && published {
+                    let rest = self.config.claim_wait_ms.saturating_sub(self.config.outcome_wait_ms);
+                    decided = self.wait_bounded(payment_id, rest, decided_check).await?;
+                }
                 if let Some(Some(duplicate)) = decided {
                     if let Some(vault) = &self.vault {
                         vault.remove(payment_id);
