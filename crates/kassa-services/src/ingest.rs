@@ -49,6 +49,8 @@ pub struct IngestConfig {
     /// key was its to take (another instance may have taken it first), before
     /// it answers 202. Authorization decides that on reading the request.
     pub claim_wait_ms: u64,
+    /// How long this instance keeps its idempotency records (at least).
+    pub idempotency_keep_ms: u64,
 }
 
 impl Default for IngestConfig {
@@ -59,6 +61,7 @@ impl Default for IngestConfig {
             idempotency_key_chars_max: 255,
             outbox_events_max: 200_000,
             claim_wait_ms: 5_000,
+            idempotency_keep_ms: 24 * 3_600_000,
         }
     }
 }
@@ -235,6 +238,10 @@ fn position_key(partition: u32) -> Vec<u8> {
     format!("{PAYMENT_EVENTS}/{partition}").into_bytes()
 }
 
+/// Idempotency records by when they were stored: the prefix, the time
+/// (big-endian ms), then the record's key.
+const IDEMPOTENCY_BY_TIME: &[u8] = b"idempotency-at/";
+
 /// How far this instance followed `merchants`.
 const MERCHANTS_POSITION: &[u8] = b"merchants/0";
 
@@ -307,6 +314,7 @@ impl IngestService {
             stop.clone(),
         ))];
         tasks.push(tokio::spawn(Arc::clone(self).follow_merchants(stop.clone())));
+        tasks.push(tokio::spawn(Arc::clone(self).prune_idempotency(stop.clone())));
         for partition in 0..self.bus.partitions(PAYMENT_EVENTS)? {
             let service = Arc::clone(self);
             let stop = stop.clone();
@@ -736,9 +744,55 @@ impl IngestService {
             },
             Err(_) => return answer,
         };
-        let write = StateWrite { table: Table::Idempotency, key: storage_key, value: Some(encode_value(&record)) };
-        self.log.append(AppendRequest { writes: vec![write], ..Default::default() }).await.map_err(internal)?;
+        let mut by_time = IDEMPOTENCY_BY_TIME.to_vec();
+        by_time.extend_from_slice(&(self.clock.now().unix_ms().max(0) as u64).to_be_bytes());
+        by_time.extend_from_slice(&storage_key);
+        let writes = vec![
+            StateWrite { table: Table::Idempotency, key: storage_key, value: Some(encode_value(&record)) },
+            StateWrite { table: Table::State, key: by_time, value: Some(Vec::new()) },
+        ];
+        self.log.append(AppendRequest { writes, ..Default::default() }).await.map_err(internal)?;
         answer
+    }
+
+    /// Drop the idempotency records stored before `cutoff_ms` (up to 1,000 per
+    /// call), with their time index; how many. Safe at any age: a request sent
+    /// again after it is still one payment (its claim is with authorization) and
+    /// one capture or refund (authorization drops a command id it has seen).
+    pub async fn prune_idempotency_before(&self, cutoff_ms: i64) -> Result<usize, ApiError> {
+        let mut until = IDEMPOTENCY_BY_TIME.to_vec();
+        until.extend_from_slice(&(cutoff_ms.max(0) as u64).to_be_bytes());
+        let old = self.log.scan_range(Table::State, IDEMPOTENCY_BY_TIME, &until, 1_000).map_err(internal)?;
+        let mut writes = Vec::with_capacity(old.len() * 2);
+        for (by_time, _) in &old {
+            if let Some(storage_key) = by_time.get(IDEMPOTENCY_BY_TIME.len() + 8..) {
+                writes.push(StateWrite { table: Table::Idempotency, key: storage_key.to_vec(), value: None });
+            }
+            writes.push(StateWrite { table: Table::State, key: by_time.clone(), value: None });
+        }
+        if !writes.is_empty() {
+            self.log.append(AppendRequest { writes, ..Default::default() }).await.map_err(internal)?;
+        }
+        Ok(old.len())
+    }
+
+    /// Every minute, drop the idempotency records older than `idempotency_keep_ms`.
+    async fn prune_idempotency(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+        let mut every = tokio::time::interval(Duration::from_secs(60));
+        loop {
+            tokio::select! {
+                _ = stop.changed() => return,
+                _ = every.tick() => {}
+            }
+            let cutoff = self.clock.now().unix_ms().saturating_sub(self.config.idempotency_keep_ms as i64);
+            match self.prune_idempotency_before(cutoff).await {
+                Ok(0) => {}
+                Ok(dropped) => tracing::debug!(dropped, "old idempotency records dropped"),
+                Err(error) => {
+                    tracing::warn!(message = %error.message, "cannot drop old idempotency records; trying again later")
+                }
+            }
+        }
     }
 
     /// `POST /v1/payments`.
@@ -1489,6 +1543,37 @@ mod tests {
             payload: encode_frame(&envelope),
             timestamp_ms: 0,
         }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn idempotency_records_older_than_the_cutoff_are_dropped_with_their_index() {
+        let dir = tempfile::tempdir().unwrap();
+        let topics = vec![
+            kassa_bus::TopicSpec::new(PAYMENT_COMMANDS, 4),
+            kassa_bus::TopicSpec::new(PAYMENT_EVENTS, 4),
+            kassa_bus::TopicSpec::new(MERCHANTS, 1),
+        ];
+        let bus =
+            Arc::new(kassa_bus::EmbeddedBus::open(dir.path().join("bus"), kassa_bus::BusConfig::new(topics)).unwrap());
+        let log = Arc::new(EventLog::open(dir.path().join("ingest"), kassa_eventlog::LogConfig::default()).unwrap());
+        let config = IngestConfig { outcome_wait_ms: 10, ..IngestConfig::default() };
+        let clock: Arc<dyn Clock> = Arc::new(crate::SystemClock);
+        let ingest =
+            IngestService::new(Arc::clone(&log), bus, Arc::new(CardVault::new(10)), Arc::clone(&clock), config);
+        let merchant_id = MerchantId::from_u128(5);
+        let body = br#"{"amount": 1999, "currency": "EUR", "card": {"number": "4242424242424242", "exp_month": 12, "exp_year": 2030, "cvc": "123"}}"#;
+        // Nothing takes it from the bus here: answered 202, and its record kept.
+        let answer = ingest.create_payment(merchant_id, Some("k-1"), body).await.unwrap();
+        assert_eq!(answer.status, 202);
+        let record_key = idempotency_key(merchant_id, "k-1");
+        assert!(log.get(Table::Idempotency, &record_key).unwrap().is_some());
+        let now = clock.now().unix_ms();
+
+        assert_eq!(ingest.prune_idempotency_before(now - 3_600_000).await.unwrap(), 0);
+        assert!(log.get(Table::Idempotency, &record_key).unwrap().is_some(), "a record younger than the cutoff went");
+        assert_eq!(ingest.prune_idempotency_before(now + 1_000).await.unwrap(), 1);
+        assert!(log.get(Table::Idempotency, &record_key).unwrap().is_none());
+        assert!(log.scan(Table::State, IDEMPOTENCY_BY_TIME).unwrap().is_empty());
     }
 
     #[test]
