@@ -242,6 +242,9 @@ fn position_key(partition: u32) -> Vec<u8> {
 /// (big-endian ms), then the record's key.
 const IDEMPOTENCY_BY_TIME: &[u8] = b"idempotency-at/";
 
+/// Idempotency records dropped per pass at most (one append each).
+const IDEMPOTENCY_PRUNED_PER_PASS: usize = 1_000;
+
 /// How far this instance followed `merchants`.
 const MERCHANTS_POSITION: &[u8] = b"merchants/0";
 
@@ -251,6 +254,9 @@ const MERCHANTS_SHARED: &[u8] = b"merchants/shared";
 /// On `merchants`: a keyed hash of a fixed text, so ingest instances can tell
 /// whether they share the token key (card tokens and idempotency claims must agree).
 const TOKEN_KEY_CHECK: &str = "ingest.token_key_check";
+
+/// Set once this log published its token key check.
+const TOKEN_KEY_PUBLISHED: &[u8] = b"token-key/published";
 
 /// The first token key check read from `merchants`: the deployment's token key.
 const TOKEN_KEY_FIRST: &[u8] = b"token-key/first";
@@ -405,7 +411,11 @@ impl IngestService {
     /// hashes), so other instances, and a rebuild of this one, know them too.
     /// Publishing one twice is harmless.
     async fn share_earlier_merchants(&self, stop: &watch::Receiver<bool>) -> Result<(), String> {
-        if self.log.get(Table::Positions, MERCHANTS_SHARED).map_err(|e| e.to_string())?.is_some() {
+        // A flag of its own for the token key check: a log that shared its merchants before it came
+        // still publishes its check.
+        if self.log.get(Table::Positions, MERCHANTS_SHARED).map_err(|e| e.to_string())?.is_some()
+            && self.log.get(Table::Positions, TOKEN_KEY_PUBLISHED).map_err(|e| e.to_string())?.is_some()
+        {
             return Ok(());
         }
         let prefix = merchant_key_key("");
@@ -469,11 +479,11 @@ impl IngestService {
                 }
             }
         }
-        let marker = crate::consume::position_write(MERCHANTS_SHARED.to_vec(), records.len() as u64);
-        self.log
-            .append(AppendRequest { writes: vec![marker], ..Default::default() })
-            .await
-            .map_err(|e| e.to_string())?;
+        let markers = vec![
+            crate::consume::position_write(MERCHANTS_SHARED.to_vec(), records.len() as u64),
+            crate::consume::position_write(TOKEN_KEY_PUBLISHED.to_vec(), 1),
+        ];
+        self.log.append(AppendRequest { writes: markers, ..Default::default() }).await.map_err(|e| e.to_string())?;
         Ok(())
     }
 
@@ -762,7 +772,10 @@ impl IngestService {
     pub async fn prune_idempotency_before(&self, cutoff_ms: i64) -> Result<usize, ApiError> {
         let mut until = IDEMPOTENCY_BY_TIME.to_vec();
         until.extend_from_slice(&(cutoff_ms.max(0) as u64).to_be_bytes());
-        let old = self.log.scan_range(Table::State, IDEMPOTENCY_BY_TIME, &until, 1_000).map_err(internal)?;
+        let old = self
+            .log
+            .scan_range(Table::State, IDEMPOTENCY_BY_TIME, &until, IDEMPOTENCY_PRUNED_PER_PASS)
+            .map_err(internal)?;
         let mut writes = Vec::with_capacity(old.len() * 2);
         for (by_time, _) in &old {
             if let Some(storage_key) = by_time.get(IDEMPOTENCY_BY_TIME.len() + 8..) {
@@ -785,11 +798,22 @@ impl IngestService {
                 _ = every.tick() => {}
             }
             let cutoff = self.clock.now().unix_ms().saturating_sub(self.config.idempotency_keep_ms as i64);
-            match self.prune_idempotency_before(cutoff).await {
-                Ok(0) => {}
-                Ok(dropped) => tracing::debug!(dropped, "old idempotency records dropped"),
-                Err(error) => {
-                    tracing::warn!(message = %error.message, "cannot drop old idempotency records; trying again later")
+            // Pass after pass while they come back full, so the backlog never grows.
+            loop {
+                match self.prune_idempotency_before(cutoff).await {
+                    Ok(dropped) if dropped == IDEMPOTENCY_PRUNED_PER_PASS => {}
+                    Ok(0) => break,
+                    Ok(dropped) => {
+                        tracing::debug!(dropped, "old idempotency records dropped");
+                        break;
+                    }
+                    Err(error) => {
+                        tracing::warn!(message = %error.message, "cannot drop old idempotency records; trying again later");
+                        break;
+                    }
+                }
+                if *stop.borrow() {
+                    return;
                 }
             }
         }

@@ -533,7 +533,16 @@ impl AuthorizationService {
                     break;
                 }
             }
-            let done = if pruning { actor.prune_claims().await } else { actor.process(messages, results).await };
+            let done = if pruning {
+                // A full pass: the next one comes at once, between inputs, until the backlog is gone.
+                actor.prune_claims().await.map(|full| {
+                    if full {
+                        prune.reset_immediately();
+                    }
+                })
+            } else {
+                actor.process(messages, results).await
+            };
             match done {
                 Ok(()) => {}
                 Err(ActorError::Stopped) => return PartitionEnd::Again,
@@ -819,15 +828,17 @@ impl PartitionActor {
     /// Drop the claims older than `claim_keep_ms` (up to a bound per pass), in
     /// one commit, so they leave the changelog's state too. The key is then
     /// free: a request made with it again is a new payment.
-    async fn prune_claims(&mut self) -> Result<(), ActorError> {
+    /// Whether the pass was full (more may be due: the next pass comes at once).
+    async fn prune_claims(&mut self) -> Result<bool, ActorError> {
         let prefix = claims_by_time_prefix(self.partition);
         let cutoff = self.service.clock.now().unix_ms().saturating_sub(self.service.config.claim_keep_ms as i64);
         let mut until = prefix.clone();
         until.extend_from_slice(&(cutoff.max(0) as u64).to_be_bytes());
         let old = self.service.log.scan_range(Table::State, &prefix, &until, CLAIMS_PRUNED_PER_PASS)?;
         if old.is_empty() {
-            return Ok(());
+            return Ok(false);
         }
+        let full = old.len() == CLAIMS_PRUNED_PER_PASS;
         let mut batch = Batch::default();
         for (by_time, _) in old {
             if let Some(claim) = by_time.get(prefix.len() + 8..) {
@@ -836,7 +847,8 @@ impl PartitionActor {
             batch.claims.insert(by_time, None);
         }
         tracing::debug!(partition = self.partition, dropped = batch.claims.len() / 2, "old idempotency claims dropped");
-        self.commit(batch, None).await
+        self.commit(batch, None).await?;
+        Ok(full)
     }
 
     /// Whether a payment claimed a key another payment holds.
