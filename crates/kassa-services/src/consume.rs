@@ -130,6 +130,30 @@ pub async fn next_batch(
     }
 }
 
+/// Follow `topic`/`partition` from the offset stored under `key`, handing each
+/// batch (up to `max` messages) to `each`, until `stop` turns true (`Ok`), or
+/// the stored offset cannot be read, reading cannot go on, or `each` fails
+/// (`Err`, with the reason).
+pub async fn follow<F, Fut>(
+    log: &EventLog,
+    bus: &Arc<dyn Bus>,
+    (topic, partition, key): (&str, u32, &[u8]),
+    max: usize,
+    mut stop: watch::Receiver<bool>,
+    mut each: F,
+) -> Result<(), String>
+where
+    F: FnMut(Vec<Message>) -> Fut,
+    Fut: std::future::Future<Output = Result<(), String>>,
+{
+    let mut subscription = resume_subscription(log, bus, topic, partition, key)
+        .map_err(|error| format!("cannot read the position in {topic}/{partition}: {error}"))?;
+    while let Some(messages) = next_batch(&mut subscription, max, &mut stop).await.map_err(|e| e.to_string())? {
+        each(messages).await?;
+    }
+    Ok(())
+}
+
 /// The partitions a group member owns now, shared with whoever reports them
 /// (`GET /admin/partitions`).
 pub type Owned = std::sync::Mutex<std::collections::BTreeSet<u32>>;

@@ -9,7 +9,7 @@
 //! any instance knows every merchant's API key (several instances can serve
 //! one set of topics).
 
-use crate::consume::{id_key, next_batch, resume_subscription};
+use crate::consume::{follow, id_key};
 use crate::messages::{
     CARD_SEALED, COMMAND_REJECTED, CommandRejected, DUPLICATE_REQUEST, DuplicateRequest, PaymentCommandMessage,
 };
@@ -342,63 +342,41 @@ impl IngestService {
     /// own): each `merchant.created` on `merchants` stores its key's hash here.
     /// Only the key: the event stays on the topic, and is not appended here
     /// again (the relay would publish it once more).
-    async fn follow_merchants(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+    async fn follow_merchants(self: Arc<Self>, stop: watch::Receiver<bool>) {
         if let Err(error) = self.share_earlier_merchants(&stop).await {
             tracing::error!(%error, "cannot publish this instance's earlier merchants to {MERCHANTS}; stopped");
             return;
         }
-        let mut subscription = match resume_subscription(&self.log, &self.bus, MERCHANTS, 0, MERCHANTS_POSITION) {
-            Ok(subscription) => subscription,
-            Err(error) => {
-                tracing::error!(%error, "cannot read the position in {MERCHANTS}; stopped");
-                return;
-            }
-        };
-        loop {
-            let messages = match next_batch(&mut subscription, 1024, &mut stop).await {
-                Ok(Some(messages)) => messages,
-                Ok(None) => return,
-                Err(error) => {
-                    tracing::error!(%error, "cannot read {MERCHANTS} on; stopped");
-                    return;
-                }
-            };
-            let Some(next) = messages.last().map(|m| m.offset + 1) else { continue };
-            let mut writes: Vec<StateWrite> = Vec::new();
-            let mut first = match self.log.get(Table::State, TOKEN_KEY_FIRST) {
-                Ok(first) => first,
-                Err(error) => {
-                    tracing::error!(%error, "cannot read the deployment's token key check; stopped");
-                    return;
-                }
-            };
-            for check in messages.iter().filter_map(token_key_check_of) {
-                if first.is_none() {
-                    // The earliest on the topic: the deployment's token key.
-                    first = Some(check.to_vec());
-                    writes.push(StateWrite {
-                        table: Table::State,
-                        key: TOKEN_KEY_FIRST.to_vec(),
-                        value: first.clone(),
-                    });
-                }
-            }
-            if first.is_some_and(|first| first != self.token_key_check()) {
-                // Crash-only: the process stops with this reason rather than make card tokens and
-                // idempotency claims no other instance agrees with.
-                tracing::error!(
-                    "this ingest instance's token key is not the one the deployment's first ingest instance uses: \
-                     start it with a copy of that instance's token.key (--token-key FILE); stopped"
-                );
-                return;
-            }
-            writes.extend(messages.iter().filter_map(merchant_key_write));
-            writes.push(crate::consume::position_write(MERCHANTS_POSITION.to_vec(), next));
-            if let Err(error) = self.log.append(AppendRequest { writes, ..Default::default() }).await {
-                tracing::error!(%error, "cannot store merchants; stopped");
-                return;
+        let at = (MERCHANTS, 0, MERCHANTS_POSITION);
+        if let Err(reason) = follow(&self.log, &self.bus, at, 1024, stop, |m| self.apply_merchants(m)).await {
+            tracing::error!(%reason, "stopped following {MERCHANTS}");
+        }
+    }
+
+    /// Store the key hashes of a batch from `merchants`, and check its token
+    /// key checks against this instance's.
+    async fn apply_merchants(&self, messages: Vec<kassa_bus::Message>) -> Result<(), String> {
+        let Some(next) = messages.last().map(|m| m.offset + 1) else { return Ok(()) };
+        let mut writes: Vec<StateWrite> = Vec::new();
+        let mut first = self.log.get(Table::State, TOKEN_KEY_FIRST).map_err(|e| e.to_string())?;
+        for check in messages.iter().filter_map(token_key_check_of) {
+            if first.is_none() {
+                // The earliest on the topic: the deployment's token key.
+                first = Some(check.to_vec());
+                writes.push(StateWrite { table: Table::State, key: TOKEN_KEY_FIRST.to_vec(), value: first.clone() });
             }
         }
+        if first.is_some_and(|first| first != self.token_key_check()) {
+            // Crash-only: the process stops with this reason rather than make card tokens and
+            // idempotency claims no other instance agrees with.
+            return Err("this ingest instance's token key is not the one the deployment's first ingest instance \
+                        uses: start it with a copy of that instance's token.key (--token-key FILE)"
+                .into());
+        }
+        writes.extend(messages.iter().filter_map(merchant_key_write));
+        writes.push(crate::consume::position_write(MERCHANTS_POSITION.to_vec(), next));
+        self.log.append(AppendRequest { writes, ..Default::default() }).await.map_err(|e| e.to_string())?;
+        Ok(())
     }
 
     /// This instance's token key check (see [`TOKEN_KEY_CHECK`]).
@@ -421,51 +399,23 @@ impl IngestService {
         let prefix = merchant_key_key("");
         let stored = self.log.scan(Table::State, &prefix).map_err(|e| e.to_string())?;
         let check = self.token_key_check();
-        let check_record = kassa_bus::Record {
-            topic: MERCHANTS.to_owned(),
-            key: TOKEN_KEY_CHECK.as_bytes().to_vec(),
-            payload: kassa_codec::encode_frame(&kassa_codec::Envelope {
-                event_id: crate::runtime::derived_id(
-                    u128::from_be_bytes(check[..16].try_into().expect("16 bytes")),
-                    TOKEN_KEY_CHECK,
-                    0,
-                ),
-                event_type: TOKEN_KEY_CHECK.to_owned(),
-                stream_id: 0,
-                stream_seq: 1,
-                position: 0,
-                timestamp_ms: self.clock.now().unix_ms(),
-                causation_id: None,
-                correlation_id: None,
-                payload: encode_value(&check),
-                prev_hash: kassa_codec::GENESIS_HASH,
-            }),
-            timestamp_ms: self.clock.now().unix_ms(),
-        };
-        let records: Vec<kassa_bus::Record> = std::iter::once(check_record)
-            .chain(stored.iter().filter_map(|(key, value)| {
-                let hash_hex = std::str::from_utf8(key.get(prefix.len()..)?).ok()?;
-                let merchant_id = MerchantId::from_u128(u128::from_be_bytes(value.as_slice().try_into().ok()?));
-                let envelope = kassa_codec::Envelope {
-                    event_id: crate::runtime::derived_id(merchant_id.as_u128(), "merchant-shared", 0),
-                    event_type: MERCHANT_CREATED.to_owned(),
-                    stream_id: merchant_id.as_u128(),
-                    stream_seq: 1,
-                    position: 0,
-                    timestamp_ms: self.clock.now().unix_ms(),
-                    causation_id: None,
-                    correlation_id: None,
-                    payload: encode_value(&(merchant_id, "", hash_hex)),
-                    prev_hash: kassa_codec::GENESIS_HASH,
-                };
-                Some(kassa_bus::Record {
-                    topic: MERCHANTS.to_owned(),
-                    key: crate::payment_key(merchant_id.as_u128()),
-                    payload: kassa_codec::encode_frame(&envelope),
-                    timestamp_ms: envelope.timestamp_ms,
-                })
-            }))
-            .collect();
+        let check_id = u128::from_be_bytes(check[..16].try_into().expect("16 of 32 bytes"));
+        let now_ms = self.clock.now().unix_ms();
+        let records: Vec<kassa_bus::Record> =
+            std::iter::once(merchants_record(TOKEN_KEY_CHECK, 0, check_id, encode_value(&check), now_ms))
+                .chain(stored.iter().filter_map(|(key, value)| {
+                    let hash_hex = std::str::from_utf8(key.get(prefix.len()..)?).ok()?;
+                    let merchant_id = MerchantId::from_u128(u128::from_be_bytes(value.as_slice().try_into().ok()?));
+                    let payload = encode_value(&(merchant_id, "", hash_hex));
+                    Some(merchants_record(
+                        MERCHANT_CREATED,
+                        merchant_id.as_u128(),
+                        merchant_id.as_u128(),
+                        payload,
+                        now_ms,
+                    ))
+                }))
+                .collect();
         while !records.is_empty() {
             match self.bus.produce(records.clone()).await {
                 Ok(_) => break,
@@ -690,15 +640,8 @@ impl IngestService {
             Some(bytes) => Some(decode_value::<IdempotencyRecord>(&bytes, "idempotency record").map_err(internal)?),
             None => None,
         };
-        // The payment the record names (also in an answer stored before its claim was decided).
-        let taken = stored.as_ref().and_then(|record| {
-            let answered = record.response.as_ref().and_then(|(_, body)| {
-                let body: serde_json::Value = serde_json::from_str(body).ok()?;
-                PaymentId::parse(body["id"].as_str()?).ok()
-            });
-            record.payment_id.or(answered)
-        });
-        let duplicate = match taken {
+        // The payment the record names (also one answered 202 before its claim was decided).
+        let duplicate = match stored.as_ref().and_then(|record| record.payment_id) {
             Some(payment_id) => self.duplicate_of(payment_id)?,
             None => None,
         };
@@ -706,11 +649,7 @@ impl IngestService {
             // The request recorded here found the key was another request's: it never became a
             // payment, and the key is not this record's. Forget it; go on as if the key were new here.
             (Some(_), Some(DuplicateRequest { same_request: false, .. })) => {
-                let forget = StateWrite { table: Table::Idempotency, key: storage_key.clone(), value: None };
-                self.log
-                    .append(AppendRequest { writes: vec![forget], ..Default::default() })
-                    .await
-                    .map_err(internal)?;
+                self.forget_idempotency(storage_key.clone()).await?;
                 None
             }
             (stored, _) => stored,
@@ -744,8 +683,12 @@ impl IngestService {
                 payment_id: answer.body["id"].as_str().and_then(|id| PaymentId::parse(id).ok()),
                 response: Some((answer.status, answer.body.to_string())),
             },
-            // The key was another request's (on another instance): that one owns it, not this.
-            Err(error) if error.code == "idempotency_key_reused" => return answer,
+            // The key was another request's (on another instance): that one owns it, not this
+            // request, which leaves no record of it here.
+            Err(error) if error.code == "idempotency_key_reused" => {
+                self.forget_idempotency(storage_key).await?;
+                return answer;
+            }
             // A 4xx is an answer too; a 5xx may be retried with the same key.
             Err(error) if error.status < 500 => IdempotencyRecord {
                 fingerprint: print,
@@ -763,6 +706,12 @@ impl IngestService {
         ];
         self.log.append(AppendRequest { writes, ..Default::default() }).await.map_err(internal)?;
         answer
+    }
+
+    async fn forget_idempotency(&self, storage_key: Vec<u8>) -> Result<(), ApiError> {
+        let forget = StateWrite { table: Table::Idempotency, key: storage_key, value: None };
+        self.log.append(AppendRequest { writes: vec![forget], ..Default::default() }).await.map_err(internal)?;
+        Ok(())
     }
 
     /// Drop the idempotency records stored before `cutoff_ms` (up to 1,000 per
@@ -919,7 +868,7 @@ impl IngestService {
             let request = kassa_api::parse_create_payment(body, now)?;
             // A request with a key claims it where every instance's claims on that key meet.
             let claim = slot.as_ref().map(|slot| self.claim_of(merchant_id, slot));
-            let slot_key = slot.as_ref().map(|slot| slot.key.clone());
+            let claimed = claim.is_some();
             let payment_id = match &claim {
                 Some((key_hash, _)) => self.payment_id_meeting(key_hash, now)?,
                 None => PaymentId::from_parts(now.unix_ms() as u64, rand::random()),
@@ -995,7 +944,7 @@ impl IngestService {
                         return Err(internal(error));
                     }
                 };
-            if let Some(slot_key) = slot_key {
+            if claimed {
                 // Whether the key was this request's to take: authorization decides that as
                 // soon as it reads the claim, with no provider call, so wait for it longer —
                 // once the claim is on the bus. While it is not (the broker is down), the
@@ -1018,9 +967,6 @@ impl IngestService {
                         vault.remove(payment_id);
                     }
                     if !duplicate.same_request {
-                        // The key is the other request's: this one leaves no trace of it here.
-                        let forget = StateWrite { table: Table::Idempotency, key: slot_key, value: None };
-                        self.log.append(AppendRequest { writes: vec![forget], ..Default::default() }).await.map_err(internal)?;
                         return Err(idempotency_key_reused());
                     }
                     // Another instance took this request first: answer with that payment.
@@ -1192,29 +1138,13 @@ impl IngestService {
 
     // ---------- the read model ----------
 
-    async fn run_read_model(self: Arc<Self>, partition: u32, mut stop: watch::Receiver<bool>) {
-        let subscription =
-            resume_subscription(&self.log, &self.bus, PAYMENT_EVENTS, partition, &position_key(partition));
-        let mut subscription = match subscription {
-            Ok(subscription) => subscription,
-            Err(error) => {
-                tracing::error!(partition, %error, "read model cannot read its position; stopped");
-                return;
-            }
-        };
-        loop {
-            let messages = match next_batch(&mut subscription, 1024, &mut stop).await {
-                Ok(Some(messages)) => messages,
-                Ok(None) => return,
-                Err(error) => {
-                    tracing::error!(partition, %error, "read model cannot read on; stopped");
-                    return;
-                }
-            };
-            if let Err(error) = self.apply_to_read_model(partition, messages).await {
-                tracing::error!(partition, %error, "read model update failed; stopping it (restart to recover)");
-                return;
-            }
+    async fn run_read_model(self: Arc<Self>, partition: u32, stop: watch::Receiver<bool>) {
+        let (this, key) = (&self, position_key(partition));
+        let followed = follow(&self.log, &self.bus, (PAYMENT_EVENTS, partition, &key), 1024, stop, |m| async move {
+            this.apply_to_read_model(partition, m).await.map_err(|e| e.message)
+        });
+        if let Err(reason) = followed.await {
+            tracing::error!(partition, %reason, "read model stopped (restart to recover)");
         }
     }
 
@@ -1378,6 +1308,35 @@ fn merchant_key_write(message: &kassa_bus::Message) -> Option<StateWrite> {
             tracing::error!(offset = message.offset, %reason, "message on {MERCHANTS} skipped");
             None
         }
+    }
+}
+
+/// A frame ingest publishes on `merchants` itself, outside its log's relay:
+/// keyed by its stream, its id derived from `cause` (publishing it again is harmless).
+fn merchants_record(
+    event_type: &str,
+    stream_id: u128,
+    cause: u128,
+    payload: Vec<u8>,
+    now_ms: i64,
+) -> kassa_bus::Record {
+    let envelope = kassa_codec::Envelope {
+        event_id: crate::runtime::derived_id(cause, event_type, 0),
+        event_type: event_type.to_owned(),
+        stream_id,
+        stream_seq: 1,
+        position: 0,
+        timestamp_ms: now_ms,
+        causation_id: None,
+        correlation_id: None,
+        payload,
+        prev_hash: kassa_codec::GENESIS_HASH,
+    };
+    kassa_bus::Record {
+        topic: MERCHANTS.to_owned(),
+        key: crate::payment_key(stream_id),
+        payload: kassa_codec::encode_frame(&envelope),
+        timestamp_ms: now_ms,
     }
 }
 

@@ -13,8 +13,7 @@
 
 use crate::batch_store::{batch_writes, load_batch};
 use crate::consume::{
-    EVENTS_PER_APPEND_MAX, RangeError, append_in_chunks, fetch_range, id_key, next_batch, position_write,
-    resume_subscription,
+    EVENTS_PER_APPEND_MAX, RangeError, append_in_chunks, fetch_range, follow, id_key, position_write,
 };
 use crate::messages::PaymentCommandMessage;
 use crate::relay::{RelayConfig, relayed_write, run_relay};
@@ -123,30 +122,16 @@ impl SettlementService {
         let mut tasks = Vec::new();
         for partition in 0..self.bus.partitions(PAYMENT_EVENTS)? {
             let service = Arc::clone(self);
-            let mut stop = stop.clone();
+            let stop = stop.clone();
             tasks.push(tokio::spawn(async move {
-                let subscription =
-                    resume_subscription(&service.log, &service.bus, PAYMENT_EVENTS, partition, &offset_key(partition));
-                let mut subscription = match subscription {
-                    Ok(subscription) => subscription,
-                    Err(error) => {
-                        tracing::error!(partition, %error, "settlement cannot read its position; reader stopped");
-                        return;
-                    }
-                };
-                loop {
-                    let messages = match next_batch(&mut subscription, service.config.batch_inputs_max, &mut stop).await
-                    {
-                        Ok(Some(messages)) => messages,
-                        Ok(None) => return,
-                        Err(error) => {
-                            tracing::error!(partition, %error, "settlement cannot read on; reader stopped");
-                            return;
-                        }
-                    };
-                    if service.inputs.send(Input::Messages(partition, messages)).await.is_err() {
-                        return;
-                    }
+                let at = (PAYMENT_EVENTS, partition, offset_key(partition));
+                let max = service.config.batch_inputs_max;
+                let followed = follow(&service.log, &service.bus, (at.0, at.1, &at.2), max, stop, |messages| async {
+                    let input = Input::Messages(partition, messages);
+                    service.inputs.send(input).await.map_err(|_| "the settlement actor stopped".to_owned())
+                });
+                if let Err(reason) = followed.await {
+                    tracing::error!(partition, %reason, "settlement reader stopped");
                 }
             }));
         }

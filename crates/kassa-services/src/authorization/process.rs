@@ -212,16 +212,8 @@ impl Process<'_> {
         same_request: bool,
         cause: u128,
     ) {
-        record.events_written += 1;
-        batch.events.push(NewEvent {
-            event_id: derived_id(payment_id.as_u128(), "event", record.events_written),
-            event_type: DUPLICATE_REQUEST.to_owned(),
-            stream_id: payment_id.as_u128(),
-            timestamp_ms: self.now.unix_ms(),
-            causation_id: Some(cause),
-            correlation_id: Some(payment_id.as_u128()),
-            payload: DuplicateRequest { original, same_request }.encode_payload(),
-        });
+        let payload = DuplicateRequest { original, same_request }.encode_payload();
+        self.append_to_stream(batch, &mut record, payment_id, DUPLICATE_REQUEST, cause, payload);
         batch.records.insert(payment_id, record);
     }
 
@@ -278,18 +270,31 @@ impl Process<'_> {
         let events = decide(&record.state, command, self.now)?;
         for event in &events {
             apply(&mut record.state, event);
-            record.events_written += 1;
-            batch.events.push(NewEvent {
-                event_id: derived_id(payment_id.as_u128(), "event", record.events_written),
-                event_type: event.event_type().to_owned(),
-                stream_id: payment_id.as_u128(),
-                timestamp_ms: self.now.unix_ms(),
-                causation_id: Some(cause),
-                correlation_id: Some(payment_id.as_u128()),
-                payload: event.encode_payload(),
-            });
+            self.append_to_stream(batch, record, payment_id, event.event_type(), cause, event.encode_payload());
         }
         Ok(events)
+    }
+
+    /// Queue an event on a payment's stream, with the next id of that stream.
+    fn append_to_stream(
+        &self,
+        batch: &mut Batch,
+        record: &mut PaymentRecord,
+        payment_id: PaymentId,
+        event_type: &str,
+        cause: u128,
+        payload: Vec<u8>,
+    ) {
+        record.events_written += 1;
+        batch.events.push(NewEvent {
+            event_id: derived_id(payment_id.as_u128(), "event", record.events_written),
+            event_type: event_type.to_owned(),
+            stream_id: payment_id.as_u128(),
+            timestamp_ms: self.now.unix_ms(),
+            causation_id: Some(cause),
+            correlation_id: Some(payment_id.as_u128()),
+            payload,
+        });
     }
 
     fn reject(
@@ -309,16 +314,7 @@ impl Process<'_> {
             _ => "payment_state_conflict",
         };
         let rejected = CommandRejected { command_id, code: code.into(), message: rejection.to_string() };
-        record.events_written += 1;
-        batch.events.push(NewEvent {
-            event_id: derived_id(payment_id.as_u128(), "event", record.events_written),
-            event_type: COMMAND_REJECTED.to_owned(),
-            stream_id: payment_id.as_u128(),
-            timestamp_ms: self.now.unix_ms(),
-            causation_id: Some(command_id),
-            correlation_id: Some(payment_id.as_u128()),
-            payload: rejected.encode_payload(),
-        });
+        self.append_to_stream(batch, record, payment_id, COMMAND_REJECTED, command_id, rejected.encode_payload());
     }
 
     /// Turn a command message into a domain command, filling defaults from the state.
