@@ -115,13 +115,13 @@ done
 say "draining: waiting for every service to catch up"
 for _ in $(seq 1 60); do
   line="$("${kassa}" kafka lag --brokers "${brokers}" 2>/dev/null || true)"
-  [ "$(echo "${line}" | grep -o ' lag 0 of ' | wc -l)" -eq 4 ] && break
+  [ "$(echo "${line}" | grep -o ' lag 0 of ' | wc -l)" -eq 5 ] && break
   sleep 1
 done
 kill "${lag_pid}" 2>/dev/null || true
 say "after the run: ${line}"
 say "largest lag seen while loaded (sampled each second), per service:"
-for group in kassa-ingest kassa-authorization kassa-settlement kassa-reconciliation; do
+for group in kassa-ingest kassa-authorization kassa-settlement kassa-settlement-batches kassa-reconciliation; do
   max="$(grep -o "${group} [a-z.]* lag [0-9]*" "${work}/lag.txt" | awk '{print $4}' | sort -n | tail -1)"
   echo "  ${group}: ${max:-?}"
 done

@@ -191,11 +191,16 @@ fn batch_of(
     }
 }
 
-/// Close the open batches now; their ids.
+/// Close the open batches now; the ids of those this instance closed, and
+/// whether that is all of them (it owns every partition).
 async fn cutoff_now(settlement: &SettlementService) -> Result<Answer, ApiError> {
-    let closed = settlement.cutoff().await.map_err(storage_error)?;
-    let ids: Vec<String> = closed.iter().map(ToString::to_string).collect();
-    Ok(Answer { status: 200, body: serde_json::json!({ "closed": ids }), replayed: false })
+    let done = settlement.cutoff().await.map_err(|error| {
+        tracing::warn!(%error, "cut-off not requested");
+        ApiError::new(503, ErrorType::RateLimitError, "bus_unavailable", format!("{error}; retry"))
+    })?;
+    let ids: Vec<String> = done.closed.iter().map(ToString::to_string).collect();
+    let body = serde_json::json!({ "closed": ids, "complete": done.complete });
+    Ok(Answer { status: 200, body, replayed: false })
 }
 
 /// A merchant's latest reconciliation reports.
@@ -560,9 +565,10 @@ pub fn operator_router(
             .route("/admin/settlement/batches/{id}", get(operator_batch));
     }
     if reconciliation.is_some() {
-        router = router
-            .route("/admin/reconciliation/reports", get(operator_reports))
-            .route("/admin/partitions", get(operator_partitions));
+        router = router.route("/admin/reconciliation/reports", get(operator_reports));
+    }
+    if settlement.is_some() || reconciliation.is_some() {
+        router = router.route("/admin/partitions", get(operator_partitions));
     }
     router
         .fallback(|| async { error_response(&ApiError::not_found("route")) })
@@ -625,11 +631,15 @@ async fn operator_batch(State(app): State<OperatorApp>, headers: HeaderMap, Path
     json((|| batch_of(app.settlement(&headers)?, &id, None))())
 }
 
-/// The partitions of `settlement.events` this reconciler owns.
+/// The partitions this instance owns: of `settlement.entries` (a settler), or
+/// of `settlement.events` (a reconciler).
 async fn operator_partitions(State(app): State<OperatorApp>, headers: HeaderMap) -> Response {
     json((|| {
-        let reconciliation = app.reconciliation(&headers)?;
-        Ok(serde_json::json!({"object": "partitions", "data": reconciliation.partitions_owned()}))
+        let owned = match app.settlement.as_ref() {
+            Some(_) => app.settlement(&headers)?.partitions_owned(),
+            None => app.reconciliation(&headers)?.partitions_owned(),
+        };
+        Ok(serde_json::json!({"object": "partitions", "data": owned}))
     })())
 }
 

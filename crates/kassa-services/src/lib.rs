@@ -30,6 +30,13 @@ pub mod topics {
     pub const PAYMENT_EVENTS: &str = "payments.events";
     /// Settlement → reconciliation: every batch's events, keyed by batch id.
     pub const SETTLEMENT_EVENTS: &str = "settlement.events";
+    /// Settlement's feed → settlement's batches: each capture and refund (and
+    /// cut-off requests), keyed by the batch key (provider, merchant, currency),
+    /// so one key's batches have one owner.
+    pub const SETTLEMENT_ENTRIES: &str = "settlement.entries";
+    /// Settlement → settlement: each `settlement.entries` partition's commits, as
+    /// `authorization.changelog` is for authorization.
+    pub const SETTLEMENT_CHANGELOG: &str = "settlement.changelog";
     /// Authorization → operators: providers' health changes (breakers, maintenance), keyed by provider.
     pub const PROVIDER_HEALTH: &str = "providers.health";
     /// Authorization → authorization: each partition's commits, so another
@@ -47,15 +54,19 @@ pub mod topics {
     /// The consumer groups the services report their positions under (for lag
     /// monitoring only: positions are read back from each service's own log),
     /// with the topic each consumes.
-    pub const CONSUMERS: [(&str, &str); 4] = [
+    pub const CONSUMERS: [(&str, &str); 5] = [
         (INGEST_GROUP, PAYMENT_EVENTS),
         (AUTHORIZATION_GROUP, PAYMENT_COMMANDS),
         (SETTLEMENT_GROUP, PAYMENT_EVENTS),
+        (SETTLEMENT_BATCHES_GROUP, SETTLEMENT_ENTRIES),
         (RECONCILIATION_GROUP, SETTLEMENT_EVENTS),
     ];
     pub const INGEST_GROUP: &str = "kassa-ingest";
     pub const AUTHORIZATION_GROUP: &str = "kassa-authorization";
+    /// Settlement's feed (`payments.events` → `settlement.entries`).
     pub const SETTLEMENT_GROUP: &str = "kassa-settlement";
+    /// Settlement's batches (`settlement.entries` → `settlement.events`).
+    pub const SETTLEMENT_BATCHES_GROUP: &str = "kassa-settlement-batches";
     pub const RECONCILIATION_GROUP: &str = "kassa-reconciliation";
 }
 

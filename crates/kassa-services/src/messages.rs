@@ -3,7 +3,10 @@
 //! domain events: stable type names, fields in a fixed order.
 
 use kassa_codec::{CodecError, EventPayload, decode_value, encode_value};
-use kassa_domain::{BatchId, CaptureId, MerchantId, PaymentEvent, PaymentId, PaymentRequested, RefundId, ReportId};
+use kassa_domain::settlement::{BatchKey, SettlementEntry};
+use kassa_domain::{
+    BatchId, CaptureId, MerchantId, PaymentEvent, PaymentId, PaymentRequested, RefundId, ReportId, Timestamp,
+};
 
 /// What arrives on `payments.commands`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -192,6 +195,56 @@ impl DuplicateRequest {
     }
 }
 
+pub const ENTRY_PENDING: &str = "settlement.entry_pending";
+pub const CUTOFF_REQUESTED: &str = "settlement.cutoff_requested";
+
+/// What arrives on `settlement.entries`, keyed by batch key: the input of the
+/// partition that owns a key's batches.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SettlementInput {
+    /// A capture or refund on its way into the open batch of `key`: settlement's
+    /// feed, which follows `payments.events`, knows the payment's provider,
+    /// merchant and currency by then.
+    EntryPending { key: BatchKey, entry: SettlementEntry },
+    /// Close every open batch of the partition it is on. `slot`: a scheduled
+    /// cut-off, named by its time (ms since the Unix epoch, a multiple of the
+    /// cut-off interval); a partition closes once per slot, however many
+    /// instances ask. None: an operator's, which always closes.
+    CutoffRequested { cutoff_id: u128, slot: Option<u64>, requested_at: Timestamp },
+}
+
+impl SettlementInput {
+    pub fn event_type(&self) -> &'static str {
+        match self {
+            SettlementInput::EntryPending { .. } => ENTRY_PENDING,
+            SettlementInput::CutoffRequested { .. } => CUTOFF_REQUESTED,
+        }
+    }
+
+    pub fn encode_payload(&self) -> Vec<u8> {
+        match self {
+            SettlementInput::EntryPending { key, entry } => encode_value(&(key, entry)),
+            SettlementInput::CutoffRequested { cutoff_id, slot, requested_at } => {
+                encode_value(&(cutoff_id, slot, requested_at))
+            }
+        }
+    }
+
+    pub fn decode(event_type: &str, payload: &[u8]) -> Result<Self, CodecError> {
+        Ok(match event_type {
+            ENTRY_PENDING => {
+                let (key, entry) = decode_value(payload, event_type)?;
+                SettlementInput::EntryPending { key, entry }
+            }
+            CUTOFF_REQUESTED => {
+                let (cutoff_id, slot, requested_at) = decode_value(payload, event_type)?;
+                SettlementInput::CutoffRequested { cutoff_id, slot, requested_at }
+            }
+            other => return Err(CodecError::UnknownEventType { event_type: other.to_owned() }),
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -234,5 +287,23 @@ mod tests {
         assert_eq!(CommandRejected::decode(&rejected.encode_payload()).unwrap(), rejected);
         let duplicate = DuplicateRequest { original: PaymentId::from_u128(8), same_request: true };
         assert_eq!(DuplicateRequest::decode(&duplicate.encode_payload()).unwrap(), duplicate);
+        let eur = kassa_domain::Currency::from_code("EUR").unwrap();
+        let inputs = [
+            SettlementInput::EntryPending {
+                key: BatchKey { provider: "acq-alpha".into(), merchant_id: MerchantId::from_u128(2), currency: eur },
+                entry: SettlementEntry {
+                    entry_id: 3,
+                    payment_id: PaymentId::from_u128(4),
+                    kind: kassa_domain::settlement::EntryKind::Refund,
+                    amount: kassa_domain::Money::new(500, eur),
+                },
+            },
+            SettlementInput::CutoffRequested { cutoff_id: 5, slot: Some(6), requested_at: Timestamp(7) },
+            SettlementInput::CutoffRequested { cutoff_id: 8, slot: None, requested_at: Timestamp(9) },
+        ];
+        for input in inputs {
+            assert_eq!(SettlementInput::decode(input.event_type(), &input.encode_payload()).unwrap(), input);
+        }
+        assert!(SettlementInput::decode(ENTRY_PENDING, &[1, 2]).is_err());
     }
 }

@@ -1,26 +1,50 @@
 //! The settlement batching service.
 //!
-//! It follows `payments.events`: every capture and refund becomes an entry in
-//! the open batch of its provider, merchant and currency. At a cut-off (on a
-//! schedule, or asked by an operator) every open batch closes with its totals
-//! and fees, and each captured payment in it is recorded settled — a
-//! `command.record_settlement` its relay publishes to `payments.commands`.
+//! Every capture and refund becomes an entry in the open batch of its
+//! provider, merchant and currency. At a cut-off (on a schedule, or asked by
+//! an operator) every open batch closes with its totals and fees, and each
+//! captured payment in it is recorded settled — a `command.record_settlement`
+//! its relay publishes to `payments.commands`.
 //!
-//! One actor owns every batch (batches span payment partitions): the
-//! partitions' messages are merged into its single input, and each input
-//! batch is decided by the pure rules (`kassa_domain::settlement`) and written
-//! with the consumed offsets in one append.
+//! Batches span payment partitions, so settlement works in two stages, each
+//! shared by the service's instances through a consumer group:
+//!
+//! - **The feed** follows `payments.events` (group `kassa-settlement`). It
+//!   keeps what it must know of each payment first (merchant, currency,
+//!   provider), and turns each capture and refund into a
+//!   `settlement.entry_pending` keyed by its batch key, which its relay
+//!   publishes to `settlement.entries`. Its state is a function of its input:
+//!   a partition that moves is read again from where its new owner last was
+//!   (the start, if never), and the entries it sends again are dropped by id.
+//! - **The batches** follow `settlement.entries` (group
+//!   `kassa-settlement-batches`): one key's batches all live on one partition,
+//!   whose owner adds entries (each once, by id), and closes its open batches
+//!   when it reads a `settlement.cutoff_requested`. With `changelog` on, each
+//!   commit goes to `settlement.changelog` first, so a partition that moves
+//!   takes its batches along (`changelog.rs`).
+//!
+//! Cut-offs are requests on `settlement.entries`, one per partition: entries
+//! before one on a partition are in the batches it closes, entries after it in
+//! the next. The schedule sends one per slot of `cutoff_interval_ms` (every
+//! instance does; a partition closes once per slot), an operator one that
+//! always closes.
 
 use crate::batch_store::{batch_writes, load_batch};
+use crate::changelog;
 use crate::consume::{
-    EVENTS_PER_APPEND_MAX, RangeError, append_in_chunks, fetch_range, follow, id_key, position_write,
+    EVENTS_PER_APPEND_MAX, Owned, PartitionEnd, RangeError, fetch_range, id_key, next_batch, position_write,
+    resume_subscription, run_partitions, stored_offset,
 };
-use crate::messages::PaymentCommandMessage;
-use crate::relay::{RelayConfig, relayed_write, run_relay};
+use crate::messages::{CUTOFF_REQUESTED, PaymentCommandMessage, SettlementInput};
+use crate::payment_key;
+use crate::relay::{RelayConfig, run_relay};
 use crate::runtime::{Clock, derived_id};
-use crate::topics::{PAYMENT_COMMANDS, PAYMENT_EVENTS, SETTLEMENT_EVENTS};
-use kassa_bus::{Bus, Message};
-use kassa_codec::{EventPayload, decode_frame, decode_value, encode_value};
+use crate::topics::{
+    PAYMENT_COMMANDS, PAYMENT_EVENTS, SETTLEMENT_BATCHES_GROUP, SETTLEMENT_CHANGELOG, SETTLEMENT_ENTRIES,
+    SETTLEMENT_EVENTS, SETTLEMENT_GROUP,
+};
+use kassa_bus::{Bus, BusError, Membership, Message, Record, partition_for};
+use kassa_codec::{Envelope, EventPayload, decode_frame, decode_value, encode_frame, encode_value};
 use kassa_domain::settlement::{
     BatchCommand, BatchEvent, BatchKey, BatchState, EntryKind, FeeSchedule, SettlementEntry, apply_batch, decide_batch,
     try_apply_batch,
@@ -28,22 +52,30 @@ use kassa_domain::settlement::{
 use kassa_domain::{BatchId, Currency, MerchantId, PaymentEvent, PaymentId};
 use kassa_eventlog::{AppendRequest, EventLog, LogError, NewEvent, StateWrite, Table};
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, HashMap};
+use sha2::{Digest, Sha256};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 /// Bounds and rules of settlement. Units last.
 #[derive(Debug, Clone)]
 pub struct SettlementConfig {
-    /// Close every open batch this often (0: only when an operator asks).
+    /// Close every open batch once per slot of this length, counted from the
+    /// Unix epoch (0: only when an operator asks).
     pub cutoff_interval_ms: u64,
     /// Fees per provider; `default_fees` for the others.
     pub fees: HashMap<String, FeeSchedule>,
     pub default_fees: FeeSchedule,
     /// Messages decided and written in one append, at most.
     pub batch_inputs_max: usize,
+    /// Share the partitions with other instances through consumer groups, the
+    /// batches' state moving through `settlement.changelog` (`kassa settle`).
+    /// Off: this instance owns every partition.
+    pub changelog: bool,
+    /// How long an operator's cut-off waits for this instance's partitions to close their batches.
+    pub cutoff_wait_ms: u64,
 }
 
 impl Default for SettlementConfig {
@@ -53,6 +85,8 @@ impl Default for SettlementConfig {
             fees: HashMap::new(),
             default_fees: FeeSchedule { capture_basis_points: 290, capture_fixed_minor: 25 },
             batch_inputs_max: 1024,
+            changelog: false,
+            cutoff_wait_ms: 10_000,
         }
     }
 }
@@ -67,9 +101,42 @@ struct PaymentInfo {
     applied_seq: u64,
 }
 
-enum Input {
-    Messages(u32, Vec<Message>),
-    Cutoff(Option<oneshot::Sender<Result<Vec<BatchId>, LogError>>>),
+/// What an operator's cut-off closed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CutoffDone {
+    /// The batches closed by this instance's partitions.
+    pub closed: Vec<BatchId>,
+    /// Whether every partition of `settlement.entries` answered here (this
+    /// instance owns them all). If not, the other partitions close their
+    /// batches when their owners read the request.
+    pub complete: bool,
+}
+
+/// Why a cut-off could not be asked for.
+#[derive(Debug, thiserror::Error)]
+pub enum CutoffError {
+    #[error("the cut-off request could not be published to {SETTLEMENT_ENTRIES}: {0}")]
+    Bus(#[from] BusError),
+}
+
+/// Why settlement cannot start on a log.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Bus(#[from] BusError),
+    #[error(transparent)]
+    Log(#[from] LogError),
+    #[error(
+        "this settlement log holds batches made without {SETTLEMENT_CHANGELOG} (by an earlier Kassa, or by \
+         `kassa up`): another settler could not take them over. Start `kassa settle` on a new data directory: \
+         each partition takes its batches from {SETTLEMENT_EVENTS} the first time it is claimed"
+    )]
+    Unshared,
+    #[error(
+        "this settlement log was written by `kassa settle` (its batches are shared through {SETTLEMENT_CHANGELOG} \
+         and may be stale here); run it with `kassa settle`, not alone"
+    )]
+    Shared,
 }
 
 /// The service; share behind an `Arc`.
@@ -79,16 +146,23 @@ pub struct SettlementService {
     bus: Arc<dyn Bus>,
     clock: Arc<dyn Clock>,
     config: SettlementConfig,
-    inputs: mpsc::Sender<Input>,
-    receiver: std::sync::Mutex<Option<mpsc::Receiver<Input>>>,
+    /// The partitions of `settlement.entries` whose batches this instance owns.
+    owned: Owned,
+    /// The partitions of `payments.events` this instance feeds from.
+    fed: Owned,
+    /// Operators' cut-offs being waited for: what each partition closed.
+    waiting: std::sync::Mutex<HashMap<u128, BTreeMap<u32, Vec<BatchId>>>>,
+    answered: tokio::sync::Notify,
+    /// Set by the first `spawn`: a second starts nothing.
+    spawned: std::sync::atomic::AtomicBool,
 }
 
-impl std::fmt::Debug for Input {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Input::Messages(partition, messages) => write!(f, "Messages({partition}, {})", messages.len()),
-            Input::Cutoff(_) => write!(f, "Cutoff"),
-        }
+/// Drops an operator's cut-off from `waiting` however its wait ends (its caller may go away).
+struct Waiting<'a>(&'a SettlementService, u128);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.waiting.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.1);
     }
 }
 
@@ -104,286 +178,48 @@ fn merchant_batches_key(merchant_id: MerchantId, batch_id: BatchId) -> Vec<u8> {
     key
 }
 
-fn offset_key(partition: u32) -> Vec<u8> {
+/// Where the feed stores its position in `payments.events`.
+fn feed_offset_key(partition: u32) -> Vec<u8> {
     format!("{PAYMENT_EVENTS}/{partition}").into_bytes()
 }
 
-impl SettlementService {
-    pub fn new(log: Arc<EventLog>, bus: Arc<dyn Bus>, clock: Arc<dyn Clock>, config: SettlementConfig) -> Self {
-        let (inputs, receiver) = mpsc::channel(64);
-        SettlementService { log, bus, clock, config, inputs, receiver: std::sync::Mutex::new(Some(receiver)) }
-    }
-
-    /// Start the actor, one reader per partition of `payments.events`, the
-    /// cut-off timer, and the relay of settlement commands.
-    pub fn spawn(self: &Arc<Self>, stop: watch::Receiver<bool>) -> Result<Vec<JoinHandle<()>>, kassa_bus::BusError> {
-        let receiver = self.receiver.lock().unwrap_or_else(|e| e.into_inner()).take();
-        let Some(mut receiver) = receiver else { return Ok(Vec::new()) };
-        let mut tasks = Vec::new();
-        for partition in 0..self.bus.partitions(PAYMENT_EVENTS)? {
-            let service = Arc::clone(self);
-            let stop = stop.clone();
-            tasks.push(tokio::spawn(async move {
-                let at = (PAYMENT_EVENTS, partition, offset_key(partition));
-                let max = service.config.batch_inputs_max;
-                let followed = follow(&service.log, &service.bus, (at.0, at.1, &at.2), max, stop, |messages| async {
-                    let input = Input::Messages(partition, messages);
-                    service.inputs.send(input).await.map_err(|_| "the settlement actor stopped".to_owned())
-                });
-                if let Err(reason) = followed.await {
-                    tracing::error!(partition, %reason, "settlement reader stopped");
-                }
-            }));
-        }
-        if self.config.cutoff_interval_ms > 0 {
-            let service = Arc::clone(self);
-            let mut stop = stop.clone();
-            tasks.push(tokio::spawn(async move {
-                let mut tick = tokio::time::interval(Duration::from_millis(service.config.cutoff_interval_ms));
-                tick.tick().await;
-                loop {
-                    tokio::select! {
-                        _ = stop.changed() => return,
-                        _ = tick.tick() => {
-                            if service.inputs.send(Input::Cutoff(None)).await.is_err() {
-                                return;
-                            }
-                        }
-                    }
-                }
-            }));
-        }
-        let service = Arc::clone(self);
-        let mut actor_stop = stop.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut actor = Actor { service: Arc::clone(&service), infos: HashMap::new(), batches: HashMap::new() };
-            loop {
-                let input = tokio::select! {
-                    _ = actor_stop.changed() => return,
-                    input = receiver.recv() => input,
-                };
-                let Some(input) = input else { return };
-                let result = match input {
-                    Input::Messages(partition, messages) => actor.consume(partition, messages).await.map(|_| ()),
-                    Input::Cutoff(reply) => {
-                        let closed = actor.cutoff().await;
-                        let failed = closed.as_ref().err().cloned();
-                        if let Some(reply) = reply {
-                            let _ = reply.send(closed);
-                        }
-                        failed.map_or(Ok(()), Err)
-                    }
-                };
-                if let Err(error) = result {
-                    tracing::error!(%error, "settlement failed; stopping it (restart to recover)");
-                    return;
-                }
-            }
-        }));
-        tasks.push(tokio::spawn(run_relay(
-            Arc::clone(&self.log),
-            Arc::clone(&self.bus),
-            PAYMENT_COMMANDS,
-            |e| e.event_type.starts_with("command.").then_some(PAYMENT_COMMANDS),
-            RelayConfig::default(),
-            stop.clone(),
-        )));
-        tasks.push(tokio::spawn(run_relay(
-            Arc::clone(&self.log),
-            Arc::clone(&self.bus),
-            SETTLEMENT_EVENTS,
-            |e| e.event_type.starts_with("settlement.").then_some(SETTLEMENT_EVENTS),
-            RelayConfig::default(),
-            stop,
-        )));
-        Ok(tasks)
-    }
-
-    /// Close every open batch now; returns the closed batches' ids.
-    pub async fn cutoff(&self) -> Result<Vec<BatchId>, LogError> {
-        let (reply, answer) = oneshot::channel();
-        self.inputs.send(Input::Cutoff(Some(reply))).await.map_err(|_| LogError::Closed)?;
-        answer.await.map_err(|_| LogError::Closed)?
-    }
-
-    /// A batch as stored, with its entries.
-    pub fn batch(&self, batch_id: BatchId) -> Result<Option<BatchState>, LogError> {
-        load_batch(&self.log, batch_id)
-    }
-
-    /// A merchant's batches, newest first.
-    pub fn batches(&self, merchant_id: MerchantId, limit: usize) -> Result<Vec<BatchState>, LogError> {
-        let prefix = format!("merchant-batches/{merchant_id}/").into_bytes();
-        let mut out = Vec::new();
-        for (key, _) in self.log.scan(Table::State, &prefix)?.into_iter().take(limit) {
-            let Some(bytes) = key.get(key.len() - 16..).and_then(|b| <[u8; 16]>::try_from(b).ok()) else { continue };
-            let batch_id = BatchId::from_u128(u128::MAX - u128::from_be_bytes(bytes));
-            if let Some(batch) = self.batch(batch_id)? {
-                out.push(batch);
-            }
-        }
-        Ok(out)
-    }
+/// Where the batches store their position in `settlement.entries`.
+fn entries_offset_key(partition: u32) -> Vec<u8> {
+    format!("{SETTLEMENT_ENTRIES}/{partition}").into_bytes()
 }
 
-/// Why settlement could not be rebuilt from the topics.
-#[derive(Debug, thiserror::Error)]
-pub enum RebuildError {
-    #[error("the settlement log to rebuild into is not empty (it holds {0} events): rebuild into a new one")]
-    NotEmpty(u64),
-    #[error("reading {SETTLEMENT_EVENTS}: {0}")]
-    Range(#[from] RangeError),
-    #[error(transparent)]
-    Bus(#[from] kassa_bus::BusError),
-    #[error("writing the rebuilt state: {0}")]
-    Log(#[from] LogError),
-    #[error("{SETTLEMENT_EVENTS} {partition}@{offset}: {reason}; the batches cannot be rebuilt from this topic")]
-    Bad { partition: u32, offset: u64, reason: String },
+/// The time (ms since the epoch) of the last scheduled cut-off a partition closed.
+fn slot_key(partition: u32) -> Vec<u8> {
+    format!("{SETTLEMENT_ENTRIES}/{partition}/cutoff-slot").into_bytes()
 }
 
-/// What a rebuild restored.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Rebuilt {
-    /// Batch events replayed (re-published copies dropped).
-    pub events: u64,
-    pub batches: u64,
-    /// Of them, still open (they close at the next cut-off).
-    pub open: u64,
+/// Set once a partition has taken its keys' batches from `settlement.events`.
+fn imported_key(partition: u32) -> Vec<u8> {
+    format!("{SETTLEMENT_ENTRIES}/{partition}/imported").into_bytes()
 }
 
-impl SettlementService {
-    /// Rebuild settlement's batches into an empty `log` from `settlement.events`,
-    /// where its relay published every batch event (for a lost or suspect disk).
-    /// Each batch's events keep their ids and order, and the relays start past
-    /// them (nothing is published again). What batches were made of is then
-    /// known; the service, started on this log, follows `payments.events` from
-    /// the start again to learn each payment's merchant, currency and provider,
-    /// and adds only the captures and refunds no batch holds yet.
-    pub async fn rebuild(log: &EventLog, bus: &dyn Bus) -> Result<Rebuilt, RebuildError> {
-        if log.head_position() > 0 {
-            return Err(RebuildError::NotEmpty(log.head_position()));
-        }
-        // Until the last append, the log is half-built: `spawn` refuses it.
-        log.append(AppendRequest { writes: vec![position_write(REBUILDING.to_vec(), 1)], ..Default::default() })
-            .await?;
-        let mut rebuilt = Rebuilt { events: 0, batches: 0, open: 0 };
-        // The open batches of each key, over every partition (batches of one key are on several,
-        // so a later batch may be read before an earlier one closes).
-        let mut open_by_key: HashMap<BatchKey, std::collections::BTreeSet<BatchId>> = HashMap::new();
-        for partition in 0..bus.partitions(SETTLEMENT_EVENTS)? {
-            let end = bus.end_offset(SETTLEMENT_EVENTS, partition)?;
-            // A batch's events are all on one partition, in order: batches of this partition until closed.
-            let mut batches: HashMap<BatchId, BatchState> = HashMap::new();
-            // Batches closed and written: any later event of theirs is a re-published copy.
-            let mut closed: std::collections::HashSet<BatchId> = Default::default();
-            let (mut next, mut empty_fetches) = (0, 0);
-            while next < end {
-                let messages = fetch_range(bus, SETTLEMENT_EVENTS, partition, next, end, &mut empty_fetches).await?;
-                let mut events = Vec::with_capacity(messages.len());
-                let mut writes = Vec::new();
-                let mut changed: BTreeMap<BatchId, Vec<SettlementEntry>> = BTreeMap::new();
-                for message in messages {
-                    next = message.offset + 1;
-                    let bad = |reason: String| RebuildError::Bad { partition, offset: message.offset, reason };
-                    let envelope = decode_frame(&message.payload).map_err(|e| bad(e.to_string()))?;
-                    let event = BatchEvent::decode_payload(&envelope.event_type, &envelope.payload)
-                        .map_err(|e| bad(format!("{}: {e}", envelope.event_type)))?;
-                    let batch_id = BatchId::from_u128(envelope.stream_id);
-                    if closed.contains(&batch_id) {
-                        continue;
-                    }
-                    let batch = batches.entry(batch_id).or_default();
-                    if batch.holds(&event) {
-                        continue;
-                    }
-                    try_apply_batch(batch, &event).map_err(|reason| bad(format!("batch {batch_id}: {reason}")))?;
-                    let new_entries = changed.entry(batch_id).or_default();
-                    match &event {
-                        BatchEvent::Opened { key, .. } => {
-                            open_by_key.entry(key.clone()).or_default().insert(batch_id);
-                            writes.push(StateWrite {
-                                table: Table::State,
-                                key: merchant_batches_key(key.merchant_id, batch_id),
-                                value: Some(Vec::new()),
-                            });
-                        }
-                        BatchEvent::EntryAdded { entry } => {
-                            writes.push(StateWrite {
-                                table: Table::State,
-                                key: id_key("entry/", entry.entry_id),
-                                value: Some(batch_id.as_u128().to_be_bytes().to_vec()),
-                            });
-                            new_entries.push(entry.clone());
-                        }
-                        BatchEvent::Closed { closed_at, .. } => {
-                            let key = batch.key.as_ref().expect("a closed batch was opened");
-                            if let Some(open) = open_by_key.get_mut(key) {
-                                open.remove(&batch_id);
-                            }
-                            // Its settlement commands may not have reached payments.commands
-                            // (two relays, either may lead): made again with the same ids, and
-                            // published again; authorization drops what it has by id.
-                            for entry in batch.entries.iter().filter(|e| e.kind == EntryKind::Capture) {
-                                events.push(settlement_command(entry, batch_id, closed_at.unix_ms()));
-                            }
-                        }
-                    }
-                    events.push(NewEvent {
-                        event_id: envelope.event_id,
-                        event_type: envelope.event_type,
-                        stream_id: envelope.stream_id,
-                        timestamp_ms: envelope.timestamp_ms,
-                        causation_id: envelope.causation_id,
-                        correlation_id: envelope.correlation_id,
-                        payload: envelope.payload,
-                    });
-                }
-                for (batch_id, new_entries) in &changed {
-                    writes.extend(batch_writes(&batches[batch_id], new_entries));
-                    if batches[batch_id].closed.is_some() {
-                        batches.remove(batch_id);
-                        closed.insert(*batch_id);
-                        rebuilt.batches += 1;
-                    }
-                }
-                rebuilt.events += events.len() as u64;
-                append_in_chunks_with(log, events, writes).await?;
-            }
-            rebuilt.batches += batches.len() as u64;
-        }
-        // The open batch of each key (ids are time-ordered: the latest, should there be more than
-        // one); the batch events' relay starts past them (they are on the topic already), the
-        // commands' relay from the start (the commands made again above).
-        let mut writes = Vec::new();
-        for (key, open) in &open_by_key {
-            let Some(batch_id) = open.last() else { continue };
-            if open.len() > 1 {
-                tracing::warn!(%batch_id, open = open.len(), "several open batches of one key; the latest takes new entries");
-            }
-            rebuilt.open += 1;
-            writes.push(StateWrite {
-                table: Table::State,
-                key: open_key(key),
-                value: Some(batch_id.as_u128().to_be_bytes().to_vec()),
-            });
-        }
-        writes.push(relayed_write(SETTLEMENT_EVENTS, log.head_position()));
-        writes.push(StateWrite { table: Table::Positions, key: REBUILDING.to_vec(), value: None });
-        log.append(AppendRequest { writes, ..Default::default() }).await?;
-        Ok(rebuilt)
-    }
+/// Set on a log whose batches' state is on `settlement.changelog`.
+const SHARED: &[u8] = b"settlement.changelog/shared";
 
-    /// Whether `log` holds a rebuild that did not finish (it must be rebuilt again, not used).
-    pub fn rebuild_unfinished(log: &EventLog) -> Result<bool, LogError> {
-        Ok(log.get(Table::Positions, REBUILDING)?.is_some())
-    }
+/// The stream (and message key) of a batch key's entries: the first 16 bytes
+/// of SHA-256 over the key's encoding, the same in every instance.
+pub fn key_stream(key: &BatchKey) -> u128 {
+    let digest = Sha256::digest(encode_value(key));
+    let mut bytes = [0u8; 16];
+    bytes.copy_from_slice(&digest[..16]);
+    u128::from_be_bytes(bytes)
 }
 
-/// Set while a rebuild writes the log, cleared by its last append.
-const REBUILDING: &[u8] = b"settlement.rebuilding";
+/// Which topic a relay publishes an event of the log to (none: not published).
+type Route = fn(&Envelope) -> Option<&'static str>;
+
+/// Whether `event_type` is a batch event (published to `settlement.events`).
+fn is_batch_event(event_type: &str) -> bool {
+    matches!(event_type, "settlement.batch_opened" | "settlement.entry_added" | "settlement.batch_closed")
+}
 
 /// The command that records `entry`'s payment settled in `batch_id`: the same
-/// id whether a cut-off or a rebuild makes it.
+/// id whoever closes the batch.
 fn settlement_command(entry: &SettlementEntry, batch_id: BatchId, timestamp_ms: i64) -> NewEvent {
     let command = PaymentCommandMessage::RecordSettlement { payment_id: entry.payment_id, batch_id };
     NewEvent {
@@ -397,77 +233,304 @@ fn settlement_command(entry: &SettlementEntry, batch_id: BatchId, timestamp_ms: 
     }
 }
 
-/// Append events and writes that may be more than one append carries: the
-/// events in chunks, the writes with the last chunk.
-async fn append_in_chunks_with(
-    log: &EventLog,
-    mut events: Vec<NewEvent>,
+/// Why a partition of the batches stopped.
+#[derive(Debug, thiserror::Error)]
+enum PartitionError {
+    #[error(transparent)]
+    Log(#[from] LogError),
+    /// Another instance owns the partition now: stop it, with no effect.
+    #[error(transparent)]
+    Fenced(#[from] changelog::Fenced),
+    /// Stopped while a commit's fate on the changelog is unknown.
+    #[error("stopped while the changelog was unreachable")]
+    Stopped,
+    #[error("reading {SETTLEMENT_EVENTS} to take the partition's batches: {0}")]
+    Range(#[from] RangeError),
+    #[error("{SETTLEMENT_EVENTS} {partition}@{offset}: {reason}; the partition's batches cannot be taken from it")]
+    Bad { partition: u32, offset: u64, reason: String },
+}
+
+/// What one input of the batches changes, until it is committed.
+#[derive(Default)]
+struct Pending {
+    events: Vec<NewEvent>,
     writes: Vec<StateWrite>,
-) -> Result<(), LogError> {
-    let last = events.len().saturating_sub(EVENTS_PER_APPEND_MAX);
-    let tail = events.split_off(last);
-    append_in_chunks(log, events).await?;
-    log.append(AppendRequest { events: tail, expected: Vec::new(), writes }).await?;
-    Ok(())
-}
-
-struct Actor {
-    service: Arc<SettlementService>,
-    infos: HashMap<PaymentId, PaymentInfo>,
-    /// Open batches by key, loaded on first use.
     batches: HashMap<BatchKey, BatchState>,
+    new_entries: HashMap<BatchKey, Vec<SettlementEntry>>,
+    /// Entries batched by this input (not in the log's index yet).
+    batched: HashSet<u128>,
 }
 
-impl Actor {
-    fn info(&mut self, payment_id: PaymentId) -> Result<PaymentInfo, LogError> {
-        if let Some(info) = self.infos.get(&payment_id) {
+impl Pending {
+    fn is_empty(&self) -> bool {
+        self.events.is_empty() && self.writes.is_empty() && self.batches.is_empty()
+    }
+}
+
+impl SettlementService {
+    pub fn new(log: Arc<EventLog>, bus: Arc<dyn Bus>, clock: Arc<dyn Clock>, config: SettlementConfig) -> Self {
+        SettlementService {
+            log,
+            bus,
+            clock,
+            config,
+            owned: Owned::default(),
+            fed: Owned::default(),
+            waiting: std::sync::Mutex::new(HashMap::new()),
+            answered: tokio::sync::Notify::new(),
+            spawned: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    /// The partitions of `settlement.entries` whose batches this instance owns now.
+    pub fn partitions_owned(&self) -> Vec<u32> {
+        self.owned.lock().unwrap_or_else(|e| e.into_inner()).iter().copied().collect()
+    }
+
+    /// Start the feed (every partition of `payments.events`, or this
+    /// instance's share in its group with `changelog`), the batches (likewise
+    /// over `settlement.entries`), the cut-off schedule, and the relays.
+    pub fn spawn(self: &Arc<Self>, stop: watch::Receiver<bool>) -> Result<Vec<JoinHandle<()>>, StartError> {
+        if self.spawned.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            return Ok(Vec::new());
+        }
+        let entries = self.bus.partitions(SETTLEMENT_ENTRIES)?;
+        let (feed, batches) = if self.config.changelog {
+            let changelog = self.bus.partitions(SETTLEMENT_CHANGELOG)?;
+            if changelog != entries {
+                return Err(StartError::Bus(BusError::PartitionCountChanged {
+                    topic: SETTLEMENT_CHANGELOG.to_owned(),
+                    existing: changelog,
+                    configured: entries,
+                }));
+            }
+            self.check_shared()?;
+            (
+                self.bus.join_group(SETTLEMENT_GROUP, PAYMENT_EVENTS)?,
+                self.bus.join_group(SETTLEMENT_BATCHES_GROUP, SETTLEMENT_ENTRIES)?,
+            )
+        } else {
+            if self.log.get(Table::Positions, SHARED)?.is_some() {
+                return Err(StartError::Shared);
+            }
+            (
+                Membership::sole(SETTLEMENT_GROUP, self.bus.partitions(PAYMENT_EVENTS)?),
+                Membership::sole(SETTLEMENT_BATCHES_GROUP, entries),
+            )
+        };
+        let mut tasks = Vec::new();
+        let service = Arc::clone(self);
+        let feed_stop = stop.clone();
+        tasks.push(tokio::spawn(async move {
+            let starter = Arc::clone(&service);
+            run_partitions(feed, feed_stop, &service.fed, move |partition, _owner, stop| {
+                tokio::spawn(Arc::clone(&starter).run_feed(partition, stop))
+            })
+            .await;
+        }));
+        let service = Arc::clone(self);
+        let batches_stop = stop.clone();
+        tasks.push(tokio::spawn(async move {
+            if service.config.changelog {
+                let mark = AppendRequest { writes: vec![position_write(SHARED.to_vec(), 1)], ..Default::default() };
+                if let Err(error) = service.log.append(mark).await {
+                    tracing::error!(%error, "settlement cannot write its log; stopping");
+                    return;
+                }
+            }
+            let starter = Arc::clone(&service);
+            run_partitions(batches, batches_stop, &service.owned, move |partition, owner, stop| {
+                tokio::spawn(Arc::clone(&starter).run_batches(partition, owner, stop))
+            })
+            .await;
+        }));
+        if self.config.cutoff_interval_ms > 0 {
+            tasks.push(tokio::spawn(Arc::clone(self).schedule_cutoffs(stop.clone())));
+        }
+        let relays: [(&'static str, Route); 3] = [
+            (PAYMENT_COMMANDS, |e| e.event_type.starts_with("command.").then_some(PAYMENT_COMMANDS)),
+            (SETTLEMENT_EVENTS, |e| is_batch_event(&e.event_type).then_some(SETTLEMENT_EVENTS)),
+            (SETTLEMENT_ENTRIES, |e| (e.event_type == crate::messages::ENTRY_PENDING).then_some(SETTLEMENT_ENTRIES)),
+        ];
+        for (name, route) in relays {
+            let (log, bus) = (Arc::clone(&self.log), Arc::clone(&self.bus));
+            tasks.push(tokio::spawn(run_relay(log, bus, name, route, RelayConfig::default(), stop.clone())));
+        }
+        Ok(tasks)
+    }
+
+    /// With `changelog` on: a log whose batches were made without it (by a
+    /// version before it, or by `kassa up`) is refused, since another instance
+    /// taking a partition over would not get them. A new one is marked before
+    /// its first batch.
+    fn check_shared(&self) -> Result<(), StartError> {
+        if self.log.get(Table::Positions, SHARED)?.is_some() {
+            return Ok(());
+        }
+        if !self.log.scan_range(Table::State, b"entry/", b"entry0", 1)?.is_empty() {
+            return Err(StartError::Unshared);
+        }
+        Ok(())
+    }
+
+    /// Close every open batch now: a cut-off request to every partition of
+    /// `settlement.entries`; waits (up to `cutoff_wait_ms`) for the partitions
+    /// this instance owns to close theirs.
+    pub async fn cutoff(&self) -> Result<CutoffDone, CutoffError> {
+        let cutoff_id: u128 = rand::random();
+        self.waiting.lock().unwrap_or_else(|e| e.into_inner()).insert(cutoff_id, BTreeMap::new());
+        let _waiting = Waiting(self, cutoff_id);
+        let requested = self.request_cutoff(cutoff_id, None).await;
+        let waited = async {
+            requested?;
+            let deadline = tokio::time::Instant::now() + Duration::from_millis(self.config.cutoff_wait_ms);
+            loop {
+                let answered = self.answered.notified();
+                let done = {
+                    let waiting = self.waiting.lock().unwrap_or_else(|e| e.into_inner());
+                    let owned = self.owned.lock().unwrap_or_else(|e| e.into_inner());
+                    let reported = waiting.get(&cutoff_id);
+                    owned.iter().all(|p| reported.is_some_and(|r| r.contains_key(p)))
+                };
+                if done || tokio::time::Instant::now() >= deadline {
+                    return Ok(());
+                }
+                let _ = tokio::time::timeout_at(deadline, answered).await;
+            }
+        };
+        let result: Result<(), CutoffError> = waited.await;
+        let reported = self.waiting.lock().unwrap_or_else(|e| e.into_inner()).remove(&cutoff_id).unwrap_or_default();
+        result?;
+        let partitions = self.bus.partitions(SETTLEMENT_ENTRIES)?;
+        let complete = reported.len() == partitions as usize;
+        Ok(CutoffDone { closed: reported.into_values().flatten().collect(), complete })
+    }
+
+    /// Put a cut-off request on every partition of `settlement.entries`.
+    async fn request_cutoff(&self, cutoff_id: u128, slot: Option<u64>) -> Result<(), BusError> {
+        let partitions = self.bus.partitions(SETTLEMENT_ENTRIES)?;
+        let requested_at = self.clock.now();
+        let input = SettlementInput::CutoffRequested { cutoff_id, slot, requested_at };
+        let records = (0..partitions)
+            .map(|partition| {
+                let envelope = Envelope {
+                    event_id: derived_id(cutoff_id, CUTOFF_REQUESTED, u64::from(partition)),
+                    event_type: CUTOFF_REQUESTED.to_owned(),
+                    stream_id: cutoff_id,
+                    stream_seq: 1,
+                    position: 0,
+                    timestamp_ms: requested_at.unix_ms(),
+                    causation_id: None,
+                    correlation_id: None,
+                    payload: input.encode_payload(),
+                    prev_hash: [0; 32],
+                };
+                Record {
+                    topic: SETTLEMENT_ENTRIES.to_owned(),
+                    key: changelog::partition_key(partition, partitions),
+                    payload: encode_frame(&envelope),
+                    timestamp_ms: requested_at.unix_ms(),
+                }
+            })
+            .collect();
+        self.bus.produce(records).await?;
+        Ok(())
+    }
+
+    /// Ask for a cut-off at the start of every slot of `cutoff_interval_ms`
+    /// (counted from the Unix epoch), named by that time.
+    async fn schedule_cutoffs(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+        let interval = self.config.cutoff_interval_ms.max(1);
+        loop {
+            let now = self.clock.now().unix_ms().max(0) as u64;
+            let slot = (now / interval + 1) * interval;
+            tokio::select! {
+                _ = stop.changed() => return,
+                _ = tokio::time::sleep(Duration::from_millis(slot - now)) => {}
+            }
+            if let Err(error) =
+                self.request_cutoff(derived_id(u128::from(slot), "settlement.cutoff", 0), Some(slot)).await
+            {
+                tracing::warn!(slot, %error, "the scheduled cut-off could not be requested; the next slot's closes the batches");
+            }
+        }
+    }
+
+    /// A batch as stored, with its entries.
+    pub fn batch(&self, batch_id: BatchId) -> Result<Option<BatchState>, LogError> {
+        load_batch(&self.log, batch_id)
+    }
+
+    /// A merchant's batches, newest first (those of the partitions this instance holds).
+    pub fn batches(&self, merchant_id: MerchantId, limit: usize) -> Result<Vec<BatchState>, LogError> {
+        let prefix = format!("merchant-batches/{merchant_id}/").into_bytes();
+        let mut out = Vec::new();
+        for (key, _) in self.log.scan(Table::State, &prefix)?.into_iter().take(limit) {
+            let Some(bytes) = key.get(key.len() - 16..).and_then(|b| <[u8; 16]>::try_from(b).ok()) else { continue };
+            let batch_id = BatchId::from_u128(u128::MAX - u128::from_be_bytes(bytes));
+            if let Some(batch) = self.batch(batch_id)? {
+                out.push(batch);
+            }
+        }
+        Ok(out)
+    }
+
+    fn event(&self, stream: u128, cause: u128, index: u64, event_type: &str, payload: Vec<u8>) -> NewEvent {
+        NewEvent {
+            event_id: derived_id(cause, event_type, index),
+            event_type: event_type.to_owned(),
+            stream_id: stream,
+            timestamp_ms: self.clock.now().unix_ms(),
+            causation_id: Some(cause),
+            correlation_id: None,
+            payload,
+        }
+    }
+}
+
+// The feed: payments.events → settlement.entries.
+impl SettlementService {
+    /// Follow one partition of `payments.events`.
+    async fn run_feed(self: Arc<Self>, partition: u32, mut stop: watch::Receiver<bool>) -> PartitionEnd {
+        let key = feed_offset_key(partition);
+        let mut subscription = match resume_subscription(&self.log, &self.bus, PAYMENT_EVENTS, partition, &key) {
+            Ok(subscription) => subscription,
+            Err(error) => return PartitionEnd::Fatal(format!("reading the position in {PAYMENT_EVENTS}: {error}")),
+        };
+        let mut infos = HashMap::new();
+        loop {
+            let messages = match next_batch(&mut subscription, self.config.batch_inputs_max, &mut stop).await {
+                Ok(Some(messages)) => messages,
+                Ok(None) => return PartitionEnd::Again,
+                Err(error) => return PartitionEnd::Fatal(error.to_string()),
+            };
+            if let Err(error) = self.feed(partition, messages, &mut infos).await {
+                // Its log refuses writes: starting the partition again here cannot help.
+                return PartitionEnd::Fatal(error.to_string());
+            }
+        }
+    }
+
+    fn info(&self, infos: &HashMap<PaymentId, PaymentInfo>, payment_id: PaymentId) -> Result<PaymentInfo, LogError> {
+        if let Some(info) = infos.get(&payment_id) {
             return Ok(info.clone());
         }
-        Ok(match self.service.log.get(Table::State, &id_key("info/", payment_id.as_u128()))? {
+        Ok(match self.log.get(Table::State, &id_key("info/", payment_id.as_u128()))? {
             Some(bytes) => decode_value(&bytes, "payment info").unwrap_or_default(),
             None => PaymentInfo::default(),
         })
     }
 
-    /// The open batch of `key`, taken out of the cache (it goes back after the
-    /// append that changes it, so a failed append leaves the durable one to load):
-    /// never cloned, since a batch holds every entry and grows until cut-off.
-    fn take_batch(&mut self, key: &BatchKey) -> Result<Option<BatchState>, LogError> {
-        if let Some(batch) = self.batches.remove(key) {
-            return Ok(Some(batch));
-        }
-        let Some(id) = self.service.log.get(Table::State, &open_key(key))? else { return Ok(None) };
-        let Ok(bytes) = <[u8; 16]>::try_from(id.as_slice()) else { return Ok(None) };
-        self.service.batch(BatchId::from_u128(u128::from_be_bytes(bytes)))
-    }
-
-    fn record(
+    /// Learn each payment's merchant, currency and provider; send its captures
+    /// and refunds on to their batch keys.
+    async fn feed(
         &self,
-        events: &mut Vec<NewEvent>,
-        stream: u128,
-        cause: u128,
-        index: u64,
-        event_type: &str,
-        payload: Vec<u8>,
-    ) {
-        events.push(NewEvent {
-            event_id: derived_id(cause, event_type, index),
-            event_type: event_type.to_owned(),
-            stream_id: stream,
-            timestamp_ms: self.service.clock.now().unix_ms(),
-            causation_id: Some(cause),
-            correlation_id: None,
-            payload,
-        });
-    }
-
-    async fn consume(&mut self, partition: u32, messages: Vec<Message>) -> Result<(), LogError> {
-        let now = self.service.clock.now();
+        partition: u32,
+        messages: Vec<Message>,
+        infos: &mut HashMap<PaymentId, PaymentInfo>,
+    ) -> Result<(), LogError> {
         let mut events = Vec::new();
-        let mut writes = Vec::new();
-        let mut changed_infos: BTreeMap<PaymentId, PaymentInfo> = BTreeMap::new();
-        let mut changed_batches: HashMap<BatchKey, BatchState> = HashMap::new();
-        let mut new_entries: HashMap<BatchKey, Vec<SettlementEntry>> = HashMap::new();
+        let mut changed: BTreeMap<PaymentId, PaymentInfo> = BTreeMap::new();
         let last_offset = messages.last().map(|m| m.offset);
         for message in messages {
             let Ok(envelope) = decode_frame(&message.payload) else {
@@ -475,164 +538,465 @@ impl Actor {
                 continue;
             };
             let payment_id = PaymentId::from_u128(envelope.stream_id);
-            let mut info = match changed_infos.get(&payment_id) {
+            let mut info = match changed.get(&payment_id) {
                 Some(info) => info.clone(),
-                None => self.info(payment_id)?,
+                None => self.info(infos, payment_id)?,
             };
             if envelope.stream_seq <= info.applied_seq {
                 continue;
             }
             info.applied_seq = envelope.stream_seq;
-            let Ok(event) = PaymentEvent::decode_payload(&envelope.event_type, &envelope.payload) else {
-                changed_infos.insert(payment_id, info);
-                continue; // not a payment event (a rejection): nothing to settle
-            };
-            let entry = match event {
-                PaymentEvent::Requested(r) => {
+            let entry = match PaymentEvent::decode_payload(&envelope.event_type, &envelope.payload) {
+                Ok(PaymentEvent::Requested(r)) => {
                     info.merchant_id = Some(r.merchant_id);
                     info.currency = Some(r.amount.currency);
                     None
                 }
-                PaymentEvent::Authorized { provider, .. } => {
+                Ok(PaymentEvent::Authorized { provider, .. }) => {
                     info.provider = Some(provider);
                     None
                 }
-                PaymentEvent::Captured { capture_id, amount } => Some(SettlementEntry {
+                Ok(PaymentEvent::Captured { capture_id, amount }) => Some(SettlementEntry {
                     entry_id: capture_id.as_u128(),
                     payment_id,
                     kind: EntryKind::Capture,
                     amount,
                 }),
-                PaymentEvent::Refunded { refund_id, amount } => {
+                Ok(PaymentEvent::Refunded { refund_id, amount }) => {
                     Some(SettlementEntry { entry_id: refund_id.as_u128(), payment_id, kind: EntryKind::Refund, amount })
                 }
+                // Another payment event, or not one (a rejection): nothing to settle.
                 _ => None,
             };
-            if let (Some(entry), Some(merchant_id), Some(currency), Some(provider)) =
-                (entry, info.merchant_id, info.currency, info.provider.clone())
-            {
-                let entry_key = id_key("entry/", entry.entry_id);
-                if self.service.log.get(Table::State, &entry_key)?.is_some() {
-                    // Batched already (a replay of payments.events after a rebuild):
-                    // no batch opens for it.
-                    changed_infos.insert(payment_id, info);
-                    continue;
-                }
-                let key = BatchKey { provider, merchant_id, currency };
-                let mut batch = match changed_batches.remove(&key) {
-                    Some(batch) => batch,
-                    None => self.take_batch(&key)?.unwrap_or_default(),
-                };
-                if batch.key.is_none() {
-                    // Time-ordered (newest-first listings), unique by its first entry.
-                    let batch_id = BatchId::from_parts(now.unix_ms() as u64, derived_id(entry.entry_id, "batch", 0));
-                    let open = decide_batch(&batch, BatchCommand::Open { batch_id, key: key.clone() }, now)
-                        .map_err(|r| LogError::BadChunk { position: 0, reason: r.to_string() })?;
-                    for event in open {
-                        apply_batch(&mut batch, &event);
-                        self.record(
-                            &mut events,
-                            batch_id.as_u128(),
-                            entry.entry_id,
-                            0,
-                            event.event_type(),
-                            event.encode_payload(),
-                        );
-                    }
-                    writes.push(StateWrite {
-                        table: Table::State,
-                        key: open_key(&key),
-                        value: Some(batch_id.as_u128().to_be_bytes().to_vec()),
-                    });
-                    writes.push(StateWrite {
-                        table: Table::State,
-                        key: merchant_batches_key(merchant_id, batch_id),
-                        value: Some(Vec::new()),
-                    });
-                }
-                let batch_id = batch.batch_id.expect("opened above");
-                match decide_batch(&batch, BatchCommand::Add { entry: entry.clone() }, now) {
-                    Ok(added) => {
-                        for event in added {
-                            apply_batch(&mut batch, &event);
-                            self.record(
-                                &mut events,
-                                batch_id.as_u128(),
-                                entry.entry_id,
-                                1,
-                                event.event_type(),
-                                event.encode_payload(),
-                            );
-                        }
-                        writes.push(StateWrite {
-                            table: Table::State,
-                            key: entry_key,
-                            value: Some(batch_id.as_u128().to_be_bytes().to_vec()),
+            if let Some(entry) = entry {
+                match (info.merchant_id, info.currency, info.provider.clone()) {
+                    (Some(merchant_id), Some(currency), Some(provider)) => {
+                        let key = BatchKey { provider, merchant_id, currency };
+                        let input = SettlementInput::EntryPending { key: key.clone(), entry: entry.clone() };
+                        let event_type = input.event_type();
+                        events.push(NewEvent {
+                            event_id: derived_id(entry.entry_id, event_type, 0),
+                            event_type: event_type.to_owned(),
+                            stream_id: key_stream(&key),
+                            timestamp_ms: envelope.timestamp_ms,
+                            causation_id: Some(envelope.event_id),
+                            correlation_id: None,
+                            payload: input.encode_payload(),
                         });
-                        new_entries.entry(key.clone()).or_default().push(entry.clone());
                     }
-                    Err(rejection) => {
-                        tracing::error!(entry = entry.entry_id, %rejection, "entry not batched; needs an operator")
-                    }
+                    _ => tracing::error!(
+                        %payment_id,
+                        entry = entry.entry_id,
+                        "a capture or refund of a payment whose request or authorization was not seen; not batched"
+                    ),
                 }
-                changed_batches.insert(key, batch);
             }
-            changed_infos.insert(payment_id, info);
+            changed.insert(payment_id, info);
         }
-        for (payment_id, info) in &changed_infos {
-            writes.push(StateWrite {
+        let mut writes: Vec<StateWrite> = changed
+            .iter()
+            .map(|(payment_id, info)| StateWrite {
                 table: Table::State,
                 key: id_key("info/", payment_id.as_u128()),
                 value: Some(encode_value(info)),
-            });
-        }
-        for (key, batch) in &changed_batches {
-            writes.extend(batch_writes(batch, new_entries.get(key).map_or(&[][..], Vec::as_slice)));
-        }
+            })
+            .collect();
         if let Some(offset) = last_offset {
-            writes.push(StateWrite {
-                table: Table::Positions,
-                key: offset_key(partition),
-                value: Some((offset + 1).to_be_bytes().to_vec()),
-            });
+            writes.push(position_write(feed_offset_key(partition), offset + 1));
         }
-        self.service.log.append(AppendRequest { events, expected: Vec::new(), writes }).await?;
+        self.log.append(AppendRequest { events, expected: Vec::new(), writes }).await?;
         if let Some(offset) = last_offset {
-            self.service.bus.note_consumed(crate::topics::SETTLEMENT_GROUP, PAYMENT_EVENTS, partition, offset + 1);
+            self.bus.note_consumed(SETTLEMENT_GROUP, PAYMENT_EVENTS, partition, offset + 1);
         }
-        if self.infos.len() > 100_000 {
-            self.infos.clear();
+        if infos.len() > 100_000 {
+            infos.clear();
         }
-        self.infos.extend(changed_infos);
-        self.batches.extend(changed_batches);
+        infos.extend(changed);
+        Ok(())
+    }
+}
+
+// The batches: settlement.entries → batches, settlement.events and payments.commands.
+impl SettlementService {
+    /// Own one partition of `settlement.entries`.
+    async fn run_batches(
+        self: Arc<Self>,
+        partition: u32,
+        owner: String,
+        mut stop: watch::Receiver<bool>,
+    ) -> PartitionEnd {
+        let mut ownership = None;
+        if self.config.changelog {
+            // What other instances (or this one, before a crash) did with this partition, then a claim.
+            let taken = changelog::take(&self.log, self.bus.as_ref(), SETTLEMENT_CHANGELOG, partition, &owner, &stop);
+            match taken.await {
+                Ok(Some(_)) if *stop.borrow() => return PartitionEnd::Again,
+                Ok(Some((taken, restored))) => {
+                    let (replayed, epoch) = (restored.replayed, taken.epoch);
+                    tracing::info!(partition, replayed, epoch, "settlement partition taken from the changelog");
+                    ownership = Some(taken);
+                }
+                Ok(None) => return PartitionEnd::Again,
+                Err(error @ changelog::RestoreError::Corrupt { .. }) => return PartitionEnd::Fatal(error.to_string()),
+                Err(error) => {
+                    tracing::error!(partition, %error, "cannot restore the settlement partition; not taking it");
+                    return PartitionEnd::Again;
+                }
+            }
+        }
+        let key = entries_offset_key(partition);
+        let mut subscription = match resume_subscription(&self.log, &self.bus, SETTLEMENT_ENTRIES, partition, &key) {
+            Ok(subscription) => subscription,
+            Err(error) => {
+                return PartitionEnd::Fatal(format!("reading the position in {SETTLEMENT_ENTRIES}: {error}"));
+            }
+        };
+        let partitions = match self.bus.partitions(SETTLEMENT_ENTRIES) {
+            Ok(partitions) => partitions,
+            Err(error) => return PartitionEnd::Fatal(error.to_string()),
+        };
+        // This partition's open batches, so each entry does not reload its batch.
+        let mut open = HashMap::new();
+        if ownership.is_some() {
+            let imported = match stored_offset(&self.log, &imported_key(partition)) {
+                Ok(imported) => imported,
+                Err(error) => return PartitionEnd::Fatal(error.to_string()),
+            };
+            if imported == 0 {
+                let mut batches =
+                    Batches { service: &self, partition, partitions, ownership: ownership.as_mut(), open: &mut open };
+                match batches.import(&stop).await {
+                    Ok(count) => tracing::info!(partition, batches = count, "batches taken from {SETTLEMENT_EVENTS}"),
+                    Err(PartitionError::Fenced(fenced)) => {
+                        tracing::warn!(partition, %fenced, "another instance owns this partition now; stopped it here");
+                        return PartitionEnd::TakenOver;
+                    }
+                    Err(error @ (PartitionError::Stopped | PartitionError::Range(_))) => {
+                        tracing::warn!(partition, %error, "settlement partition stopped");
+                        return PartitionEnd::Again;
+                    }
+                    Err(error) => return PartitionEnd::Fatal(error.to_string()),
+                }
+            }
+        }
+        loop {
+            let messages = match next_batch(&mut subscription, self.config.batch_inputs_max, &mut stop).await {
+                Ok(Some(messages)) => messages,
+                Ok(None) => return PartitionEnd::Again,
+                Err(error) => return PartitionEnd::Fatal(error.to_string()),
+            };
+            let mut batches =
+                Batches { service: &self, partition, partitions, ownership: ownership.as_mut(), open: &mut open };
+            match batches.consume(messages, &stop).await {
+                Ok(()) => {}
+                // Its log refuses writes: starting the partition again here cannot help.
+                Err(PartitionError::Log(error)) => return PartitionEnd::Fatal(error.to_string()),
+                Err(PartitionError::Fenced(fenced)) => {
+                    tracing::warn!(partition, %fenced, "another instance owns this partition now; stopped it here");
+                    return PartitionEnd::TakenOver;
+                }
+                Err(error @ (PartitionError::Stopped | PartitionError::Range(_) | PartitionError::Bad { .. })) => {
+                    tracing::warn!(partition, %error, "settlement partition stopped");
+                    return PartitionEnd::Again;
+                }
+            }
+        }
+    }
+
+    /// Note what a partition closed for an operator's cut-off someone waits for.
+    fn answer_cutoff(&self, cutoff_id: u128, partition: u32, closed: Vec<BatchId>) {
+        let mut waiting = self.waiting.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(answers) = waiting.get_mut(&cutoff_id) {
+            answers.insert(partition, closed);
+            self.answered.notify_waiters();
+        }
+    }
+}
+
+/// One partition of the batches at work on an input.
+struct Batches<'a, 'o> {
+    service: &'a SettlementService,
+    partition: u32,
+    /// Of `settlement.entries`.
+    partitions: u32,
+    ownership: Option<&'o mut changelog::Ownership>,
+    open: &'a mut HashMap<BatchKey, BatchState>,
+}
+
+impl Batches<'_, '_> {
+    /// Make an append durable: on the changelog first (with it on), then in the log.
+    async fn commit(&mut self, mut request: AppendRequest, stop: &watch::Receiver<bool>) -> Result<(), PartitionError> {
+        if let Some(ownership) = self.ownership.as_deref_mut() {
+            let now = self.service.clock.now().unix_ms();
+            let bus = self.service.bus.as_ref();
+            let writes = ownership.publish(bus, &request, now, stop).await?.ok_or(PartitionError::Stopped)?;
+            request.writes.extend(writes);
+        }
+        self.service.log.append(request).await?;
         Ok(())
     }
 
-    /// Close every open batch; record each captured payment in it settled.
-    async fn cutoff(&mut self) -> Result<Vec<BatchId>, LogError> {
+    async fn consume(&mut self, messages: Vec<Message>, stop: &watch::Receiver<bool>) -> Result<(), PartitionError> {
+        let partition = self.partition;
+        let mut pending = Pending::default();
+        let Some(last_offset) = messages.last().map(|m| m.offset) else { return Ok(()) };
+        for message in messages {
+            let input = decode_frame(&message.payload).map_err(|e| e.to_string()).and_then(|envelope| {
+                SettlementInput::decode(&envelope.event_type, &envelope.payload)
+                    .map_err(|e| format!("{}: {e}", envelope.event_type))
+            });
+            match input {
+                Err(reason) => {
+                    tracing::error!(partition, offset = message.offset, %reason, "settlement input skipped")
+                }
+                Ok(SettlementInput::EntryPending { key, entry }) => self.add(&mut pending, key, entry)?,
+                Ok(SettlementInput::CutoffRequested { cutoff_id, slot, .. }) => {
+                    // What came before the request goes into the batches it closes.
+                    if !pending.is_empty() {
+                        self.flush(std::mem::take(&mut pending), message.offset, stop).await?;
+                    }
+                    let closed = self.close_open(slot, message.offset + 1, stop).await?;
+                    if !closed.is_empty() {
+                        tracing::info!(partition, batches = closed.len(), ?slot, "settlement batches closed");
+                    }
+                    self.service.answer_cutoff(cutoff_id, partition, closed);
+                }
+            }
+        }
+        self.flush(pending, last_offset + 1, stop).await?;
+        self.service.bus.note_consumed(SETTLEMENT_BATCHES_GROUP, SETTLEMENT_ENTRIES, partition, last_offset + 1);
+        Ok(())
+    }
+
+    /// Once per partition, before its first input with the changelog on: the
+    /// batches of its keys that `settlement.events` holds — those a settler
+    /// made without the changelog (an earlier Kassa, `kassa up --bus kafka`) —
+    /// with their entries (so an entry the feed sends again is not batched a
+    /// second time), the open ones left open, and each closed batch's
+    /// settlement commands made again with their ids (authorization drops
+    /// those it has). A new deployment's topic is empty. Returns how many
+    /// batches were taken.
+    async fn import(&mut self, stop: &watch::Receiver<bool>) -> Result<u64, PartitionError> {
+        let bus = self.service.bus.as_ref();
+        // A batch's events are all on one partition of settlement.events, in order.
+        let mut batches: BTreeMap<BatchId, BatchState> = BTreeMap::new();
+        let mut elsewhere: HashSet<BatchId> = HashSet::new();
+        for partition in 0..bus.partitions(SETTLEMENT_EVENTS).map_err(RangeError::from)? {
+            let end = bus.end_offset(SETTLEMENT_EVENTS, partition).map_err(RangeError::from)?;
+            let (mut next, mut empty_fetches) = (0, 0);
+            while next < end {
+                let messages = fetch_range(bus, SETTLEMENT_EVENTS, partition, next, end, &mut empty_fetches).await?;
+                for message in messages {
+                    next = message.offset + 1;
+                    let bad = |reason: String| PartitionError::Bad { partition, offset: message.offset, reason };
+                    let envelope = decode_frame(&message.payload).map_err(|e| bad(e.to_string()))?;
+                    let event = BatchEvent::decode_payload(&envelope.event_type, &envelope.payload)
+                        .map_err(|e| bad(format!("{}: {e}", envelope.event_type)))?;
+                    let batch_id = BatchId::from_u128(envelope.stream_id);
+                    if elsewhere.contains(&batch_id) {
+                        continue;
+                    }
+                    if let BatchEvent::Opened { key, .. } = &event
+                        && partition_for(&payment_key(key_stream(key)), self.partitions) != self.partition
+                    {
+                        elsewhere.insert(batch_id);
+                        continue;
+                    }
+                    let batch = batches.entry(batch_id).or_default();
+                    if batch.holds(&event) {
+                        continue; // published again
+                    }
+                    try_apply_batch(batch, &event).map_err(|reason| bad(format!("batch {batch_id}: {reason}")))?;
+                }
+            }
+        }
+        // The open batch of a key, should there be several: the latest (ids are time-ordered).
+        let mut open: HashMap<BatchKey, BatchId> = HashMap::new();
+        let mut commits: Vec<AppendRequest> = Vec::new();
+        for (batch_id, batch) in &batches {
+            let Some(key) = batch.key.clone() else { continue }; // its opening was not read
+            let mut writes = batch_writes(batch, &batch.entries);
+            writes.push(StateWrite {
+                table: Table::State,
+                key: merchant_batches_key(key.merchant_id, *batch_id),
+                value: Some(Vec::new()),
+            });
+            for entry in &batch.entries {
+                writes.push(StateWrite {
+                    table: Table::State,
+                    key: id_key("entry/", entry.entry_id),
+                    value: Some(batch_id.as_u128().to_be_bytes().to_vec()),
+                });
+            }
+            let mut events = Vec::new();
+            match batch.closed {
+                Some((_, closed_at)) => {
+                    let captures = batch.entries.iter().filter(|e| e.kind == EntryKind::Capture);
+                    events.extend(captures.map(|entry| settlement_command(entry, *batch_id, closed_at.unix_ms())));
+                }
+                None => {
+                    open.insert(key, *batch_id);
+                }
+            }
+            // Small commits: each is one changelog record.
+            for chunk in writes.chunks(512) {
+                commits.push(AppendRequest { writes: chunk.to_vec(), ..Default::default() });
+            }
+            while !events.is_empty() {
+                let rest = events.split_off(events.len().min(512));
+                commits.push(AppendRequest { events: std::mem::replace(&mut events, rest), ..Default::default() });
+            }
+        }
+        let mut last: Vec<StateWrite> = open
+            .iter()
+            .map(|(key, batch_id)| StateWrite {
+                table: Table::State,
+                key: open_key(key),
+                value: Some(batch_id.as_u128().to_be_bytes().to_vec()),
+            })
+            .collect();
+        last.push(position_write(imported_key(self.partition), 1));
+        commits.push(AppendRequest { writes: last, ..Default::default() });
+        for commit in commits {
+            self.commit(commit, stop).await?;
+        }
+        Ok(batches.values().filter(|b| b.key.is_some()).count() as u64)
+    }
+
+    /// Commit what `pending` holds, with the partition's position (`next`).
+    async fn flush(&mut self, pending: Pending, next: u64, stop: &watch::Receiver<bool>) -> Result<(), PartitionError> {
+        let Pending { events, mut writes, batches, new_entries, .. } = pending;
+        for (key, batch) in &batches {
+            writes.extend(batch_writes(batch, new_entries.get(key).map_or(&[][..], Vec::as_slice)));
+        }
+        writes.push(position_write(entries_offset_key(self.partition), next));
+        // Taken out of the cache while changed: a failed commit leaves the durable ones to load.
+        self.commit(AppendRequest { events, expected: Vec::new(), writes }, stop).await?;
+        if self.open.len() > 10_000 {
+            self.open.clear();
+        }
+        self.open.extend(batches);
+        Ok(())
+    }
+
+    /// The open batch of `key`: changed by this input, cached, or stored.
+    fn take_batch(&mut self, pending: &mut Pending, key: &BatchKey) -> Result<BatchState, LogError> {
+        if let Some(batch) = pending.batches.remove(key).or_else(|| self.open.remove(key)) {
+            return Ok(batch);
+        }
+        let Some(id) = self.service.log.get(Table::State, &open_key(key))? else { return Ok(BatchState::default()) };
+        let Ok(bytes) = <[u8; 16]>::try_from(id.as_slice()) else { return Ok(BatchState::default()) };
+        Ok(self.service.batch(BatchId::from_u128(u128::from_be_bytes(bytes)))?.unwrap_or_default())
+    }
+
+    /// Add `entry` to the open batch of `key` (opening one), unless a batch holds it already.
+    fn add(&mut self, pending: &mut Pending, key: BatchKey, entry: SettlementEntry) -> Result<(), LogError> {
+        let entry_key = id_key("entry/", entry.entry_id);
+        if pending.batched.contains(&entry.entry_id) || self.service.log.get(Table::State, &entry_key)?.is_some() {
+            // Sent again (the feed read its partition again): batched once.
+            return Ok(());
+        }
         let now = self.service.clock.now();
-        let open = self.service.log.scan(Table::State, b"open/")?;
-        let mut closed = Vec::new();
-        for (open_key_bytes, id) in open {
+        let mut batch = self.take_batch(pending, &key)?;
+        if batch.key.is_none() {
+            // Time-ordered (newest-first listings), unique by its first entry.
+            let batch_id = BatchId::from_parts(now.unix_ms() as u64, derived_id(entry.entry_id, "batch", 0));
+            let open = decide_batch(&batch, BatchCommand::Open { batch_id, key: key.clone() }, now)
+                .map_err(|r| LogError::BadChunk { position: 0, reason: r.to_string() })?;
+            for event in open {
+                apply_batch(&mut batch, &event);
+                let event = self.service.event(
+                    batch_id.as_u128(),
+                    entry.entry_id,
+                    0,
+                    event.event_type(),
+                    event.encode_payload(),
+                );
+                pending.events.push(event);
+            }
+            pending.writes.push(StateWrite {
+                table: Table::State,
+                key: open_key(&key),
+                value: Some(batch_id.as_u128().to_be_bytes().to_vec()),
+            });
+            pending.writes.push(StateWrite {
+                table: Table::State,
+                key: merchant_batches_key(key.merchant_id, batch_id),
+                value: Some(Vec::new()),
+            });
+        }
+        let batch_id = batch.batch_id.expect("opened above");
+        match decide_batch(&batch, BatchCommand::Add { entry: entry.clone() }, now) {
+            Ok(added) => {
+                for event in added {
+                    apply_batch(&mut batch, &event);
+                    let event = self.service.event(
+                        batch_id.as_u128(),
+                        entry.entry_id,
+                        1,
+                        event.event_type(),
+                        event.encode_payload(),
+                    );
+                    pending.events.push(event);
+                }
+                pending.writes.push(StateWrite {
+                    table: Table::State,
+                    key: entry_key,
+                    value: Some(batch_id.as_u128().to_be_bytes().to_vec()),
+                });
+                pending.batched.insert(entry.entry_id);
+                pending.new_entries.entry(key.clone()).or_default().push(entry);
+            }
+            Err(rejection) => {
+                tracing::error!(entry = entry.entry_id, %rejection, "entry not batched; needs an operator")
+            }
+        }
+        pending.batches.insert(key, batch);
+        Ok(())
+    }
+
+    /// Close every open batch of this partition (a scheduled `slot` once),
+    /// recording each captured payment in them settled; the last commit stores
+    /// the position `next`.
+    async fn close_open(
+        &mut self,
+        slot: Option<u64>,
+        next: u64,
+        stop: &watch::Receiver<bool>,
+    ) -> Result<Vec<BatchId>, PartitionError> {
+        let partition = self.partition;
+        let mut last = vec![position_write(entries_offset_key(partition), next)];
+        if let Some(slot) = slot {
+            if stored_offset(&self.service.log, &slot_key(partition))? >= slot {
+                // Closed for this slot already (another instance asked too).
+                self.commit(AppendRequest { writes: last, ..Default::default() }, stop).await?;
+                return Ok(Vec::new());
+            }
+            last.push(position_write(slot_key(partition), slot));
+        }
+        let partitions = self.partitions;
+        let mut open = Vec::new();
+        for (key_bytes, id) in self.service.log.scan(Table::State, b"open/")? {
+            let Ok(key) = decode_value::<BatchKey>(&key_bytes[b"open/".len()..], "batch key") else { continue };
             let Ok(bytes) = <[u8; 16]>::try_from(id.as_slice()) else { continue };
-            let batch_id = BatchId::from_u128(u128::from_be_bytes(bytes));
+            if partition_for(&payment_key(key_stream(&key)), partitions) == partition {
+                open.push((key_bytes, key, BatchId::from_u128(u128::from_be_bytes(bytes))));
+            }
+        }
+        let now = self.service.clock.now();
+        let mut closed = Vec::new();
+        let count = open.len();
+        for (index, (open_key_bytes, key, batch_id)) in open.into_iter().enumerate() {
+            self.open.remove(&key);
             let Some(mut batch) = self.service.batch(batch_id)? else { continue };
-            let key = batch.key.clone().expect("a stored batch has a key");
             let fees = self.service.config.fees.get(&key.provider).copied().unwrap_or(self.service.config.default_fees);
             let mut close_events = Vec::new();
             match decide_batch(&batch, BatchCommand::Close { fees }, now) {
                 Ok(close) => {
                     for event in close {
                         apply_batch(&mut batch, &event);
-                        let payload = event.encode_payload();
-                        self.record(
-                            &mut close_events,
-                            batch_id.as_u128(),
-                            batch_id.as_u128(),
-                            2,
-                            event.event_type(),
-                            payload,
-                        );
+                        let (stream, payload) = (batch_id.as_u128(), event.encode_payload());
+                        close_events.push(self.service.event(stream, stream, 2, event.event_type(), payload));
                     }
                 }
                 Err(rejection) => {
@@ -643,18 +1007,29 @@ impl Actor {
             // A batch can hold more captures than one append may carry: the
             // settlement commands go first, in chunks, and the close last. A
             // crash in between leaves the batch open; the next cut-off sends
-            // the commands again, and a payment already settled refuses the
-            // repeat, so none is settled twice.
-            let mut commands = Vec::new();
-            for entry in batch.entries.iter().filter(|e| e.kind == EntryKind::Capture) {
-                commands.push(settlement_command(entry, batch_id, now.unix_ms()));
+            // the commands again (the same ids), and a payment already
+            // settled refuses the repeat, so none is settled twice.
+            let mut commands: Vec<NewEvent> = batch
+                .entries
+                .iter()
+                .filter(|e| e.kind == EntryKind::Capture)
+                .map(|entry| settlement_command(entry, batch_id, now.unix_ms()))
+                .collect();
+            while !commands.is_empty() {
+                let rest = commands.split_off(commands.len().min(EVENTS_PER_APPEND_MAX));
+                let chunk = std::mem::replace(&mut commands, rest);
+                self.commit(AppendRequest { events: chunk, ..Default::default() }, stop).await?;
             }
-            append_in_chunks(&self.service.log, commands).await?;
             let mut writes = batch_writes(&batch, &[]);
             writes.push(StateWrite { table: Table::State, key: open_key_bytes, value: None });
-            self.service.log.append(AppendRequest { events: close_events, expected: Vec::new(), writes }).await?;
-            self.batches.remove(&key);
+            if index + 1 == count {
+                writes.append(&mut last);
+            }
+            self.commit(AppendRequest { events: close_events, expected: Vec::new(), writes }, stop).await?;
             closed.push(batch_id);
+        }
+        if !last.is_empty() {
+            self.commit(AppendRequest { writes: last, ..Default::default() }, stop).await?;
         }
         Ok(closed)
     }

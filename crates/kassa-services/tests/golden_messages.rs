@@ -5,8 +5,11 @@
 //! `KASSA_BLESS_GOLDEN=1 cargo test -p kassa-services --test golden_messages`.
 
 use kassa_codec::{decode_value, encode_value};
-use kassa_domain::{BatchId, CaptureId, MerchantId, PaymentId, RefundId, ReportId};
-use kassa_services::messages::{CommandRejected, DUPLICATE_REQUEST, DuplicateRequest, PaymentCommandMessage};
+use kassa_domain::settlement::{BatchKey, EntryKind, SettlementEntry};
+use kassa_domain::{BatchId, CaptureId, Currency, MerchantId, Money, PaymentId, RefundId, ReportId, Timestamp};
+use kassa_services::messages::{
+    CommandRejected, DUPLICATE_REQUEST, DuplicateRequest, PaymentCommandMessage, SettlementInput,
+};
 use kassa_services::reconciliation::REPORT_RECORDED;
 use std::path::PathBuf;
 
@@ -68,4 +71,29 @@ fn refusals_and_reports_still_decode() {
     let stored = check(REPORT_RECORDED, encode_value(&summary));
     let decoded: (ReportId, BatchId, u64, u64, u64, u64) = decode_value(&stored, REPORT_RECORDED).unwrap();
     assert_eq!(decoded, summary);
+}
+
+#[test]
+fn settlement_inputs_still_decode() {
+    let eur = Currency::from_code("EUR").unwrap();
+    let inputs = [
+        SettlementInput::EntryPending {
+            key: BatchKey { provider: "acq-alpha".into(), merchant_id: MerchantId::from_u128(11), currency: eur },
+            entry: SettlementEntry {
+                entry_id: 13,
+                payment_id: PaymentId::from_u128(0x0193_0000_0000_0000_0000_0000_0000_00AA),
+                kind: EntryKind::Capture,
+                amount: Money::new(1999, eur),
+            },
+        },
+        SettlementInput::CutoffRequested {
+            cutoff_id: 14,
+            slot: Some(1_795_651_200_000),
+            requested_at: Timestamp(1_795_651_200_000),
+        },
+    ];
+    for input in inputs {
+        let stored = check(input.event_type(), input.encode_payload());
+        assert_eq!(SettlementInput::decode(input.event_type(), &stored).unwrap(), input);
+    }
 }

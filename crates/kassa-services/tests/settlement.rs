@@ -2,13 +2,16 @@
 //! in one batch per provider, merchant and currency; a cut-off closes it with
 //! exact totals and records every captured payment settled once. Then the
 //! disks of settlement and reconciliation are lost, and both rebuild from the
-//! topics: the same batches, the same report, nothing settled twice.
+//! topics (settlement from `settlement.changelog`): the same batches, the same
+//! report, nothing settled twice. And two settlement instances share the
+//! batch keys through a consumer group: a key's batches move with its
+//! partition, and each entry is batched and settled once.
 
 mod common;
 
-use kassa_bus::{Bus, BusConfig, EmbeddedBus, TopicSpec, partition_for};
+use kassa_bus::{Bus, BusConfig, EmbeddedBus, TopicSpec};
 use kassa_codec::{EventPayload, decode_frame};
-use kassa_domain::settlement::{BatchEvent, BatchKey, BatchTotals, EntryKind, SettlementEntry};
+use kassa_domain::settlement::EntryKind;
 use kassa_domain::*;
 use kassa_eventlog::{EventLog, LogConfig};
 use kassa_providers::{Connector, SimulatedAcquirer, SimulatorConfig};
@@ -17,7 +20,9 @@ use kassa_services::authorization::{AuthorizationConfig, AuthorizationService};
 use kassa_services::messages::PaymentCommandMessage;
 use kassa_services::reconciliation::{ReconciliationConfig, ReconciliationService};
 use kassa_services::settlement::{SettlementConfig, SettlementService};
-use kassa_services::topics::{PAYMENT_COMMANDS, PAYMENT_EVENTS, PROVIDER_HEALTH, SETTLEMENT_EVENTS};
+use kassa_services::topics::{
+    PAYMENT_COMMANDS, PAYMENT_EVENTS, PROVIDER_HEALTH, SETTLEMENT_CHANGELOG, SETTLEMENT_ENTRIES, SETTLEMENT_EVENTS,
+};
 use kassa_services::vault::CardVault;
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -67,6 +72,8 @@ async fn a_cutoff_closes_exact_batches_and_settles_each_payment_once() {
         TopicSpec::new(PAYMENT_COMMANDS, 2),
         TopicSpec::new(PAYMENT_EVENTS, 2),
         TopicSpec::new(SETTLEMENT_EVENTS, 2),
+        TopicSpec::new(SETTLEMENT_ENTRIES, 2),
+        TopicSpec::new(SETTLEMENT_CHANGELOG, 2),
         TopicSpec::new(PROVIDER_HEALTH, 2),
     ];
     let bus = Arc::new(EmbeddedBus::open(dir.path().join("bus"), BusConfig::new(topics)).unwrap());
@@ -84,7 +91,7 @@ async fn a_cutoff_closes_exact_batches_and_settles_each_payment_once() {
         Arc::new(SystemClock),
         AuthorizationConfig::default(),
     ));
-    let config = SettlementConfig { cutoff_interval_ms: 0, ..SettlementConfig::default() };
+    let config = SettlementConfig { cutoff_interval_ms: 0, changelog: true, ..SettlementConfig::default() };
     let settlement = Arc::new(SettlementService::new(
         Arc::new(EventLog::open(dir.path().join("settlement"), LogConfig::default()).unwrap()),
         bus.clone(),
@@ -157,7 +164,9 @@ async fn a_cutoff_closes_exact_batches_and_settles_each_payment_once() {
     assert_eq!(batch.refunded_minor, 300);
     assert_eq!(batch.entries.iter().filter(|e| e.kind == EntryKind::Refund).count(), 1);
 
-    let closed = settlement.cutoff().await.unwrap();
+    let cutoff = settlement.cutoff().await.unwrap();
+    assert!(cutoff.complete, "one instance owns every partition");
+    let closed = cutoff.closed;
     assert_eq!(closed.len(), 1);
     let batch = settlement.batch(closed[0]).unwrap().unwrap();
     let (totals, _) = batch.closed.expect("closed");
@@ -175,7 +184,7 @@ async fn a_cutoff_closes_exact_batches_and_settles_each_payment_once() {
         assert_eq!(state.batch_id, Some(closed[0]));
     }
     // A second cut-off has nothing open: nothing is settled twice.
-    assert!(settlement.cutoff().await.unwrap().is_empty());
+    assert!(settlement.cutoff().await.unwrap().closed.is_empty());
 
     // Reconciliation asks the provider for its report on the batch: every line matches.
     let mut report = None;
@@ -230,14 +239,11 @@ async fn a_cutoff_closes_exact_batches_and_settles_each_payment_once() {
     }
     drop((authorization, settlement, reconciliation));
 
-    // The disks of settlement and reconciliation are lost: both rebuild from the topics.
+    // The disks of settlement and reconciliation are lost: both rebuild from the topics,
+    // settlement's batches from settlement.changelog.
     let log = Arc::new(EventLog::open(dir.path().join("settlement-rebuilt"), LogConfig::default()).unwrap());
-    let rebuilt = SettlementService::rebuild(&log, bus.as_ref()).await.unwrap();
-    assert_eq!((rebuilt.batches, rebuilt.open), (2, 1), "{rebuilt:?}");
-    assert!(SettlementService::rebuild(&log, bus.as_ref()).await.unwrap_err().to_string().contains("not empty"));
-    let config = SettlementConfig { cutoff_interval_ms: 0, ..SettlementConfig::default() };
+    let config = SettlementConfig { cutoff_interval_ms: 0, changelog: true, ..SettlementConfig::default() };
     let settlement = Arc::new(SettlementService::new(log, bus.clone(), Arc::new(SystemClock), config));
-    assert_eq!(settlement.batches(merchant, 10).unwrap(), before, "the rebuilt batches differ");
     let reconciliation = Arc::new(ReconciliationService::new(
         Arc::new(EventLog::open(dir.path().join("reconciliation-rebuilt"), LogConfig::default()).unwrap()),
         bus.clone(),
@@ -266,6 +272,15 @@ async fn a_cutoff_closes_exact_batches_and_settles_each_payment_once() {
     let mut tasks = authorization.spawn(stop_rx.clone()).unwrap();
     tasks.extend(settlement.spawn(stop_rx.clone()).unwrap());
     tasks.extend(reconciliation.spawn(stop_rx).unwrap());
+    let mut rebuilt = Vec::new();
+    for _ in 0..500 {
+        rebuilt = settlement.batches(merchant, 10).unwrap();
+        if rebuilt == before {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(rebuilt, before, "the rebuilt batches differ");
 
     // Reconciliation, replaying settlement.events, makes the same report again.
     let mut again = None;
@@ -297,7 +312,7 @@ async fn a_cutoff_closes_exact_batches_and_settles_each_payment_once() {
     in_open.sort();
     assert_eq!(in_open, vec![fourth, fifth], "batched twice: {open:?}");
     assert_eq!(open.captured_minor, 700 + 800);
-    let closed_again = settlement.cutoff().await.unwrap();
+    let closed_again = settlement.cutoff().await.unwrap().closed;
     assert_eq!(closed_again.len(), 1);
     for payment in [fourth, fifth] {
         let state = until(&bus, payment, |s| matches!(s.stage, Stage::Settled | Stage::Reconciled)).await;
@@ -312,82 +327,293 @@ async fn a_cutoff_closes_exact_batches_and_settles_each_payment_once() {
     }
 }
 
-/// Two batches of one key on different partitions: the open one is read
-/// first, then the older one opens and closes. The rebuild keeps the open one
-/// open (a cut-off closes it), and makes the older one's settlement commands again.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_rebuild_keeps_the_open_batch_of_a_key_whose_batches_are_on_two_partitions() {
-    let dir = tempfile::tempdir().unwrap();
-    let topics = vec![
-        TopicSpec::new(PAYMENT_COMMANDS, 2),
-        TopicSpec::new(PAYMENT_EVENTS, 2),
-        TopicSpec::new(SETTLEMENT_EVENTS, 2),
-    ];
-    let bus = Arc::new(EmbeddedBus::open(dir.path().join("bus"), BusConfig::new(topics)).unwrap());
+/// Publish a payment's event on `payments.events` as authorization's relay does.
+async fn publish_payment_event(bus: &EmbeddedBus, payment_id: PaymentId, seq: u64, event: &PaymentEvent) {
+    let envelope = kassa_codec::Envelope {
+        event_id: payment_id.as_u128() ^ u128::from(seq) << 100,
+        event_type: event.event_type().to_owned(),
+        stream_id: payment_id.as_u128(),
+        stream_seq: seq,
+        position: seq,
+        timestamp_ms: 1_795_651_200_000,
+        causation_id: None,
+        correlation_id: None,
+        payload: event.encode_payload(),
+        prev_hash: [0; 32],
+    };
+    let record = kassa_bus::Record {
+        topic: PAYMENT_EVENTS.into(),
+        key: kassa_services::payment_key(payment_id.as_u128()),
+        payload: kassa_codec::encode_frame(&envelope),
+        timestamp_ms: 0,
+    };
+    bus.produce(vec![record]).await.unwrap();
+}
+
+/// Payment `i`: requested by one of six merchants, authorized by one of two
+/// providers, captured; every fifth also refunded in part. Sent twice when
+/// `twice` (a relay that repeated itself): settlement drops the copies.
+async fn pay_and_capture(bus: &EmbeddedBus, i: u128, twice: bool) -> (PaymentId, i64, i64) {
     let eur = |m| Money::new(m, Currency::from_code("EUR").unwrap());
-    let on = |partition: u32, from: u64| {
-        (from..)
-            .map(|n| BatchId::from_parts(1_795_651_200_000 + n, 7))
-            .find(|b| partition_for(&kassa_services::payment_key(b.as_u128()), 2) == partition)
-            .unwrap()
-    };
-    // The older, closed batch on partition 1; the newer, open one on partition 0 (read first).
-    let (older, newer) = (on(1, 0), on(0, 1_000));
-    assert!(older < newer);
-    let key = BatchKey {
-        provider: "acq-alpha".into(),
-        merchant_id: MerchantId::from_u128(MERCHANT),
-        currency: eur(0).currency,
-    };
-    let entry = |id: u128, amount| SettlementEntry {
-        entry_id: id,
-        payment_id: PaymentId::from_u128(id),
-        kind: EntryKind::Capture,
-        amount: eur(amount),
-    };
-    let opened = |batch_id| BatchEvent::Opened { batch_id, key: key.clone(), opened_at: Timestamp(1) };
-    common::publish_batch_event(bus.as_ref(), newer, 1, &opened(newer)).await;
-    common::publish_batch_event(bus.as_ref(), newer, 2, &BatchEvent::EntryAdded { entry: entry(2, 700) }).await;
-    common::publish_batch_event(bus.as_ref(), older, 1, &opened(older)).await;
-    common::publish_batch_event(bus.as_ref(), older, 2, &BatchEvent::EntryAdded { entry: entry(1, 500) }).await;
-    let totals = BatchTotals { captured: eur(500), refunded: eur(0), fees: eur(40), net: eur(460), entries: 1 };
-    common::publish_batch_event(bus.as_ref(), older, 3, &BatchEvent::Closed { totals, closed_at: Timestamp(2) }).await;
-    // A copy re-published by the relay after a crash changes nothing.
-    common::publish_batch_event(bus.as_ref(), older, 3, &BatchEvent::Closed { totals, closed_at: Timestamp(2) }).await;
-
-    let log = Arc::new(EventLog::open(dir.path().join("settlement"), LogConfig::default()).unwrap());
-    let rebuilt = SettlementService::rebuild(&log, bus.as_ref()).await.unwrap();
-    assert_eq!((rebuilt.batches, rebuilt.open), (2, 1), "{rebuilt:?}");
-    assert!(!SettlementService::rebuild_unfinished(&log).unwrap());
-    let config = SettlementConfig { cutoff_interval_ms: 0, ..SettlementConfig::default() };
-    let settlement = Arc::new(SettlementService::new(log, bus.clone(), Arc::new(SystemClock), config));
-    let (stop, stop_rx) = watch::channel(false);
-    let tasks = settlement.spawn(stop_rx).unwrap();
-    assert_eq!(settlement.cutoff().await.unwrap(), vec![newer], "the open batch closes at the cut-off");
-
-    // Settlement commands for both batches' captures reach payments.commands.
-    let mut commanded = Vec::new();
-    for _ in 0..500 {
-        commanded.clear();
-        for partition in 0..2 {
-            for message in bus.fetch(PAYMENT_COMMANDS, partition, 0, 100, Duration::ZERO).await.unwrap() {
-                let envelope = decode_frame(&message.payload).unwrap();
-                if let Ok(PaymentCommandMessage::RecordSettlement { payment_id, batch_id }) =
-                    PaymentCommandMessage::decode(&envelope.event_type, &envelope.payload)
-                {
-                    commanded.push((payment_id.as_u128(), batch_id));
-                }
-            }
+    let payment_id = PaymentId::from_parts(1_795_651_200_000, 1_000 + i);
+    let amount = 1_000 + i as i64;
+    let card = CardDetails::parse("4242424242424242", 12, 2030, "123", Timestamp(1_795_651_200_000)).unwrap();
+    let mut events = vec![
+        PaymentEvent::Requested(PaymentRequested {
+            payment_id,
+            merchant_id: MerchantId::from_u128(10 + i % 6),
+            amount: eur(amount),
+            card: card.summarize(b"k"),
+            capture: true,
+            reference: None,
+            metadata: BTreeMap::new(),
+            requested_at: Timestamp(1_795_651_200_000),
+        }),
+        PaymentEvent::Authorized {
+            attempt_id: AttemptId::from_u128(i),
+            provider: if i.is_multiple_of(2) { "acq-alpha" } else { "acq-beta" }.into(),
+            authorization_code: "A1".into(),
+            amount: eur(amount),
+        },
+        PaymentEvent::Captured { capture_id: CaptureId::from_u128(5_000 + i), amount: eur(amount) },
+    ];
+    let refunded = if i.is_multiple_of(5) { 100 } else { 0 };
+    if refunded > 0 {
+        events.push(PaymentEvent::Refunded { refund_id: RefundId::from_u128(9_000 + i), amount: eur(refunded) });
+    }
+    for _ in 0..if twice { 2 } else { 1 } {
+        for (seq, event) in events.iter().enumerate() {
+            publish_payment_event(bus, payment_id, seq as u64 + 1, event).await;
         }
-        if commanded.len() >= 2 {
+    }
+    (payment_id, amount, refunded)
+}
+
+struct Settler {
+    service: Arc<SettlementService>,
+    stop: watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Settler {
+    fn start(dir: &std::path::Path, name: &str, bus: &Arc<EmbeddedBus>, changelog: bool) -> Result<Settler, String> {
+        let log = Arc::new(EventLog::open(dir.join(name), LogConfig::default()).unwrap());
+        let config = SettlementConfig { cutoff_interval_ms: 0, changelog, ..SettlementConfig::default() };
+        let service = Arc::new(SettlementService::new(log, bus.clone(), Arc::new(SystemClock), config));
+        let (stop, stop_rx) = watch::channel(false);
+        let tasks = service.spawn(stop_rx).map_err(|e| e.to_string())?;
+        Ok(Settler { service, stop, tasks })
+    }
+
+    /// Every batch this instance holds, of the six merchants.
+    fn batches(&self) -> Vec<kassa_domain::settlement::BatchState> {
+        (10..16).flat_map(|m| self.service.batches(MerchantId::from_u128(m), 1000).unwrap()).collect()
+    }
+
+    async fn stop(self) {
+        self.stop.send(true).unwrap();
+        for task in self.tasks {
+            let _ = task.await;
+        }
+    }
+}
+
+/// The batches two instances hold, each once by id (a closed copy wins over a
+/// stale open one left behind by a partition that moved).
+fn merged(instances: &[&Settler]) -> BTreeMap<BatchId, kassa_domain::settlement::BatchState> {
+    let mut out: BTreeMap<BatchId, kassa_domain::settlement::BatchState> = BTreeMap::new();
+    for batch in instances.iter().flat_map(|i| i.batches()) {
+        let id = batch.batch_id.unwrap();
+        if out
+            .get(&id)
+            .is_none_or(|b| b.closed.is_none() && (batch.closed.is_some() || batch.entries.len() > b.entries.len()))
+        {
+            out.insert(id, batch);
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_share_the_batch_keys_and_settle_each_entry_once() {
+    const PARTITIONS: u32 = 4;
+    let dir = tempfile::tempdir().unwrap();
+    let topics = [PAYMENT_COMMANDS, PAYMENT_EVENTS, SETTLEMENT_EVENTS, SETTLEMENT_ENTRIES, SETTLEMENT_CHANGELOG]
+        .iter()
+        .map(|t| TopicSpec::new(*t, PARTITIONS))
+        .collect();
+    let bus = Arc::new(EmbeddedBus::open(dir.path().join("bus"), BusConfig::new(topics)).unwrap());
+
+    // A log whose batches were made without the changelog cannot join the group.
+    let alone = Settler::start(dir.path(), "alone", &bus, false).unwrap();
+    let mut expected = BTreeMap::new();
+    for i in 0..20 {
+        let (payment_id, amount, refunded) = pay_and_capture(&bus, i, false).await;
+        expected.insert(payment_id, (amount, refunded));
+    }
+    let entries =
+        |e: &BTreeMap<PaymentId, (i64, i64)>| e.values().map(|(_, r)| if *r > 0 { 2 } else { 1 }).sum::<usize>();
+    for _ in 0..500 {
+        if alone.batches().iter().map(|b| b.entries.len()).sum::<usize>() == entries(&expected) {
             break;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    commanded.sort();
-    assert_eq!(commanded, vec![(1, older), (2, newer)]);
-    stop.send(true).unwrap();
-    for task in tasks {
-        let _ = task.await;
+    assert_eq!(alone.batches().iter().map(|b| b.entries.len()).sum::<usize>(), entries(&expected));
+    alone.stop().await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let refused = Settler::start(dir.path(), "alone", &bus, true).err().expect("an unshared log is refused");
+    assert!(refused.contains("settlement.changelog"), "{refused}");
+
+    // The first instance of the group, on a new log, takes those batches from settlement.events
+    // (its feed sends the twenty payments' entries again, from the start: none is batched twice).
+    let a = Settler::start(dir.path(), "a", &bus, true).unwrap();
+    for _ in 0..500 {
+        if a.batches().iter().map(|b| b.entries.len()).sum::<usize>() == entries(&expected) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    let first = a.service.cutoff().await.unwrap();
+    assert!(first.complete && !first.closed.is_empty(), "{first:?}");
+    // A second joins: some keys move to it with their batches, and it reads its share of
+    // payments.events from the start, sending the first twenty's entries again: their
+    // batches are closed, and they are batched no second time.
+    let b = Settler::start(dir.path(), "b", &bus, true).unwrap();
+    for _ in 0..1000 {
+        let (owned_a, owned_b) = (a.service.partitions_owned(), b.service.partitions_owned());
+        if !owned_b.is_empty() && owned_a.len() + owned_b.len() == PARTITIONS as usize {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let (owned_a, owned_b) = (a.service.partitions_owned(), b.service.partitions_owned());
+    assert!(!owned_a.is_empty() && !owned_b.is_empty(), "the partitions did not split: {owned_a:?} / {owned_b:?}");
+    // Twenty more, each sent twice, and the first twenty again.
+    for i in 20..40 {
+        let (payment_id, amount, refunded) = pay_and_capture(&bus, i, true).await;
+        expected.insert(payment_id, (amount, refunded));
+    }
+    for i in 0..20 {
+        pay_and_capture(&bus, i, false).await;
+    }
+    let held = || merged(&[&a, &b]).values().map(|b| b.entries.len()).sum::<usize>();
+    for _ in 0..1000 {
+        if held() >= entries(&expected) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // A cut-off asked of one instance closes every batch: its own partitions answer it,
+    // the other's close when their owner reads the request.
+    let cutoff = a.service.cutoff().await.unwrap();
+    assert!(!cutoff.complete, "a owns only some partitions");
+    let mut batches = merged(&[&a, &b]);
+    for _ in 0..500 {
+        if batches.values().all(|b| b.closed.is_some()) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        batches = merged(&[&a, &b]);
+    }
+    assert!(cutoff.closed.iter().all(|id| batches.contains_key(id)));
+    let mut seen: BTreeMap<PaymentId, (i64, i64)> = BTreeMap::new();
+    for batch in batches.values() {
+        let (totals, _) = batch.closed.unwrap_or_else(|| panic!("a batch stayed open: {batch:?}"));
+        assert_eq!(totals.net.minor + totals.fees.minor + totals.refunded.minor, totals.captured.minor);
+        let key = batch.key.clone().unwrap();
+        for entry in &batch.entries {
+            let (amount, refunded) = expected[&entry.payment_id];
+            let i = entry.payment_id.as_u128() & 0xffff;
+            assert_eq!(key.merchant_id, MerchantId::from_u128(10 + (i - 1_000) % 6), "{entry:?} in {key:?}");
+            let slot = seen.entry(entry.payment_id).or_default();
+            match entry.kind {
+                EntryKind::Capture => {
+                    assert_eq!((slot.0, entry.amount.minor), (0, amount), "captured twice: {entry:?}");
+                    slot.0 = amount;
+                }
+                EntryKind::Refund => {
+                    assert_eq!((slot.1, entry.amount.minor), (0, refunded), "refunded twice: {entry:?}");
+                    slot.1 = refunded;
+                }
+            }
+        }
+    }
+    assert_eq!(seen, expected, "every capture and refund batched exactly once");
+
+    // Each captured payment is recorded settled once, in the batch that holds it.
+    let mut settled: BTreeMap<PaymentId, BTreeMap<u128, BatchId>> = BTreeMap::new();
+    for _ in 0..500 {
+        settled.clear();
+        for partition in 0..PARTITIONS {
+            for message in bus.fetch(PAYMENT_COMMANDS, partition, 0, 10_000, Duration::ZERO).await.unwrap() {
+                let envelope = decode_frame(&message.payload).unwrap();
+                if let Ok(PaymentCommandMessage::RecordSettlement { payment_id, batch_id }) =
+                    PaymentCommandMessage::decode(&envelope.event_type, &envelope.payload)
+                {
+                    settled.entry(payment_id).or_default().insert(envelope.event_id, batch_id);
+                }
+            }
+        }
+        if settled.len() == expected.len() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(settled.len(), expected.len());
+    for (payment_id, commands) in &settled {
+        assert_eq!(commands.len(), 1, "{payment_id} settled under several command ids: {commands:?}");
+        let batch_id = commands.values().next().unwrap();
+        assert!(batches[batch_id].entries.iter().any(|e| e.payment_id == *payment_id));
+    }
+    // What reconciliation sees on settlement.events (once the relays have published it all):
+    // every entry in one batch, every batch closed.
+    let mut published = (BTreeMap::new(), std::collections::BTreeSet::new(), std::collections::BTreeSet::new());
+    for _ in 0..500 {
+        published = settlement_events(&bus, PARTITIONS).await;
+        let (batch_of, opened, closed) = &published;
+        if batch_of.len() >= entries(&expected) && opened == closed {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let (batch_of, opened, closed) = published;
+    assert_eq!(batch_of.len(), entries(&expected));
+    for (entry, batches) in &batch_of {
+        assert_eq!(batches.len(), 1, "entry {entry} is in several batches: {batches:?}");
+    }
+    assert_eq!(opened, closed, "a batch stayed open");
+    a.stop().await;
+    b.stop().await;
+}
+
+/// What `settlement.events` holds: each entry's batches, the batches opened, the batches closed.
+async fn settlement_events(
+    bus: &EmbeddedBus,
+    partitions: u32,
+) -> (
+    BTreeMap<u128, std::collections::BTreeSet<u128>>,
+    std::collections::BTreeSet<u128>,
+    std::collections::BTreeSet<u128>,
+) {
+    use kassa_domain::settlement::BatchEvent;
+    let mut batch_of: BTreeMap<u128, std::collections::BTreeSet<u128>> = BTreeMap::new();
+    let (mut opened, mut closed) = (std::collections::BTreeSet::new(), std::collections::BTreeSet::new());
+    for partition in 0..partitions {
+        for message in bus.fetch(SETTLEMENT_EVENTS, partition, 0, 100_000, Duration::ZERO).await.unwrap() {
+            let envelope = decode_frame(&message.payload).unwrap();
+            match BatchEvent::decode_payload(&envelope.event_type, &envelope.payload).unwrap() {
+                BatchEvent::Opened { .. } => {
+                    opened.insert(envelope.stream_id);
+                }
+                BatchEvent::EntryAdded { entry } => {
+                    batch_of.entry(entry.entry_id).or_default().insert(envelope.stream_id);
+                }
+                BatchEvent::Closed { .. } => {
+                    closed.insert(envelope.stream_id);
+                }
+            }
+        }
+    }
+    (batch_of, opened, closed)
 }

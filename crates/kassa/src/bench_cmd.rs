@@ -232,7 +232,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             tokio::time::sleep(Duration::from_millis(20)).await;
             batched = settlement.batches(merchant, 10_000)?.iter().map(|b| b.entries.len() as u64).sum();
         }
-        let closed = settlement.cutoff().await?;
+        let closed = settlement.cutoff().await?.closed;
         let mut reconciled = 0u64;
         let mut clean = true;
         while reconciled < captured_entries && settle_started.elapsed() < Duration::from_secs(300) {

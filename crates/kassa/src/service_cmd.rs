@@ -11,7 +11,7 @@ use kassa_bus::Bus;
 use kassa_services::authorization::{AuthorizationConfig, AuthorizationService};
 use kassa_services::ingest::IngestService;
 use kassa_services::reconciliation::{ReconciliationConfig, ReconciliationService};
-use kassa_services::settlement::SettlementService;
+use kassa_services::settlement::{SettlementConfig, SettlementService};
 use kassa_services::vault::CardVault;
 use kassa_services::{Clock, SystemClock};
 use std::net::SocketAddr;
@@ -84,9 +84,9 @@ pub struct ServiceArgs {
     /// moved aside (to DATA_DIR/SERVICE.before-rebuild-UNIXTIME, kept for inspection). ingest reads
     /// `merchants` and `payments.events` from the start (refused while its outbox holds what the bus
     /// has not taken); authorize replays each partition the group gives it from
-    /// `authorization.changelog`; settle replays its batches from `settlement.events`, then follows
-    /// `payments.events` from the start; reconcile replays each partition the group gives it from
-    /// `reconciliation.changelog`.
+    /// `authorization.changelog`; settle replays each partition the group gives it from
+    /// `settlement.changelog`, and reads `payments.events` from the start; reconcile replays each
+    /// partition the group gives it from `reconciliation.changelog`.
     #[arg(long)]
     pub rebuild: bool,
 }
@@ -180,26 +180,13 @@ pub fn run(service: Service, args: ServiceArgs) -> anyhow::Result<()> {
                     .merge(kassa_services::http::routing_router(authorization, clock, &admin_token))
             }
             Service::Settle => {
-                if args.rebuild {
-                    let rebuilt = SettlementService::rebuild(&log, bus.as_ref()).await?;
-                    println!(
-                        "rebuild: {} batches ({} open) from {} events of settlement.events; following \
-                         payments.events from the start",
-                        rebuilt.batches, rebuilt.open, rebuilt.events
-                    );
-                }
-                anyhow::ensure!(
-                    !SettlementService::rebuild_unfinished(&log)?,
-                    "the settlement log in {} holds a rebuild that did not finish; run `kassa settle --rebuild` \
-                     again (it moves this log aside and starts over)",
-                    dir.display()
-                );
                 let cutoff_interval_s = args.cutoff_interval_s.or(config.cutoff_interval_s).unwrap_or(3600);
                 let settlement = Arc::new(SettlementService::new(
                     log,
                     bus,
                     clock,
-                    wiring::settlement_config(&config, cutoff_interval_s),
+                    // Separate processes: instances share the partitions, batches move through the changelog.
+                    SettlementConfig { changelog: true, ..wiring::settlement_config(&config, cutoff_interval_s) },
                 ));
                 tasks.extend(settlement.spawn(stop_rx.clone())?);
                 kassa_services::http::operator_router(Some(settlement), None, Arc::clone(&ready), &admin_token)

@@ -15,7 +15,7 @@ use kassa_services::reconciliation::{ReconciliationConfig, ReconciliationService
 use kassa_services::settlement::SettlementService;
 use kassa_services::topics::{
     AUTHORIZATION_CHANGELOG, MERCHANTS, PAYMENT_COMMANDS, PAYMENT_EVENTS, PROVIDER_HEALTH, RECONCILIATION_CHANGELOG,
-    SETTLEMENT_EVENTS,
+    SETTLEMENT_CHANGELOG, SETTLEMENT_ENTRIES, SETTLEMENT_EVENTS,
 };
 use kassa_services::vault::CardVault;
 use kassa_services::{Clock, SystemClock};
@@ -63,12 +63,17 @@ pub fn topics() -> Vec<TopicSpec> {
         // Replayed from the start by `settle --rebuild`: created with retention off.
         TopicSpec::kept_forever(PAYMENT_EVENTS, PARTITIONS),
         TopicSpec::kept_forever(SETTLEMENT_EVENTS, PARTITIONS),
+        // Settlement's feed → its batches, keyed by batch key. Read by the batches' owners as they go,
+        // never replayed from the start: kept as long as the commands are.
+        TopicSpec::new(SETTLEMENT_ENTRIES, PARTITIONS),
         TopicSpec::new(PROVIDER_HEALTH, PARTITIONS),
         // As many partitions as payments.commands: partition p's commits go to partition p.
         // Replayed from the start by a new owner or --rebuild: created with retention off.
         TopicSpec::kept_forever(AUTHORIZATION_CHANGELOG, PARTITIONS),
         // As many partitions as settlement.events, for the same reason.
         TopicSpec::kept_forever(RECONCILIATION_CHANGELOG, PARTITIONS),
+        // As many partitions as settlement.entries, for the same reason.
+        TopicSpec::kept_forever(SETTLEMENT_CHANGELOG, PARTITIONS),
         // Every ingest instance reads all of it from the start: one partition, kept forever.
         TopicSpec::kept_forever(MERCHANTS, 1),
     ]

@@ -148,12 +148,37 @@ impl Cluster {
     }
 }
 
+/// The batches of a merchant the settlers hold, each once by id, newest first: a
+/// closed copy, or else the one with more entries, over a stale copy a partition
+/// left behind on the settler that owned it before.
+fn batches_of(settlers: &[&Kassa], merchant_id: &str) -> Vec<serde_json::Value> {
+    let mut by_id: std::collections::BTreeMap<String, serde_json::Value> = Default::default();
+    for settler in settlers {
+        let path = format!("/admin/settlement/batches?merchant={merchant_id}");
+        let (status, batches) = call(&settler.addr, ADMIN_TOKEN, "GET", &path, None);
+        assert_eq!(status, 200, "{batches}");
+        for batch in batches["data"].as_array().unwrap() {
+            let id = batch["id"].as_str().unwrap().to_owned();
+            let newer = |held: &serde_json::Value| {
+                held["status"] != "closed"
+                    && (batch["status"] == "closed" || batch["entries"].as_u64() > held["entries"].as_u64())
+            };
+            if by_id.get(&id).is_none_or(newer) {
+                by_id.insert(id, batch.clone());
+            }
+        }
+    }
+    by_id.into_values().rev().collect()
+}
+
 #[test]
 fn separate_processes_take_payments_and_survive_a_sigkilled_authorizer() {
     let cluster = Cluster::start();
     let ingest = cluster.spawn("ingest", "ingest", &[]);
     let authorizer = cluster.authorizer();
+    // Two settlers share the batch keys (and payments.events) through their groups.
     let settle = cluster.spawn("settle", "settle", &["--cutoff-interval-s", "0"]);
+    let settle_2 = cluster.spawn("settle", "settle-2", &["--cutoff-interval-s", "0"]);
     let reconcile = cluster.spawn("reconcile", "reconcile", &[]);
 
     // The ingest process serves payments only; settlement is read where it runs.
@@ -251,21 +276,29 @@ fn separate_processes_take_payments_and_survive_a_sigkilled_authorizer() {
     // Settlement (its own process) batches each capture once: counts and totals as sent.
     let captured: Vec<i64> = payments.iter().filter(|(_, e, _)| *e == "captured").map(|(_, _, a)| *a).collect();
     let started = Instant::now();
+    let owned = |settler: &Kassa| {
+        let (status, partitions) = call(&settler.addr, ADMIN_TOKEN, "GET", "/admin/partitions", None);
+        assert_eq!(status, 200, "{partitions}");
+        partitions["data"].as_array().unwrap().len()
+    };
     let batches = loop {
+        // Asked of one settler, a cut-off closes the batches of both.
         let (status, body) = call(&settle.addr, ADMIN_TOKEN, "POST", "/admin/settlement/cutoff", None);
         assert_eq!(status, 200, "{body}");
-        let path = format!("/admin/settlement/batches?merchant={merchant_id}");
-        let (status, batches) = call(&settle.addr, ADMIN_TOKEN, "GET", &path, None);
-        assert_eq!(status, 200, "{batches}");
-        let entries: u64 = batches["data"].as_array().unwrap().iter().map(|b| b["entries"].as_u64().unwrap()).sum();
-        if entries as usize == captured.len() {
+        let batches = batches_of(&[&settle, &settle_2], &merchant_id);
+        let entries: u64 = batches.iter().map(|b| b["entries"].as_u64().unwrap()).sum();
+        let open = batches.iter().filter(|b| b["status"] != "closed").count();
+        if entries as usize == captured.len() && open == 0 {
             break batches;
         }
-        assert!(entries as usize <= captured.len(), "batched twice: {batches}");
-        assert!(started.elapsed() < Duration::from_secs(60), "settlement did not batch every capture: {batches}");
+        assert!(entries as usize <= captured.len(), "batched twice: {batches:?}");
+        assert!(started.elapsed() < Duration::from_secs(60), "settlement did not batch every capture: {batches:?}");
         std::thread::sleep(Duration::from_millis(300));
     };
-    let amount: i64 = batches["data"].as_array().unwrap().iter().map(|b| b["amount_captured"].as_i64().unwrap()).sum();
+    let (settle_partitions, settle_2_partitions) = (owned(&settle), owned(&settle_2));
+    assert_eq!(settle_partitions + settle_2_partitions, 8);
+    assert!(settle_partitions > 0 && settle_2_partitions > 0, "the settlers did not share the partitions");
+    let amount: i64 = batches.iter().map(|b| b["amount_captured"].as_i64().unwrap()).sum();
     assert_eq!(amount, captured.iter().sum::<i64>());
     let (status, _) =
         call(&settle.addr, "at_wrong", "GET", &format!("/admin/settlement/batches?merchant={merchant_id}"), None);
@@ -300,7 +333,7 @@ fn separate_processes_take_payments_and_survive_a_sigkilled_authorizer() {
         assert!(output.status.success(), "kafka lag: {}", String::from_utf8_lossy(&output.stderr));
         let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
         let groups: Vec<&str> = stdout.trim().split(" | ").collect();
-        assert_eq!(groups.len(), 4, "{stdout}");
+        assert_eq!(groups.len(), 5, "{stdout}");
         let authorization = groups.iter().find(|g| g.starts_with("kassa-authorization payments.commands")).unwrap();
         assert!(!authorization.ends_with(" of 0"), "{stdout}");
         if groups.iter().all(|g| g.contains(" lag 0 of ")) {
@@ -312,17 +345,17 @@ fn separate_processes_take_payments_and_survive_a_sigkilled_authorizer() {
 
     // Settlement and reconciliation lose their disks (killed, then rebuilt from the topics):
     // the same batches and the same reports, and no batch is closed twice.
-    let batches_path = format!("/admin/settlement/batches?merchant={merchant_id}");
     let reports_path = format!("/admin/reconciliation/reports?merchant={merchant_id}");
-    let (_, batches_before) = call(&settle.addr, ADMIN_TOKEN, "GET", &batches_path, None);
+    let batches_before = batches_of(&[&settle, &settle_2], &merchant_id);
     let (_, reports_before) = call(&reconcile.addr, ADMIN_TOKEN, "GET", &reports_path, None);
-    drop((settle, reconcile));
+    drop((settle, settle_2, reconcile));
+    // Both settlers are rebuilt: every batch comes back from settlement.changelog.
     let settle = cluster.spawn("settle", "settle", &["--cutoff-interval-s", "0", "--rebuild"]);
+    let settle_2 = cluster.spawn("settle", "settle-2", &["--cutoff-interval-s", "0", "--rebuild"]);
     let reconcile = cluster.spawn("reconcile", "reconcile", &["--rebuild"]);
     let started = Instant::now();
     loop {
-        let (status, batches) = call(&settle.addr, ADMIN_TOKEN, "GET", &batches_path, None);
-        assert_eq!(status, 200, "{batches}");
+        let batches = batches_of(&[&settle, &settle_2], &merchant_id);
         let (status, reports) = call(&reconcile.addr, ADMIN_TOKEN, "GET", &reports_path, None);
         assert_eq!(status, 200, "{reports}");
         // Reports come back from reconciliation.changelog as they were made (none is made again).
@@ -331,7 +364,7 @@ fn separate_processes_take_payments_and_survive_a_sigkilled_authorizer() {
         }
         assert!(
             started.elapsed() < Duration::from_secs(60),
-            "after the rebuild: {batches}\nbefore: {batches_before}\nreports: {reports}\nbefore: {reports_before}"
+            "after the rebuild: {batches:?}\nbefore: {batches_before:?}\nreports: {reports}\nbefore: {reports_before}"
         );
         std::thread::sleep(Duration::from_millis(300));
     }
@@ -339,11 +372,19 @@ fn separate_processes_take_payments_and_survive_a_sigkilled_authorizer() {
     let (status, partitions) = call(&reconcile.addr, ADMIN_TOKEN, "GET", "/admin/partitions", None);
     assert_eq!(status, 200, "{partitions}");
     assert_eq!(partitions["data"].as_array().map(Vec::len), Some(8), "{partitions}");
-    // Every capture is batched already: a cut-off finds nothing to close.
+    // The rebuilt settlers share the partitions of settlement.entries again, and every capture
+    // is batched already (the entries their feeds send again are dropped): a cut-off closes nothing.
+    let started = Instant::now();
+    while owned(&settle) + owned(&settle_2) < 8 {
+        assert!(started.elapsed() < Duration::from_secs(60), "the rebuilt settlers do not own every partition");
+        std::thread::sleep(Duration::from_millis(300));
+    }
     let (status, body) = call(&settle.addr, ADMIN_TOKEN, "POST", "/admin/settlement/cutoff", None);
     assert_eq!(status, 200, "{body}");
-    assert_eq!(call(&settle.addr, ADMIN_TOKEN, "GET", &batches_path, None).1, batches_before);
-    drop((authorizer, settle, reconcile, ingest));
+    assert_eq!(body["closed"], serde_json::json!([]), "{body}");
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(batches_of(&[&settle, &settle_2], &merchant_id), batches_before);
+    drop((authorizer, settle, settle_2, reconcile, ingest));
 }
 
 #[test]
