@@ -30,7 +30,10 @@ pub struct BusConfig {
 
 impl BusConfig {
     pub fn new(topics: Vec<TopicSpec>) -> Self {
-        BusConfig { topics, group: GroupCommitConfig::default(), sync: true, fetch_messages_max: 4096 }
+        // No linger: the bus syncs on its writer thread, so the next group gathers while it
+        // syncs, and every hop of a payment waits for its produce.
+        let group = GroupCommitConfig { linger_us: 0, ..GroupCommitConfig::default() };
+        BusConfig { topics, group, sync: true, fetch_messages_max: 4096 }
     }
 }
 

@@ -21,7 +21,10 @@ pub struct GroupCommitConfig {
     /// Stop gathering a group once it holds this much weight (events).
     pub batch_events_max: usize,
     /// After the first request of a group, wait at most this long for more.
-    /// 0 means: take what is queued now and write.
+    /// 0 means: take what is queued now and write. A short wait makes fewer,
+    /// larger groups under load: each sync costs kernel CPU (the write-back,
+    /// the disk's notification), and on a disk whose sync takes ~0.2 ms, groups
+    /// formed only while a sync runs are small.
     pub linger_us: u64,
     /// Requests waiting for the writer; beyond this, callers wait.
     pub queue_requests_max: usize,
@@ -29,7 +32,7 @@ pub struct GroupCommitConfig {
 
 impl Default for GroupCommitConfig {
     fn default() -> Self {
-        GroupCommitConfig { batch_events_max: 8192, linger_us: 0, queue_requests_max: 4096 }
+        GroupCommitConfig { batch_events_max: 8192, linger_us: 250, queue_requests_max: 4096 }
     }
 }
 
