@@ -6,6 +6,9 @@
 # Each service's consumer lag is sampled every second (`kassa kafka lag`).
 # Usage: scripts/bench-split.sh [SECONDS] [CONNECTIONS]   (default 20 s, 256)
 # KAFKA_PROPERTIES="key=value …" passes librdkafka properties to every service.
+# BROKERS=HOST:PORT[,…] runs against that cluster instead of a local tansu (a fresh
+# one: services on new data directories read payments.events from its start).
+# INSTANCES=N starts N each of authorize, settle and reconcile (default 1).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/setup.sh
@@ -21,18 +24,25 @@ say "building kassa (release)"
 cargo build --release --locked -p kassa
 kassa="${CARGO_TARGET_DIR}/release/kassa"
 work="$(mktemp -d)"
+external="${BROKERS:-}"
+instances="${INSTANCES:-1}"
 broker_port=19093
 ingest_port=18090
 pids=()
 cleanup() {
   for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
   for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
-  bash scripts/tansu.sh stop "${work}/broker"
+  if [ -z "${external}" ]; then bash scripts/tansu.sh stop "${work}/broker"; fi
   rm -rf "${work}"
 }
 trap cleanup EXIT
-bash scripts/tansu.sh start "${work}/broker" "${broker_port}"
-brokers="127.0.0.1:${broker_port}"
+if [ -z "${external}" ]; then
+  bash scripts/tansu.sh start "${work}/broker" "${broker_port}"
+  brokers="127.0.0.1:${broker_port}"
+else
+  say "using the brokers at ${external}"
+  brokers="${external}"
+fi
 "${kassa}" kafka init-topics --brokers "${brokers}"
 
 echo "at_bench_operator" > "${work}/admin.token"
@@ -58,9 +68,11 @@ start() { # SERVICE DATA [ARGS…]
   pids+=($!)
   names+=("${service}")
 }
-# CPU seconds each process has used so far, one per line (the broker last).
+# CPU seconds each process has used so far, one per line (a local broker last).
 cpu_seconds() {
-  for pid in "${pids[@]}" "$(cat "${work}/broker/tansu.pid")"; do
+  local broker=()
+  if [ -z "${external}" ]; then broker=("$(cat "${work}/broker/tansu.pid")"); fi
+  for pid in "${pids[@]}" "${broker[@]}"; do
     awk '{print ($14 + $15) / 100}' "/proc/${pid}/stat" 2>/dev/null || echo 0
   done
 }
@@ -69,9 +81,12 @@ for _ in $(seq 1 200); do
   curl -fs "http://127.0.0.1:${ingest_port}/healthz" >/dev/null 2>&1 && break
   sleep 0.1
 done
-start authorize authorize --card-key "${work}/ingest/card.key"
-start settle settle --cutoff-interval-s 5
-start reconcile reconcile
+for k in $(seq 1 "${instances}"); do
+  suffix=""; [ "${k}" -eq 1 ] || suffix="-${k}"
+  start authorize "authorize${suffix}" --card-key "${work}/ingest/card.key"
+  start settle "settle${suffix}" --cutoff-interval-s 5
+  start reconcile "reconcile${suffix}"
+done
 sleep 2
 export KASSA_KEY="$(cat "${work}/ingest/demo-merchant.key")"
 
@@ -96,19 +111,20 @@ mapfile -t idle_before < <(cpu_seconds)
 sleep 5
 mapfile -t idle_after < <(cpu_seconds)
 say "CPU seconds over 5 s idle, before the load:"
-idle_names=("${names[@]}" tansu)
+idle_names=("${names[@]}")
+if [ -z "${external}" ]; then idle_names+=(tansu); fi
 for i in "${!idle_names[@]}"; do
   awk -v n="${idle_names[$i]}" -v a="${idle_after[$i]}" -v b="${idle_before[$i]}" 'BEGIN {printf "  %-10s %6.2f\n", n, a - b}'
 done
 
 "${kassa}" kafka lag --brokers "${brokers}" --every-s 1 > "${work}/lag.txt" 2>/dev/null &
 lag_pid=$!
-say "wrk: ${seconds}s, ${connections} connections, POST /v1/payments to kassa ingest (separate processes over tansu)"
+say "wrk: ${seconds}s, ${connections} connections, POST /v1/payments to kassa ingest (separate processes over Kafka)"
 mapfile -t cpu_before < <(cpu_seconds)
 wrk -t2 -c"${connections}" -d"${seconds}s" --latency -s scripts/http-load.lua "http://127.0.0.1:${ingest_port}/v1/payments"
 mapfile -t cpu_after < <(cpu_seconds)
-say "where the CPU went during the load (CPU seconds over ${seconds}s of wall time; 2 cores = $((2 * seconds))):"
-names+=(tansu)
+say "where the CPU went during the load (CPU seconds over ${seconds}s of wall time; $(nproc) cores = $(($(nproc) * seconds))):"
+if [ -z "${external}" ]; then names+=(tansu); fi
 for i in "${!names[@]}"; do
   awk -v n="${names[$i]}" -v a="${cpu_after[$i]}" -v b="${cpu_before[$i]}" 'BEGIN {printf "  %-10s %6.1f\n", n, a - b}'
 done
