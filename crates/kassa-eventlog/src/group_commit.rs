@@ -194,7 +194,8 @@ fn run<W: GroupWriter>(
                     if now >= deadline {
                         break;
                     }
-                    std::thread::sleep((deadline - now).min(Duration::from_micros(50)));
+                    // One sleep for the rest of the linger (not a poll): each wake-up costs a switch.
+                    std::thread::sleep(deadline - now);
                 }
                 Err(mpsc::error::TryRecvError::Disconnected) => break,
             }

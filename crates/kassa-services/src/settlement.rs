@@ -97,7 +97,7 @@ struct PaymentInfo {
     merchant_id: Option<MerchantId>,
     currency: Option<Currency>,
     provider: Option<String>,
-    /// Stream sequence applied last: drops re-published events.
+    /// Stream sequence of the event that set it last (kept for the stored layout).
     applied_seq: u64,
 }
 
@@ -537,61 +537,72 @@ impl SettlementService {
                 tracing::error!(partition, offset = message.offset, "undecodable event skipped");
                 continue;
             };
+            // Only these tell settlement anything; the rest are not even decoded.
+            if !matches!(
+                envelope.event_type.as_str(),
+                "payment.requested"
+                    | "payment.authorized"
+                    | "payment.stand_in_confirmed"
+                    | "payment.captured"
+                    | "payment.refunded"
+            ) {
+                continue;
+            }
+            let Ok(event) = PaymentEvent::decode_payload(&envelope.event_type, &envelope.payload) else {
+                tracing::error!(partition, offset = message.offset, "undecodable payment event skipped");
+                continue;
+            };
             let payment_id = PaymentId::from_u128(envelope.stream_id);
             let mut info = match changed.get(&payment_id) {
                 Some(info) => info.clone(),
                 None => self.info(infos, payment_id)?,
             };
-            if envelope.stream_seq <= info.applied_seq {
-                continue;
-            }
-            info.applied_seq = envelope.stream_seq;
-            let entry = match PaymentEvent::decode_payload(&envelope.event_type, &envelope.payload) {
-                Ok(PaymentEvent::Requested(r)) => {
+            // What is known of the payment is written only when it changes. A copy
+            // published again sets the same again, or sends an entry again, which
+            // the batches drop by its id.
+            let entry = match event {
+                PaymentEvent::Requested(r) => {
                     info.merchant_id = Some(r.merchant_id);
                     info.currency = Some(r.amount.currency);
-                    None
+                    info.applied_seq = envelope.stream_seq;
+                    changed.insert(payment_id, info);
+                    continue;
                 }
-                Ok(PaymentEvent::Authorized { provider, .. }) => {
+                PaymentEvent::Authorized { provider, .. } | PaymentEvent::StandInConfirmed { provider, .. } => {
                     info.provider = Some(provider);
-                    None
+                    info.applied_seq = envelope.stream_seq;
+                    changed.insert(payment_id, info);
+                    continue;
                 }
-                Ok(PaymentEvent::Captured { capture_id, amount }) => Some(SettlementEntry {
-                    entry_id: capture_id.as_u128(),
-                    payment_id,
-                    kind: EntryKind::Capture,
-                    amount,
-                }),
-                Ok(PaymentEvent::Refunded { refund_id, amount }) => {
-                    Some(SettlementEntry { entry_id: refund_id.as_u128(), payment_id, kind: EntryKind::Refund, amount })
+                PaymentEvent::Captured { capture_id, amount } => {
+                    SettlementEntry { entry_id: capture_id.as_u128(), payment_id, kind: EntryKind::Capture, amount }
                 }
-                // Another payment event, or not one (a rejection): nothing to settle.
-                _ => None,
+                PaymentEvent::Refunded { refund_id, amount } => {
+                    SettlementEntry { entry_id: refund_id.as_u128(), payment_id, kind: EntryKind::Refund, amount }
+                }
+                _ => continue,
             };
-            if let Some(entry) = entry {
-                match (info.merchant_id, info.currency, info.provider.clone()) {
-                    (Some(merchant_id), Some(currency), Some(provider)) => {
-                        let key = BatchKey { provider, merchant_id, currency };
-                        let input = SettlementInput::EntryPending { key: key.clone(), entry: entry.clone() };
-                        let event_type = input.event_type();
-                        events.push(NewEvent {
-                            event_id: derived_id(entry.entry_id, event_type, 0),
-                            event_type: event_type.to_owned(),
-                            stream_id: key_stream(&key),
-                            timestamp_ms: envelope.timestamp_ms,
-                            causation_id: Some(envelope.event_id),
-                            correlation_id: None,
-                            payload: input.encode_payload(),
-                        });
-                    }
-                    _ => tracing::error!(
-                        %payment_id,
-                        entry = entry.entry_id,
-                        "a capture or refund of a payment whose request or authorization was not seen; not batched"
-                    ),
+            match (info.merchant_id, info.currency, info.provider.clone()) {
+                (Some(merchant_id), Some(currency), Some(provider)) => {
+                    let key = BatchKey { provider, merchant_id, currency };
+                    let input = SettlementInput::EntryPending { key: key.clone(), entry: entry.clone() };
+                    let event_type = input.event_type();
+                    events.push(NewEvent {
+                        event_id: derived_id(entry.entry_id, event_type, 0),
+                        event_type: event_type.to_owned(),
+                        stream_id: key_stream(&key),
+                        timestamp_ms: envelope.timestamp_ms,
+                        causation_id: Some(envelope.event_id),
+                        correlation_id: None,
+                        payload: input.encode_payload(),
+                    });
                 }
+                _ => tracing::error!(
+                    %payment_id,
+                    entry = entry.entry_id,
+                    "a capture or refund of a payment whose request or authorization was not seen; not batched"
+                ),
             }
-            changed.insert(payment_id, info);
         }
         let mut writes: Vec<StateWrite> = changed
             .iter()

@@ -377,6 +377,16 @@ async fn pay_and_capture(bus: &EmbeddedBus, i: u128, twice: bool) -> (PaymentId,
         },
         PaymentEvent::Captured { capture_id: CaptureId::from_u128(5_000 + i), amount: eur(amount) },
     ];
+    if i % 7 == 3 {
+        // Authorized by stand-in, then confirmed by a provider: batched under that provider.
+        events[1] = PaymentEvent::AuthorizedByStandIn { amount: eur(amount) };
+        let confirmed = PaymentEvent::StandInConfirmed {
+            attempt_id: AttemptId::from_u128(i),
+            provider: "acq-gamma".into(),
+            authorization_code: "S1".into(),
+        };
+        events.insert(2, confirmed);
+    }
     let refunded = if i.is_multiple_of(5) { 100 } else { 0 };
     if refunded > 0 {
         events.push(PaymentEvent::Refunded { refund_id: RefundId::from_u128(9_000 + i), amount: eur(refunded) });
@@ -526,6 +536,7 @@ async fn two_instances_share_the_batch_keys_and_settle_each_entry_once() {
             let (amount, refunded) = expected[&entry.payment_id];
             let i = entry.payment_id.as_u128() & 0xffff;
             assert_eq!(key.merchant_id, MerchantId::from_u128(10 + (i - 1_000) % 6), "{entry:?} in {key:?}");
+            assert_eq!(key.provider == "acq-gamma", (i - 1_000) % 7 == 3, "{entry:?} in {key:?}");
             let slot = seen.entry(entry.payment_id).or_default();
             match entry.kind {
                 EntryKind::Capture => {
