@@ -385,6 +385,38 @@ pub async fn take(
     }
 }
 
+/// [`take`] for a partition task: the ownership, or how the task ends —
+/// stopped or failed first ([`PartitionEnd::Again`]: the group's next
+/// assignment, or the 2 s check, tries again), or a corrupt changelog
+/// ([`PartitionEnd::Fatal`]: replaying it again cannot help). `service` names
+/// the service in the logs.
+pub async fn take_partition(
+    log: &EventLog,
+    bus: &dyn Bus,
+    topic: &'static str,
+    partition: u32,
+    owner: &str,
+    stop: &tokio::sync::watch::Receiver<bool>,
+    service: &str,
+) -> Result<(Ownership, Restored), crate::consume::PartitionEnd> {
+    use crate::consume::PartitionEnd;
+    match take(log, bus, topic, partition, owner, stop).await {
+        // Revoked meanwhile: the next owner claims anew.
+        Ok(Some(_)) if *stop.borrow() => Err(PartitionEnd::Again),
+        Ok(Some((taken, restored))) => {
+            let (replayed, epoch) = (restored.replayed, taken.epoch);
+            tracing::info!(service, partition, replayed, epoch, "partition taken from the changelog");
+            Ok((taken, restored))
+        }
+        Ok(None) => Err(PartitionEnd::Again),
+        Err(error @ RestoreError::Corrupt { .. }) => Err(PartitionEnd::Fatal(error.to_string())),
+        Err(error) => {
+            tracing::error!(service, partition, %error, "cannot restore the partition; not taking it");
+            Err(PartitionEnd::Again)
+        }
+    }
+}
+
 impl Ownership {
     /// Put a commit on the changelog. Returns the writes that record it in the
     /// local append (the changelog offset and commit number). `Ok(None)`:

@@ -190,36 +190,35 @@ impl ReconciliationService {
         let mut ownership = None;
         if self.config.changelog {
             // What other instances (or this one, before a crash) did with this partition, then a claim.
-            let taken =
-                changelog::take(&self.log, self.bus.as_ref(), RECONCILIATION_CHANGELOG, partition, &owner, &stop);
-            match taken.await {
-                Ok(Some(_)) if *stop.borrow() => return PartitionEnd::Again,
-                Ok(Some((taken, restored))) => {
-                    let (replayed, epoch) = (restored.replayed, taken.epoch);
-                    tracing::info!(partition, replayed, epoch, "reconciliation partition taken from the changelog");
-                    let followed = match crate::consume::stored_offset(&self.log, &offset_key(partition)) {
-                        Ok(followed) => followed,
-                        Err(error) => return PartitionEnd::Fatal(error.to_string()),
-                    };
-                    if epoch == 1 && followed > 0 {
-                        // The first claim ever, on a log that followed the partition before the
-                        // changelog existed: the changelog would lack that state.
-                        return PartitionEnd::Fatal(format!(
-                            "this reconciliation log followed {SETTLEMENT_EVENTS} partition {partition} before \
-                             {RECONCILIATION_CHANGELOG} existed; run `kassa reconcile --rebuild` once"
-                        ));
-                    }
-                    ownership = Some(taken);
-                    // Batches cached while another instance owned the partition may be stale.
-                    self.open.lock().unwrap_or_else(|e| e.into_inner()).clear();
-                }
-                Ok(None) => return PartitionEnd::Again,
-                Err(error @ changelog::RestoreError::Corrupt { .. }) => return PartitionEnd::Fatal(error.to_string()),
-                Err(error) => {
-                    tracing::error!(partition, %error, "cannot restore the reconciliation partition; not taking it");
-                    return PartitionEnd::Again;
-                }
+            let (log, bus) = (&self.log, self.bus.as_ref());
+            let taken = changelog::take_partition(
+                log,
+                bus,
+                RECONCILIATION_CHANGELOG,
+                partition,
+                &owner,
+                &stop,
+                "reconciliation",
+            );
+            let taken = match taken.await {
+                Ok((taken, _)) => taken,
+                Err(end) => return end,
+            };
+            let followed = match crate::consume::stored_offset(&self.log, &offset_key(partition)) {
+                Ok(followed) => followed,
+                Err(error) => return PartitionEnd::Fatal(error.to_string()),
+            };
+            if taken.epoch == 1 && followed > 0 {
+                // The first claim ever, on a log that followed the partition before the
+                // changelog existed: the changelog would lack that state.
+                return PartitionEnd::Fatal(format!(
+                    "this reconciliation log followed {SETTLEMENT_EVENTS} partition {partition} before \
+                     {RECONCILIATION_CHANGELOG} existed; run `kassa reconcile --rebuild` once"
+                ));
             }
+            ownership = Some(taken);
+            // Batches cached while another instance owned the partition may be stale.
+            self.open.lock().unwrap_or_else(|e| e.into_inner()).clear();
         }
         let subscription =
             resume_subscription(&self.log, &self.bus, SETTLEMENT_EVENTS, partition, &offset_key(partition));

@@ -178,6 +178,11 @@ fn merchant_batches_key(merchant_id: MerchantId, batch_id: BatchId) -> Vec<u8> {
     key
 }
 
+/// A state key that names a batch (`open/`, `entry/`).
+fn batch_ref(key: Vec<u8>, batch_id: BatchId) -> StateWrite {
+    StateWrite { table: Table::State, key, value: Some(batch_id.as_u128().to_be_bytes().to_vec()) }
+}
+
 /// Where the feed stores its position in `payments.events`.
 fn feed_offset_key(partition: u32) -> Vec<u8> {
     format!("{PAYMENT_EVENTS}/{partition}").into_bytes()
@@ -639,20 +644,12 @@ impl SettlementService {
         let mut ownership = None;
         if self.config.changelog {
             // What other instances (or this one, before a crash) did with this partition, then a claim.
-            let taken = changelog::take(&self.log, self.bus.as_ref(), SETTLEMENT_CHANGELOG, partition, &owner, &stop);
+            let (log, bus) = (&self.log, self.bus.as_ref());
+            let taken =
+                changelog::take_partition(log, bus, SETTLEMENT_CHANGELOG, partition, &owner, &stop, "settlement");
             match taken.await {
-                Ok(Some(_)) if *stop.borrow() => return PartitionEnd::Again,
-                Ok(Some((taken, restored))) => {
-                    let (replayed, epoch) = (restored.replayed, taken.epoch);
-                    tracing::info!(partition, replayed, epoch, "settlement partition taken from the changelog");
-                    ownership = Some(taken);
-                }
-                Ok(None) => return PartitionEnd::Again,
-                Err(error @ changelog::RestoreError::Corrupt { .. }) => return PartitionEnd::Fatal(error.to_string()),
-                Err(error) => {
-                    tracing::error!(partition, %error, "cannot restore the settlement partition; not taking it");
-                    return PartitionEnd::Again;
-                }
+                Ok((taken, _)) => ownership = Some(taken),
+                Err(end) => return end,
             }
         }
         let key = entries_offset_key(partition);
@@ -832,13 +829,7 @@ impl Batches<'_, '_> {
                 key: merchant_batches_key(key.merchant_id, *batch_id),
                 value: Some(Vec::new()),
             });
-            for entry in &batch.entries {
-                writes.push(StateWrite {
-                    table: Table::State,
-                    key: id_key("entry/", entry.entry_id),
-                    value: Some(batch_id.as_u128().to_be_bytes().to_vec()),
-                });
-            }
+            writes.extend(batch.entries.iter().map(|entry| batch_ref(id_key("entry/", entry.entry_id), *batch_id)));
             let mut events = Vec::new();
             match batch.closed {
                 Some((_, closed_at)) => {
@@ -858,14 +849,8 @@ impl Batches<'_, '_> {
                 commits.push(AppendRequest { events: std::mem::replace(&mut events, rest), ..Default::default() });
             }
         }
-        let mut last: Vec<StateWrite> = open
-            .iter()
-            .map(|(key, batch_id)| StateWrite {
-                table: Table::State,
-                key: open_key(key),
-                value: Some(batch_id.as_u128().to_be_bytes().to_vec()),
-            })
-            .collect();
+        let mut last: Vec<StateWrite> =
+            open.iter().map(|(key, batch_id)| batch_ref(open_key(key), *batch_id)).collect();
         last.push(position_write(imported_key(self.partition), 1));
         commits.push(AppendRequest { writes: last, ..Default::default() });
         for commit in commits {
@@ -900,6 +885,16 @@ impl Batches<'_, '_> {
         Ok(self.service.batch(BatchId::from_u128(u128::from_be_bytes(bytes)))?.unwrap_or_default())
     }
 
+    /// Apply `events` (caused by `cause`) to `batch`, and record them in `pending`.
+    fn record(&self, pending: &mut Pending, batch: &mut BatchState, cause: u128, index: u64, events: Vec<BatchEvent>) {
+        for event in events {
+            apply_batch(batch, &event);
+            // The batch's id is known once it is applied (an opening sets it).
+            let stream = batch.batch_id.map_or(0, |id| id.as_u128());
+            pending.events.push(self.service.event(stream, cause, index, event.event_type(), event.encode_payload()));
+        }
+    }
+
     /// Add `entry` to the open batch of `key` (opening one), unless a batch holds it already.
     fn add(&mut self, pending: &mut Pending, key: BatchKey, entry: SettlementEntry) -> Result<(), LogError> {
         let entry_key = id_key("entry/", entry.entry_id);
@@ -914,22 +909,8 @@ impl Batches<'_, '_> {
             let batch_id = BatchId::from_parts(now.unix_ms() as u64, derived_id(entry.entry_id, "batch", 0));
             let open = decide_batch(&batch, BatchCommand::Open { batch_id, key: key.clone() }, now)
                 .map_err(|r| LogError::BadChunk { position: 0, reason: r.to_string() })?;
-            for event in open {
-                apply_batch(&mut batch, &event);
-                let event = self.service.event(
-                    batch_id.as_u128(),
-                    entry.entry_id,
-                    0,
-                    event.event_type(),
-                    event.encode_payload(),
-                );
-                pending.events.push(event);
-            }
-            pending.writes.push(StateWrite {
-                table: Table::State,
-                key: open_key(&key),
-                value: Some(batch_id.as_u128().to_be_bytes().to_vec()),
-            });
+            self.record(pending, &mut batch, entry.entry_id, 0, open);
+            pending.writes.push(batch_ref(open_key(&key), batch_id));
             pending.writes.push(StateWrite {
                 table: Table::State,
                 key: merchant_batches_key(key.merchant_id, batch_id),
@@ -939,22 +920,8 @@ impl Batches<'_, '_> {
         let batch_id = batch.batch_id.expect("opened above");
         match decide_batch(&batch, BatchCommand::Add { entry: entry.clone() }, now) {
             Ok(added) => {
-                for event in added {
-                    apply_batch(&mut batch, &event);
-                    let event = self.service.event(
-                        batch_id.as_u128(),
-                        entry.entry_id,
-                        1,
-                        event.event_type(),
-                        event.encode_payload(),
-                    );
-                    pending.events.push(event);
-                }
-                pending.writes.push(StateWrite {
-                    table: Table::State,
-                    key: entry_key,
-                    value: Some(batch_id.as_u128().to_be_bytes().to_vec()),
-                });
+                self.record(pending, &mut batch, entry.entry_id, 1, added);
+                pending.writes.push(batch_ref(entry_key, batch_id));
                 pending.batched.insert(entry.entry_id);
                 pending.new_entries.entry(key.clone()).or_default().push(entry);
             }

@@ -433,19 +433,20 @@ impl AuthorizationService {
         let mut ownership = None;
         if self.config.changelog {
             // Whatever other instances (or this one, before a crash) committed for this partition, then a claim.
-            match changelog::take(&self.log, self.bus.as_ref(), AUTHORIZATION_CHANGELOG, partition, &owner, &stop).await
+            let (log, bus) = (&self.log, self.bus.as_ref());
+            match changelog::take_partition(
+                log,
+                bus,
+                AUTHORIZATION_CHANGELOG,
+                partition,
+                &owner,
+                &stop,
+                "authorization",
+            )
+            .await
             {
-                Ok(Some(_)) if *stop.borrow() => return PartitionEnd::Again, // revoked meanwhile: the next owner claims anew
-                Ok(Some((taken, restored))) => {
-                    let (replayed, epoch) = (restored.replayed, taken.epoch);
-                    tracing::info!(partition, replayed, epoch, "partition taken over from the changelog");
-                    ownership = Some(taken);
-                }
-                Ok(None) => return PartitionEnd::Again, // stopped first
-                Err(error) => {
-                    tracing::error!(partition, %error, "cannot restore the partition; not taking it");
-                    return PartitionEnd::Again;
-                }
+                Ok((taken, _)) => ownership = Some(taken),
+                Err(end) => return end,
             }
         }
         let (effects_tx, mut effects_rx) = mpsc::channel::<EffectResult>(4096);
