@@ -40,6 +40,14 @@ pub fn batch_writes(batch: &BatchState, new_entries: &[SettlementEntry]) -> Vec<
     writes
 }
 
+/// A stored batch without its entries (its key, totals and state).
+pub fn load_header(log: &EventLog, batch_id: BatchId) -> Result<Option<BatchState>, LogError> {
+    let Some(bytes) = log.get(Table::State, &header_key(batch_id))? else { return Ok(None) };
+    decode_value(&bytes, "batch")
+        .map(Some)
+        .map_err(|e| LogError::BadSnapshot { name: format!("batch {batch_id}"), reason: e.to_string() })
+}
+
 /// A stored batch with all its entries.
 pub fn load_batch(log: &EventLog, batch_id: BatchId) -> Result<Option<BatchState>, LogError> {
     let bad = |reason: String| LogError::BadSnapshot { name: format!("batch {batch_id}"), reason };

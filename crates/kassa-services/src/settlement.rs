@@ -29,7 +29,7 @@
 //! instance does; a partition closes once per slot), an operator one that
 //! always closes.
 
-use crate::batch_store::{batch_writes, load_batch};
+use crate::batch_store::{batch_writes, load_batch, load_header};
 use crate::changelog;
 use crate::consume::{
     EVENTS_PER_APPEND_MAX, Owned, PartitionEnd, RangeError, fetch_range, id_key, next_batch, position_write,
@@ -150,11 +150,29 @@ pub struct SettlementService {
     owned: Owned,
     /// The partitions of `payments.events` this instance feeds from.
     fed: Owned,
+    /// Of `owned`, those whose changelog has been replayed here (their batches are current).
+    taken: Owned,
     /// Operators' cut-offs being waited for: what each partition closed.
     waiting: std::sync::Mutex<HashMap<u128, BTreeMap<u32, Vec<BatchId>>>>,
     answered: tokio::sync::Notify,
     /// Set by the first `spawn`: a second starts nothing.
     spawned: std::sync::atomic::AtomicBool,
+}
+
+/// Marks a partition as taken while it lives.
+struct Taken<'a>(&'a Owned, u32);
+
+impl<'a> Taken<'a> {
+    fn new(set: &'a Owned, partition: u32) -> Self {
+        set.lock().unwrap_or_else(|e| e.into_inner()).insert(partition);
+        Taken(set, partition)
+    }
+}
+
+impl Drop for Taken<'_> {
+    fn drop(&mut self) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.1);
+    }
 }
 
 /// Drops an operator's cut-off from `waiting` however its wait ends (its caller may go away).
@@ -281,6 +299,7 @@ impl SettlementService {
             config,
             owned: Owned::default(),
             fed: Owned::default(),
+            taken: Owned::default(),
             waiting: std::sync::Mutex::new(HashMap::new()),
             answered: tokio::sync::Notify::new(),
             spawned: std::sync::atomic::AtomicBool::new(false),
@@ -461,16 +480,22 @@ impl SettlementService {
         }
     }
 
-    /// A batch as stored, with its entries.
+    /// A batch as stored, with its entries, if this instance holds it now.
     pub fn batch(&self, batch_id: BatchId) -> Result<Option<BatchState>, LogError> {
-        load_batch(&self.log, batch_id)
+        match load_header(&self.log, batch_id)? {
+            Some(header) if self.holds(&header) => load_batch(&self.log, batch_id),
+            _ => Ok(None),
+        }
     }
 
-    /// A merchant's batches, newest first (those of the partitions this instance holds).
+    /// A merchant's batches this instance holds now, newest first.
     pub fn batches(&self, merchant_id: MerchantId, limit: usize) -> Result<Vec<BatchState>, LogError> {
         let prefix = format!("merchant-batches/{merchant_id}/").into_bytes();
         let mut out = Vec::new();
-        for (key, _) in self.log.scan(Table::State, &prefix)?.into_iter().take(limit) {
+        for (key, _) in self.log.scan(Table::State, &prefix)? {
+            if out.len() >= limit {
+                break;
+            }
             let Some(bytes) = key.get(key.len() - 16..).and_then(|b| <[u8; 16]>::try_from(b).ok()) else { continue };
             let batch_id = BatchId::from_u128(u128::MAX - u128::from_be_bytes(bytes));
             if let Some(batch) = self.batch(batch_id)? {
@@ -478,6 +503,19 @@ impl SettlementService {
             }
         }
         Ok(out)
+    }
+
+    /// Whether `batch` is current here. With the changelog, only the batches
+    /// of the partitions this instance has taken (restored from the changelog)
+    /// are: the copy a partition left behind when it moved on may be stale.
+    /// Without it, every one.
+    fn holds(&self, batch: &BatchState) -> bool {
+        if !self.config.changelog {
+            return true;
+        }
+        let (Some(key), Ok(partitions)) = (&batch.key, self.bus.partitions(SETTLEMENT_ENTRIES)) else { return false };
+        let partition = partition_for(&payment_key(key_stream(key)), partitions);
+        self.taken.lock().unwrap_or_else(|e| e.into_inner()).contains(&partition)
     }
 
     fn event(&self, stream: u128, cause: u128, index: u64, event_type: &str, payload: Vec<u8>) -> NewEvent {
@@ -652,6 +690,8 @@ impl SettlementService {
                 Err(end) => return end,
             }
         }
+        // Until the task ends, this partition's batches here are current.
+        let _taken = Taken::new(&self.taken, partition);
         let key = entries_offset_key(partition);
         let mut subscription = match resume_subscription(&self.log, &self.bus, SETTLEMENT_ENTRIES, partition, &key) {
             Ok(subscription) => subscription,
@@ -882,7 +922,7 @@ impl Batches<'_, '_> {
         }
         let Some(id) = self.service.log.get(Table::State, &open_key(key))? else { return Ok(BatchState::default()) };
         let Ok(bytes) = <[u8; 16]>::try_from(id.as_slice()) else { return Ok(BatchState::default()) };
-        Ok(self.service.batch(BatchId::from_u128(u128::from_be_bytes(bytes)))?.unwrap_or_default())
+        Ok(load_batch(&self.service.log, BatchId::from_u128(u128::from_be_bytes(bytes)))?.unwrap_or_default())
     }
 
     /// Apply `events` (caused by `cause`) to `batch`, and record them in `pending`.
@@ -966,7 +1006,7 @@ impl Batches<'_, '_> {
         let count = open.len();
         for (index, (open_key_bytes, key, batch_id)) in open.into_iter().enumerate() {
             self.open.remove(&key);
-            let Some(mut batch) = self.service.batch(batch_id)? else { continue };
+            let Some(mut batch) = load_batch(&self.service.log, batch_id)? else { continue };
             let fees = self.service.config.fees.get(&key.provider).copied().unwrap_or(self.service.config.default_fees);
             let mut close_events = Vec::new();
             match decide_batch(&batch, BatchCommand::Close { fees }, now) {

@@ -148,9 +148,9 @@ impl Cluster {
     }
 }
 
-/// The batches of a merchant the settlers hold, each once by id, newest first: a
-/// closed copy, or else the one with more entries, over a stale copy a partition
-/// left behind on the settler that owned it before.
+/// The batches of a merchant the settlers hold, each once by id, newest first
+/// (while a partition moves, both may list its batches: the closed copy, or
+/// else the one with more entries, is the newer).
 fn batches_of(settlers: &[&Kassa], merchant_id: &str) -> Vec<serde_json::Value> {
     let mut by_id: std::collections::BTreeMap<String, serde_json::Value> = Default::default();
     for settler in settlers {
