@@ -227,13 +227,42 @@ fn separate_processes_take_payments_and_survive_a_sigkilled_authorizer() {
         std::thread::sleep(Duration::from_millis(20));
     }
     authorizer.kill(); // SIGKILL, calls in flight
-    // A settler too, mid-cut-off: it comes back to its partitions and batches each capture once.
+    // A settler too, right after a cut-off: the one that owns the merchant's batches with
+    // acq-alpha (the first choice of routing). It comes back to its partitions and batches
+    // each capture once.
+    let alpha = kassa_domain::settlement::BatchKey {
+        provider: "acq-alpha".into(),
+        merchant_id: kassa_domain::MerchantId::parse(&merchant_id).unwrap(),
+        currency: kassa_domain::Currency::from_code("EUR").unwrap(),
+    };
+    let alpha =
+        kassa_bus::partition_for(&kassa_services::payment_key(kassa_services::settlement::key_stream(&alpha)), 8);
+    let owns_alpha = |settler: &Kassa| {
+        let (status, partitions) = call(&settler.addr, ADMIN_TOKEN, "GET", "/admin/partitions", None);
+        assert_eq!(status, 200, "{partitions}");
+        partitions["data"].as_array().unwrap().iter().any(|p| p.as_u64() == Some(u64::from(alpha)))
+    };
+    let victim = loop {
+        match (owns_alpha(&settle), owns_alpha(&settle_2)) {
+            (true, false) => break "settle",
+            (false, true) => break "settle-2",
+            _ => {}
+        }
+        assert!(started.elapsed() < Duration::from_secs(60), "no settler owns partition {alpha}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
     let (status, body) = call(&settle.addr, ADMIN_TOKEN, "POST", "/admin/settlement/cutoff", None);
     assert_eq!(status, 200, "{body}");
-    settle_2.kill();
-    std::thread::sleep(Duration::from_millis(300));
+    let (settle, settle_2) = if victim == "settle" {
+        settle.kill();
+        std::thread::sleep(Duration::from_millis(300));
+        (cluster.spawn("settle", "settle", &["--cutoff-interval-s", "0"]), settle_2)
+    } else {
+        settle_2.kill();
+        std::thread::sleep(Duration::from_millis(300));
+        (settle, cluster.spawn("settle", "settle-2", &["--cutoff-interval-s", "0"]))
+    };
     let authorizer = cluster.authorizer();
-    let settle_2 = cluster.spawn("settle", "settle-2", &["--cutoff-interval-s", "0"]);
     let payments: Vec<(String, &str, i64)> = clients.into_iter().flat_map(|c| c.join().unwrap()).collect();
     assert_eq!(payments.len(), 4 * per_client);
 
