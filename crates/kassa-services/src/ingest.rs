@@ -242,6 +242,13 @@ fn position_key(partition: u32) -> Vec<u8> {
 /// (big-endian ms), then the record's key.
 const IDEMPOTENCY_BY_TIME: &[u8] = b"idempotency-at/";
 
+/// What a time index entry holds of the record it was made for: the first 16
+/// bytes of the SHA-256 of its encoding.
+fn record_tag(record: &[u8]) -> Vec<u8> {
+    use sha2::Digest;
+    sha2::Sha256::digest(record)[..16].to_vec()
+}
+
 /// Idempotency records dropped per pass at most (one append each).
 const IDEMPOTENCY_PRUNED_PER_PASS: usize = 1_000;
 
@@ -700,9 +707,13 @@ impl IngestService {
         let mut by_time = IDEMPOTENCY_BY_TIME.to_vec();
         by_time.extend_from_slice(&(self.clock.now().unix_ms().max(0) as u64).to_be_bytes());
         by_time.extend_from_slice(&storage_key);
+        let record = encode_value(&record);
+        // The index entry names the record it was made for: a record stored again later
+        // under the same key (the first one was forgotten) outlives this entry.
+        let made_for = record_tag(&record);
         let writes = vec![
-            StateWrite { table: Table::Idempotency, key: storage_key, value: Some(encode_value(&record)) },
-            StateWrite { table: Table::State, key: by_time, value: Some(Vec::new()) },
+            StateWrite { table: Table::Idempotency, key: storage_key, value: Some(record) },
+            StateWrite { table: Table::State, key: by_time, value: Some(made_for) },
         ];
         self.log.append(AppendRequest { writes, ..Default::default() }).await.map_err(internal)?;
         answer
@@ -726,9 +737,15 @@ impl IngestService {
             .scan_range(Table::State, IDEMPOTENCY_BY_TIME, &until, IDEMPOTENCY_PRUNED_PER_PASS)
             .map_err(internal)?;
         let mut writes = Vec::with_capacity(old.len() * 2);
-        for (by_time, _) in &old {
+        for (by_time, made_for) in &old {
             if let Some(storage_key) = by_time.get(IDEMPOTENCY_BY_TIME.len() + 8..) {
-                writes.push(StateWrite { table: Table::Idempotency, key: storage_key.to_vec(), value: None });
+                // The record this entry was made for (an entry written before entries named
+                // theirs, empty, is taken to be), not a later one stored under the same key.
+                let stored = self.log.get(Table::Idempotency, storage_key).map_err(internal)?;
+                let same = made_for.is_empty() || stored.as_deref().map(record_tag).as_ref() == Some(made_for);
+                if same {
+                    writes.push(StateWrite { table: Table::Idempotency, key: storage_key.to_vec(), value: None });
+                }
             }
             writes.push(StateWrite { table: Table::State, key: by_time.clone(), value: None });
         }
@@ -1557,6 +1574,22 @@ mod tests {
         assert_eq!(ingest.prune_idempotency_before(now + 1_000).await.unwrap(), 1);
         assert!(log.get(Table::Idempotency, &record_key).unwrap().is_none());
         assert!(log.scan(Table::State, IDEMPOTENCY_BY_TIME).unwrap().is_empty());
+
+        // A record forgotten, then stored again later under the same key: the first
+        // one's index entry goes at its time, the second record stays until its own.
+        ingest.create_payment(merchant_id, Some("k-2"), body).await.unwrap();
+        let record_key = idempotency_key(merchant_id, "k-2");
+        ingest.forget_idempotency(record_key.clone()).await.unwrap();
+        let first = clock.now().unix_ms();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let answer = ingest.create_payment(merchant_id, Some("k-2"), body).await.unwrap();
+        assert_eq!(answer.status, 202);
+        let again = log.get(Table::Idempotency, &record_key).unwrap().expect("stored again");
+        assert_eq!(ingest.prune_idempotency_before(first + 5).await.unwrap(), 1);
+        assert_eq!(log.get(Table::Idempotency, &record_key).unwrap(), Some(again), "the later record went early");
+        assert_eq!(log.scan(Table::State, IDEMPOTENCY_BY_TIME).unwrap().len(), 1);
+        assert_eq!(ingest.prune_idempotency_before(clock.now().unix_ms() + 1_000).await.unwrap(), 1);
+        assert!(log.get(Table::Idempotency, &record_key).unwrap().is_none());
     }
 
     #[test]
