@@ -705,6 +705,10 @@ impl SettlementService {
         };
         // This partition's open batches, so each entry does not reload its batch.
         let mut open = HashMap::new();
+        // With the changelog each input's commit is one Kafka record: ~400 bytes an entry,
+        // so 256 stay well inside a broker's default 1 MB.
+        let inputs_max =
+            if self.config.changelog { self.config.batch_inputs_max.min(256) } else { self.config.batch_inputs_max };
         if ownership.is_some() {
             let imported = match stored_offset(&self.log, &imported_key(partition)) {
                 Ok(imported) => imported,
@@ -728,7 +732,7 @@ impl SettlementService {
             }
         }
         loop {
-            let messages = match next_batch(&mut subscription, self.config.batch_inputs_max, &mut stop).await {
+            let messages = match next_batch(&mut subscription, inputs_max, &mut stop).await {
                 Ok(Some(messages)) => messages,
                 Ok(None) => return PartitionEnd::Again,
                 Err(error) => return PartitionEnd::Fatal(error.to_string()),
