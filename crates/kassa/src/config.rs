@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 pub struct Config {
     pub listen: Option<SocketAddr>,
     pub data_dir: Option<PathBuf>,
-    /// Close open settlement batches this often (seconds; 0: only when asked).
+    /// Close open settlement batches at the start of every slot of this many seconds from the Unix epoch (0: only when asked).
     pub cutoff_interval_s: Option<u64>,
     /// How long a payment request waits for its outcome before answering 202 (ms).
     pub outcome_wait_ms: Option<u64>,

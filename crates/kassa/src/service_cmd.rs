@@ -77,7 +77,8 @@ pub struct ServiceArgs {
     /// The operator token for `/admin/…`; created when missing. [default: DATA_DIR/admin.token]
     #[arg(long, env = "KASSA_ADMIN_TOKEN_FILE")]
     pub admin_token_file: Option<PathBuf>,
-    /// (settle) Close open settlement batches this often, in seconds (0: only when asked). [default: 3600]
+    /// (settle) Close open settlement batches at the start of every slot of this many seconds, counted from the
+    /// Unix epoch (3600: on the hour, UTC; 0: only when asked); give every settler the same. [default: 3600]
     #[arg(long, env = "KASSA_CUTOFF_INTERVAL_S")]
     pub cutoff_interval_s: Option<u64>,
     /// Rebuild this instance's state from the topics, for a lost or suspect disk. Its event log is

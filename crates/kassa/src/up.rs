@@ -41,7 +41,8 @@ pub struct UpArgs {
     /// Address the HTTP API listens on. [default: 127.0.0.1:8080]
     #[arg(long, env = "KASSA_LISTEN")]
     pub listen: Option<SocketAddr>,
-    /// Close open settlement batches this often, in seconds (0: only on `POST /admin/settlement/cutoff`). [default: 3600]
+    /// Close open settlement batches at the start of every slot of this many seconds, counted from the Unix epoch
+    /// (3600: on the hour, UTC; 0: only on `POST /admin/settlement/cutoff`). [default: 3600]
     #[arg(long, env = "KASSA_CUTOFF_INTERVAL_S")]
     pub cutoff_interval_s: Option<u64>,
     /// A TOML file with settings flags do not cover (providers, fees, timeouts); flags win over it.
@@ -60,8 +61,10 @@ pub struct UpArgs {
 pub fn topics() -> Vec<TopicSpec> {
     vec![
         TopicSpec::new(PAYMENT_COMMANDS, PARTITIONS),
-        // Replayed from the start by `settle --rebuild`: created with retention off.
+        // Read from the start by ingest's and settlement's --rebuild (and a new settlement feed owner):
+        // created with retention off.
         TopicSpec::kept_forever(PAYMENT_EVENTS, PARTITIONS),
+        // Read from the start by reconciliation and by a settlement partition's first claim.
         TopicSpec::kept_forever(SETTLEMENT_EVENTS, PARTITIONS),
         // Settlement's feed → its batches, keyed by batch key. Read by the batches' owners as they go,
         // never replayed from the start: kept as long as the commands are.
