@@ -50,11 +50,10 @@ pub fn load_header(log: &EventLog, batch_id: BatchId) -> Result<Option<BatchStat
 
 /// A stored batch with all its entries.
 pub fn load_batch(log: &EventLog, batch_id: BatchId) -> Result<Option<BatchState>, LogError> {
-    let bad = |reason: String| LogError::BadSnapshot { name: format!("batch {batch_id}"), reason };
-    let Some(bytes) = log.get(Table::State, &header_key(batch_id))? else { return Ok(None) };
-    let mut batch: BatchState = decode_value(&bytes, "batch").map_err(|e| bad(e.to_string()))?;
+    let Some(mut batch) = load_header(log, batch_id)? else { return Ok(None) };
     for (_, value) in log.scan(Table::State, &entries_prefix(batch_id))? {
-        let entry: SettlementEntry = decode_value(&value, "batch entry").map_err(|e| bad(e.to_string()))?;
+        let entry: SettlementEntry = decode_value(&value, "batch entry")
+            .map_err(|e| LogError::BadSnapshot { name: format!("batch {batch_id}"), reason: e.to_string() })?;
         batch.entry_ids.insert(entry.entry_id);
         batch.entries.push(entry);
     }

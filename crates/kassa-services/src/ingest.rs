@@ -900,19 +900,21 @@ impl IngestService {
                 metadata: request.metadata,
             });
             let events = decide(&PaymentState::default(), command, now).map_err(|r| internal(r.to_string()))?;
+            // Every message of the request is on the payment's stream.
+            let on_payment = |event_type: &str, payload: Vec<u8>| NewEvent {
+                event_id: rand::random(),
+                event_type: event_type.to_owned(),
+                stream_id: payment_id.as_u128(),
+                timestamp_ms: now.unix_ms(),
+                causation_id: None,
+                correlation_id: Some(payment_id.as_u128()),
+                payload,
+            };
             // The sealed card goes first: authorization holds it when the request arrives.
             let sealed = self.seal.as_ref().map(|seal| {
                 let message =
                     PaymentCommandMessage::CardSealed { payment_id, sealed: seal.seal(payment_id, &request.card) };
-                NewEvent {
-                    event_id: rand::random(),
-                    event_type: CARD_SEALED.to_owned(),
-                    stream_id: payment_id.as_u128(),
-                    timestamp_ms: now.unix_ms(),
-                    causation_id: None,
-                    correlation_id: Some(payment_id.as_u128()),
-                    payload: message.encode_payload(),
-                }
+                on_payment(CARD_SEALED, message.encode_payload())
             });
             if let Some(vault) = &self.vault {
                 vault
@@ -922,28 +924,12 @@ impl IngestService {
             let claim = claim.map(|(key_hash, fingerprint)| {
                 let message =
                     PaymentCommandMessage::ClaimIdempotencyKey { payment_id, merchant_id, key_hash, fingerprint };
-                NewEvent {
-                    event_id: rand::random(),
-                    event_type: message.event_type().to_owned(),
-                    stream_id: payment_id.as_u128(),
-                    timestamp_ms: now.unix_ms(),
-                    causation_id: None,
-                    correlation_id: Some(payment_id.as_u128()),
-                    payload: message.encode_payload(),
-                }
+                on_payment(message.event_type(), message.encode_payload())
             });
             let new_events = sealed
                 .into_iter()
                 .chain(claim)
-                .chain(events.iter().map(|event| NewEvent {
-                    event_id: rand::random(),
-                    event_type: event.event_type().to_owned(),
-                    stream_id: payment_id.as_u128(),
-                    timestamp_ms: now.unix_ms(),
-                    causation_id: None,
-                    correlation_id: Some(payment_id.as_u128()),
-                    payload: event.encode_payload(),
-                }))
+                .chain(events.iter().map(|event| on_payment(event.event_type(), event.encode_payload())))
                 .collect();
             let mut writes = vec![StateWrite {
                 table: Table::State,

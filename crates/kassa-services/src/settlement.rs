@@ -236,11 +236,6 @@ pub fn key_stream(key: &BatchKey) -> u128 {
 /// Which topic a relay publishes an event of the log to (none: not published).
 type Route = fn(&Envelope) -> Option<&'static str>;
 
-/// Whether `event_type` is a batch event (published to `settlement.events`).
-fn is_batch_event(event_type: &str) -> bool {
-    matches!(event_type, "settlement.batch_opened" | "settlement.entry_added" | "settlement.batch_closed")
-}
-
 /// The command that records `entry`'s payment settled in `batch_id`: the same
 /// id whoever closes the batch.
 fn settlement_command(entry: &SettlementEntry, batch_id: BatchId, timestamp_ms: i64) -> NewEvent {
@@ -373,7 +368,9 @@ impl SettlementService {
         }
         let relays: [(&'static str, Route); 3] = [
             (PAYMENT_COMMANDS, |e| e.event_type.starts_with("command.").then_some(PAYMENT_COMMANDS)),
-            (SETTLEMENT_EVENTS, |e| is_batch_event(&e.event_type).then_some(SETTLEMENT_EVENTS)),
+            (SETTLEMENT_EVENTS, |e| {
+                BatchEvent::EVENT_TYPES.contains(&e.event_type.as_str()).then_some(SETTLEMENT_EVENTS)
+            }),
             (SETTLEMENT_ENTRIES, |e| (e.event_type == crate::messages::ENTRY_PENDING).then_some(SETTLEMENT_ENTRIES)),
         ];
         for (name, route) in relays {
