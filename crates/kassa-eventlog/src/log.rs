@@ -26,6 +26,10 @@ pub struct LogConfig {
     pub stream_heads_cached_max: usize,
     /// RocksDB memtable size.
     pub write_buffer_bytes: usize,
+    /// Bytes of the newest durable chunks kept in memory for followers of the
+    /// head (`follow_from`), so a relay reads what was just written without
+    /// going back to RocksDB.
+    pub recent_bytes_max: usize,
 }
 
 impl Default for LogConfig {
@@ -37,6 +41,7 @@ impl Default for LogConfig {
             request_events_max: 4096,
             stream_heads_cached_max: 1 << 20,
             write_buffer_bytes: 64 << 20,
+            recent_bytes_max: 16 << 20,
         }
     }
 }
@@ -154,6 +159,7 @@ pub struct EventLog {
     path: PathBuf,
     committer: GroupCommitter<LogWriter>,
     durable_position: Arc<watch::Sender<u64>>,
+    recent: Arc<Mutex<Recent>>,
     config: LogConfig,
 }
 
@@ -201,14 +207,17 @@ impl EventLog {
         let head = read_head(&db)?;
         let durable_position = Arc::new(watch::channel(head.position).0);
         let failed = Arc::new(Mutex::new(None));
+        let recent =
+            Arc::new(Mutex::new(Recent { chunks: VecDeque::new(), bytes: 0, bytes_max: config.recent_bytes_max }));
         // One group in the sync thread's hands, one being built: the pipeline depth.
         let (sync_tx, sync_rx) = std::sync::mpsc::sync_channel(1);
         let sync_thread = {
             let (db, durable_position, failed) = (Arc::clone(&db), Arc::clone(&durable_position), Arc::clone(&failed));
+            let recent = Arc::clone(&recent);
             let sync = config.sync;
             std::thread::Builder::new()
                 .name("kassa-log-sync".into())
-                .spawn(move || run_sync(db, sync_rx, sync, durable_position, failed))
+                .spawn(move || run_sync(db, sync_rx, sync, durable_position, recent, failed))
                 .map_err(|e| LogError::Storage {
                     context: "spawning the log sync thread".into(),
                     reason: e.to_string(),
@@ -225,7 +234,7 @@ impl EventLog {
         };
         let committer = GroupCommitter::spawn("kassa-log-writer", writer, config.group)
             .map_err(|e| LogError::Storage { context: "spawning the log writer".into(), reason: e.to_string() })?;
-        Ok(EventLog { db, path, committer, durable_position, config })
+        Ok(EventLog { db, path, committer, durable_position, recent, config })
     }
 
     pub fn path(&self) -> &Path {
@@ -305,6 +314,20 @@ impl EventLog {
     /// Up to `max` verified events from `from_position` on.
     pub fn read_from(&self, from_position: u64, max: usize) -> Result<Vec<Envelope>, LogError> {
         self.iter_from(from_position).take(max).collect()
+    }
+
+    /// Up to `max` events from `from_position` on, for a follower of the head
+    /// (a relay). Events this process wrote recently come from memory, each
+    /// frame checked by its checksum and position (they were never read back
+    /// from disk, so their chain links are the ones the writer made); older
+    /// ones are read from disk and verified as by `read_from`.
+    pub fn follow_from(&self, from_position: u64, max: usize) -> Result<Vec<Envelope>, LogError> {
+        let from = from_position.max(1);
+        let chunks = self.recent.lock().unwrap_or_else(|e| e.into_inner()).covering(from, max);
+        match chunks {
+            Some(chunks) => decode_recent(&chunks, from, max),
+            None => self.read_from(from, max),
+        }
     }
 
     /// Up to `max` verified events of one stream, from sequence `from_seq` (1-based).
@@ -573,6 +596,8 @@ type AppendReply = Result<Appended, LogError>;
 /// A built group on its way to the disk.
 struct SyncJob {
     batch: WriteBatch,
+    /// The group's chunks, for `Recent` once the group is durable.
+    chunks: Vec<RecentChunk>,
     replies: Vec<(Replier<AppendReply>, AppendReply)>,
     head_position: u64,
 }
@@ -591,6 +616,7 @@ fn run_sync(
     jobs: std::sync::mpsc::Receiver<SyncJob>,
     sync: bool,
     durable_position: Arc<watch::Sender<u64>>,
+    recent: Arc<Mutex<Recent>>,
     failed: Arc<Mutex<Option<LogError>>>,
 ) {
     let mut options = WriteOptions::default();
@@ -612,6 +638,7 @@ fn run_sync(
         };
         match outcome {
             Ok(()) => {
+                recent.lock().unwrap_or_else(|e| e.into_inner()).push(job.chunks);
                 durable_position.send_replace(job.head_position);
                 for (replier, reply) in job.replies {
                     replier.send(reply);
@@ -694,6 +721,8 @@ struct ChunkBuilder {
     first_timestamp_ms: i64,
     events: usize,
     bytes: Vec<u8>,
+    /// The chunks built so far, kept for `Recent`.
+    done: Vec<RecentChunk>,
 }
 
 impl ChunkBuilder {
@@ -703,9 +732,82 @@ impl ChunkBuilder {
         }
         batch.put_cf(cf(db, CF_LOG), chunk_key(self.first_position), &self.bytes);
         batch.put_cf(cf(db, CF_TIME), time_key(self.first_timestamp_ms, self.first_position), []);
+        let bytes = Arc::new(std::mem::take(&mut self.bytes));
+        self.done.push(RecentChunk { first_position: self.first_position, events: self.events as u64, bytes });
         self.events = 0;
-        self.bytes.clear();
     }
+}
+
+/// A durable chunk still held in memory.
+#[derive(Clone)]
+struct RecentChunk {
+    first_position: u64,
+    events: u64,
+    bytes: Arc<Vec<u8>>,
+}
+
+/// The newest durable chunks, oldest first, contiguous, at most `bytes_max` of them.
+struct Recent {
+    chunks: VecDeque<RecentChunk>,
+    bytes: usize,
+    bytes_max: usize,
+}
+
+impl Recent {
+    fn push(&mut self, chunks: Vec<RecentChunk>) {
+        for chunk in chunks {
+            self.bytes += chunk.bytes.len();
+            self.chunks.push_back(chunk);
+        }
+        while self.bytes > self.bytes_max
+            && let Some(old) = self.chunks.pop_front()
+        {
+            self.bytes -= old.bytes.len();
+        }
+    }
+
+    /// The chunks holding `from` and the events after it (enough for `max`),
+    /// or `None` when `from` is not in memory.
+    fn covering(&self, from: u64, max: usize) -> Option<Vec<RecentChunk>> {
+        let first = self.chunks.front()?.first_position;
+        let back = self.chunks.back()?;
+        if from < first || from >= back.first_position + back.events {
+            return None;
+        }
+        let start = self.chunks.partition_point(|c| c.first_position + c.events <= from);
+        let mut out = Vec::new();
+        let mut events = 0u64;
+        for chunk in self.chunks.range(start..) {
+            events += chunk.first_position + chunk.events - from.max(chunk.first_position);
+            out.push(chunk.clone());
+            if events >= max as u64 {
+                break;
+            }
+        }
+        Some(out)
+    }
+}
+
+/// Decode the events of in-memory chunks from `from` on, at most `max`.
+fn decode_recent(chunks: &[RecentChunk], from: u64, max: usize) -> Result<Vec<Envelope>, LogError> {
+    let mut out = Vec::new();
+    for chunk in chunks {
+        for (index, frame) in frames(&chunk.bytes, chunk.first_position)?.into_iter().enumerate() {
+            let position = chunk.first_position + index as u64;
+            if position < from {
+                continue;
+            }
+            if out.len() >= max {
+                return Ok(out);
+            }
+            let envelope = decode_frame(frame).map_err(|source| LogError::Corrupt { position, source })?;
+            if envelope.position != position {
+                return Err(LogError::Gap { expected: position, found: envelope.position });
+            }
+            out.push(envelope);
+        }
+    }
+    Ok(out)
 }
 
 impl GroupWriter for LogWriter {
@@ -722,7 +824,7 @@ impl GroupWriter for LogWriter {
             Some(error) => Err(error),
             None => self.prefetch_stream_heads(group).map(|()| self.build(group)),
         };
-        let (batch, replies, head_position) = match built {
+        let (batch, replies, head_position, chunks) = match built {
             Ok(built) => built,
             Err(error) => {
                 for replier in repliers {
@@ -733,7 +835,7 @@ impl GroupWriter for LogWriter {
             }
         };
         let replies = repliers.into_iter().zip(replies).collect();
-        let job = SyncJob { batch, replies, head_position };
+        let job = SyncJob { batch, chunks, replies, head_position };
         if let Some(sync_tx) = &self.sync_tx
             && let Err(std::sync::mpsc::SendError(job)) = sync_tx.send(job)
         {
@@ -746,14 +848,20 @@ impl GroupWriter for LogWriter {
 
 impl LogWriter {
     /// Sequence a group: positions, stream sequences, chain links, one batch.
-    fn build(&mut self, group: &mut Vec<AppendRequest>) -> (WriteBatch, Vec<AppendReply>, u64) {
+    fn build(&mut self, group: &mut Vec<AppendRequest>) -> (WriteBatch, Vec<AppendReply>, u64, Vec<RecentChunk>) {
         let db = Arc::clone(&self.db);
         let mut batch = WriteBatch::default();
         let mut head = self.head;
         let mut overlay: IdMap<u64> = IdMap::default();
         let mut replies = Vec::with_capacity(group.len());
-        let mut chunk = ChunkBuilder { first_position: 0, first_timestamp_ms: 0, events: 0, bytes: Vec::new() };
-        let streams = cf(&db, CF_STREAMS);
+        let mut chunk =
+            ChunkBuilder { first_position: 0, first_timestamp_ms: 0, events: 0, bytes: Vec::new(), done: Vec::new() };
+        // Index entries and table writes are put in key order, per column family:
+        // RocksDB inserts each into its memtable's skip list starting from where
+        // the previous insert landed, so sorted random keys (payment ids) cost
+        // far fewer comparisons than the same keys in arrival order.
+        let mut index: Vec<([u8; 24], u64)> = Vec::new();
+        let mut writes: Vec<StateWrite> = Vec::new();
         for request in group.drain(..) {
             if let Err(error) = self.check_expected(&overlay, &request) {
                 replies.push(Err(error));
@@ -785,21 +893,29 @@ impl LogWriter {
                 }
                 head.hash = push_frame(&mut chunk.bytes, &envelope);
                 chunk.events += 1;
-                batch.put_cf(streams, stream_key(event.stream_id, seq), head.position.to_be_bytes());
+                index.push((stream_key(event.stream_id, seq), head.position));
                 if chunk.events >= self.config.chunk_events_max {
                     chunk.flush(&db, &mut batch);
                 }
             }
-            for write in request.writes {
-                let table = cf(&db, write.table.cf());
-                match write.value {
-                    Some(value) => batch.put_cf(table, write.key, value),
-                    None => batch.delete_cf(table, write.key),
-                }
-            }
+            writes.extend(request.writes);
             replies.push(Ok(Appended { first_position, last_position: head.position }));
         }
         chunk.flush(&db, &mut batch);
+        index.sort_unstable_by_key(|(key, _)| *key);
+        let streams = cf(&db, CF_STREAMS);
+        for (key, position) in index {
+            batch.put_cf(streams, key, position.to_be_bytes());
+        }
+        // Stable: of two writes to one key in a group, the later still lands last.
+        writes.sort_by(|a, b| (a.table as u8, &a.key).cmp(&(b.table as u8, &b.key)));
+        for write in writes {
+            let table = cf(&db, write.table.cf());
+            match write.value {
+                Some(value) => batch.put_cf(table, write.key, value),
+                None => batch.delete_cf(table, write.key),
+            }
+        }
         let mut head_record = head.position.to_be_bytes().to_vec();
         head_record.extend_from_slice(&head.hash);
         batch.put_cf(cf(&db, CF_META), META_HEAD, head_record);
@@ -810,7 +926,7 @@ impl LogWriter {
             self.stream_heads.clear();
         }
         self.stream_heads.extend(overlay);
-        (batch, replies, head.position)
+        (batch, replies, head.position, chunk.done)
     }
 }
 

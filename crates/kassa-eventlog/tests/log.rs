@@ -436,3 +436,59 @@ fn damage_to_the_table_files_on_disk_is_an_error_not_a_panic() {
         }
     }
 }
+
+#[test]
+fn followers_read_recent_events_from_memory_exactly_as_from_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    // Small chunks and a small memory: reads cross chunk boundaries and fall
+    // back to disk once the chunk holding their start is evicted.
+    let config = LogConfig { chunk_events_max: 7, recent_bytes_max: 3_000, ..LogConfig::default() };
+    let log = EventLog::open(dir.path(), config.clone()).unwrap();
+    let mut id = 0u128;
+    for batch in 0..60u64 {
+        let events = (0..batch % 11 + 1)
+            .map(|_| {
+                id += 1;
+                event(id, id % 4, 1000 + id as i64)
+            })
+            .collect();
+        append(&log, events);
+        let head = log.head_position();
+        for from in [1, head.saturating_sub(30), head.saturating_sub(9), head.saturating_sub(1), head, head + 1] {
+            for max in [1, 5, 64] {
+                assert_eq!(
+                    log.follow_from(from, max).unwrap(),
+                    log.read_from(from, max).unwrap(),
+                    "from {from} max {max}"
+                );
+            }
+        }
+    }
+    // A reopened log has nothing in memory: followers read from disk.
+    drop(log);
+    let log = EventLog::open(dir.path(), config).unwrap();
+    assert_eq!(log.follow_from(1, usize::MAX).unwrap(), log.read_from(1, usize::MAX).unwrap());
+    assert_eq!(log.follow_from(1, usize::MAX).unwrap().len() as u128, id);
+}
+
+#[test]
+fn of_two_writes_to_one_key_in_an_append_the_later_lands() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = EventLog::open(dir.path(), LogConfig::default()).unwrap();
+    let write = |key: &str, value: Option<&str>| StateWrite {
+        table: Table::State,
+        key: key.as_bytes().to_vec(),
+        value: value.map(|v| v.as_bytes().to_vec()),
+    };
+    let writes = vec![
+        write("b", Some("first")),
+        write("a", Some("kept")),
+        write("b", Some("second")),
+        write("c", Some("put")),
+        write("c", None),
+    ];
+    log.append_blocking(AppendRequest { writes, ..Default::default() }).unwrap();
+    assert_eq!(log.get(Table::State, b"a").unwrap(), Some(b"kept".to_vec()));
+    assert_eq!(log.get(Table::State, b"b").unwrap(), Some(b"second".to_vec()));
+    assert_eq!(log.get(Table::State, b"c").unwrap(), None);
+}

@@ -73,7 +73,7 @@ pub async fn run_relay(
         let batch = {
             let log = Arc::clone(&log);
             let from = position + 1;
-            tokio::task::spawn_blocking(move || log.read_from(from, config.batch_events_max)).await
+            tokio::task::spawn_blocking(move || log.follow_from(from, config.batch_events_max)).await
         };
         let envelopes = match batch {
             Ok(Ok(envelopes)) => envelopes,

@@ -15,7 +15,9 @@ use std::io::IsTerminal;
 
 /// mimalloc instead of the system allocator: the pipeline allocates and frees
 /// many small buffers across threads, where glibc's malloc spent ~17% of the
-/// CPU (BENCHMARKS.md).
+/// CPU (BENCHMARKS.md). Built without its requests for transparent huge pages
+/// (feature `no_thp`): the kernel zeroed a whole 2 MiB page on the first touch
+/// of each, ~5% of the pipeline's CPU.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
