@@ -154,6 +154,8 @@ pub fn encode_frame_into(envelope: &Envelope, out: &mut Vec<u8>) -> usize {
         prev_hash: &envelope.prev_hash,
     };
     let start = out.len();
+    // Room for the fixed fields at their widest, so the encoder does not grow `out` bit by bit.
+    out.reserve(160 + envelope.event_type.len() + envelope.payload.len());
     out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
     // Encoding plain owned data into a Vec cannot fail.
     bincode::serde::encode_into_std_write(&body, out, config()).expect("encoding into a Vec cannot fail");

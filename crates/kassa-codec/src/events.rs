@@ -27,7 +27,11 @@ fn config() -> impl bincode::config::Config {
 
 /// Encode any serde value with Kassa's codec (for state, snapshots and messages).
 pub fn encode_value<T: Serialize>(value: &T) -> Vec<u8> {
-    bincode::serde::encode_to_vec(value, config()).expect("encoding plain data into a Vec cannot fail")
+    // bincode's own `encode_to_vec` starts from an empty Vec and grows it field by field.
+    let mut out = Vec::with_capacity(256);
+    bincode::serde::encode_into_std_write(value, &mut out, config())
+        .expect("encoding plain data into a Vec cannot fail");
+    out
 }
 
 /// Decode a value written by [`encode_value`]; every byte must be used.

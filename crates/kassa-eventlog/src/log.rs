@@ -721,6 +721,8 @@ struct ChunkBuilder {
     first_timestamp_ms: i64,
     events: usize,
     bytes: Vec<u8>,
+    /// The size of the last chunk: room reserved for the next one.
+    size_hint: usize,
     /// The chunks built so far, kept for `Recent`.
     done: Vec<RecentChunk>,
 }
@@ -732,6 +734,7 @@ impl ChunkBuilder {
         }
         batch.put_cf(cf(db, CF_LOG), chunk_key(self.first_position), &self.bytes);
         batch.put_cf(cf(db, CF_TIME), time_key(self.first_timestamp_ms, self.first_position), []);
+        self.size_hint = self.bytes.len();
         let bytes = Arc::new(std::mem::take(&mut self.bytes));
         self.done.push(RecentChunk { first_position: self.first_position, events: self.events as u64, bytes });
         self.events = 0;
@@ -854,8 +857,14 @@ impl LogWriter {
         let mut head = self.head;
         let mut overlay: IdMap<u64> = IdMap::default();
         let mut replies = Vec::with_capacity(group.len());
-        let mut chunk =
-            ChunkBuilder { first_position: 0, first_timestamp_ms: 0, events: 0, bytes: Vec::new(), done: Vec::new() };
+        let mut chunk = ChunkBuilder {
+            first_position: 0,
+            first_timestamp_ms: 0,
+            events: 0,
+            bytes: Vec::new(),
+            size_hint: 0,
+            done: Vec::new(),
+        };
         // Index entries and table writes are put in key order, per column family:
         // RocksDB inserts each into its memtable's skip list starting from where
         // the previous insert landed, so sorted random keys (payment ids) cost
@@ -888,6 +897,7 @@ impl LogWriter {
                     prev_hash: head.hash,
                 };
                 if chunk.events == 0 {
+                    chunk.bytes.reserve(chunk.size_hint);
                     chunk.first_position = head.position;
                     chunk.first_timestamp_ms = head.timestamp_ms;
                 }

@@ -143,6 +143,10 @@ pub struct Answer {
 #[derive(Debug, Default)]
 struct Waiters {
     payments: Mutex<HashMap<PaymentId, Arc<Notify>>>,
+    /// The state the read model last stored for a payment a request waits on,
+    /// so the request need not read it back from the log. Always the newest:
+    /// every wake of a payment with an entry here replaces it.
+    latest: Mutex<HashMap<PaymentId, PaymentState>>,
     rejections: Mutex<HashMap<u128, CommandRejected>>,
 }
 
@@ -152,19 +156,41 @@ impl Waiters {
         Arc::clone(map.entry(payment_id).or_default())
     }
 
-    /// Drop a payment's entry once no request waits on it any more.
+    /// Drop a payment's entries once no request waits on it any more.
     fn release(&self, payment_id: PaymentId) {
-        let mut map = self.payments.lock().unwrap_or_else(|e| e.into_inner());
-        if map.get(&payment_id).is_some_and(|n| Arc::strong_count(n) == 1) {
-            map.remove(&payment_id);
+        let waiting = {
+            let mut map = self.payments.lock().unwrap_or_else(|e| e.into_inner());
+            match map.get(&payment_id) {
+                Some(notify) if Arc::strong_count(notify) == 1 => {
+                    map.remove(&payment_id);
+                    false
+                }
+                Some(_) => true,
+                None => false,
+            }
+        };
+        if !waiting {
+            self.latest.lock().unwrap_or_else(|e| e.into_inner()).remove(&payment_id);
         }
     }
 
-    fn wake(&self, payment_id: PaymentId) {
+    /// The read model stored `state` for the payment: wake whoever waits on it.
+    fn wake(&self, payment_id: PaymentId, state: &PaymentState) {
         let notify = self.payments.lock().unwrap_or_else(|e| e.into_inner()).remove(&payment_id);
+        {
+            let mut latest = self.latest.lock().unwrap_or_else(|e| e.into_inner());
+            if notify.is_some() || latest.contains_key(&payment_id) {
+                latest.insert(payment_id, state.clone());
+            }
+        }
         if let Some(notify) = notify {
             notify.notify_waiters();
         }
+    }
+
+    /// The state last stored for a payment a request waits on, if it came since the last call.
+    fn take_latest(&self, payment_id: PaymentId) -> Option<PaymentState> {
+        self.latest.lock().unwrap_or_else(|e| e.into_inner()).remove(&payment_id)
     }
 }
 
@@ -1102,7 +1128,14 @@ impl IngestService {
         payment_id: PaymentId,
         done: impl Fn(&PaymentState) -> bool,
     ) -> Result<Option<PaymentState>, ApiError> {
-        self.wait_until(payment_id, || Ok(self.view(payment_id)?.map(|v| v.state).filter(|s| done(s)))).await
+        self.wait_until(payment_id, || {
+            let state = match self.waiters.take_latest(payment_id) {
+                Some(state) => Some(state),
+                None => self.view(payment_id)?.map(|v| v.state),
+            };
+            Ok(state.filter(|s| done(s)))
+        })
+        .await
     }
 
     /// Check, and check again each time the read model changes the payment,
@@ -1277,8 +1310,8 @@ impl IngestService {
                 map.insert(rejected.command_id, rejected);
             }
         }
-        for payment_id in views.keys() {
-            self.waiters.wake(*payment_id);
+        for (payment_id, view) in &views {
+            self.waiters.wake(*payment_id, &view.state);
         }
         Ok(())
     }
@@ -1507,6 +1540,34 @@ fn event_data(event: &PaymentEvent) -> String {
 mod tests {
     use super::*;
     use kassa_codec::{Envelope, encode_frame};
+
+    fn state_with(captured_minor: i64) -> PaymentState {
+        PaymentState { captured_minor, ..PaymentState::default() }
+    }
+
+    #[test]
+    fn a_waiter_is_handed_the_newest_state_the_read_model_stored() {
+        let waiters = Waiters::default();
+        let payment = PaymentId::from_u128(7);
+        // Nobody waits: nothing is kept.
+        waiters.wake(payment, &state_with(1));
+        assert_eq!(waiters.take_latest(payment), None);
+        // A waiter registers; two changes come before it looks again (the second
+        // finds no registration): it is handed the second, never the first.
+        let _notify = waiters.notify_for(payment);
+        waiters.wake(payment, &state_with(2));
+        waiters.wake(payment, &state_with(3));
+        assert_eq!(waiters.take_latest(payment), Some(state_with(3)));
+        assert_eq!(waiters.take_latest(payment), None);
+        // A change nobody took is dropped when the last waiter leaves.
+        let notify = waiters.notify_for(payment);
+        waiters.wake(payment, &state_with(4));
+        drop(notify);
+        waiters.release(payment);
+        assert_eq!(waiters.take_latest(payment), None);
+        assert!(waiters.latest.lock().unwrap().is_empty());
+        assert!(waiters.payments.lock().unwrap().is_empty());
+    }
 
     fn message(event_type: &str, payload: Vec<u8>) -> kassa_bus::Message {
         let envelope = Envelope {

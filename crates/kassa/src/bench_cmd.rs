@@ -232,7 +232,9 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             tokio::time::sleep(Duration::from_millis(20)).await;
             batched = settlement.batches(merchant, 10_000)?.iter().map(|b| b.entries.len() as u64).sum();
         }
+        let batched_after = settle_started.elapsed();
         let closed = settlement.cutoff().await?.closed;
+        let closed_after = settle_started.elapsed();
         let mut reconciled = 0u64;
         let mut clean = true;
         while reconciled < captured_entries && settle_started.elapsed() < Duration::from_secs(300) {
@@ -243,10 +245,13 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         }
         let total = started.elapsed();
         println!(
-            "settlement + reconciliation: {batched} entries in {} batches, {reconciled} lines matched{}, {} ms after the last outcome",
+            "settlement + reconciliation: {batched} entries in {} batches, {reconciled} lines matched{}, {} ms after the last outcome \
+             (all batched at {} ms, closed at {} ms)",
             closed.len(),
             if clean { ", no discrepancy" } else { ", DISCREPANCIES (see the reports)" },
-            settle_started.elapsed().as_millis()
+            settle_started.elapsed().as_millis(),
+            batched_after.as_millis(),
+            closed_after.as_millis()
         );
         println!(
             "through all four stages: {} payments/s  ({} payments authorized, captured, batched and reconciled in {} ms)",

@@ -592,16 +592,23 @@ enum ActorError {
 
 impl PartitionActor {
     fn load(&mut self, batch: &mut Batch, payment_id: PaymentId) -> Result<PaymentRecord, ActorError> {
-        if let Some(record) = batch.records.get(&payment_id).or_else(|| self.cache.get(&payment_id)) {
+        if let Some(record) = batch.records.get(&payment_id) {
             return Ok(record.clone());
         }
-        Ok(match self.service.log.get(Table::State, &record_key(payment_id))? {
-            Some(bytes) => decode_value(&bytes, "payment record").map_err(|e| kassa_eventlog::LogError::BadChunk {
-                position: 0,
-                reason: format!("payment record {payment_id}: {e}"),
-            })?,
-            None => PaymentRecord::default(),
-        })
+        let record = match self.cache.get(&payment_id) {
+            Some(record) => record.clone(),
+            None => match self.service.log.get(Table::State, &record_key(payment_id))? {
+                Some(bytes) => {
+                    decode_value(&bytes, "payment record").map_err(|e| kassa_eventlog::LogError::BadChunk {
+                        position: 0,
+                        reason: format!("payment record {payment_id}: {e}"),
+                    })?
+                }
+                None => PaymentRecord::default(),
+            },
+        };
+        batch.stored_active.insert(payment_id, record.is_active());
+        Ok(record)
     }
 
     /// Put a sealed card into the vault, unless it is there already (ingest in
@@ -871,8 +878,12 @@ impl PartitionActor {
                 key: record_key(*payment_id),
                 value: Some(encode_value(record)),
             });
-            let active = active_key(self.partition, *payment_id);
-            writes.push(StateWrite { table: Table::State, key: active, value: record.is_active().then(Vec::new) });
+            // The marker follows the record's activity; unchanged, it is not written again.
+            let active = record.is_active();
+            if batch.stored_active.get(payment_id) != Some(&active) {
+                let key = active_key(self.partition, *payment_id);
+                writes.push(StateWrite { table: Table::State, key, value: active.then(Vec::new) });
+            }
             if !record.needs_card() && self.service.vault.remove(*payment_id) {
                 writes.push(StateWrite { table: Table::State, key: sealed_card_key(*payment_id), value: None });
             }

@@ -23,7 +23,7 @@ use kassa_domain::{
 use kassa_eventlog::NewEvent;
 use kassa_providers::{AttemptStatus, AuthorizeOutcome, ProviderError};
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 /// Event type of a routing decision (JSON payload: [`RoutingDecided`]).
 pub const ROUTING_DECIDED: &str = "routing.decided";
@@ -164,6 +164,9 @@ pub struct Batch {
     pub seen: HashSet<u128>,
     /// Idempotency claims and duplicate markers to write (or, `None`, delete), by state key.
     pub claims: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+    /// Whether each payment loaded for this batch was active as stored: its
+    /// `active` marker is written only when that changes.
+    pub stored_active: HashMap<PaymentId, bool>,
 }
 
 /// Decides inputs for payments: the routing engine, the bounds, the time of
