@@ -322,12 +322,15 @@ impl EventLog {
     /// from disk, so their chain links are the ones the writer made); older
     /// ones are read from disk and verified as by `read_from`.
     pub fn follow_from(&self, from_position: u64, max: usize) -> Result<Vec<Envelope>, LogError> {
+        self.follow_recent(from_position, max).unwrap_or_else(|| self.read_from(from_position, max))
+    }
+
+    /// [`Self::follow_from`] when `from_position` is still in memory (no disk
+    /// read, so an async caller need not move to a blocking thread); `None` when not.
+    pub fn follow_recent(&self, from_position: u64, max: usize) -> Option<Result<Vec<Envelope>, LogError>> {
         let from = from_position.max(1);
-        let chunks = self.recent.lock().unwrap_or_else(|e| e.into_inner()).covering(from, max);
-        match chunks {
-            Some(chunks) => decode_recent(&chunks, from, max),
-            None => self.read_from(from, max),
-        }
+        let chunks = self.recent.lock().unwrap_or_else(|e| e.into_inner()).covering(from, max)?;
+        Some(decode_recent(&chunks, from, max))
     }
 
     /// Up to `max` verified events of one stream, from sequence `from_seq` (1-based).

@@ -70,10 +70,14 @@ pub async fn run_relay(
             }
             continue;
         }
-        let batch = {
-            let log = Arc::clone(&log);
-            let from = position + 1;
-            tokio::task::spawn_blocking(move || log.follow_from(from, config.batch_events_max)).await
+        let from = position + 1;
+        let batch = match log.follow_recent(from, config.batch_events_max) {
+            // What was just written is in memory: no disk read, no hop to a blocking thread.
+            Some(read) => Ok(read),
+            None => {
+                let log = Arc::clone(&log);
+                tokio::task::spawn_blocking(move || log.read_from(from, config.batch_events_max)).await
+            }
         };
         let envelopes = match batch {
             Ok(Ok(envelopes)) => envelopes,
