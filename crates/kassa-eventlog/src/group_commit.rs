@@ -20,8 +20,10 @@ use tokio::sync::{mpsc, oneshot};
 pub struct GroupCommitConfig {
     /// Stop gathering a group once it holds this much weight (events).
     pub batch_events_max: usize,
-    /// After the first request of a group, wait at most this long for more.
-    /// 0 means: take what is queued now and write. A short wait makes fewer,
+    /// After the first request of a group, wait at most this long for more —
+    /// only under load (the previous group held more than one request): a lone
+    /// request at an idle log is written at once. 0 means: take what is queued
+    /// now and write. A short wait makes fewer,
     /// larger groups under load: each sync costs kernel CPU (the write-back,
     /// the disk's notification), and on a disk whose sync takes ~0.2 ms, groups
     /// formed only while a sync runs are small.
@@ -177,11 +179,13 @@ fn run<W: GroupWriter>(
     let linger = Duration::from_micros(config.linger_us);
     let mut group = Vec::new();
     let mut replies = Vec::new();
+    // Linger only under load: after a group of one request, the next is written at once.
+    let mut loaded = false;
     while let Some((request, reply)) = rx.blocking_recv() {
         let mut weight = W::weight(&request);
         group.push(request);
         replies.push(reply);
-        let deadline = Instant::now() + linger;
+        let deadline = Instant::now() + if loaded { linger } else { Duration::ZERO };
         while weight < config.batch_events_max {
             match rx.try_recv() {
                 Ok((request, reply)) => {
@@ -200,6 +204,7 @@ fn run<W: GroupWriter>(
                 Err(mpsc::error::TryRecvError::Disconnected) => break,
             }
         }
+        loaded = group.len() > 1;
         stats.groups.fetch_add(1, Ordering::Relaxed);
         stats.requests.fetch_add(group.len() as u64, Ordering::Relaxed);
         stats.weight.fetch_add(weight as u64, Ordering::Relaxed);
@@ -253,6 +258,24 @@ mod tests {
         let replies: Vec<_> = queued.into_iter().map(|p| p.wait().unwrap()).collect();
         assert_eq!(replies, vec![20, 30, 40, 50]);
         assert_eq!(committer.stats().groups.load(Ordering::Relaxed), 2);
+        drop(gate_tx);
+    }
+
+    #[test]
+    fn a_lone_request_is_written_at_once_whatever_the_linger() {
+        let (gate_tx, gate_rx) = std_mpsc::channel();
+        let (seen_tx, seen_rx) = std_mpsc::channel();
+        // An hour's linger: only a writer that lingers under load alone answers here.
+        let config = GroupCommitConfig { batch_events_max: 100, linger_us: 3_600_000_000, queue_requests_max: 4 };
+        let committer =
+            GroupCommitter::spawn("test-writer", GatedWriter { gate: gate_rx, seen: seen_tx }, config).unwrap();
+        gate_tx.send(()).unwrap();
+        let lone = committer.submit_blocking(7).unwrap();
+        if seen_rx.recv_timeout(std::time::Duration::from_secs(60)) != Ok(1) {
+            std::mem::forget(committer); // its writer sleeps out the hour: do not join it
+            panic!("a lone request waited for the linger");
+        }
+        assert_eq!(lone.wait(), Ok(70));
         drop(gate_tx);
     }
 }

@@ -41,7 +41,7 @@ impl Default for LogConfig {
             request_events_max: 4096,
             stream_heads_cached_max: 1 << 20,
             write_buffer_bytes: 64 << 20,
-            recent_bytes_max: 16 << 20,
+            recent_bytes_max: 8 << 20,
         }
     }
 }
