@@ -50,6 +50,17 @@ pub struct BenchArgs {
     pub kafka: KafkaArgs,
 }
 
+/// CPU time this process has used so far (user + system), from
+/// `/proc/self/stat`; `None` where that is not readable (not Linux).
+fn process_cpu() -> Option<Duration> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the command name (which may hold spaces) start at field 3.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks = |field: usize| fields.get(field - 3)?.parse::<u64>().ok();
+    // Clock ticks are 1/100 s in Linux's ABI (USER_HZ).
+    Some(Duration::from_millis((ticks(14)? + ticks(15)?) * 10))
+}
+
 fn percentile(sorted: &[Duration], per_mille: usize) -> Duration {
     if sorted.is_empty() {
         return Duration::ZERO;
@@ -141,6 +152,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             args.payments, args.concurrency, args.latency_ms_min, args.latency_ms_max, crate::up::PARTITIONS
         );
         let started = Instant::now();
+        let cpu_at_start = process_cpu();
         // Over Kafka: sample how far authorization's input lags behind what ingest published.
         let max_lag = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let lag_sampler = kafka_bus.clone().map(|bus| {
@@ -259,6 +271,18 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             args.payments,
             total.as_millis()
         );
+        if let (Some(before), Some(after)) = (cpu_at_start, process_cpu()) {
+            let used = after.saturating_sub(before);
+            let cores_x100 = used.as_millis() * 100 / total.as_millis().max(1);
+            println!(
+                "CPU used: {} ms (user + system, all threads) over those {} ms: {} µs a payment, {}.{:02} cores",
+                used.as_millis(),
+                total.as_millis(),
+                used.as_micros() as u64 / args.payments.max(1),
+                cores_x100 / 100,
+                cores_x100 % 100
+            );
+        }
         let _ = stop_tx.send(true);
         for task in tasks {
             let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
