@@ -21,8 +21,10 @@ pub struct GroupCommitConfig {
     /// Stop gathering a group once it holds this much weight (events).
     pub batch_events_max: usize,
     /// After the first request of a group, wait at most this long for more —
-    /// only under load (the previous group held more than one request): a lone
-    /// request at an idle log is written at once. 0 means: take what is queued
+    /// only under load (the previous group held more than one request): after a
+    /// group of one, the next request is written at once. (Resetting that after
+    /// an idle spell was tried: it lingered too seldom under load, BENCHMARKS.md.)
+    /// 0 means: take what is queued
     /// now and write. A short wait makes fewer,
     /// larger groups under load: each sync costs kernel CPU (the write-back,
     /// the disk's notification), and on a disk whose sync takes ~0.2 ms, groups

@@ -231,6 +231,7 @@ impl EventLog {
             sync_tx: Some(sync_tx),
             sync_thread: Some(sync_thread),
             failed,
+            chunk_buffer: Vec::new(),
         };
         let committer = GroupCommitter::spawn("kassa-log-writer", writer, config.group)
             .map_err(|e| LogError::Storage { context: "spawning the log writer".into(), reason: e.to_string() })?;
@@ -592,6 +593,8 @@ struct LogWriter {
     sync_tx: Option<std::sync::mpsc::SyncSender<SyncJob>>,
     sync_thread: Option<std::thread::JoinHandle<()>>,
     failed: Arc<Mutex<Option<LogError>>>,
+    /// The chunk buffer, kept from group to group so it does not grow again each time.
+    chunk_buffer: Vec<u8>,
 }
 
 type AppendReply = Result<Appended, LogError>;
@@ -724,8 +727,6 @@ struct ChunkBuilder {
     first_timestamp_ms: i64,
     events: usize,
     bytes: Vec<u8>,
-    /// The size of the last chunk: room reserved for the next one.
-    size_hint: usize,
     /// The chunks built so far, kept for `Recent`.
     done: Vec<RecentChunk>,
 }
@@ -737,8 +738,9 @@ impl ChunkBuilder {
         }
         batch.put_cf(cf(db, CF_LOG), chunk_key(self.first_position), &self.bytes);
         batch.put_cf(cf(db, CF_TIME), time_key(self.first_timestamp_ms, self.first_position), []);
-        self.size_hint = self.bytes.len();
-        let bytes = Arc::new(std::mem::take(&mut self.bytes));
+        // An exact copy for `Recent` (its budget counts these bytes); the buffer is used again.
+        let bytes: Arc<[u8]> = Arc::from(&self.bytes[..]);
+        self.bytes.clear();
         self.done.push(RecentChunk { first_position: self.first_position, events: self.events as u64, bytes });
         self.events = 0;
     }
@@ -749,7 +751,7 @@ impl ChunkBuilder {
 struct RecentChunk {
     first_position: u64,
     events: u64,
-    bytes: Arc<Vec<u8>>,
+    bytes: Arc<[u8]>,
 }
 
 /// The newest durable chunks, oldest first, contiguous, at most `bytes_max` of them.
@@ -864,8 +866,7 @@ impl LogWriter {
             first_position: 0,
             first_timestamp_ms: 0,
             events: 0,
-            bytes: Vec::new(),
-            size_hint: 0,
+            bytes: std::mem::take(&mut self.chunk_buffer),
             done: Vec::new(),
         };
         // Index entries and table writes are put in key order, per column family:
@@ -900,7 +901,6 @@ impl LogWriter {
                     prev_hash: head.hash,
                 };
                 if chunk.events == 0 {
-                    chunk.bytes.reserve(chunk.size_hint);
                     chunk.first_position = head.position;
                     chunk.first_timestamp_ms = head.timestamp_ms;
                 }
@@ -939,6 +939,7 @@ impl LogWriter {
             self.stream_heads.clear();
         }
         self.stream_heads.extend(overlay);
+        self.chunk_buffer = chunk.bytes;
         (batch, replies, head.position, chunk.done)
     }
 }

@@ -140,12 +140,16 @@ pub struct Answer {
     pub replayed: bool,
 }
 
+/// Requests waiting for the read model to change a payment. A payment's entry
+/// stays while anyone holds its `Notify` (each waiter holds one clone for its
+/// whole wait), so every change after a waiter registered reaches it.
+/// Lock order: `payments`, then `latest`.
 #[derive(Debug, Default)]
 struct Waiters {
     payments: Mutex<HashMap<PaymentId, Arc<Notify>>>,
-    /// The state the read model last stored for a payment a request waits on,
-    /// so the request need not read it back from the log. Always the newest:
-    /// every wake of a payment with an entry here replaces it.
+    /// The state the read model stored last for a payment somebody waits on,
+    /// so the request need not read it back from the log. Kept only while the
+    /// payment's entry in `payments` is.
     latest: Mutex<HashMap<PaymentId, PaymentState>>,
     rejections: Mutex<HashMap<u128, CommandRejected>>,
 }
@@ -158,39 +162,39 @@ impl Waiters {
 
     /// Drop a payment's entries once no request waits on it any more.
     fn release(&self, payment_id: PaymentId) {
-        let waiting = {
-            let mut map = self.payments.lock().unwrap_or_else(|e| e.into_inner());
-            match map.get(&payment_id) {
-                Some(notify) if Arc::strong_count(notify) == 1 => {
-                    map.remove(&payment_id);
-                    false
-                }
-                Some(_) => true,
-                None => false,
-            }
-        };
-        if !waiting {
+        let mut map = self.payments.lock().unwrap_or_else(|e| e.into_inner());
+        if map.get(&payment_id).is_some_and(|notify| Arc::strong_count(notify) == 1) {
+            map.remove(&payment_id);
             self.latest.lock().unwrap_or_else(|e| e.into_inner()).remove(&payment_id);
         }
     }
 
     /// The read model stored `state` for the payment: wake whoever waits on it.
     fn wake(&self, payment_id: PaymentId, state: &PaymentState) {
-        let notify = self.payments.lock().unwrap_or_else(|e| e.into_inner()).remove(&payment_id);
-        {
-            let mut latest = self.latest.lock().unwrap_or_else(|e| e.into_inner());
-            if notify.is_some() || latest.contains_key(&payment_id) {
-                latest.insert(payment_id, state.clone());
-            }
-        }
-        if let Some(notify) = notify {
+        let map = self.payments.lock().unwrap_or_else(|e| e.into_inner());
+        // Held by a waiter as well as by the map: somebody waits.
+        if let Some(notify) = map.get(&payment_id).filter(|notify| Arc::strong_count(notify) > 1) {
+            self.latest.lock().unwrap_or_else(|e| e.into_inner()).insert(payment_id, state.clone());
             notify.notify_waiters();
         }
     }
 
-    /// The state last stored for a payment a request waits on, if it came since the last call.
+    /// The state stored last for a payment a request waits on, if one came since the last call.
     fn take_latest(&self, payment_id: PaymentId) -> Option<PaymentState> {
         self.latest.lock().unwrap_or_else(|e| e.into_inner()).remove(&payment_id)
+    }
+}
+
+/// Releases a waiter's registration however its wait ends, also when the
+/// request is dropped mid-wait (the client went away).
+struct Registered<'a> {
+    waiters: &'a Waiters,
+    payment_id: PaymentId,
+}
+
+impl Drop for Registered<'_> {
+    fn drop(&mut self) {
+        self.waiters.release(self.payment_id);
     }
 }
 
@@ -1156,20 +1160,20 @@ impl IngestService {
         mut check: impl FnMut() -> Result<Option<T>, ApiError>,
     ) -> Result<Option<T>, ApiError> {
         let deadline = tokio::time::Instant::now() + Duration::from_millis(wait_ms);
-        let result = loop {
-            // Registered before the check, so a change in between is not missed.
-            let notify = self.waiters.notify_for(payment_id);
+        // Declared first, dropped last: the `Notify` below is let go before the release.
+        let _registered = Registered { waiters: &self.waiters, payment_id };
+        let notify = self.waiters.notify_for(payment_id);
+        loop {
+            // Made before the check, so a change in between wakes it.
             let changed = notify.notified();
             match check() {
                 Ok(None) => {}
-                found => break found,
+                found => return found,
             }
             if tokio::time::timeout_at(deadline, changed).await.is_err() {
-                break Ok(None);
+                return Ok(None);
             }
-        };
-        self.waiters.release(payment_id);
-        result
+        }
     }
 
     // ---------- the read model ----------
@@ -1552,21 +1556,22 @@ mod tests {
         // Nobody waits: nothing is kept.
         waiters.wake(payment, &state_with(1));
         assert_eq!(waiters.take_latest(payment), None);
-        // A waiter registers; two changes come before it looks again (the second
-        // finds no registration): it is handed the second, never the first.
-        let _notify = waiters.notify_for(payment);
+        // A waiter registers; two changes come before it looks: it is handed the second.
+        let notify = waiters.notify_for(payment);
         waiters.wake(payment, &state_with(2));
         waiters.wake(payment, &state_with(3));
         assert_eq!(waiters.take_latest(payment), Some(state_with(3)));
         assert_eq!(waiters.take_latest(payment), None);
-        // A change nobody took is dropped when the last waiter leaves.
-        let notify = waiters.notify_for(payment);
+        // A change while it still waits is kept for it; once it leaves, nothing is.
         waiters.wake(payment, &state_with(4));
         drop(notify);
         waiters.release(payment);
-        assert_eq!(waiters.take_latest(payment), None);
         assert!(waiters.latest.lock().unwrap().is_empty());
         assert!(waiters.payments.lock().unwrap().is_empty());
+        // A waiter that went away without releasing (its request was dropped): not kept for.
+        drop(waiters.notify_for(payment));
+        waiters.wake(payment, &state_with(5));
+        assert!(waiters.latest.lock().unwrap().is_empty());
     }
 
     fn message(event_type: &str, payload: Vec<u8>) -> kassa_bus::Message {

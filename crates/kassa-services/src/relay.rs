@@ -24,6 +24,9 @@ impl Default for RelayConfig {
     }
 }
 
+/// Events a relay decodes on its own task in one round (from memory).
+const INLINE_EVENTS_MAX: usize = 2048;
+
 fn position_key(topic: &str) -> Vec<u8> {
     format!("relay/{topic}").into_bytes()
 }
@@ -71,12 +74,15 @@ pub async fn run_relay(
             continue;
         }
         let from = position + 1;
-        let batch = match log.follow_recent(from, config.batch_events_max) {
-            // What was just written is in memory: no disk read, no hop to a blocking thread.
+        let max = config.batch_events_max.max(1);
+        // What was just written is in memory: decoded right here (a bounded
+        // amount, not to hold up the runtime's workers), with no disk read and
+        // no hop to a blocking thread. The rest comes in the next rounds.
+        let batch = match log.follow_recent(from, max.min(INLINE_EVENTS_MAX)) {
             Some(read) => Ok(read),
             None => {
                 let log = Arc::clone(&log);
-                tokio::task::spawn_blocking(move || log.read_from(from, config.batch_events_max)).await
+                tokio::task::spawn_blocking(move || log.read_from(from, max)).await
             }
         };
         let envelopes = match batch {

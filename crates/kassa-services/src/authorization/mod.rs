@@ -709,6 +709,8 @@ impl PartitionActor {
             let mut batch = Batch::default();
             for &payment_id in payments {
                 let record = self.load(&mut batch, payment_id)?;
+                // Its marker is written again as the record says: one left behind is cleared here.
+                batch.stored_active.remove(&payment_id);
                 self.decide(|process| process.resume(&mut batch, record, payment_id));
             }
             self.commit(batch, None).await?;
