@@ -170,10 +170,13 @@ impl Waiters {
     }
 
     /// The read model stored `state` for the payment: wake whoever waits on it.
+    /// Kept while the payment's entry is, even if its last waiter is on its way
+    /// out: a waiter that registers before that one's release must not be handed
+    /// an older state. Every registration is released (`Registered`), and the
+    /// release drops both entries.
     fn wake(&self, payment_id: PaymentId, state: &PaymentState) {
         let map = self.payments.lock().unwrap_or_else(|e| e.into_inner());
-        // Held by a waiter as well as by the map: somebody waits.
-        if let Some(notify) = map.get(&payment_id).filter(|notify| Arc::strong_count(notify) > 1) {
+        if let Some(notify) = map.get(&payment_id) {
             self.latest.lock().unwrap_or_else(|e| e.into_inner()).insert(payment_id, state.clone());
             notify.notify_waiters();
         }
@@ -1097,10 +1100,12 @@ impl IngestService {
                     if let Some(rejected) = refused {
                         return Err(rejection_error(rejected));
                     }
-                    let view = self.own_view(merchant_id, payment_id)?;
                     // Any event this command caused, also one before this request: the same
                     // request taken first by another instance has the same command id.
                     let history = self.history(payment_id)?;
+                    // Read after the history (the read model writes both in one append), so
+                    // the view answered holds at least the event found there.
+                    let view = self.own_view(merchant_id, payment_id)?;
                     let Some(caused) = history.iter().find(|h| h.caused_by == Some(command_id)) else {
                         return Ok(None);
                     };
@@ -1568,10 +1573,20 @@ mod tests {
         waiters.release(payment);
         assert!(waiters.latest.lock().unwrap().is_empty());
         assert!(waiters.payments.lock().unwrap().is_empty());
-        // A waiter that went away without releasing (its request was dropped): not kept for.
-        drop(waiters.notify_for(payment));
+        // A change while the last waiter is on its way out (its `Notify` let go, its release
+        // to come) is kept, so a waiter registering in between is not handed an older one;
+        // the release drops it.
+        let leaving = waiters.notify_for(payment);
         waiters.wake(payment, &state_with(5));
+        drop(leaving);
+        waiters.wake(payment, &state_with(6));
+        let next = waiters.notify_for(payment);
+        waiters.release(payment); // the first waiter's release: the second still holds on
+        assert_eq!(waiters.take_latest(payment), Some(state_with(6)));
+        drop(next);
+        waiters.release(payment);
         assert!(waiters.latest.lock().unwrap().is_empty());
+        assert!(waiters.payments.lock().unwrap().is_empty());
     }
 
     fn message(event_type: &str, payload: Vec<u8>) -> kassa_bus::Message {
