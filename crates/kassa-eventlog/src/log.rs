@@ -722,6 +722,9 @@ impl LogWriter {
     }
 }
 
+/// The largest chunk buffer a writer keeps from one group to the next.
+const CHUNK_BUFFER_KEPT_MAX: usize = 4 << 20;
+
 struct ChunkBuilder {
     first_position: u64,
     first_timestamp_ms: i64,
@@ -939,7 +942,10 @@ impl LogWriter {
             self.stream_heads.clear();
         }
         self.stream_heads.extend(overlay);
-        self.chunk_buffer = chunk.bytes;
+        // Kept for the next group unless a group of large events grew it past what is worth holding.
+        if chunk.bytes.capacity() <= CHUNK_BUFFER_KEPT_MAX {
+            self.chunk_buffer = chunk.bytes;
+        }
         (batch, replies, head.position, chunk.done)
     }
 }
