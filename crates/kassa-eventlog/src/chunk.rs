@@ -37,6 +37,16 @@ pub fn frames(chunk: &[u8], first_position: u64) -> Result<Vec<&[u8]>, LogError>
     Ok(frames)
 }
 
+/// Decode one frame that must hold the record at `position`: its checksum
+/// and body, and the position it names.
+pub fn decode_at(frame: &[u8], position: u64) -> Result<Envelope, LogError> {
+    let envelope = decode_frame(frame).map_err(|source| LogError::Corrupt { position, source })?;
+    if envelope.position != position {
+        return Err(LogError::Gap { expected: position, found: envelope.position });
+    }
+    Ok(envelope)
+}
+
 /// Decode and verify every frame of a chunk: checksum, position without gaps,
 /// and the hash chain from `anchor` (the hash of the record before the chunk).
 /// Returns each envelope with its own record hash.
@@ -45,10 +55,7 @@ pub fn decode_verified(chunk: &[u8], first_position: u64, anchor: Hash) -> Resul
     let mut out = Vec::new();
     for (index, frame) in frames(chunk, first_position)?.into_iter().enumerate() {
         let expected = first_position + index as u64;
-        let envelope = decode_frame(frame).map_err(|source| LogError::Corrupt { position: expected, source })?;
-        if envelope.position != expected {
-            return Err(LogError::Gap { expected, found: envelope.position });
-        }
+        let envelope = decode_at(frame, expected)?;
         if envelope.prev_hash != prev {
             return Err(LogError::ChainBroken { position: expected });
         }

@@ -24,8 +24,7 @@ pub struct GroupCommitConfig {
     /// only under load (the previous group held more than one request): after a
     /// group of one, the next request is written at once. (Resetting that after
     /// an idle spell was tried: it lingered too seldom under load, BENCHMARKS.md.)
-    /// 0 means: take what is queued
-    /// now and write. A short wait makes fewer,
+    /// 0 means: take what is queued now and write. A short wait makes fewer,
     /// larger groups under load: each sync costs kernel CPU (the write-back,
     /// the disk's notification), and on a disk whose sync takes ~0.2 ms, groups
     /// formed only while a sync runs are small.

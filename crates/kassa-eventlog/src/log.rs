@@ -1,10 +1,10 @@
 //! The event log: appends through group commit, verified reads.
 
 use crate::LogError;
-use crate::chunk::{decode_verified, frames, push_frame};
+use crate::chunk::{decode_at, decode_verified, frames, push_frame};
 use crate::group_commit::{GroupCommitConfig, GroupCommitter, GroupWriter, Replier};
 use crate::keys::*;
-use kassa_codec::{Envelope, GENESIS_HASH, Hash, decode_frame, frame_hash};
+use kassa_codec::{Envelope, GENESIS_HASH, Hash, frame_hash};
 use rocksdb::{ColumnFamilyDescriptor, DB, DBRawIterator, Options, WriteBatch, WriteOptions};
 use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasherDefault, Hasher};
@@ -535,10 +535,7 @@ fn last_frame_hash(chunk: &[u8], first: u64, expected: u64) -> Result<Hash, LogE
         return Err(LogError::Gap { expected: expected + 1, found: last_position + 1 });
     }
     let frame = frames[frames.len() - 1];
-    let envelope = decode_frame(frame).map_err(|source| LogError::Corrupt { position: expected, source })?;
-    if envelope.position != expected {
-        return Err(LogError::Gap { expected, found: envelope.position });
-    }
+    decode_at(frame, expected)?;
     Ok(frame_hash(frame))
 }
 
@@ -552,10 +549,7 @@ fn read_head(db: &DB) -> Result<Head, LogError> {
         let anchor_free = frames(&bytes, first)?;
         let last = anchor_free[anchor_free.len() - 1];
         let position = first + anchor_free.len() as u64 - 1;
-        let envelope = decode_frame(last).map_err(|source| LogError::Corrupt { position, source })?;
-        if envelope.position != position {
-            return Err(LogError::Gap { expected: position, found: envelope.position });
-        }
+        let envelope = decode_at(last, position)?;
         Head { position, hash: frame_hash(last), timestamp_ms: envelope.timestamp_ms }
     } else {
         iter.status().map_err(|e| LogError::storage("reading the log tail", e))?;
@@ -811,11 +805,7 @@ fn decode_recent(chunks: &[RecentChunk], from: u64, max: usize) -> Result<Vec<En
             if out.len() >= max {
                 return Ok(out);
             }
-            let envelope = decode_frame(frame).map_err(|source| LogError::Corrupt { position, source })?;
-            if envelope.position != position {
-                return Err(LogError::Gap { expected: position, found: envelope.position });
-            }
-            out.push(envelope);
+            out.push(decode_at(frame, position)?);
         }
     }
     Ok(out)

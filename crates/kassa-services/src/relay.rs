@@ -24,9 +24,6 @@ impl Default for RelayConfig {
     }
 }
 
-/// Events a relay decodes on its own task in one round (from memory).
-const INLINE_EVENTS_MAX: usize = 2048;
-
 fn position_key(topic: &str) -> Vec<u8> {
     format!("relay/{topic}").into_bytes()
 }
@@ -75,10 +72,9 @@ pub async fn run_relay(
         }
         let from = position + 1;
         let max = config.batch_events_max.max(1);
-        // What was just written is in memory: decoded right here (a bounded
-        // amount, not to hold up the runtime's workers), with no disk read and
-        // no hop to a blocking thread. The rest comes in the next rounds.
-        let batch = match log.follow_recent(from, max.min(INLINE_EVENTS_MAX)) {
+        // What was just written is in memory: decoded right here (one batch at
+        // most), with no disk read and no hop to a blocking thread.
+        let batch = match log.follow_recent(from, max) {
             Some(read) => Ok(read),
             None => {
                 let log = Arc::clone(&log);
