@@ -1,6 +1,5 @@
 //! The event envelope and its frame.
 
-use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 /// The frame format this code writes. Readers accept `1..=FORMAT_VERSION`.
@@ -44,7 +43,13 @@ pub struct Envelope {
 
 /// The bincode body of a version-1 frame, as decoded. Field order is the
 /// format: a new field means a new version.
-#[derive(Deserialize)]
+///
+/// Encoded and decoded with bincode's own (not serde's) traits: the bytes are
+/// the same — varints for the integers, a `0`/`1` tag before an option's
+/// value, a varint length before the type name and the payload, the hash's
+/// 32 bytes as they are — but the type name, the payload and the hash are
+/// each read in one copy instead of through serde's visitors, byte by byte for
+/// the hash. `tests::the_body_is_the_serde_encoding` holds the two equal.
 struct BodyV1 {
     event_id: u128,
     event_type: String,
@@ -54,14 +59,29 @@ struct BodyV1 {
     timestamp_ms: i64,
     causation_id: Option<u128>,
     correlation_id: Option<u128>,
-    #[serde(deserialize_with = "bytes::deserialize")]
     payload: Vec<u8>,
     prev_hash: Hash,
 }
 
+impl<Context> bincode::Decode<Context> for BodyV1 {
+    fn decode<D: bincode::de::Decoder<Context = Context>>(d: &mut D) -> Result<Self, bincode::error::DecodeError> {
+        Ok(BodyV1 {
+            event_id: u128::decode(d)?,
+            event_type: String::decode(d)?,
+            stream_id: u128::decode(d)?,
+            stream_seq: u64::decode(d)?,
+            position: u64::decode(d)?,
+            timestamp_ms: i64::decode(d)?,
+            causation_id: Option::<u128>::decode(d)?,
+            correlation_id: Option::<u128>::decode(d)?,
+            payload: Vec::<u8>::decode(d)?,
+            prev_hash: Hash::decode(d)?,
+        })
+    }
+}
+
 /// The same body, borrowed for encoding (no copy of type name or payload).
 /// Must list exactly the fields of [`BodyV1`], in the same order.
-#[derive(Serialize)]
 struct BodyV1Ref<'a> {
     event_id: u128,
     event_type: &'a str,
@@ -71,38 +91,22 @@ struct BodyV1Ref<'a> {
     timestamp_ms: i64,
     causation_id: Option<u128>,
     correlation_id: Option<u128>,
-    #[serde(serialize_with = "bytes::serialize")]
     payload: &'a [u8],
     prev_hash: &'a Hash,
 }
 
-/// The payload as one length-prefixed run of bytes, decoded in one copy.
-mod bytes {
-    use serde::{Deserializer, Serializer};
-
-    #[allow(clippy::ptr_arg)]
-    pub fn serialize<S: Serializer>(bytes: &&[u8], s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_bytes(bytes)
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
-        struct V;
-        impl<'de> serde::de::Visitor<'de> for V {
-            type Value = Vec<u8>;
-            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str("bytes")
-            }
-            fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<Vec<u8>, E> {
-                Ok(v.to_vec())
-            }
-            fn visit_byte_buf<E: serde::de::Error>(self, v: Vec<u8>) -> Result<Vec<u8>, E> {
-                Ok(v)
-            }
-            fn visit_borrowed_bytes<E: serde::de::Error>(self, v: &'de [u8]) -> Result<Vec<u8>, E> {
-                Ok(v.to_vec())
-            }
-        }
-        d.deserialize_bytes(V)
+impl bincode::Encode for BodyV1Ref<'_> {
+    fn encode<E: bincode::enc::Encoder>(&self, e: &mut E) -> Result<(), bincode::error::EncodeError> {
+        self.event_id.encode(e)?;
+        self.event_type.encode(e)?;
+        self.stream_id.encode(e)?;
+        self.stream_seq.encode(e)?;
+        self.position.encode(e)?;
+        self.timestamp_ms.encode(e)?;
+        self.causation_id.encode(e)?;
+        self.correlation_id.encode(e)?;
+        self.payload.encode(e)?;
+        self.prev_hash.encode(e)
     }
 }
 
@@ -158,7 +162,7 @@ pub fn encode_frame_into(envelope: &Envelope, out: &mut Vec<u8>) -> usize {
     out.reserve(160 + envelope.event_type.len() + envelope.payload.len());
     out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
     // Encoding plain owned data into a Vec cannot fail.
-    bincode::serde::encode_into_std_write(&body, out, config()).expect("encoding into a Vec cannot fail");
+    bincode::encode_into_std_write(&body, out, config()).expect("encoding into a Vec cannot fail");
     let crc = crc32c::crc32c(&out[start..]);
     out.extend_from_slice(&crc.to_le_bytes());
     start
@@ -183,7 +187,7 @@ pub fn decode_frame(frame: &[u8]) -> Result<Envelope, CodecError> {
         return Err(CodecError::ChecksumMismatch { stored, computed });
     }
     let body_bytes = &covered[2..];
-    let (body, read): (BodyV1, usize) = bincode::serde::decode_from_slice(body_bytes, config())
+    let (body, read): (BodyV1, usize) = bincode::decode_from_slice(body_bytes, config())
         .map_err(|e| CodecError::Malformed { reason: e.to_string() })?;
     if read != body_bytes.len() {
         return Err(CodecError::TrailingBytes { extra: body_bytes.len() - read });
@@ -257,7 +261,81 @@ mod tests {
         assert!(decode_frame(&future).unwrap_err().to_string().contains("upgrade Kassa"));
     }
 
+    /// The serde form the frames were written with before: the format.
+    #[derive(serde::Serialize)]
+    struct SerdeBody<'a> {
+        event_id: u128,
+        event_type: &'a str,
+        stream_id: u128,
+        stream_seq: u64,
+        position: u64,
+        timestamp_ms: i64,
+        causation_id: Option<u128>,
+        correlation_id: Option<u128>,
+        #[serde(with = "serde_bytes_like")]
+        payload: &'a [u8],
+        prev_hash: Hash,
+    }
+
+    mod serde_bytes_like {
+        #[allow(clippy::ptr_arg)]
+        pub fn serialize<S: serde::Serializer>(bytes: &&[u8], s: S) -> Result<S::Ok, S::Error> {
+            s.serialize_bytes(bytes)
+        }
+    }
+
+    fn any_envelope() -> impl Strategy<Value = Envelope> {
+        (
+            (any::<u128>(), "[a-z._]{0,40}", any::<u128>(), any::<u64>(), any::<u64>(), any::<i64>()),
+            (
+                any::<Option<u128>>(),
+                any::<Option<u128>>(),
+                prop::collection::vec(any::<u8>(), 0..600),
+                any::<[u8; 32]>(),
+            ),
+        )
+            .prop_map(|((event_id, event_type, stream_id, stream_seq, position, timestamp_ms), rest)| {
+                let (causation_id, correlation_id, payload, prev_hash) = rest;
+                Envelope {
+                    event_id,
+                    event_type,
+                    stream_id,
+                    stream_seq,
+                    position,
+                    timestamp_ms,
+                    causation_id,
+                    correlation_id,
+                    payload,
+                    prev_hash,
+                }
+            })
+    }
+
     proptest! {
+        /// Frames are what serde's bincode wrote (so every log and golden file
+        /// still reads), and serde's frames decode to the same envelope.
+        #[test]
+        fn the_body_is_the_serde_encoding(envelope in any_envelope()) {
+            let serde_body = SerdeBody {
+                event_id: envelope.event_id,
+                event_type: &envelope.event_type,
+                stream_id: envelope.stream_id,
+                stream_seq: envelope.stream_seq,
+                position: envelope.position,
+                timestamp_ms: envelope.timestamp_ms,
+                causation_id: envelope.causation_id,
+                correlation_id: envelope.correlation_id,
+                payload: &envelope.payload,
+                prev_hash: envelope.prev_hash,
+            };
+            let mut serde_frame = FORMAT_VERSION.to_le_bytes().to_vec();
+            bincode::serde::encode_into_std_write(&serde_body, &mut serde_frame, config()).unwrap();
+            let crc = crc32c::crc32c(&serde_frame);
+            serde_frame.extend_from_slice(&crc.to_le_bytes());
+            prop_assert_eq!(&encode_frame(&envelope), &serde_frame);
+            prop_assert_eq!(decode_frame(&serde_frame), Ok(envelope));
+        }
+
         #[test]
         fn garbage_never_panics(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
             let _ = decode_frame(&bytes);
