@@ -692,6 +692,15 @@ impl IngestService {
                 self.forget_idempotency(storage_key.clone()).await?;
                 None
             }
+            // The same for a capture, void or refund answered 202 here and refused later:
+            // its key was another request's. The refused request again is refused at once.
+            (Some(record), None) if self.command_key_refused(merchant_id, &storage_key, &record)? => {
+                self.forget_idempotency(storage_key.clone()).await?;
+                if record.fingerprint == print {
+                    return Err(idempotency_key_reused());
+                }
+                None
+            }
             (stored, _) => stored,
         };
         if let Some(record) = stored {
@@ -858,6 +867,30 @@ impl IngestService {
     fn command_id_of(&self, merchant_id: MerchantId, slot: &IdempotencySlot) -> u128 {
         let hash = self.keyed_hash(merchant_id, &[b"command", &slot.key, slot.fingerprint.as_bytes()]);
         u128::from_be_bytes(hash[..16].try_into().expect("16 of 32 bytes"))
+    }
+
+    /// Whether the command recorded under a key (a capture, void or refund) was
+    /// refused because another command held the key: authorization refuses it
+    /// after its claim meets the other's, perhaps after this instance answered 202.
+    fn command_key_refused(
+        &self,
+        merchant_id: MerchantId,
+        storage_key: &[u8],
+        record: &IdempotencyRecord,
+    ) -> Result<bool, ApiError> {
+        let Some(payment_id) = record.payment_id else { return Ok(false) };
+        // Refused after its answer: one answered 202, or never answered (a crash in between).
+        if record.response.as_ref().is_some_and(|(status, _)| *status != 202) {
+            return Ok(false);
+        }
+        let slot = IdempotencySlot { key: storage_key.to_vec(), fingerprint: record.fingerprint.clone() };
+        let command_id = self.command_id_of(merchant_id, &slot);
+        Ok(self.history(payment_id)?.iter().any(|entry| {
+            entry.caused_by == Some(command_id)
+                && entry.event_type == COMMAND_REJECTED
+                && serde_json::from_str::<serde_json::Value>(&entry.data)
+                    .is_ok_and(|data| data["code"] == "idempotency_key_reused")
+        }))
     }
 
     /// SHA-256 keyed with the token key, over the merchant and `parts`.
@@ -1079,8 +1112,8 @@ impl IngestService {
                 },
             };
             let now = self.clock.now();
-            let event = NewEvent {
-                event_id: command_id,
+            let on_payment = |event_id: u128, message: PaymentCommandMessage| NewEvent {
+                event_id,
                 event_type: message.event_type().to_owned(),
                 stream_id: payment_id.as_u128(),
                 timestamp_ms: now.unix_ms(),
@@ -1088,11 +1121,22 @@ impl IngestService {
                 correlation_id: Some(payment_id.as_u128()),
                 payload: message.encode_payload(),
             };
+            // With a key, the command claims it first, where every instance's commands on
+            // this payment meet: a different request under the same key is refused there.
+            let claim = slot.as_ref().map(|slot| {
+                let (key_hash, fingerprint) = self.claim_of(merchant_id, slot);
+                let claim = PaymentCommandMessage::ClaimCommandKey {
+                    payment_id,
+                    merchant_id,
+                    key_hash,
+                    fingerprint,
+                    command_id,
+                };
+                on_payment(crate::runtime::derived_id(command_id, "claim", 0), claim)
+            });
+            let events = claim.into_iter().chain([on_payment(command_id, message)]).collect();
             let writes = slot.map(|slot| slot.write(payment_id)).into_iter().collect();
-            self.log
-                .append(AppendRequest { events: vec![event], expected: Vec::new(), writes })
-                .await
-                .map_err(internal)?;
+            self.log.append(AppendRequest { events, expected: Vec::new(), writes }).await.map_err(internal)?;
             // Wait for the command's outcome: an event it caused, or its refusal.
             let outcome = self
                 .wait_until(payment_id, || {
@@ -1435,6 +1479,9 @@ fn idempotency_key_reused() -> ApiError {
 
 /// The answer to a command the authorization service refused.
 fn rejection_error(rejected: CommandRejected) -> ApiError {
+    if rejected.code == "idempotency_key_reused" {
+        return idempotency_key_reused(); // as when this instance catches it itself
+    }
     let (status, code) = match rejected.code.as_str() {
         "resource_missing" => (404, "resource_missing"),
         "amount_too_large" => (400, "amount_too_large"),

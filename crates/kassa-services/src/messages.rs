@@ -55,6 +55,21 @@ pub enum PaymentCommandMessage {
         /// The request's fingerprint (`kassa_api::fingerprint`): same key, same request?
         fingerprint: String,
     },
+    /// From ingest, just before a capture, void or refund made with an
+    /// `Idempotency-Key`, in the same append: the command (by its id) claims the
+    /// merchant's key at the payment's authorization actor. The first claim
+    /// holds it; a command whose claim finds the key held by another command —
+    /// the key reused for a different request, perhaps on another ingest
+    /// instance — is refused (`idempotency_key_reused`) and never carried out.
+    ClaimCommandKey {
+        payment_id: PaymentId,
+        merchant_id: MerchantId,
+        /// As in [`PaymentCommandMessage::ClaimIdempotencyKey`].
+        key_hash: [u8; 32],
+        fingerprint: String,
+        /// The event id of the command that follows.
+        command_id: u128,
+    },
 }
 
 pub const CARD_SEALED: &str = "command.card_sealed";
@@ -66,6 +81,7 @@ pub const RECORD_RECONCILIATION: &str = "command.record_reconciliation";
 pub const COMMAND_REJECTED: &str = "payment.command_rejected";
 pub const CLAIM_IDEMPOTENCY_KEY: &str = "command.claim_idempotency_key";
 pub const DUPLICATE_REQUEST: &str = "payment.duplicate_request";
+pub const CLAIM_COMMAND_KEY: &str = "command.claim_command_key";
 
 impl PaymentCommandMessage {
     pub fn payment_id(&self) -> PaymentId {
@@ -77,7 +93,8 @@ impl PaymentCommandMessage {
             | PaymentCommandMessage::Refund { payment_id, .. }
             | PaymentCommandMessage::RecordSettlement { payment_id, .. }
             | PaymentCommandMessage::RecordReconciliation { payment_id, .. }
-            | PaymentCommandMessage::ClaimIdempotencyKey { payment_id, .. } => *payment_id,
+            | PaymentCommandMessage::ClaimIdempotencyKey { payment_id, .. }
+            | PaymentCommandMessage::ClaimCommandKey { payment_id, .. } => *payment_id,
         }
     }
 
@@ -91,6 +108,7 @@ impl PaymentCommandMessage {
             PaymentCommandMessage::RecordSettlement { .. } => RECORD_SETTLEMENT,
             PaymentCommandMessage::RecordReconciliation { .. } => RECORD_RECONCILIATION,
             PaymentCommandMessage::ClaimIdempotencyKey { .. } => CLAIM_IDEMPOTENCY_KEY,
+            PaymentCommandMessage::ClaimCommandKey { .. } => CLAIM_COMMAND_KEY,
         }
     }
 
@@ -111,6 +129,9 @@ impl PaymentCommandMessage {
             }
             PaymentCommandMessage::ClaimIdempotencyKey { payment_id, merchant_id, key_hash, fingerprint } => {
                 encode_value(&(payment_id, merchant_id, key_hash, fingerprint))
+            }
+            PaymentCommandMessage::ClaimCommandKey { payment_id, merchant_id, key_hash, fingerprint, command_id } => {
+                encode_value(&(payment_id, merchant_id, key_hash, fingerprint, command_id))
             }
         }
     }
@@ -145,6 +166,10 @@ impl PaymentCommandMessage {
             CLAIM_IDEMPOTENCY_KEY => {
                 let (payment_id, merchant_id, key_hash, fingerprint) = decode_value(payload, event_type)?;
                 PaymentCommandMessage::ClaimIdempotencyKey { payment_id, merchant_id, key_hash, fingerprint }
+            }
+            CLAIM_COMMAND_KEY => {
+                let (payment_id, merchant_id, key_hash, fingerprint, command_id) = decode_value(payload, event_type)?;
+                PaymentCommandMessage::ClaimCommandKey { payment_id, merchant_id, key_hash, fingerprint, command_id }
             }
             other => return Err(CodecError::UnknownEventType { event_type: other.to_owned() }),
         })
@@ -276,6 +301,13 @@ mod tests {
                 merchant_id: MerchantId::from_u128(6),
                 key_hash: [7; 32],
                 fingerprint: "f".into(),
+            },
+            PaymentCommandMessage::ClaimCommandKey {
+                payment_id: PaymentId::from_u128(1),
+                merchant_id: MerchantId::from_u128(6),
+                key_hash: [8; 32],
+                fingerprint: "g".into(),
+                command_id: 10,
             },
         ];
         for message in messages {

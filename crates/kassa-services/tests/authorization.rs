@@ -584,6 +584,70 @@ async fn one_idempotency_key_claimed_three_times_charges_once() {
     }
 }
 
+/// Refunds made with `Idempotency-Key`s, as ingest instances send them (each
+/// command's key claim just before it): the first command under a key holds
+/// it; a different request under that key — which an instance that never saw
+/// the key cannot tell — is refused `idempotency_key_reused` and never carried
+/// out; the same request again changes nothing; another key is a refund of its own;
+/// a key that made a payment on the partition is that request's, refused too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_key_reused_for_another_request_is_refused() {
+    let mut world = World::new();
+    let payment_id = world.pay("4242424242424242", 5000, true).await;
+    let state = world.until(payment_id, settled_outcome).await;
+    assert_eq!(state.status(), Some(PaymentStatus::Captured));
+    let refund = |n: u128, amount: i64| PaymentCommandMessage::Refund {
+        payment_id,
+        refund_id: RefundId::from_u128(0xF00 + n),
+        amount_minor: Some(amount),
+    };
+    let claim = |key: u8, fingerprint: &str, command_id: u128| PaymentCommandMessage::ClaimCommandKey {
+        payment_id,
+        merchant_id: MerchantId::from_u128(1),
+        key_hash: [key; 32],
+        fingerprint: fingerprint.into(),
+        command_id,
+    };
+    let bus = Arc::clone(&world.bus);
+    let keyed = |key: u8, fingerprint: &'static str, n: u128, amount: i64| {
+        let bus = Arc::clone(&bus);
+        let command_id = (0xC0DE << 64) | n;
+        async move {
+            common::send_command(bus.as_ref(), (0xC1A1 << 64) | n, claim(key, fingerprint, command_id)).await;
+            common::send_command(bus.as_ref(), command_id, refund(n, amount)).await;
+            command_id
+        }
+    };
+    keyed(1, "first", 1, 1000).await;
+    world.until(payment_id, |s| s.refunded_minor == 1000).await;
+    let reused = keyed(1, "second", 2, 700).await;
+    keyed(1, "first", 1, 1000).await; // the first request again
+    keyed(2, "third", 3, 300).await;
+    // A key that made a payment (its claim on this partition), reused for a refund: refused too.
+    let made_a_payment = PaymentCommandMessage::ClaimIdempotencyKey {
+        payment_id,
+        merchant_id: MerchantId::from_u128(1),
+        key_hash: [5; 32],
+        fingerprint: "the payment".into(),
+    };
+    common::send_command(world.bus.as_ref(), 0xC1A1_0000 << 64, made_a_payment).await;
+    let reused_payment_key = keyed(5, "fourth", 4, 100).await;
+    let state = world.until(payment_id, |s| s.refunded_minor == 1300).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let events = world.published().await.remove(&payment_id).unwrap_or_default();
+    let rejected: Vec<CommandRejected> = events
+        .iter()
+        .filter(|e| e.event_type == COMMAND_REJECTED)
+        .map(|e| CommandRejected::decode(&e.payload).unwrap())
+        .collect();
+    let refused: Vec<(u128, &str)> = rejected.iter().map(|r| (r.command_id, r.code.as_str())).collect();
+    assert_eq!(refused, [(reused, "idempotency_key_reused"), (reused_payment_key, "idempotency_key_reused")]);
+    assert_eq!(common::state_of(&events).refunded_minor, 1300, "{state:?}");
+    let refunds = events.iter().filter(|e| e.event_type == "payment.refunded").count();
+    assert_eq!(refunds, 2);
+    world.stop().await;
+}
+
 /// A claim is kept `claim_keep_ms`, then dropped (with its time index) in a
 /// commit of its own: the key is free again, and a request made with it is a
 /// new payment.

@@ -46,6 +46,13 @@ fn command_payloads_still_decode() {
             key_hash: [0x5A; 32],
             fingerprint: "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08".into(),
         },
+        PaymentCommandMessage::ClaimCommandKey {
+            payment_id,
+            merchant_id: MerchantId::from_u128(11),
+            key_hash: [0x5B; 32],
+            fingerprint: "60303ae22b998861bce3b28f33eec1be758a213c86c93c076dbe9f558c11c752".into(),
+            command_id: 0x0123_4567_89ab_cdef_0011_2233_4455_6677,
+        },
     ];
     for message in messages {
         let stored = check(message.event_type(), message.encode_payload());

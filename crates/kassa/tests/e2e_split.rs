@@ -811,6 +811,62 @@ fn two_ingest_instances_share_merchants_and_serve_each_others_payments() {
         assert_eq!(payment["amount_refunded"], 1000, "{payment}");
     }
 
+    // A refund key used on one instance, then for another amount on the other, which never saw
+    // it: refused there, where the two meet (the payment's authorization actor); refunded once.
+    let refund_keyed = |addr: &str, key: &str, amount: i64| {
+        let auth = format!("Bearer {key_one}");
+        let headers = [("Authorization", auth.as_str()), ("Idempotency-Key", key)];
+        let path = format!("/v1/payments/{id}/refunds");
+        let body = format!(r#"{{"amount": {amount}}}"#);
+        let (status, _, body) =
+            request(addr, "POST", &path, Some("application/json"), &headers, body.as_bytes()).unwrap();
+        (status, serde_json::from_slice::<serde_json::Value>(&body).unwrap_or_default())
+    };
+    let (status, payment) = refund_keyed(&first.addr, "refund-2", 500);
+    assert!(matches!(status, 200 | 202), "{status}: {payment}");
+    let started = Instant::now();
+    loop {
+        let (_, payment) = call(&second.addr, &key_one, "GET", &format!("/v1/payments/{id}"), None);
+        if payment["amount_refunded"] == 1500 {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(60), "{payment}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Answered 409, or 202 (this test's outcome wait is short) with the refusal in the events
+    // soon after: asked again, the instance then knows the key was the other request's.
+    let (status, refused) = refund_keyed(&second.addr, "refund-2", 700);
+    if status == 202 {
+        let started = Instant::now();
+        while !event_types(&second.addr, &key_one, &id).iter().any(|t| t == "payment.command_rejected") {
+            assert!(started.elapsed() < Duration::from_secs(60), "{refused}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let (status, refused) = refund_keyed(&second.addr, "refund-2", 700);
+        assert_eq!((status, refused["error"]["code"].as_str()), (409, Some("idempotency_key_reused")), "{refused}");
+    } else {
+        assert_eq!((status, refused["error"]["code"].as_str()), (409, Some("idempotency_key_reused")), "{refused}");
+    }
+    // The first request, sent again to the instance that refused the other: that refund, not a new one.
+    let (status, again) = refund_keyed(&second.addr, "refund-2", 500);
+    assert!(matches!(status, 200 | 202), "{status}: {again}");
+    let started = Instant::now();
+    loop {
+        let (_, payment) = call(&second.addr, &key_one, "GET", &format!("/v1/payments/{id}"), None);
+        if payment["amount_refunded"] == 1500 {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(60), "{payment}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    for instance in [&first, &second] {
+        let (_, payment) = call(&instance.addr, &key_one, "GET", &format!("/v1/payments/{id}"), None);
+        assert_eq!(payment["amount_refunded"], 1500, "{payment}");
+        let types = event_types(&instance.addr, &key_one, &id);
+        assert_eq!(types.iter().filter(|t| t.as_str() == "payment.refunded").count(), 2, "{types:?}");
+    }
+
     // The second instance's disk is lost: rebuilt from the topics, it knows the same merchants and
     // payments, and a request it once answered, sent again, is still that payment.
     second.kill();
@@ -830,7 +886,7 @@ fn two_ingest_instances_share_merchants_and_serve_each_others_payments() {
     assert!(matches!(status, 200 | 202), "{again}");
     assert_eq!((again["id"].as_str(), replayed.as_deref()), (taken_first["id"].as_str(), Some("true")), "{again}");
     let (_, payment) = call(&second.addr, &key_one, "GET", &format!("/v1/payments/{id}"), None);
-    assert_eq!(payment["amount_refunded"], 1000, "{payment}");
+    assert_eq!(payment["amount_refunded"], 1500, "{payment}");
 
     // A third instance started without the deployment's token key stops, and says why: its card
     // tokens and idempotency claims would not agree with the others'.

@@ -156,6 +156,17 @@ fn idempotency_claim_key(merchant_id: kassa_domain::MerchantId, key_hash: &[u8; 
     key
 }
 
+/// Which command holds a merchant's `Idempotency-Key` on a partition (a
+/// capture, void or refund made with it):
+/// `(command id, the request's fingerprint, when it was claimed in ms)`.
+/// Under the partition: one key may be claimed on every partition, and an
+/// instance's log holds the state of each partition it has owned.
+fn command_key_claim_key(partition: u32, merchant_id: kassa_domain::MerchantId, key_hash: &[u8; 32]) -> Vec<u8> {
+    let mut key = id_key(&format!("command-key/{partition:05}/"), merchant_id.as_u128());
+    key.extend_from_slice(key_hash);
+    key
+}
+
 /// The claims of a partition by when they were made, to drop the old ones:
 /// the prefix, then the time (big-endian ms), then the claim's key.
 fn claims_by_time_prefix(partition: u32) -> Vec<u8> {
@@ -758,6 +769,12 @@ impl PartitionActor {
                 self.claim(&mut batch, payment_id, *merchant_id, key_hash, fingerprint, envelope.event_id)?;
                 continue;
             }
+            if let PaymentCommandMessage::ClaimCommandKey { merchant_id, key_hash, fingerprint, command_id, .. } =
+                &command
+            {
+                self.claim_command_key(&mut batch, payment_id, *merchant_id, key_hash, fingerprint, *command_id)?;
+                continue;
+            }
             if matches!(command, PaymentCommandMessage::Requested(_)) && self.is_duplicate(&batch, payment_id)? {
                 continue; // its key is another payment's: it never becomes a payment
             }
@@ -830,6 +847,65 @@ impl PartitionActor {
                 self.decide(|process| {
                     process.duplicate_request(batch, record, payment_id, original, same_request, cause)
                 });
+            }
+        }
+        Ok(())
+    }
+
+    /// Let a capture, void or refund claim its merchant's `Idempotency-Key`
+    /// (its claim comes just before it, on the payment's stream). The first
+    /// command holds the key; the same request again has the same command id.
+    /// A different command under a held key — or under a key that made a
+    /// payment on this partition — is refused, and marked seen so that it is
+    /// dropped when it arrives: the key was reused for another request, which
+    /// an ingest instance that never saw the key cannot tell by itself.
+    /// Claims meet only on the payment's partition: a key reused on a payment
+    /// of another partition is not caught here.
+    fn claim_command_key(
+        &mut self,
+        batch: &mut Batch,
+        payment_id: PaymentId,
+        merchant_id: kassa_domain::MerchantId,
+        key_hash: &[u8; 32],
+        fingerprint: &str,
+        command_id: u128,
+    ) -> Result<(), ActorError> {
+        let key = command_key_claim_key(self.partition, merchant_id, key_hash);
+        let held = match batch.claims.get(&key) {
+            Some(value) => value.clone(),
+            None => self.service.log.get(Table::State, &key)?,
+        };
+        let held: Option<(u128, String, i64)> = match held {
+            Some(bytes) => Some(decode_value(&bytes, "command key claim").map_err(|e| {
+                kassa_eventlog::LogError::BadChunk { position: 0, reason: format!("command key claim: {e}") }
+            })?),
+            None => None,
+        };
+        // A key that made a payment (claimed here, on the key's partition) is that request's too.
+        let payment_claim = idempotency_claim_key(merchant_id, key_hash);
+        let made_a_payment = match batch.claims.get(&payment_claim) {
+            Some(value) => value.is_some(),
+            None => self.service.log.get(Table::State, &payment_claim)?.is_some(),
+        };
+        match held {
+            None if !made_a_payment => {
+                let claimed_at = self.service.clock.now().unix_ms();
+                let mut by_time = claims_by_time_prefix(self.partition);
+                by_time.extend_from_slice(&(claimed_at.max(0) as u64).to_be_bytes());
+                by_time.extend_from_slice(&key);
+                batch.claims.insert(by_time, Some(Vec::new()));
+                batch.claims.insert(key, Some(encode_value(&(command_id, fingerprint, claimed_at))));
+            }
+            Some((holder, ..)) if holder == command_id => {} // the same request again
+            _ => {
+                if batch.seen.contains(&command_id)
+                    || self.service.log.get(Table::State, &seen_key(command_id))?.is_some()
+                {
+                    return Ok(()); // carried out or refused already
+                }
+                batch.seen.insert(command_id);
+                let record = self.load(batch, payment_id)?;
+                self.decide(|process| process.refuse_reused_key(batch, record, payment_id, command_id));
             }
         }
         Ok(())

@@ -220,6 +220,26 @@ impl Process<'_> {
         batch.records.insert(payment_id, record);
     }
 
+    /// Refuse a capture, void or refund whose `Idempotency-Key` another command
+    /// holds: the key was reused for a different request. The command is never
+    /// carried out (its id is marked seen by the caller).
+    pub fn refuse_reused_key(
+        &self,
+        batch: &mut Batch,
+        mut record: PaymentRecord,
+        payment_id: PaymentId,
+        command_id: u128,
+    ) {
+        let rejected = CommandRejected {
+            command_id,
+            code: "idempotency_key_reused".into(),
+            message: "this Idempotency-Key was already used for a different request; use a new key for a new request"
+                .into(),
+        };
+        self.append_to_stream(batch, &mut record, payment_id, COMMAND_REJECTED, command_id, rejected.encode_payload());
+        batch.records.insert(payment_id, record);
+    }
+
     /// Decide the result of a provider call (or a wake-up) this service started.
     pub fn result(&self, batch: &mut Batch, mut record: PaymentRecord, result: EffectResult) {
         self.apply_result(batch, &mut record, result);
@@ -348,7 +368,9 @@ impl Process<'_> {
                 amount: money(amount_minor, state.captured_minor - state.refunded_minor),
             },
             PaymentCommandMessage::RecordSettlement { batch_id, .. } => PaymentCommand::RecordSettlement { batch_id },
-            PaymentCommandMessage::CardSealed { .. } | PaymentCommandMessage::ClaimIdempotencyKey { .. } => {
+            PaymentCommandMessage::CardSealed { .. }
+            | PaymentCommandMessage::ClaimIdempotencyKey { .. }
+            | PaymentCommandMessage::ClaimCommandKey { .. } => {
                 return None;
             }
             PaymentCommandMessage::RecordReconciliation { report_id, .. } => {
