@@ -171,7 +171,7 @@ impl Consumer {
             key: POSITION_KEY.to_vec(),
             value: Some(next.to_be_bytes().to_vec()),
         });
-        AppendRequest { events, expected: vec![], writes }
+        AppendRequest { events, writes, ..Default::default() }
     }
 }
 

@@ -22,8 +22,8 @@ mod projection;
 pub use group_commit::{GroupCommitConfig, GroupCommitStats, Pending, WriterStopped};
 pub use kassa_codec::{Envelope, Hash};
 pub use log::{
-    AppendRequest, Appended, EventLog, ExpectedVersion, KeyValue, LogConfig, LogIter, NewEvent, StateWrite, Table,
-    VerifyReport,
+    AppendRequest, Appended, Durability, EventLog, ExpectedVersion, KeyValue, LogConfig, LogIter, NewEvent, StateWrite,
+    Table, VerifyReport,
 };
 pub use projection::{Projection, Recovered, recover};
 

@@ -104,6 +104,31 @@ pub struct AppendRequest {
     pub events: Vec<NewEvent>,
     pub expected: Vec<(u128, ExpectedVersion)>,
     pub writes: Vec<StateWrite>,
+    pub durability: Durability,
+}
+
+/// When an append is on the disk.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Durability {
+    /// Synced before its caller hears back (with its group, one fsync).
+    #[default]
+    Synced,
+    /// State derived from elsewhere that its writer can rebuild — a read model
+    /// of a topic with the offset it has read to, a relay's position: written in
+    /// order with every other append, all or nothing, but not synced for its own
+    /// sake. A crash of the process loses none of it (the write is in the
+    /// kernel's hands); a crash of the machine may lose it, and never without
+    /// everything appended after it (the next synced append syncs it too), so
+    /// the state and its offset go back together and the writer reads again.
+    /// An append with events is always synced.
+    Derived,
+}
+
+impl AppendRequest {
+    /// Whether its group must be synced before anyone hears back.
+    fn needs_sync(&self) -> bool {
+        self.durability == Durability::Synced || !self.events.is_empty()
+    }
 }
 
 /// Where an append landed. `first_position > last_position` when it carried no events.
@@ -596,6 +621,8 @@ type AppendReply = Result<Appended, LogError>;
 /// A built group on its way to the disk.
 struct SyncJob {
     batch: WriteBatch,
+    /// Whether any append of the group must be synced ([`Durability`]).
+    sync: bool,
     /// The group's chunks, for `Recent` once the group is durable.
     chunks: Vec<RecentChunk>,
     replies: Vec<(Replier<AppendReply>, AppendReply)>,
@@ -619,13 +646,15 @@ fn run_sync(
     recent: Arc<Mutex<Recent>>,
     failed: Arc<Mutex<Option<LogError>>>,
 ) {
-    let mut options = WriteOptions::default();
-    options.set_sync(sync);
+    let mut synced = WriteOptions::default();
+    synced.set_sync(sync);
+    let unsynced = WriteOptions::default();
     for job in jobs {
         let poisoned = failed.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let options = if job.sync { &synced } else { &unsynced };
         let outcome = match poisoned {
             Some(error) => Err(error),
-            None => db.write_opt(job.batch, &options).map_err(|error| {
+            None => db.write_opt(job.batch, options).map_err(|error| {
                 let reason = error.into_string();
                 tracing::error!(%reason, "event log group write failed; refusing further appends");
                 let error = LogError::Storage {
@@ -821,6 +850,7 @@ impl GroupWriter for LogWriter {
 
     fn write_group(&mut self, group: &mut Vec<AppendRequest>, repliers: Vec<Replier<AppendReply>>) {
         let failed = self.failed.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let sync = group.iter().any(AppendRequest::needs_sync);
         let built = match failed {
             Some(error) => Err(error),
             None => self.prefetch_stream_heads(group).map(|()| self.build(group)),
@@ -836,7 +866,7 @@ impl GroupWriter for LogWriter {
             }
         };
         let replies = repliers.into_iter().zip(replies).collect();
-        let job = SyncJob { batch, chunks, replies, head_position };
+        let job = SyncJob { batch, sync, chunks, replies, head_position };
         if let Some(sync_tx) = &self.sync_tx
             && let Err(std::sync::mpsc::SendError(job)) = sync_tx.send(job)
         {
@@ -1017,5 +1047,28 @@ impl Iterator for LogIter<'_> {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_group_of_derived_appends_without_events_goes_unsynced() {
+        let event = NewEvent {
+            event_id: 1,
+            event_type: "t".into(),
+            stream_id: 1,
+            timestamp_ms: 0,
+            causation_id: None,
+            correlation_id: None,
+            payload: Vec::new(),
+        };
+        let derived = AppendRequest { durability: Durability::Derived, ..Default::default() };
+        let derived_with_events = AppendRequest { events: vec![event], ..derived.clone() };
+        assert!(!derived.needs_sync());
+        assert!(derived_with_events.needs_sync());
+        assert!(AppendRequest::default().needs_sync());
     }
 }

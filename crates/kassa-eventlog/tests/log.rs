@@ -96,6 +96,7 @@ fn expected_versions_guard_concurrent_writers() {
         events: vec![event(1, 42, 0)],
         expected: vec![(42, ExpectedVersion::NoStream)],
         writes: vec![write("first")],
+        ..Default::default()
     };
     log.append_blocking(first.clone()).unwrap();
     let again = AppendRequest { writes: vec![write("second")], ..first };
@@ -108,9 +109,38 @@ fn expected_versions_guard_concurrent_writers() {
     let exact = AppendRequest {
         events: vec![event(2, 42, 0)],
         expected: vec![(42, ExpectedVersion::Exact(1))],
-        writes: vec![],
+        ..Default::default()
     };
     log.append_blocking(exact).unwrap();
+}
+
+/// Derived appends (not synced for their own sake) land in order with the synced
+/// ones, all or nothing, and are there after a reopen; one carrying events is an
+/// ordinary append: its events get positions and are read back.
+#[test]
+fn derived_appends_land_in_order_with_the_synced_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let write = |key: &str, value: u8| StateWrite { table: Table::State, key: key.into(), value: Some(vec![value]) };
+    let derived =
+        |writes: Vec<StateWrite>| AppendRequest { writes, durability: Durability::Derived, ..Default::default() };
+    {
+        let log = EventLog::open(dir.path(), LogConfig::default()).unwrap();
+        log.append_blocking(derived(vec![write("view", 1), write("offset", 1)])).unwrap();
+        let synced =
+            AppendRequest { events: vec![event(1, 7, 0)], writes: vec![write("record", 1)], ..Default::default() };
+        assert_eq!(log.append_blocking(synced).unwrap().last_position, 1);
+        let with_events = AppendRequest { events: vec![event(2, 7, 0)], ..derived(vec![write("record", 2)]) };
+        assert_eq!(log.append_blocking(with_events).unwrap().last_position, 2);
+        log.append_blocking(derived(vec![write("view", 2), write("offset", 2)])).unwrap();
+        assert_eq!(log.get(Table::State, b"view").unwrap(), Some(vec![2]));
+    }
+    let log = EventLog::open(dir.path(), LogConfig::default()).unwrap();
+    for (key, value) in [("view", 2), ("offset", 2), ("record", 2)] {
+        assert_eq!(log.get(Table::State, key.as_bytes()).unwrap(), Some(vec![value]), "{key}");
+    }
+    let events = log.read_stream(7, 1, 10).unwrap();
+    assert_eq!(events.iter().map(|e| (e.event_id, e.position)).collect::<Vec<_>>(), [(1, 1), (2, 2)]);
+    assert_eq!(log.verify().unwrap().events, 2);
 }
 
 #[test]
@@ -120,7 +150,6 @@ fn state_positions_and_idempotency_are_written_with_the_events() {
         let log = EventLog::open(dir.path(), LogConfig::default()).unwrap();
         let request = AppendRequest {
             events: vec![event(1, 1, 0)],
-            expected: vec![],
             writes: vec![
                 StateWrite { table: Table::State, key: b"pay/1".to_vec(), value: Some(b"captured".to_vec()) },
                 StateWrite {
@@ -130,6 +159,7 @@ fn state_positions_and_idempotency_are_written_with_the_events() {
                 },
                 StateWrite { table: Table::Idempotency, key: b"mer/key-1".to_vec(), value: Some(b"{}".to_vec()) },
             ],
+            ..Default::default()
         };
         log.append_blocking(request).unwrap();
         log.append_blocking(AppendRequest {

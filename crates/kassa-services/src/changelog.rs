@@ -183,7 +183,7 @@ pub fn decode(bytes: &[u8]) -> Result<Decoded, String> {
                     payload: e.payload,
                 })
                 .collect();
-            let request = AppendRequest { events, expected: Vec::new(), writes };
+            let request = AppendRequest { events, writes, ..Default::default() };
             Ok(Decoded { epoch: record.epoch, seq: record.seq, claim: record.claim, request })
         }
         Some((version, _)) => Err(format!("unknown changelog record version {version}")),
@@ -508,6 +508,7 @@ mod tests {
                 StateWrite { table: Table::Positions, key: b"b".to_vec(), value: None },
                 StateWrite { table: Table::Idempotency, key: b"c".to_vec(), value: Some(Vec::new()) },
             ],
+            ..Default::default()
         };
         let decoded = decode(&encode(3, 5, None, &request)).unwrap();
         assert_eq!((decoded.epoch, decoded.seq, decoded.claim), (3, 5, None));

@@ -25,7 +25,7 @@ use kassa_domain::{
     CaptureId, MerchantId, PaymentCommand, PaymentEvent, PaymentId, PaymentState, RefundId, RequestPayment, apply,
     decide, try_apply,
 };
-use kassa_eventlog::{AppendRequest, EventLog, NewEvent, StateWrite, Table};
+use kassa_eventlog::{AppendRequest, Durability, EventLog, NewEvent, StateWrite, Table};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -1004,7 +1004,7 @@ impl IngestService {
             }];
             writes.extend(slot.map(|slot| slot.write(payment_id)));
             let appended =
-                match self.log.append(AppendRequest { events: new_events, expected: Vec::new(), writes }).await {
+                match self.log.append(AppendRequest { events: new_events, writes, ..Default::default() }).await {
                     Ok(appended) => appended,
                     Err(error) => {
                         if let Some(vault) = &self.vault {
@@ -1136,7 +1136,7 @@ impl IngestService {
             });
             let events = claim.into_iter().chain([on_payment(command_id, message)]).collect();
             let writes = slot.map(|slot| slot.write(payment_id)).into_iter().collect();
-            self.log.append(AppendRequest { events, expected: Vec::new(), writes }).await.map_err(internal)?;
+            self.log.append(AppendRequest { events, writes, ..Default::default() }).await.map_err(internal)?;
             // Wait for the command's outcome: an event it caused, or its refusal.
             let outcome = self
                 .wait_until(payment_id, || {
@@ -1349,7 +1349,10 @@ impl IngestService {
                 value: Some((offset + 1).to_be_bytes().to_vec()),
             });
         }
-        self.log.append(AppendRequest { writes, ..Default::default() }).await.map_err(internal)?;
+        // All of it is read from `payments.events` again if a crash of the machine loses it
+        // (with its offset): not synced for its own sake.
+        let append = AppendRequest { writes, durability: Durability::Derived, ..Default::default() };
+        self.log.append(append).await.map_err(internal)?;
         if let Some(offset) = last_offset {
             self.bus.note_consumed(crate::topics::INGEST_GROUP, PAYMENT_EVENTS, partition, offset + 1);
         }
@@ -1465,7 +1468,7 @@ pub fn new_merchant(name: &str, now: kassa_domain::Timestamp) -> Result<(AppendR
         key: merchant_key_key(&key.hash_hex()),
         value: Some(merchant_id.as_u128().to_be_bytes().to_vec()),
     }];
-    Ok((AppendRequest { events: vec![event], expected: Vec::new(), writes }, merchant_id, key))
+    Ok((AppendRequest { events: vec![event], writes, ..Default::default() }, merchant_id, key))
 }
 
 fn idempotency_key_reused() -> ApiError {

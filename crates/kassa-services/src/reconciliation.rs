@@ -380,7 +380,7 @@ impl ReconciliationService {
                 value: Some((offset + 1).to_be_bytes().to_vec()),
             });
         }
-        let request = AppendRequest { events: report_events, expected: Vec::new(), writes };
+        let request = AppendRequest { events: report_events, writes, ..Default::default() };
         self.commit(request, &mut ownership, stop).await?;
         if let Some(offset) = last_offset {
             self.bus.note_consumed(RECONCILIATION_GROUP, SETTLEMENT_EVENTS, partition, offset + 1);

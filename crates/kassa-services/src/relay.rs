@@ -6,7 +6,7 @@
 use crate::payment_key;
 use kassa_bus::{Bus, Record};
 use kassa_codec::{Envelope, encode_frame};
-use kassa_eventlog::{AppendRequest, EventLog, StateWrite, Table};
+use kassa_eventlog::{AppendRequest, Durability, EventLog, StateWrite, Table};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
@@ -112,7 +112,10 @@ pub async fn run_relay(
         }
         let write =
             StateWrite { table: Table::Positions, key: position_key(topic), value: Some(last.to_be_bytes().to_vec()) };
-        if let Err(error) = log.append(AppendRequest { writes: vec![write], ..Default::default() }).await {
+        // Lost in a crash of the machine, the relay publishes again from an earlier
+        // position (consumers drop what they have seen): not synced for its own sake.
+        let append = AppendRequest { writes: vec![write], durability: Durability::Derived, ..Default::default() };
+        if let Err(error) = log.append(append).await {
             tracing::error!(%topic, %error, "relay cannot store its position; stopping");
             return;
         }

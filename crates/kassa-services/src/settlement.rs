@@ -655,7 +655,7 @@ impl SettlementService {
         if let Some(offset) = last_offset {
             writes.push(position_write(feed_offset_key(partition), offset + 1));
         }
-        self.log.append(AppendRequest { events, expected: Vec::new(), writes }).await?;
+        self.log.append(AppendRequest { events, writes, ..Default::default() }).await?;
         if let Some(offset) = last_offset {
             self.bus.note_consumed(SETTLEMENT_GROUP, PAYMENT_EVENTS, partition, offset + 1);
         }
@@ -908,7 +908,7 @@ impl Batches<'_, '_> {
         }
         writes.push(position_write(entries_offset_key(self.partition), next));
         // Taken out of the cache while changed: a failed commit leaves the durable ones to load.
-        self.commit(AppendRequest { events, expected: Vec::new(), writes }, stop).await?;
+        self.commit(AppendRequest { events, writes, ..Default::default() }, stop).await?;
         if self.open.len() > 10_000 {
             self.open.clear();
         }
@@ -1044,7 +1044,7 @@ impl Batches<'_, '_> {
             if index + 1 == count {
                 writes.append(&mut last);
             }
-            self.commit(AppendRequest { events: close_events, expected: Vec::new(), writes }, stop).await?;
+            self.commit(AppendRequest { events: close_events, writes, ..Default::default() }, stop).await?;
             closed.push(batch_id);
         }
         if !last.is_empty() {

@@ -327,6 +327,7 @@ fn commit(n: u8) -> AppendRequest {
         }],
         expected: Vec::new(),
         writes: vec![StateWrite { table: Table::State, key: b"k".to_vec(), value: Some(vec![n]) }],
+        ..Default::default()
     }
 }
 

@@ -259,7 +259,7 @@ impl AuthorizationService {
         };
         let write = StateWrite { table: Table::State, key: RULES_KEY.to_vec(), value: Some(json) };
         self.log
-            .append(AppendRequest { events: vec![event], expected: Vec::new(), writes: vec![write] })
+            .append(AppendRequest { events: vec![event], writes: vec![write], ..Default::default() })
             .await
             .map_err(|e| format!("recording the rules: {e}"))?;
         self.routing.install_rules(rules);
@@ -1015,7 +1015,7 @@ impl PartitionActor {
     /// Make a batch's events and writes durable: on the changelog first (with
     /// it on: whoever owns the partition next has them), then in the local log.
     async fn write(&mut self, events: Vec<NewEvent>, writes: Vec<StateWrite>) -> Result<(), ActorError> {
-        let mut request = AppendRequest { events, expected: Vec::new(), writes };
+        let mut request = AppendRequest { events, writes, ..Default::default() };
         if let Some(ownership) = &mut self.ownership {
             let now = self.service.clock.now().unix_ms();
             let Some(writes) = ownership.publish(self.service.bus.as_ref(), &request, now, &self.stop).await? else {
