@@ -139,7 +139,7 @@ pub trait Bus: Send + Sync + std::fmt::Debug + 'static {
     fn end_offset(&self, topic: &str, partition: u32) -> Result<u64, BusError>;
 
     /// Note how far consumer `group` got in a partition (the next offset it
-    /// will read), once that position is durable in the consumer's own log.
+    /// will read), once that position is written in the consumer's own log.
     /// For lag monitoring only — positions are never read back from the bus:
     /// [`KafkaBus`] commits them as the group's offsets in the background, so
     /// any Kafka tool shows the lag; the embedded bus has nothing to show it to.

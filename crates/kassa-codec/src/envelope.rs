@@ -41,47 +41,71 @@ pub struct Envelope {
     pub prev_hash: Hash,
 }
 
-/// The bincode body of a version-1 frame, as decoded. Field order is the
-/// format: a new field means a new version.
+/// The bincode body of a version-1 frame, as decoded: the type name and the
+/// payload borrowed from the frame. Field order is the format: a new field
+/// means a new version.
 ///
 /// Encoded and decoded with bincode's own (not serde's) traits: the bytes are
 /// the same — varints for the integers, a `0`/`1` tag before an option's
 /// value, a varint length before the type name and the payload, the hash's
-/// 32 bytes as they are — but the type name, the payload and the hash are
-/// each read in one copy instead of through serde's visitors, byte by byte for
-/// the hash. `tests::the_body_is_the_serde_encoding` holds the two equal.
-struct BodyV1 {
-    event_id: u128,
-    event_type: String,
-    stream_id: u128,
-    stream_seq: u64,
-    position: u64,
-    timestamp_ms: i64,
-    causation_id: Option<u128>,
-    correlation_id: Option<u128>,
-    payload: Vec<u8>,
-    prev_hash: Hash,
+/// 32 bytes as they are — but the hash is read in one copy instead of through
+/// serde's visitors one byte at a time, and nothing is copied until the caller
+/// wants an owned [`Envelope`]. `tests::the_body_is_the_serde_encoding` holds
+/// the two equal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EnvelopeRef<'a> {
+    pub event_id: u128,
+    pub event_type: &'a str,
+    pub stream_id: u128,
+    pub stream_seq: u64,
+    pub position: u64,
+    pub timestamp_ms: i64,
+    pub causation_id: Option<u128>,
+    pub correlation_id: Option<u128>,
+    pub payload: &'a [u8],
+    pub prev_hash: Hash,
 }
 
-impl<Context> bincode::Decode<Context> for BodyV1 {
-    fn decode<D: bincode::de::Decoder<Context = Context>>(d: &mut D) -> Result<Self, bincode::error::DecodeError> {
-        Ok(BodyV1 {
+impl EnvelopeRef<'_> {
+    /// The envelope with its own copy of the type name and the payload.
+    pub fn to_owned(&self) -> Envelope {
+        Envelope {
+            event_id: self.event_id,
+            event_type: self.event_type.to_owned(),
+            stream_id: self.stream_id,
+            stream_seq: self.stream_seq,
+            position: self.position,
+            timestamp_ms: self.timestamp_ms,
+            causation_id: self.causation_id,
+            correlation_id: self.correlation_id,
+            payload: self.payload.to_vec(),
+            prev_hash: self.prev_hash,
+        }
+    }
+}
+
+impl<'de: 'a, 'a, Context> bincode::BorrowDecode<'de, Context> for EnvelopeRef<'a> {
+    fn borrow_decode<D: bincode::de::BorrowDecoder<'de, Context = Context>>(
+        d: &mut D,
+    ) -> Result<Self, bincode::error::DecodeError> {
+        use bincode::Decode;
+        Ok(EnvelopeRef {
             event_id: u128::decode(d)?,
-            event_type: String::decode(d)?,
+            event_type: <&str>::borrow_decode(d)?,
             stream_id: u128::decode(d)?,
             stream_seq: u64::decode(d)?,
             position: u64::decode(d)?,
             timestamp_ms: i64::decode(d)?,
             causation_id: Option::<u128>::decode(d)?,
             correlation_id: Option::<u128>::decode(d)?,
-            payload: Vec::<u8>::decode(d)?,
+            payload: <&[u8]>::borrow_decode(d)?,
             prev_hash: Hash::decode(d)?,
         })
     }
 }
 
 /// The same body, borrowed for encoding (no copy of type name or payload).
-/// Must list exactly the fields of [`BodyV1`], in the same order.
+/// Must list exactly the fields of [`EnvelopeRef`], in the same order.
 struct BodyV1Ref<'a> {
     event_id: u128,
     event_type: &'a str,
@@ -170,6 +194,11 @@ pub fn encode_frame_into(envelope: &Envelope, out: &mut Vec<u8>) -> usize {
 
 /// Decode and verify a frame: length, version, checksum, body, no trailing bytes.
 pub fn decode_frame(frame: &[u8]) -> Result<Envelope, CodecError> {
+    decode_frame_ref(frame).map(|envelope| envelope.to_owned())
+}
+
+/// [`decode_frame`], borrowing the type name and the payload from `frame`.
+pub fn decode_frame_ref(frame: &[u8]) -> Result<EnvelopeRef<'_>, CodecError> {
     if frame.len() < 6 {
         return Err(CodecError::Truncated { len: frame.len() });
     }
@@ -187,23 +216,12 @@ pub fn decode_frame(frame: &[u8]) -> Result<Envelope, CodecError> {
         return Err(CodecError::ChecksumMismatch { stored, computed });
     }
     let body_bytes = &covered[2..];
-    let (body, read): (BodyV1, usize) = bincode::decode_from_slice(body_bytes, config())
+    let (body, read): (EnvelopeRef<'_>, usize) = bincode::borrow_decode_from_slice(body_bytes, config())
         .map_err(|e| CodecError::Malformed { reason: e.to_string() })?;
     if read != body_bytes.len() {
         return Err(CodecError::TrailingBytes { extra: body_bytes.len() - read });
     }
-    Ok(Envelope {
-        event_id: body.event_id,
-        event_type: body.event_type,
-        stream_id: body.stream_id,
-        stream_seq: body.stream_seq,
-        position: body.position,
-        timestamp_ms: body.timestamp_ms,
-        causation_id: body.causation_id,
-        correlation_id: body.correlation_id,
-        payload: body.payload,
-        prev_hash: body.prev_hash,
-    })
+    Ok(body)
 }
 
 /// The record hash of a frame: what the next record carries as `prev_hash`.

@@ -22,7 +22,7 @@ pub mod envelope;
 pub mod events;
 
 pub use envelope::{
-    CodecError, Envelope, FORMAT_VERSION, FRAME_BYTES_MAX, GENESIS_HASH, Hash, decode_frame, encode_frame,
-    encode_frame_into, frame_hash,
+    CodecError, Envelope, EnvelopeRef, FORMAT_VERSION, FRAME_BYTES_MAX, GENESIS_HASH, Hash, decode_frame,
+    decode_frame_ref, encode_frame, encode_frame_into, frame_hash,
 };
 pub use events::{EventPayload, decode_value, encode_value};

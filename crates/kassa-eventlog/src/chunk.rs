@@ -5,7 +5,7 @@
 //! checksum and chain link, so a chunk is verified frame by frame.
 
 use crate::LogError;
-use kassa_codec::{Envelope, Hash, decode_frame, encode_frame_into, frame_hash};
+use kassa_codec::{Envelope, EnvelopeRef, Hash, decode_frame_ref, encode_frame_into, frame_hash};
 
 /// Encode an envelope straight into the chunk; returns its record hash.
 pub fn push_frame(chunk: &mut Vec<u8>, envelope: &Envelope) -> Hash {
@@ -40,7 +40,12 @@ pub fn frames(chunk: &[u8], first_position: u64) -> Result<Vec<&[u8]>, LogError>
 /// Decode one frame that must hold the record at `position`: its checksum
 /// and body, and the position it names.
 pub fn decode_at(frame: &[u8], position: u64) -> Result<Envelope, LogError> {
-    let envelope = decode_frame(frame).map_err(|source| LogError::Corrupt { position, source })?;
+    decode_ref_at(frame, position).map(|envelope| envelope.to_owned())
+}
+
+/// [`decode_at`], borrowing the type name and the payload from `frame`.
+pub fn decode_ref_at(frame: &[u8], position: u64) -> Result<EnvelopeRef<'_>, LogError> {
+    let envelope = decode_frame_ref(frame).map_err(|source| LogError::Corrupt { position, source })?;
     if envelope.position != position {
         return Err(LogError::Gap { expected: position, found: envelope.position });
     }

@@ -1,10 +1,10 @@
 //! The event log: appends through group commit, verified reads.
 
 use crate::LogError;
-use crate::chunk::{decode_at, decode_verified, frames, push_frame};
+use crate::chunk::{decode_at, decode_ref_at, decode_verified, frames, push_frame};
 use crate::group_commit::{GroupCommitConfig, GroupCommitter, GroupWriter, Replier};
 use crate::keys::*;
-use kassa_codec::{Envelope, GENESIS_HASH, Hash, frame_hash};
+use kassa_codec::{Envelope, EnvelopeRef, GENESIS_HASH, Hash, frame_hash};
 use rocksdb::{ColumnFamilyDescriptor, DB, DBRawIterator, Options, WriteBatch, WriteOptions};
 use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasherDefault, Hasher};
@@ -267,7 +267,7 @@ impl EventLog {
         &self.path
     }
 
-    /// Append and wait until durable.
+    /// Append and wait until durable (a [`Durability::Derived`] append: until written).
     pub async fn append(&self, request: AppendRequest) -> Result<Appended, LogError> {
         self.check_size(&request)?;
         self.committer.submit(request).await?
@@ -296,7 +296,7 @@ impl EventLog {
         }
     }
 
-    /// Append and block until durable. Not for async runtime threads.
+    /// Append and block until durable (or written: [`Durability::Derived`]). Not for async runtime threads.
     pub fn append_blocking(&self, request: AppendRequest) -> Result<Appended, LogError> {
         self.append_pipelined(request)?.wait()?
     }
@@ -354,9 +354,42 @@ impl EventLog {
     /// [`Self::follow_from`] when `from_position` is still in memory (no disk
     /// read, so an async caller need not move to a blocking thread); `None` when not.
     pub fn follow_recent(&self, from_position: u64, max: usize) -> Option<Result<Vec<Envelope>, LogError>> {
+        self.follow_recent_frames(from_position, max, |_, envelope| envelope.to_owned())
+    }
+
+    /// [`Self::follow_recent`] without copying the events out: `each` is given
+    /// every frame from `from_position` (at most `max`) as it is stored, with its
+    /// fields borrowed, its checksum and position checked; what it returns is
+    /// collected. A relay publishes the stored frame itself this way.
+    pub fn follow_recent_frames<T>(
+        &self,
+        from_position: u64,
+        max: usize,
+        mut each: impl FnMut(&[u8], &EnvelopeRef<'_>) -> T,
+    ) -> Option<Result<Vec<T>, LogError>> {
         let from = from_position.max(1);
         let chunks = self.recent.lock().unwrap_or_else(|e| e.into_inner()).covering(from, max)?;
-        Some(decode_recent(&chunks, from, max))
+        let mut out = Vec::new();
+        for chunk in &chunks {
+            let frames = match frames(&chunk.bytes, chunk.first_position) {
+                Ok(frames) => frames,
+                Err(error) => return Some(Err(error)),
+            };
+            for (index, frame) in frames.into_iter().enumerate() {
+                let position = chunk.first_position + index as u64;
+                if position < from {
+                    continue;
+                }
+                if out.len() >= max {
+                    return Some(Ok(out));
+                }
+                match decode_ref_at(frame, position) {
+                    Ok(envelope) => out.push(each(frame, &envelope)),
+                    Err(error) => return Some(Err(error)),
+                }
+            }
+        }
+        Some(Ok(out))
     }
 
     /// Up to `max` verified events of one stream, from sequence `from_seq` (1-based).
@@ -820,24 +853,6 @@ impl Recent {
         }
         Some(out)
     }
-}
-
-/// Decode the events of in-memory chunks from `from` on, at most `max`.
-fn decode_recent(chunks: &[RecentChunk], from: u64, max: usize) -> Result<Vec<Envelope>, LogError> {
-    let mut out = Vec::new();
-    for chunk in chunks {
-        for (index, frame) in frames(&chunk.bytes, chunk.first_position)?.into_iter().enumerate() {
-            let position = chunk.first_position + index as u64;
-            if position < from {
-                continue;
-            }
-            if out.len() >= max {
-                return Ok(out);
-            }
-            out.push(decode_at(frame, position)?);
-        }
-    }
-    Ok(out)
 }
 
 impl GroupWriter for LogWriter {

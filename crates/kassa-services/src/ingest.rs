@@ -305,10 +305,10 @@ const TOKEN_KEY_FIRST: &[u8] = b"token-key/first";
 const MERCHANT_CREATED: &str = "merchant.created";
 
 /// Where the relay publishes one of ingest's own events (none: not published).
-fn route(event: &kassa_codec::Envelope) -> Option<&'static str> {
-    if event.event_type == "payment.requested" || event.event_type.starts_with("command.") {
+fn route(event_type: &str) -> Option<&'static str> {
+    if event_type == "payment.requested" || event_type.starts_with("command.") {
         Some(PAYMENT_COMMANDS)
-    } else if event.event_type == MERCHANT_CREATED {
+    } else if event_type == MERCHANT_CREATED {
         Some(MERCHANTS)
     } else {
         None

@@ -173,7 +173,7 @@ impl ReconciliationService {
             Arc::clone(&self.log),
             Arc::clone(&self.bus),
             PAYMENT_COMMANDS,
-            |e| e.event_type.starts_with("command.").then_some(PAYMENT_COMMANDS),
+            |t| t.starts_with("command.").then_some(PAYMENT_COMMANDS),
             RelayConfig::default(),
             stop,
         )));

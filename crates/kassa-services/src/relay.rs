@@ -1,11 +1,13 @@
 //! The outbox relay: a service's own log is its outbox. The relay publishes
 //! the log's events to a topic in order and stores how far it got in the same
-//! log, so a crash re-publishes at most the last batch (consumers drop
-//! duplicates by event id) and never skips one.
+//! log, so a crash of the process re-publishes at most the last batch, a
+//! crash of the machine what went out since the log's last synced append
+//! (the position is a `Durability::Derived` write; consumers drop duplicates
+//! by event id or stream sequence), and it never skips one.
 
 use crate::payment_key;
 use kassa_bus::{Bus, Record};
-use kassa_codec::{Envelope, encode_frame};
+use kassa_codec::encode_frame;
 use kassa_eventlog::{AppendRequest, Durability, EventLog, StateWrite, Table};
 use std::sync::Arc;
 use std::time::Duration;
@@ -39,14 +41,14 @@ pub fn relayed_position(log: &EventLog, topic: &str) -> Result<u64, kassa_eventl
     crate::consume::stored_offset(log, &position_key(topic))
 }
 
-/// Publish each event of `log` to the topic `route` names for it (none: not
-/// published), until `stop` turns true. One pass over the log serves every
+/// Publish each event of `log` to the topic `route` names for its event type
+/// (none: not published), until `stop` turns true. One pass over the log serves every
 /// topic; the relay's position is stored under `name`.
 pub async fn run_relay(
     log: Arc<EventLog>,
     bus: Arc<dyn Bus>,
     name: &'static str,
-    route: fn(&Envelope) -> Option<&'static str>,
+    route: fn(&str) -> Option<&'static str>,
     config: RelayConfig,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -72,17 +74,43 @@ pub async fn run_relay(
         }
         let from = position + 1;
         let max = config.batch_events_max.max(1);
-        // What was just written is in memory: decoded right here (one batch at
-        // most), with no disk read and no hop to a blocking thread.
-        let batch = match log.follow_recent(from, max) {
+        // What was just written is in memory: read right here (one batch at most),
+        // with no disk read and no hop to a blocking thread, and each frame to
+        // publish is published as stored — the encoding of its envelope — with no
+        // copy of what is not.
+        let recent = log.follow_recent_frames(from, max, |frame, e| {
+            let record = route(e.event_type).map(|topic| Record {
+                topic: topic.to_owned(),
+                key: payment_key(e.stream_id),
+                payload: frame.to_vec(),
+                timestamp_ms: e.timestamp_ms,
+            });
+            (e.position, record)
+        });
+        let batch = match recent {
             Some(read) => Ok(read),
             None => {
                 let log = Arc::clone(&log);
-                tokio::task::spawn_blocking(move || log.read_from(from, max)).await
+                tokio::task::spawn_blocking(move || {
+                    let envelopes = log.read_from(from, max)?;
+                    Ok(envelopes
+                        .iter()
+                        .map(|e| {
+                            let record = route(&e.event_type).map(|topic| Record {
+                                topic: topic.to_owned(),
+                                key: payment_key(e.stream_id),
+                                payload: encode_frame(e),
+                                timestamp_ms: e.timestamp_ms,
+                            });
+                            (e.position, record)
+                        })
+                        .collect())
+                })
+                .await
             }
         };
-        let envelopes = match batch {
-            Ok(Ok(envelopes)) => envelopes,
+        let read: Vec<(u64, Option<Record>)> = match batch {
+            Ok(Ok(read)) => read,
             Ok(Err(error)) => {
                 tracing::error!(%topic, %error, "relay cannot read its log; stopping (the service must restart)");
                 return;
@@ -92,17 +120,8 @@ pub async fn run_relay(
                 return;
             }
         };
-        let Some(last) = envelopes.last().map(|e| e.position) else { continue };
-        let records: Vec<Record> = envelopes
-            .iter()
-            .filter_map(|e| route(e).map(|topic| (topic, e)))
-            .map(|(topic, e)| Record {
-                topic: topic.to_owned(),
-                key: payment_key(e.stream_id),
-                payload: encode_frame(e),
-                timestamp_ms: e.timestamp_ms,
-            })
-            .collect();
+        let Some(last) = read.last().map(|(position, _)| *position) else { continue };
+        let records: Vec<Record> = read.into_iter().filter_map(|(_, record)| record).collect();
         if !records.is_empty()
             && let Err(error) = bus.produce(records).await
         {

@@ -50,7 +50,7 @@ use kassa_domain::settlement::{
     try_apply_batch,
 };
 use kassa_domain::{BatchId, Currency, MerchantId, PaymentEvent, PaymentId};
-use kassa_eventlog::{AppendRequest, EventLog, LogError, NewEvent, StateWrite, Table};
+use kassa_eventlog::{AppendRequest, Durability, EventLog, LogError, NewEvent, StateWrite, Table};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -233,8 +233,8 @@ pub fn key_stream(key: &BatchKey) -> u128 {
     u128::from_be_bytes(bytes)
 }
 
-/// Which topic a relay publishes an event of the log to (none: not published).
-type Route = fn(&Envelope) -> Option<&'static str>;
+/// Which topic a relay publishes an event of the log to, by its type (none: not published).
+type Route = fn(&str) -> Option<&'static str>;
 
 /// The command that records `entry`'s payment settled in `batch_id`: the same
 /// id whoever closes the batch.
@@ -367,11 +367,9 @@ impl SettlementService {
             tasks.push(tokio::spawn(Arc::clone(self).schedule_cutoffs(stop.clone())));
         }
         let relays: [(&'static str, Route); 3] = [
-            (PAYMENT_COMMANDS, |e| e.event_type.starts_with("command.").then_some(PAYMENT_COMMANDS)),
-            (SETTLEMENT_EVENTS, |e| {
-                BatchEvent::EVENT_TYPES.contains(&e.event_type.as_str()).then_some(SETTLEMENT_EVENTS)
-            }),
-            (SETTLEMENT_ENTRIES, |e| (e.event_type == crate::messages::ENTRY_PENDING).then_some(SETTLEMENT_ENTRIES)),
+            (PAYMENT_COMMANDS, |t| t.starts_with("command.").then_some(PAYMENT_COMMANDS)),
+            (SETTLEMENT_EVENTS, |t| BatchEvent::EVENT_TYPES.contains(&t).then_some(SETTLEMENT_EVENTS)),
+            (SETTLEMENT_ENTRIES, |t| (t == crate::messages::ENTRY_PENDING).then_some(SETTLEMENT_ENTRIES)),
         ];
         for (name, route) in relays {
             let (log, bus) = (Arc::clone(&self.log), Arc::clone(&self.bus));
@@ -655,7 +653,10 @@ impl SettlementService {
         if let Some(offset) = last_offset {
             writes.push(position_write(feed_offset_key(partition), offset + 1));
         }
-        self.log.append(AppendRequest { events, writes, ..Default::default() }).await?;
+        // What the feed knows of payments is read from `payments.events` again if a crash of
+        // the machine loses it with its offset; entries (events) make the append synced.
+        let append = AppendRequest { events, writes, durability: Durability::Derived, ..Default::default() };
+        self.log.append(append).await?;
         if let Some(offset) = last_offset {
             self.bus.note_consumed(SETTLEMENT_GROUP, PAYMENT_EVENTS, partition, offset + 1);
         }

@@ -392,11 +392,11 @@ impl AuthorizationService {
             Arc::clone(&self.log),
             Arc::clone(&self.bus),
             PAYMENT_EVENTS,
-            |e| {
-                if e.event_type.starts_with("payment.") {
+            |t| {
+                if t.starts_with("payment.") {
                     Some(PAYMENT_EVENTS)
                 } else {
-                    (e.event_type == PROVIDER_HEALTH_CHANGED).then_some(PROVIDER_HEALTH)
+                    (t == PROVIDER_HEALTH_CHANGED).then_some(PROVIDER_HEALTH)
                 }
             },
             RelayConfig::default(),
