@@ -14,7 +14,7 @@ use crate::messages::{
     CARD_SEALED, COMMAND_REJECTED, CommandRejected, DUPLICATE_REQUEST, DuplicateRequest, PaymentCommandMessage,
 };
 use crate::relay::{RelayConfig, run_relay};
-use crate::runtime::Clock;
+use crate::runtime::{Clock, ExpiryClock};
 use crate::seal::CardSeal;
 use crate::topics::{MERCHANTS, PAYMENT_COMMANDS, PAYMENT_EVENTS};
 use crate::vault::CardVault;
@@ -210,6 +210,8 @@ pub struct IngestService {
     /// `None` when authorization runs elsewhere and takes the sealed card only.
     vault: Option<Arc<CardVault>>,
     clock: Arc<dyn Clock>,
+    /// Stamps and ages the idempotency records (resumed on first use).
+    expiry: Mutex<Option<ExpiryClock>>,
     config: IngestConfig,
     /// Seals each accepted card for authorization (`command.card_sealed`), so
     /// it can run in another process; without it the card travels only
@@ -274,6 +276,8 @@ fn position_key(partition: u32) -> Vec<u8> {
 /// Idempotency records by when they were stored: the prefix, the time
 /// (big-endian ms), then the record's key.
 const IDEMPOTENCY_BY_TIME: &[u8] = b"idempotency-at/";
+/// The [`ExpiryClock`] reading the idempotency records are dropped by.
+const EXPIRY_CLOCK: &[u8] = b"expiry-clock";
 
 /// What a time index entry holds of the record it was made for: the first 16
 /// bytes of the SHA-256 of its encoding.
@@ -328,6 +332,7 @@ impl IngestService {
             bus,
             vault: Some(vault),
             clock,
+            expiry: Mutex::new(None),
             config,
             seal: None,
             waiters: Waiters::default(),
@@ -746,8 +751,9 @@ impl IngestService {
             },
             Err(_) => return answer,
         };
+        let stamped = self.expiry_now()?;
         let mut by_time = IDEMPOTENCY_BY_TIME.to_vec();
-        by_time.extend_from_slice(&(self.clock.now().unix_ms().max(0) as u64).to_be_bytes());
+        by_time.extend_from_slice(&(stamped.max(0) as u64).to_be_bytes());
         by_time.extend_from_slice(&storage_key);
         let record = encode_value(&record);
         // The index entry names the record it was made for: a record stored again later
@@ -756,6 +762,7 @@ impl IngestService {
         let writes = vec![
             StateWrite { table: Table::Idempotency, key: storage_key, value: Some(record) },
             StateWrite { table: Table::State, key: by_time, value: Some(made_for) },
+            StateWrite { table: Table::State, key: EXPIRY_CLOCK.to_vec(), value: Some(ExpiryClock::encode(stamped)) },
         ];
         self.log.append(AppendRequest { writes, ..Default::default() }).await.map_err(internal)?;
         answer
@@ -765,6 +772,17 @@ impl IngestService {
         let forget = StateWrite { table: Table::Idempotency, key: storage_key, value: None };
         self.log.append(AppendRequest { writes: vec![forget], ..Default::default() }).await.map_err(internal)?;
         Ok(())
+    }
+
+    /// The [`ExpiryClock`] reading (resumed from the stored one on first use).
+    /// Whoever stamps a record with it stores it too.
+    fn expiry_now(&self) -> Result<i64, ApiError> {
+        let mut expiry = self.expiry.lock().unwrap_or_else(|e| e.into_inner());
+        if expiry.is_none() {
+            let stored = self.log.get(Table::State, EXPIRY_CLOCK).map_err(internal)?;
+            *expiry = Some(ExpiryClock::resume(ExpiryClock::decode(stored.as_deref()), self.clock.now().unix_ms()));
+        }
+        Ok(expiry.as_ref().map_or(0, ExpiryClock::now))
     }
 
     /// Drop the idempotency records stored before `cutoff_ms` (up to 1,000 per
@@ -797,7 +815,9 @@ impl IngestService {
         Ok(old.len())
     }
 
-    /// Every minute, drop the idempotency records older than `idempotency_keep_ms`.
+    /// Every minute, drop the idempotency records older than `idempotency_keep_ms`
+    /// by the [`ExpiryClock`] that stamped them: a wall clock running ahead or set
+    /// back drops no record early.
     async fn prune_idempotency(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
         let mut every = tokio::time::interval(Duration::from_secs(60));
         loop {
@@ -805,7 +825,14 @@ impl IngestService {
                 _ = stop.changed() => return,
                 _ = every.tick() => {}
             }
-            let cutoff = self.clock.now().unix_ms().saturating_sub(self.config.idempotency_keep_ms as i64);
+            let now = match self.expiry_now() {
+                Ok(now) => now,
+                Err(error) => {
+                    tracing::warn!(message = %error.message, "cannot read the expiry clock; trying again later");
+                    continue;
+                }
+            };
+            let cutoff = now.saturating_sub(self.config.idempotency_keep_ms as i64);
             // Pass after pass while they come back full, so the backlog never grows.
             loop {
                 match self.prune_idempotency_before(cutoff).await {
@@ -1675,8 +1702,13 @@ mod tests {
         let log = Arc::new(EventLog::open(dir.path().join("ingest"), kassa_eventlog::LogConfig::default()).unwrap());
         let config = IngestConfig { outcome_wait_ms: 10, ..IngestConfig::default() };
         let clock: Arc<dyn Clock> = Arc::new(crate::SystemClock);
-        let ingest =
-            IngestService::new(Arc::clone(&log), bus, Arc::new(CardVault::new(10)), Arc::clone(&clock), config);
+        let ingest = IngestService::new(
+            Arc::clone(&log),
+            Arc::clone(&bus) as Arc<dyn Bus>,
+            Arc::new(CardVault::new(10)),
+            Arc::clone(&clock),
+            config,
+        );
         let merchant_id = MerchantId::from_u128(5);
         let body = br#"{"amount": 1999, "currency": "EUR", "card": {"number": "4242424242424242", "exp_month": 12, "exp_year": 2030, "cvc": "123"}}"#;
         // Nothing takes it from the bus here: answered 202, and its record kept.
@@ -1707,6 +1739,23 @@ mod tests {
         assert_eq!(log.scan(Table::State, IDEMPOTENCY_BY_TIME).unwrap().len(), 1);
         assert_eq!(ingest.prune_idempotency_before(clock.now().unix_ms() + 1_000).await.unwrap(), 1);
         assert!(log.get(Table::Idempotency, &record_key).unwrap().is_none());
+
+        // Records are stamped by the expiry clock, whose reading is stored with them. An
+        // instance started on this log with a wall clock two days ahead resumes from that
+        // reading: neither its stamps nor its cutoff move with the wall clock.
+        let stored = ExpiryClock::decode(log.get(Table::State, EXPIRY_CLOCK).unwrap().as_deref()).expect("stored");
+        assert!((first..first + 60_000).contains(&stored), "{stored} is not a reading near {first}");
+        #[derive(Debug)]
+        struct Ahead;
+        impl Clock for Ahead {
+            fn now(&self) -> kassa_domain::Timestamp {
+                kassa_domain::Timestamp(crate::SystemClock.now().unix_ms() + 2 * 86_400_000)
+            }
+        }
+        let config = IngestConfig { outcome_wait_ms: 10, ..IngestConfig::default() };
+        let later = IngestService::new(Arc::clone(&log), bus, Arc::new(CardVault::new(10)), Arc::new(Ahead), config);
+        let reading = later.expiry_now().unwrap();
+        assert!((stored..stored + 60_000).contains(&reading), "took the wall clock's word: {}", reading - stored);
     }
 
     #[test]

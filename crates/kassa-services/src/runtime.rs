@@ -20,6 +20,43 @@ impl Clock for SystemClock {
     }
 }
 
+/// The clock that stamps the guards against a second charge (idempotency
+/// claims and records) and decides when they have been kept long enough. It
+/// counts only time this process measured on its monotonic clock, from the
+/// last stored reading (the first time: the wall clock), so a guard's age is
+/// the difference of two readings of one clock and never more than the real
+/// time between them, whatever the wall clock does — running ahead, set back.
+/// Time while no process ran is not counted: after an outage, guards are kept
+/// longer by that much, never shorter. Store a reading with what it stamped.
+#[derive(Debug)]
+pub struct ExpiryClock {
+    base_ms: i64,
+    since: std::time::Instant,
+}
+
+impl ExpiryClock {
+    /// Resume from the last stored reading (none: start from the wall clock).
+    pub fn resume(stored_ms: Option<i64>, wall_ms: i64) -> ExpiryClock {
+        ExpiryClock { base_ms: stored_ms.unwrap_or(wall_ms), since: std::time::Instant::now() }
+    }
+
+    /// The reading now: never less than an earlier one.
+    pub fn now(&self) -> i64 {
+        let measured = i64::try_from(self.since.elapsed().as_millis()).unwrap_or(i64::MAX);
+        self.base_ms.saturating_add(measured)
+    }
+
+    /// The stored form of a reading.
+    pub fn encode(now_ms: i64) -> Vec<u8> {
+        now_ms.to_be_bytes().to_vec()
+    }
+
+    /// A stored reading (`None` when absent or not 8 bytes).
+    pub fn decode(bytes: Option<&[u8]>) -> Option<i64> {
+        Some(i64::from_be_bytes(bytes?.try_into().ok()?))
+    }
+}
+
 /// Fresh random ids (ULID layout via the typed id constructors).
 #[derive(Debug, Default)]
 pub struct IdSource;
@@ -41,4 +78,28 @@ pub fn derived_id(cause: u128, label: &str, index: u64) -> u128 {
     let mut bytes = [0u8; 16];
     bytes.copy_from_slice(&digest[..16]);
     u128::from_be_bytes(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_expiry_clock_counts_measured_time_from_its_stored_reading() {
+        let start = 1_795_651_200_000;
+        let fresh = ExpiryClock::resume(None, start);
+        let first = fresh.now();
+        assert!((start..start + 60_000).contains(&first), "starts at the wall clock: {first}");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let later = fresh.now();
+        assert!(later >= first + 20 && later < first + 60_000, "advances with measured time: {}", later - first);
+        // Resumed from a stored reading, whatever the wall clock says (two days ahead, or behind).
+        for wall in [start + 2 * 86_400_000, start - 86_400_000] {
+            let resumed = ExpiryClock::resume(Some(later), wall).now();
+            assert!((later..later + 60_000).contains(&resumed), "took the wall clock's word: {resumed}");
+        }
+        assert_eq!(ExpiryClock::decode(Some(&ExpiryClock::encode(start))), Some(start));
+        assert_eq!(ExpiryClock::decode(Some(b"short")), None);
+        assert_eq!(ExpiryClock::decode(None), None);
+    }
 }

@@ -72,6 +72,17 @@ impl World {
         settings: RoutingSettings,
         config: AuthorizationConfig,
     ) -> World {
+        World::start_clocked(dir, sims, vault, settings, config, Arc::new(SystemClock))
+    }
+
+    fn start_clocked(
+        dir: tempfile::TempDir,
+        sims: Vec<Arc<SimulatedAcquirer>>,
+        vault: Arc<CardVault>,
+        settings: RoutingSettings,
+        config: AuthorizationConfig,
+        clock: Arc<dyn kassa_services::runtime::Clock>,
+    ) -> World {
         // After a stop, aborted read-ahead tasks release their handle on the
         // bus a moment later: retry the open (bounded) while its lock is held.
         let bus = Arc::new(retry_open(|| EmbeddedBus::open(dir.path().join("bus"), BusConfig::new(topics()))));
@@ -80,7 +91,7 @@ impl World {
         let names: Vec<String> = sims.iter().map(|s| s.name().to_owned()).collect();
         let routing = Arc::new(RoutingEngine::new(settings, &names).unwrap());
         let service = Arc::new(
-            AuthorizationService::new(log, bus.clone(), providers, Arc::clone(&vault), Arc::new(SystemClock), config)
+            AuthorizationService::new(log, bus.clone(), providers, Arc::clone(&vault), clock, config)
                 .with_routing(routing)
                 .with_card_seal(Arc::new(CardSeal::new(&CARD_KEY).unwrap())),
         );
@@ -645,6 +656,87 @@ async fn a_command_key_reused_for_another_request_is_refused() {
     assert_eq!(common::state_of(&events).refunded_minor, 1300, "{state:?}");
     let refunds = events.iter().filter(|e| e.event_type == "payment.refunded").count();
     assert_eq!(refunds, 2);
+    world.stop().await;
+}
+
+/// A wall clock that can be moved ahead.
+#[derive(Debug, Default)]
+struct JumpClock(std::sync::atomic::AtomicI64);
+
+impl kassa_services::runtime::Clock for JumpClock {
+    fn now(&self) -> Timestamp {
+        let Timestamp(wall) = kassa_services::runtime::Clock::now(&SystemClock);
+        Timestamp(wall + self.0.load(std::sync::atomic::Ordering::SeqCst))
+    }
+}
+
+/// The wall clock jumps two days ahead after a key was claimed: the claim is
+/// not dropped for it (claims are stamped and aged by time this process
+/// measured), so the same request again is still the first payment, not a
+/// second charge; once it has really been kept its time, it is dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clock_jumping_ahead_drops_no_idempotency_claim() {
+    let config = AuthorizationConfig {
+        provider_timeout_ms: 300,
+        retry_backoff_ms: 20,
+        claim_keep_ms: 1_500,
+        claim_prune_interval_ms: 50,
+        ..Default::default()
+    };
+    let clock = Arc::new(JumpClock::default());
+    let vault = Arc::new(CardVault::new(10_000));
+    let dir = tempfile::tempdir().unwrap();
+    let mut world = World::start_clocked(dir, sims(), vault, RoutingSettings::default(), config, clock.clone());
+    let seal = CardSeal::new(&CARD_KEY).unwrap();
+    let card = CardDetails::parse("4242424242424242", 12, 2030, "123", Timestamp(1_795_651_200_000)).unwrap();
+    let partition_of = |id: PaymentId| kassa_bus::partition_for(&id.as_u128().to_be_bytes(), 2);
+    let ids: Vec<PaymentId> = (300..)
+        .map(|n| PaymentId::from_parts(1_795_651_200_000, n))
+        .filter(|id| partition_of(*id) == 1)
+        .take(3)
+        .collect();
+    for (round, payment_id) in ids.iter().enumerate() {
+        world
+            .send(PaymentCommandMessage::CardSealed { payment_id: *payment_id, sealed: seal.seal(*payment_id, &card) })
+            .await;
+        world
+            .send(PaymentCommandMessage::ClaimIdempotencyKey {
+                payment_id: *payment_id,
+                merchant_id: MerchantId::from_u128(1),
+                key_hash: [6; 32],
+                fingerprint: "same".into(),
+            })
+            .await;
+        world.request(*payment_id, card.summarize(b"k"), 1500, true).await;
+        match round {
+            0 => {
+                let state = world.until(*payment_id, settled_outcome).await;
+                assert_eq!(state.status(), Some(PaymentStatus::Captured));
+                clock.0.store(2 * 86_400_000, std::sync::atomic::Ordering::SeqCst);
+                // Several prune passes with the wall clock two days on.
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            1 => {
+                // Past the keep time, really: the claim goes, and the key with it.
+                tokio::time::sleep(Duration::from_millis(1_700)).await;
+            }
+            _ => {
+                let state = world.until(*payment_id, settled_outcome).await;
+                assert_eq!(state.status(), Some(PaymentStatus::Captured), "a payment of its own after the keep time");
+            }
+        }
+    }
+    let mut published = HashMap::new();
+    for _ in 0..500 {
+        published = world.published().await;
+        if published.contains_key(&ids[1]) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let types: Vec<&str> = published[&ids[1]].iter().map(|e| e.event_type.as_str()).collect();
+    assert_eq!(types, [kassa_services::messages::DUPLICATE_REQUEST]);
+    assert_eq!((world.held(ids[0]), world.held(ids[1])), (1, 0), "charged twice");
     world.stop().await;
 }
 

@@ -29,7 +29,7 @@ use crate::consume::{PartitionEnd, id_key, resume_subscription};
 use crate::messages::PaymentCommandMessage;
 use crate::relay::{RelayConfig, run_relay};
 use crate::routing::{RoutingEngine, RoutingSettings};
-use crate::runtime::{Clock, derived_id};
+use crate::runtime::{Clock, ExpiryClock, derived_id};
 use crate::seal::CardSeal;
 use crate::topics::{AUTHORIZATION_CHANGELOG, AUTHORIZATION_GROUP, PAYMENT_COMMANDS, PAYMENT_EVENTS, PROVIDER_HEALTH};
 use crate::vault::CardVault;
@@ -171,6 +171,11 @@ fn command_key_claim_key(partition: u32, merchant_id: kassa_domain::MerchantId, 
 /// the prefix, then the time (big-endian ms), then the claim's key.
 fn claims_by_time_prefix(partition: u32) -> Vec<u8> {
     format!("idempotency-at/{partition:05}/").into_bytes()
+}
+
+/// The partition's [`ExpiryClock`] reading, stored with each claim and prune pass.
+fn expiry_clock_key(partition: u32) -> Vec<u8> {
+    format!("expiry-clock/{partition:05}").into_bytes()
 }
 
 /// Claims dropped per pass at most (a pass is one commit).
@@ -471,6 +476,7 @@ impl AuthorizationService {
             in_flight: Arc::new(AtomicUsize::new(0)),
             ownership,
             stop: stop.clone(),
+            expiry: None,
         };
         // Resume every payment that had work left when the service stopped.
         let mut resume = Vec::new();
@@ -587,6 +593,8 @@ struct PartitionActor {
     /// This instance's claim on the partition's changelog (with `changelog` on).
     ownership: Option<changelog::Ownership>,
     stop: watch::Receiver<bool>,
+    /// The clock claims are stamped and aged by, from its first use here on.
+    expiry: Option<ExpiryClock>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -821,7 +829,7 @@ impl PartitionActor {
         };
         match held {
             None => {
-                let claimed_at = self.service.clock.now().unix_ms();
+                let claimed_at = self.expiry_now(batch)?;
                 let mut by_time = claims_by_time_prefix(self.partition);
                 by_time.extend_from_slice(&(claimed_at.max(0) as u64).to_be_bytes());
                 by_time.extend_from_slice(&key);
@@ -889,7 +897,7 @@ impl PartitionActor {
         };
         match held {
             None if !made_a_payment => {
-                let claimed_at = self.service.clock.now().unix_ms();
+                let claimed_at = self.expiry_now(batch)?;
                 let mut by_time = claims_by_time_prefix(self.partition);
                 by_time.extend_from_slice(&(claimed_at.max(0) as u64).to_be_bytes());
                 by_time.extend_from_slice(&key);
@@ -915,9 +923,14 @@ impl PartitionActor {
     /// one commit, so they leave the changelog's state too. The key is then
     /// free: a request made with it again is a new payment.
     /// Whether the pass was full (more may be due: the next pass comes at once).
+    /// Claims are stamped and aged by the partition's [`ExpiryClock`] (its
+    /// reading stored with what it stamps, and moved with the partition): a
+    /// wall clock running ahead or set back drops no claim early.
     async fn prune_claims(&mut self) -> Result<bool, ActorError> {
         let prefix = claims_by_time_prefix(self.partition);
-        let cutoff = self.service.clock.now().unix_ms().saturating_sub(self.service.config.claim_keep_ms as i64);
+        let mut batch = Batch::default();
+        let now = self.expiry_now(&mut batch)?;
+        let cutoff = now.saturating_sub(self.service.config.claim_keep_ms as i64);
         let mut until = prefix.clone();
         until.extend_from_slice(&(cutoff.max(0) as u64).to_be_bytes());
         let old = self.service.log.scan_range(Table::State, &prefix, &until, CLAIMS_PRUNED_PER_PASS)?;
@@ -925,16 +938,36 @@ impl PartitionActor {
             return Ok(false);
         }
         let full = old.len() == CLAIMS_PRUNED_PER_PASS;
-        let mut batch = Batch::default();
         for (by_time, _) in old {
             if let Some(claim) = by_time.get(prefix.len() + 8..) {
                 batch.claims.insert(claim.to_vec(), None);
             }
             batch.claims.insert(by_time, None);
         }
-        tracing::debug!(partition = self.partition, dropped = batch.claims.len() / 2, "old idempotency claims dropped");
+        tracing::debug!(
+            partition = self.partition,
+            dropped = batch.claims.len().saturating_sub(1) / 2,
+            "old idempotency claims dropped"
+        );
         self.commit(batch, None).await?;
         Ok(full)
+    }
+
+    /// The partition's [`ExpiryClock`] reading (resumed from the stored one the
+    /// first time), stored with `batch`.
+    fn expiry_now(&mut self, batch: &mut Batch) -> Result<i64, ActorError> {
+        let key = expiry_clock_key(self.partition);
+        let expiry = match &self.expiry {
+            Some(expiry) => expiry,
+            None => {
+                let stored = self.service.log.get(Table::State, &key)?;
+                let wall = self.service.clock.now().unix_ms();
+                self.expiry.insert(ExpiryClock::resume(ExpiryClock::decode(stored.as_deref()), wall))
+            }
+        };
+        let now = expiry.now();
+        batch.claims.insert(key, Some(ExpiryClock::encode(now)));
+        Ok(now)
     }
 
     /// Whether a payment claimed a key another payment holds.
