@@ -535,6 +535,22 @@ impl EventLog {
         Ok(out)
     }
 
+    /// The last key/value of a table with `from <= key < until`, if any (one seek, backwards).
+    pub fn last_in_range(&self, table: Table, from: &[u8], until: &[u8]) -> Result<Option<KeyValue>, LogError> {
+        let mut iter = self.db.raw_iterator_cf(cf(&self.db, table.cf()));
+        iter.seek_for_prev(until);
+        // `seek_for_prev` lands on `until` itself when it exists: step before it.
+        if iter.key() == Some(until) {
+            iter.prev();
+        }
+        let found = match (iter.key(), iter.value()) {
+            (Some(key), Some(value)) if key >= from && key < until => Some((key.to_vec(), value.to_vec())),
+            _ => None,
+        };
+        iter.status().map_err(|e| LogError::storage(format!("scanning {}", table.cf()), e))?;
+        Ok(found)
+    }
+
     /// Store a projection snapshot taken at `position`. Snapshots are derived
     /// data: losing one only means a longer replay.
     pub fn save_snapshot(&self, name: &str, position: u64, bytes: &[u8]) -> Result<(), LogError> {

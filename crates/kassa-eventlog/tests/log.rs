@@ -144,6 +144,25 @@ fn derived_appends_land_in_order_with_the_synced_ones() {
 }
 
 #[test]
+fn the_last_key_in_a_range_is_found_from_its_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = EventLog::open(dir.path(), LogConfig::default()).unwrap();
+    let writes = ["a/1", "b/1", "b/3", "b/7", "c"]
+        .iter()
+        .map(|k| StateWrite { table: Table::State, key: k.as_bytes().to_vec(), value: Some(k.as_bytes().to_vec()) })
+        .collect();
+    log.append_blocking(AppendRequest { writes, ..Default::default() }).unwrap();
+    let last = |from: &str, until: &str| {
+        log.last_in_range(Table::State, from.as_bytes(), until.as_bytes()).unwrap().map(|(k, _)| k)
+    };
+    assert_eq!(last("b/", "b0"), Some(b"b/7".to_vec()));
+    assert_eq!(last("b/", "b/7"), Some(b"b/3".to_vec()), "the end is not in the range");
+    assert_eq!(last("b/4", "b/7"), None);
+    assert_eq!(last("d", "e"), None);
+    assert_eq!(last("", "zzz"), Some(b"c".to_vec()));
+}
+
+#[test]
 fn state_positions_and_idempotency_are_written_with_the_events() {
     let dir = tempfile::tempdir().unwrap();
     {

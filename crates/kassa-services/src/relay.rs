@@ -30,9 +30,8 @@ fn position_key(topic: &str) -> Vec<u8> {
     format!("relay/{topic}").into_bytes()
 }
 
-/// The write that records `position` as the last one published to `topic`
-/// (a rebuild that replayed what the topic holds already).
-pub fn relayed_write(topic: &str, position: u64) -> StateWrite {
+/// The write that records `position` as the last one published to `topic`.
+fn relayed_write(topic: &str, position: u64) -> StateWrite {
     StateWrite { table: Table::Positions, key: position_key(topic), value: Some(position.to_be_bytes().to_vec()) }
 }
 
@@ -129,8 +128,7 @@ pub async fn run_relay(
             tokio::time::sleep(Duration::from_millis(config.retry_backoff_ms)).await;
             continue;
         }
-        let write =
-            StateWrite { table: Table::Positions, key: position_key(topic), value: Some(last.to_be_bytes().to_vec()) };
+        let write = relayed_write(topic, last);
         // Lost in a crash of the machine, the relay publishes again from an earlier
         // position (consumers drop what they have seen): not synced for its own sake.
         let append = AppendRequest { writes: vec![write], durability: Durability::Derived, ..Default::default() };

@@ -24,8 +24,9 @@ impl Clock for SystemClock {
 /// claims and records) and decides when they have been kept long enough. It
 /// counts only time this process measured on its monotonic clock, from the
 /// last stored reading (the first time: the wall clock), so a guard's age is
-/// the difference of two readings of one clock and never more than the real
-/// time between them, whatever the wall clock does — running ahead, set back.
+/// the difference of two readings of one clock and never more than the time
+/// between them (as the monotonic clock counts it, which NTP may slew by a
+/// fraction), whatever the wall clock does — running ahead, set back.
 /// Time while no process ran is not counted: after an outage, guards are kept
 /// longer by that much, never shorter. Store a reading with what it stamped.
 #[derive(Debug)]
@@ -35,9 +36,13 @@ pub struct ExpiryClock {
 }
 
 impl ExpiryClock {
-    /// Resume from the last stored reading (none: start from the wall clock).
-    pub fn resume(stored_ms: Option<i64>, wall_ms: i64) -> ExpiryClock {
-        ExpiryClock { base_ms: stored_ms.unwrap_or(wall_ms), since: std::time::Instant::now() }
+    /// Resume from the last stored reading. With none (the first start, or
+    /// stamps made by the wall clock before this clock existed): the wall
+    /// clock, but not past the newest stamp there is — a wall clock running
+    /// ahead at that moment must not age what was stamped before.
+    pub fn resume(stored_ms: Option<i64>, newest_stamp_ms: Option<i64>, wall_ms: i64) -> ExpiryClock {
+        let base_ms = stored_ms.unwrap_or_else(|| newest_stamp_ms.map_or(wall_ms, |newest| newest.min(wall_ms)));
+        ExpiryClock { base_ms, since: std::time::Instant::now() }
     }
 
     /// The reading now: never less than an earlier one.
@@ -87,7 +92,7 @@ mod tests {
     #[test]
     fn the_expiry_clock_counts_measured_time_from_its_stored_reading() {
         let start = 1_795_651_200_000;
-        let fresh = ExpiryClock::resume(None, start);
+        let fresh = ExpiryClock::resume(None, None, start);
         let first = fresh.now();
         assert!((start..start + 60_000).contains(&first), "starts at the wall clock: {first}");
         std::thread::sleep(std::time::Duration::from_millis(20));
@@ -95,9 +100,14 @@ mod tests {
         assert!(later >= first + 20 && later < first + 60_000, "advances with measured time: {}", later - first);
         // Resumed from a stored reading, whatever the wall clock says (two days ahead, or behind).
         for wall in [start + 2 * 86_400_000, start - 86_400_000] {
-            let resumed = ExpiryClock::resume(Some(later), wall).now();
+            let resumed = ExpiryClock::resume(Some(later), Some(start), wall).now();
             assert!((later..later + 60_000).contains(&resumed), "took the wall clock's word: {resumed}");
         }
+        // Nothing stored yet, stamps made by the wall clock before: not past the newest of them.
+        let upgraded = ExpiryClock::resume(None, Some(start), start + 2 * 86_400_000).now();
+        assert!((start..start + 60_000).contains(&upgraded), "aged the old stamps by a clock ahead: {upgraded}");
+        let behind = ExpiryClock::resume(None, Some(start), start - 1_000).now();
+        assert!((start - 1_000..start + 59_000).contains(&behind), "{behind}");
         assert_eq!(ExpiryClock::decode(Some(&ExpiryClock::encode(start))), Some(start));
         assert_eq!(ExpiryClock::decode(Some(b"short")), None);
         assert_eq!(ExpiryClock::decode(None), None);

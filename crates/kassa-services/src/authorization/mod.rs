@@ -593,8 +593,9 @@ struct PartitionActor {
     /// This instance's claim on the partition's changelog (with `changelog` on).
     ownership: Option<changelog::Ownership>,
     stop: watch::Receiver<bool>,
-    /// The clock claims are stamped and aged by, from its first use here on.
-    expiry: Option<ExpiryClock>,
+    /// The clock claims are stamped and aged by (from its first use here on),
+    /// with the last reading stored.
+    expiry: Option<(ExpiryClock, i64)>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -929,12 +930,22 @@ impl PartitionActor {
     async fn prune_claims(&mut self) -> Result<bool, ActorError> {
         let prefix = claims_by_time_prefix(self.partition);
         let mut batch = Batch::default();
+        let stored_before = self.expiry()?.1;
         let now = self.expiry_now(&mut batch)?;
-        let cutoff = now.saturating_sub(self.service.config.claim_keep_ms as i64);
+        let keep_ms = self.service.config.claim_keep_ms as i64;
+        let cutoff = now.saturating_sub(keep_ms);
         let mut until = prefix.clone();
         until.extend_from_slice(&(cutoff.max(0) as u64).to_be_bytes());
         let old = self.service.log.scan_range(Table::State, &prefix, &until, CLAIMS_PRUNED_PER_PASS)?;
         if old.is_empty() {
+            // While claims wait, store the reading now and then (every 1/24 of the keep
+            // time): a restart or a move resumes from it and loses little measured time.
+            let lagging = now.saturating_sub(stored_before) >= (keep_ms / 24).max(1);
+            if lagging && self.newest_claim_stamp()?.is_some() {
+                self.commit(batch, None).await?;
+            } else if let Some((_, stored)) = &mut self.expiry {
+                *stored = stored_before;
+            }
             return Ok(false);
         }
         let full = old.len() == CLAIMS_PRUNED_PER_PASS;
@@ -956,18 +967,36 @@ impl PartitionActor {
     /// The partition's [`ExpiryClock`] reading (resumed from the stored one the
     /// first time), stored with `batch`.
     fn expiry_now(&mut self, batch: &mut Batch) -> Result<i64, ActorError> {
-        let key = expiry_clock_key(self.partition);
-        let expiry = match &self.expiry {
-            Some(expiry) => expiry,
-            None => {
-                let stored = self.service.log.get(Table::State, &key)?;
-                let wall = self.service.clock.now().unix_ms();
-                self.expiry.insert(ExpiryClock::resume(ExpiryClock::decode(stored.as_deref()), wall))
-            }
-        };
-        let now = expiry.now();
-        batch.claims.insert(key, Some(ExpiryClock::encode(now)));
+        let expiry = self.expiry()?;
+        let now = expiry.0.now();
+        expiry.1 = now;
+        batch.claims.insert(expiry_clock_key(self.partition), Some(ExpiryClock::encode(now)));
         Ok(now)
+    }
+
+    /// The partition's [`ExpiryClock`] and its last stored reading, resumed on first use.
+    fn expiry(&mut self) -> Result<&mut (ExpiryClock, i64), ActorError> {
+        if self.expiry.is_none() {
+            let stored = self.service.log.get(Table::State, &expiry_clock_key(self.partition))?;
+            let stored = ExpiryClock::decode(stored.as_deref());
+            let newest = self.newest_claim_stamp()?;
+            let clock = ExpiryClock::resume(stored, newest, self.service.clock.now().unix_ms());
+            let stored = stored.unwrap_or_else(|| clock.now());
+            self.expiry = Some((clock, stored));
+        }
+        Ok(self.expiry.as_mut().expect("set above"))
+    }
+
+    /// The stamp of the partition's newest claim, if it has any.
+    fn newest_claim_stamp(&self) -> Result<Option<i64>, ActorError> {
+        let prefix = claims_by_time_prefix(self.partition);
+        let mut until = prefix.clone();
+        *until.last_mut().expect("a prefix ends with '/'") += 1;
+        let newest = self.service.log.last_in_range(Table::State, &prefix, &until)?;
+        Ok(newest.and_then(|(key, _)| {
+            let stamp: [u8; 8] = key.get(prefix.len()..prefix.len() + 8)?.try_into().ok()?;
+            Some(u64::from_be_bytes(stamp) as i64)
+        }))
     }
 
     /// Whether a payment claimed a key another payment holds.
