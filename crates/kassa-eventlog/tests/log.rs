@@ -159,6 +159,7 @@ fn the_last_key_in_a_range_is_found_from_its_end() {
     assert_eq!(last("b/", "b/7"), Some(b"b/3".to_vec()), "the end is not in the range");
     assert_eq!(last("b/4", "b/7"), None);
     assert_eq!(last("d", "e"), None);
+    assert_eq!(last("", "a"), None, "before every key");
     assert_eq!(last("", "zzz"), Some(b"c".to_vec()));
 }
 

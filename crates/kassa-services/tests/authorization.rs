@@ -157,6 +157,21 @@ impl World {
         payment_id
     }
 
+    /// As ingest pays with an `Idempotency-Key`: the sealed card, the key's
+    /// claim (fingerprint `fingerprint`), then the request.
+    async fn pay_claimed(&mut self, payment_id: PaymentId, key_hash: [u8; 32], fingerprint: &str, seal: &CardSeal) {
+        let card = CardDetails::parse("4242424242424242", 12, 2030, "123", Timestamp(1_795_651_200_000)).unwrap();
+        self.send(PaymentCommandMessage::CardSealed { payment_id, sealed: seal.seal(payment_id, &card) }).await;
+        self.send(PaymentCommandMessage::ClaimIdempotencyKey {
+            payment_id,
+            merchant_id: MerchantId::from_u128(1),
+            key_hash,
+            fingerprint: fingerprint.into(),
+        })
+        .await;
+        self.request(payment_id, card.summarize(b"k"), 1500, true).await;
+    }
+
     /// Every event published on payments.events, per payment.
     async fn published(&self) -> HashMap<PaymentId, Vec<Envelope>> {
         common::published(self.bus.as_ref(), 2).await
@@ -185,6 +200,15 @@ impl World {
             .filter(|e| e.payment_id == payment_id && e.state != LedgerState::Reversed)
             .count()
     }
+}
+
+/// `n` payment ids on one partition of payments.commands (2 partitions here), from `first` on.
+fn ids_on_partition(first: u128, partition: u32, n: usize) -> Vec<PaymentId> {
+    (first..)
+        .map(|n| PaymentId::from_parts(1_795_651_200_000, n))
+        .filter(|id| kassa_bus::partition_for(&id.as_u128().to_be_bytes(), 2) == partition)
+        .take(n)
+        .collect()
 }
 
 fn sims() -> Vec<Arc<SimulatedAcquirer>> {
@@ -689,26 +713,9 @@ async fn a_clock_jumping_ahead_drops_no_idempotency_claim() {
     let dir = tempfile::tempdir().unwrap();
     let mut world = World::start_clocked(dir, sims(), vault, RoutingSettings::default(), config, clock.clone());
     let seal = CardSeal::new(&CARD_KEY).unwrap();
-    let card = CardDetails::parse("4242424242424242", 12, 2030, "123", Timestamp(1_795_651_200_000)).unwrap();
-    let partition_of = |id: PaymentId| kassa_bus::partition_for(&id.as_u128().to_be_bytes(), 2);
-    let ids: Vec<PaymentId> = (300..)
-        .map(|n| PaymentId::from_parts(1_795_651_200_000, n))
-        .filter(|id| partition_of(*id) == 1)
-        .take(3)
-        .collect();
+    let ids = ids_on_partition(300, 1, 3);
     for (round, payment_id) in ids.iter().enumerate() {
-        world
-            .send(PaymentCommandMessage::CardSealed { payment_id: *payment_id, sealed: seal.seal(*payment_id, &card) })
-            .await;
-        world
-            .send(PaymentCommandMessage::ClaimIdempotencyKey {
-                payment_id: *payment_id,
-                merchant_id: MerchantId::from_u128(1),
-                key_hash: [6; 32],
-                fingerprint: "same".into(),
-            })
-            .await;
-        world.request(*payment_id, card.summarize(b"k"), 1500, true).await;
+        world.pay_claimed(*payment_id, [6; 32], "same", &seal).await;
         match round {
             0 => {
                 let state = world.until(*payment_id, settled_outcome).await;
@@ -757,26 +764,9 @@ async fn an_idempotency_claim_is_dropped_after_its_keep_time() {
     let dir = tempfile::tempdir().unwrap();
     let mut world = World::start_configured(dir, sims(), vault, RoutingSettings::default(), config);
     let seal = CardSeal::new(&CARD_KEY).unwrap();
-    let card = CardDetails::parse("4242424242424242", 12, 2030, "123", Timestamp(1_795_651_200_000)).unwrap();
-    let partition_of = |id: PaymentId| kassa_bus::partition_for(&id.as_u128().to_be_bytes(), 2);
-    let ids: Vec<PaymentId> = (200..)
-        .map(|n| PaymentId::from_parts(1_795_651_200_000, n))
-        .filter(|id| partition_of(*id) == 1)
-        .take(2)
-        .collect();
+    let ids = ids_on_partition(200, 1, 2);
     for (round, payment_id) in ids.iter().enumerate() {
-        world
-            .send(PaymentCommandMessage::CardSealed { payment_id: *payment_id, sealed: seal.seal(*payment_id, &card) })
-            .await;
-        world
-            .send(PaymentCommandMessage::ClaimIdempotencyKey {
-                payment_id: *payment_id,
-                merchant_id: MerchantId::from_u128(1),
-                key_hash: [4; 32],
-                fingerprint: "same".into(),
-            })
-            .await;
-        world.request(*payment_id, card.summarize(b"k"), 1500, true).await;
+        world.pay_claimed(*payment_id, [4; 32], "same", &seal).await;
         let state = world.until(*payment_id, settled_outcome).await;
         assert_eq!(state.status(), Some(PaymentStatus::Captured), "round {round}");
         // Past the keep time and a few prune passes.

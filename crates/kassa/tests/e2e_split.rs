@@ -641,6 +641,19 @@ fn a_second_authorizer_joins_mid_load_and_one_rebuilds_from_the_changelog() {
 
 /// The merchant a key belongs to is known to an instance once `kassa ingest` there answers with it
 /// (not 401); 60 s at most.
+/// Wait (up to a minute) until the payment, read on `addr`, shows `amount` refunded.
+fn refunded_by(addr: &str, key: &str, id: &str, amount: i64) {
+    let started = Instant::now();
+    loop {
+        let (_, payment) = call(addr, key, "GET", &format!("/v1/payments/{id}"), None);
+        if payment["amount_refunded"] == amount {
+            return;
+        }
+        assert!(started.elapsed() < Duration::from_secs(60), "{payment}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 fn wait_until_known(addr: &str, key: &str) {
     let started = Instant::now();
     loop {
@@ -793,15 +806,7 @@ fn two_ingest_instances_share_merchants_and_serve_each_others_payments() {
         sent.into_iter().map(|answer| answer.join().unwrap()).collect()
     });
     assert!(answers.iter().all(|(status, _)| matches!(status, 200 | 202)), "{answers:?}");
-    let started = Instant::now();
-    loop {
-        let (_, payment) = call(&second.addr, &key_one, "GET", &format!("/v1/payments/{id}"), None);
-        if payment["amount_refunded"] == 1000 {
-            break;
-        }
-        assert!(started.elapsed() < Duration::from_secs(60), "{payment}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    refunded_by(&second.addr, &key_one, &id, 1000);
     std::thread::sleep(Duration::from_millis(500));
     for instance in [&first, &second] {
         let types = event_types(&instance.addr, &key_one, &id);
@@ -824,15 +829,7 @@ fn two_ingest_instances_share_merchants_and_serve_each_others_payments() {
     };
     let (status, payment) = refund_keyed(&first.addr, "refund-2", 500);
     assert!(matches!(status, 200 | 202), "{status}: {payment}");
-    let started = Instant::now();
-    loop {
-        let (_, payment) = call(&second.addr, &key_one, "GET", &format!("/v1/payments/{id}"), None);
-        if payment["amount_refunded"] == 1500 {
-            break;
-        }
-        assert!(started.elapsed() < Duration::from_secs(60), "{payment}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    refunded_by(&second.addr, &key_one, &id, 1500);
     // Answered 409, or 202 (this test's outcome wait is short) with the refusal in the events
     // soon after: asked again, the instance then knows the key was the other request's.
     let (status, refused) = refund_keyed(&second.addr, "refund-2", 700);
@@ -850,15 +847,7 @@ fn two_ingest_instances_share_merchants_and_serve_each_others_payments() {
     // The first request, sent again to the instance that refused the other: that refund, not a new one.
     let (status, again) = refund_keyed(&second.addr, "refund-2", 500);
     assert!(matches!(status, 200 | 202), "{status}: {again}");
-    let started = Instant::now();
-    loop {
-        let (_, payment) = call(&second.addr, &key_one, "GET", &format!("/v1/payments/{id}"), None);
-        if payment["amount_refunded"] == 1500 {
-            break;
-        }
-        assert!(started.elapsed() < Duration::from_secs(60), "{payment}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    refunded_by(&second.addr, &key_one, &id, 1500);
     std::thread::sleep(Duration::from_millis(500));
     for instance in [&first, &second] {
         let (_, payment) = call(&instance.addr, &key_one, "GET", &format!("/v1/payments/{id}"), None);

@@ -173,7 +173,8 @@ fn claims_by_time_prefix(partition: u32) -> Vec<u8> {
     format!("idempotency-at/{partition:05}/").into_bytes()
 }
 
-/// The partition's [`ExpiryClock`] reading, stored with each claim and prune pass.
+/// The partition's [`ExpiryClock`] reading: stored with each claim, each pass
+/// that drops claims, and every 1/24 of the keep time while claims wait.
 fn expiry_clock_key(partition: u32) -> Vec<u8> {
     format!("expiry-clock/{partition:05}").into_bytes()
 }
@@ -818,25 +819,9 @@ impl PartitionActor {
         cause: u128,
     ) -> Result<(), ActorError> {
         let key = idempotency_claim_key(merchant_id, key_hash);
-        let held = match batch.claims.get(&key) {
-            Some(value) => value.clone(),
-            None => self.service.log.get(Table::State, &key)?,
-        };
-        let held: Option<(PaymentId, String, i64)> = match held {
-            Some(bytes) => Some(decode_value(&bytes, "idempotency claim").map_err(|e| {
-                kassa_eventlog::LogError::BadChunk { position: 0, reason: format!("idempotency claim: {e}") }
-            })?),
-            None => None,
-        };
+        let held: Option<(PaymentId, String, i64)> = self.held_claim(batch, &key, "idempotency claim")?;
         match held {
-            None => {
-                let claimed_at = self.expiry_now(batch)?;
-                let mut by_time = claims_by_time_prefix(self.partition);
-                by_time.extend_from_slice(&(claimed_at.max(0) as u64).to_be_bytes());
-                by_time.extend_from_slice(&key);
-                batch.claims.insert(by_time, Some(Vec::new()));
-                batch.claims.insert(key, Some(encode_value(&(payment_id, fingerprint, claimed_at))));
-            }
+            None => self.store_claim(batch, key, |claimed_at| encode_value(&(payment_id, fingerprint, claimed_at)))?,
             Some((original, ..)) if original == payment_id => {} // the same claim again
             Some(_) if self.is_duplicate(batch, payment_id)? => {} // answered already
             Some((original, first_fingerprint, _)) => {
@@ -880,16 +865,7 @@ impl PartitionActor {
         command_id: u128,
     ) -> Result<(), ActorError> {
         let key = command_key_claim_key(self.partition, merchant_id, key_hash);
-        let held = match batch.claims.get(&key) {
-            Some(value) => value.clone(),
-            None => self.service.log.get(Table::State, &key)?,
-        };
-        let held: Option<(u128, String, i64)> = match held {
-            Some(bytes) => Some(decode_value(&bytes, "command key claim").map_err(|e| {
-                kassa_eventlog::LogError::BadChunk { position: 0, reason: format!("command key claim: {e}") }
-            })?),
-            None => None,
-        };
+        let held: Option<(u128, String, i64)> = self.held_claim(batch, &key, "command key claim")?;
         // A key that made a payment (claimed here, on the key's partition) is that request's too.
         let payment_claim = idempotency_claim_key(merchant_id, key_hash);
         let made_a_payment = match batch.claims.get(&payment_claim) {
@@ -898,12 +874,7 @@ impl PartitionActor {
         };
         match held {
             None if !made_a_payment => {
-                let claimed_at = self.expiry_now(batch)?;
-                let mut by_time = claims_by_time_prefix(self.partition);
-                by_time.extend_from_slice(&(claimed_at.max(0) as u64).to_be_bytes());
-                by_time.extend_from_slice(&key);
-                batch.claims.insert(by_time, Some(Vec::new()));
-                batch.claims.insert(key, Some(encode_value(&(command_id, fingerprint, claimed_at))));
+                self.store_claim(batch, key, |claimed_at| encode_value(&(command_id, fingerprint, claimed_at)))?;
             }
             Some((holder, ..)) if holder == command_id => {} // the same request again
             _ => {
@@ -917,6 +888,40 @@ impl PartitionActor {
                 self.decide(|process| process.refuse_reused_key(batch, record, payment_id, command_id));
             }
         }
+        Ok(())
+    }
+
+    /// A claim as held: written in this batch, or stored (`what` names it in an error).
+    fn held_claim<T: serde::de::DeserializeOwned>(
+        &self,
+        batch: &Batch,
+        key: &[u8],
+        what: &str,
+    ) -> Result<Option<T>, ActorError> {
+        let held = match batch.claims.get(key) {
+            Some(value) => value.clone(),
+            None => self.service.log.get(Table::State, key)?,
+        };
+        let Some(bytes) = held else { return Ok(None) };
+        let claim = decode_value(&bytes, what)
+            .map_err(|e| kassa_eventlog::LogError::BadChunk { position: 0, reason: format!("{what}: {e}") })?;
+        Ok(Some(claim))
+    }
+
+    /// Store a claim under `key`, stamped by the partition's [`ExpiryClock`]
+    /// (`value` is given the stamp), with its entry in the partition's time index.
+    fn store_claim(
+        &mut self,
+        batch: &mut Batch,
+        key: Vec<u8>,
+        value: impl FnOnce(i64) -> Vec<u8>,
+    ) -> Result<(), ActorError> {
+        let claimed_at = self.expiry_now(batch)?;
+        let mut by_time = claims_by_time_prefix(self.partition);
+        by_time.extend_from_slice(&(claimed_at.max(0) as u64).to_be_bytes());
+        by_time.extend_from_slice(&key);
+        batch.claims.insert(by_time, Some(Vec::new()));
+        batch.claims.insert(key, Some(value(claimed_at)));
         Ok(())
     }
 
@@ -940,11 +945,15 @@ impl PartitionActor {
         if old.is_empty() {
             // While claims wait, store the reading now and then (every 1/24 of the keep
             // time): a restart or a move resumes from it and loses little measured time.
+            // With no claim waiting there is nothing to keep: the reading is taken as
+            // stored (no seek each pass), and the next claim stores it.
             let lagging = now.saturating_sub(stored_before) >= (keep_ms / 24).max(1);
-            if lagging && self.newest_claim_stamp()?.is_some() {
+            if !lagging {
+                if let Some((_, stored)) = &mut self.expiry {
+                    *stored = stored_before;
+                }
+            } else if self.newest_claim_stamp()?.is_some() {
                 self.commit(batch, None).await?;
-            } else if let Some((_, stored)) = &mut self.expiry {
-                *stored = stored_before;
             }
             return Ok(false);
         }
