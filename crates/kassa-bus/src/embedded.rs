@@ -26,6 +26,8 @@ pub struct BusConfig {
     pub sync: bool,
     /// Messages one fetch returns at most.
     pub fetch_messages_max: usize,
+    /// Count what RocksDB writes ([`EmbeddedBus::write_counts`]): for benchmarks.
+    pub statistics: bool,
 }
 
 impl BusConfig {
@@ -33,7 +35,7 @@ impl BusConfig {
         // No linger: the bus syncs on its writer thread, so the next group gathers while it
         // syncs, and every hop of a payment waits for its produce.
         let group = GroupCommitConfig { linger_us: 0, ..GroupCommitConfig::default() };
-        BusConfig { topics, group, sync: true, fetch_messages_max: 4096 }
+        BusConfig { topics, group, sync: true, fetch_messages_max: 4096, statistics: false }
     }
 }
 
@@ -52,6 +54,8 @@ pub struct EmbeddedBus {
     config: BusConfig,
     /// Consumer groups of the services sharing this bus in this process.
     groups: Coordinator,
+    /// The options the bus was opened with, when they count ([`BusConfig::statistics`]).
+    counted: Option<Options>,
 }
 
 impl std::fmt::Debug for EmbeddedBus {
@@ -108,6 +112,9 @@ impl EmbeddedBus {
         options.create_missing_column_families(true);
         options.set_max_background_jobs(2);
         options.set_compression_type(rocksdb::DBCompressionType::Lz4);
+        if config.statistics {
+            options.enable_statistics();
+        }
         let cfs = [CF_MESSAGES, CF_TOPICS].map(|name| ColumnFamilyDescriptor::new(name, Options::default()));
         let db =
             DB::open_cf_descriptors(&options, &path, cfs).map_err(storage(format!("opening {}", path.display())))?;
@@ -182,7 +189,13 @@ impl EmbeddedBus {
             BusWriter { db: Arc::clone(&db), topics: Arc::clone(&topics), sync: config.sync, next: HashMap::new() };
         let committer = GroupCommitter::spawn("kassa-bus-writer", writer, config.group)
             .map_err(|e| BusError::Storage { context: "spawning the bus writer".into(), reason: e.to_string() })?;
-        Ok(EmbeddedBus { db, path, topics, committer, config, groups: Coordinator::default() })
+        let counted = config.statistics.then_some(options);
+        Ok(EmbeddedBus { db, path, topics, committer, config, groups: Coordinator::default(), counted })
+    }
+
+    /// What RocksDB has written for the bus (with [`BusConfig::statistics`] on).
+    pub fn write_counts(&self) -> Option<kassa_eventlog::WriteCounts> {
+        self.counted.as_ref().map(kassa_eventlog::WriteCounts::of)
     }
 
     fn topic(&self, name: &str) -> Result<&Topic, BusError> {

@@ -23,7 +23,7 @@ pub use group_commit::{GroupCommitConfig, GroupCommitStats, Pending, WriterStopp
 pub use kassa_codec::{Envelope, Hash};
 pub use log::{
     AppendRequest, Appended, Durability, EventLog, ExpectedVersion, KeyValue, LogConfig, LogIter, NewEvent, StateWrite,
-    Table, VerifyReport,
+    Table, VerifyReport, WriteCounts,
 };
 pub use projection::{Projection, Recovered, recover};
 

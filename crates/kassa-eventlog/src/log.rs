@@ -30,6 +30,9 @@ pub struct LogConfig {
     /// head (`follow_from`), so a relay reads what was just written without
     /// going back to RocksDB.
     pub recent_bytes_max: usize,
+    /// Count what RocksDB writes ([`EventLog::write_counts`]): for benchmarks;
+    /// it costs a little on every write.
+    pub statistics: bool,
 }
 
 impl Default for LogConfig {
@@ -42,6 +45,7 @@ impl Default for LogConfig {
             stream_heads_cached_max: 1 << 20,
             write_buffer_bytes: 64 << 20,
             recent_bytes_max: 8 << 20,
+            statistics: false,
         }
     }
 }
@@ -186,6 +190,29 @@ pub struct EventLog {
     durable_position: Arc<watch::Sender<u64>>,
     recent: Arc<Mutex<Recent>>,
     config: LogConfig,
+    /// The options the log was opened with, when they count ([`LogConfig::statistics`]).
+    counted: Option<Options>,
+}
+
+/// What RocksDB wrote for a store since it was opened: keys (each event log
+/// chunk, index entry and table write is one), WAL syncs and WAL bytes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WriteCounts {
+    pub keys: u64,
+    pub wal_syncs: u64,
+    pub wal_bytes: u64,
+}
+
+impl WriteCounts {
+    /// The counts of RocksDB options opened with statistics on.
+    pub fn of(options: &Options) -> WriteCounts {
+        use rocksdb::statistics::Ticker;
+        WriteCounts {
+            keys: options.get_ticker_count(Ticker::NumberKeysWritten),
+            wal_syncs: options.get_ticker_count(Ticker::WalFileSynced),
+            wal_bytes: options.get_ticker_count(Ticker::WalFileBytes),
+        }
+    }
 }
 
 impl std::fmt::Debug for EventLog {
@@ -211,6 +238,9 @@ impl EventLog {
         options.set_max_background_jobs(2);
         options.set_write_buffer_size(config.write_buffer_bytes);
         options.set_compression_type(rocksdb::DBCompressionType::Lz4);
+        if config.statistics {
+            options.enable_statistics();
+        }
         let descriptors = ALL_CFS.iter().map(|name| {
             let mut cf_options = Options::default();
             cf_options.set_write_buffer_size(config.write_buffer_bytes);
@@ -260,11 +290,17 @@ impl EventLog {
         };
         let committer = GroupCommitter::spawn("kassa-log-writer", writer, config.group)
             .map_err(|e| LogError::Storage { context: "spawning the log writer".into(), reason: e.to_string() })?;
-        Ok(EventLog { db, path, committer, durable_position, recent, config })
+        let counted = config.statistics.then_some(options);
+        Ok(EventLog { db, path, committer, durable_position, recent, config, counted })
     }
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// What RocksDB has written for this log (with [`LogConfig::statistics`] on).
+    pub fn write_counts(&self) -> Option<WriteCounts> {
+        self.counted.as_ref().map(WriteCounts::of)
     }
 
     /// Append and wait until durable (a [`Durability::Derived`] append: until written).

@@ -144,6 +144,24 @@ fn derived_appends_land_in_order_with_the_synced_ones() {
 }
 
 #[test]
+fn a_log_opened_to_count_says_what_rocksdb_wrote() {
+    let dir = tempfile::tempdir().unwrap();
+    let quiet = EventLog::open(dir.path().join("quiet"), LogConfig::default()).unwrap();
+    assert_eq!(quiet.write_counts(), None);
+    let log =
+        EventLog::open(dir.path().join("counted"), LogConfig { statistics: true, ..LogConfig::default() }).unwrap();
+    let before = log.write_counts().unwrap();
+    let write = StateWrite { table: Table::State, key: b"k".to_vec(), value: Some(b"v".to_vec()) };
+    let request =
+        AppendRequest { events: vec![event(1, 7, 0), event(2, 7, 0)], writes: vec![write], ..Default::default() };
+    log.append_blocking(request).unwrap();
+    let after = log.write_counts().unwrap();
+    // One chunk, two stream index entries, a time index entry, the head and the table write.
+    assert!(after.keys >= before.keys + 5, "{before:?} -> {after:?}");
+    assert!(after.wal_syncs > before.wal_syncs && after.wal_bytes > before.wal_bytes, "{before:?} -> {after:?}");
+}
+
+#[test]
 fn the_last_key_in_a_range_is_found_from_its_end() {
     let dir = tempfile::tempdir().unwrap();
     let log = EventLog::open(dir.path(), LogConfig::default()).unwrap();

@@ -46,6 +46,10 @@ pub struct BenchArgs {
     /// scripts/bench-kafka.sh starts a fresh tansu broker for the run).
     #[arg(long, value_enum, default_value_t = BusKind::Embedded)]
     pub bus: BusKind,
+    /// Also print what RocksDB wrote per payment in each store (keys, WAL syncs, WAL bytes).
+    /// Counting costs a little on every write: leave it off for the throughput figure.
+    #[arg(long)]
+    pub write_counts: bool,
     #[command(flatten)]
     pub kafka: KafkaArgs,
 }
@@ -85,14 +89,23 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&dir)?;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {
-        let ingest_log = Arc::new(EventLog::open(dir.join("ingest"), LogConfig::default())?);
-        let authorization_log = Arc::new(EventLog::open(dir.join("authorization"), LogConfig::default())?);
+        let log_config = LogConfig { statistics: args.write_counts, ..LogConfig::default() };
+        let ingest_log = Arc::new(EventLog::open(dir.join("ingest"), log_config.clone())?);
+        let authorization_log = Arc::new(EventLog::open(dir.join("authorization"), log_config.clone())?);
+        let settlement_log = Arc::new(EventLog::open(dir.join("settlement"), log_config.clone())?);
+        let reconciliation_log = Arc::new(EventLog::open(dir.join("reconciliation"), log_config)?);
+        let mut embedded = None;
         let (bus, kafka_bus): (Arc<dyn Bus>, Option<Arc<KafkaBus>>) = match kafka {
             Some(config) => {
                 let bus = Arc::new(tokio::task::spawn_blocking(move || KafkaBus::open(config)).await??);
                 (Arc::clone(&bus) as Arc<dyn Bus>, Some(bus))
             }
-            None => (Arc::new(EmbeddedBus::open(dir.join("bus"), BusConfig::new(crate::up::topics()))?), None),
+            None => {
+                let config = BusConfig { statistics: args.write_counts, ..BusConfig::new(crate::up::topics()) };
+                let bus = Arc::new(EmbeddedBus::open(dir.join("bus"), config)?);
+                embedded = Some(Arc::clone(&bus));
+                (bus as Arc<dyn Bus>, None)
+            }
         };
         let bus_name = if kafka_bus.is_some() { "Kafka bus" } else { "embedded bus" };
         let clock: Arc<dyn Clock> = Arc::new(SystemClock);
@@ -115,11 +128,11 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         // Cards are sealed for authorization as in `kassa up`.
         let seal = Arc::new(CardSeal::new(&rand::random::<[u8; CARD_KEY_BYTES]>())?);
         let ingest = Arc::new(
-            IngestService::new(ingest_log, Arc::clone(&bus), Arc::clone(&vault), Arc::clone(&clock), config)
+            IngestService::new(Arc::clone(&ingest_log), Arc::clone(&bus), Arc::clone(&vault), Arc::clone(&clock), config)
                 .with_card_seal(Arc::clone(&seal)),
         );
         let authorization = Arc::new(AuthorizationService::new(
-            authorization_log,
+            Arc::clone(&authorization_log),
             Arc::clone(&bus),
             providers.clone(),
             vault,
@@ -128,13 +141,13 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         )
         .with_card_seal(seal));
         let settlement = Arc::new(SettlementService::new(
-            Arc::new(EventLog::open(dir.join("settlement"), LogConfig::default())?),
+            Arc::clone(&settlement_log),
             Arc::clone(&bus),
             Arc::new(SystemClock),
             SettlementConfig { cutoff_interval_ms: 0, ..SettlementConfig::default() },
         ));
         let reconciliation = Arc::new(ReconciliationService::new(
-            Arc::new(EventLog::open(dir.join("reconciliation"), LogConfig::default())?),
+            Arc::clone(&reconciliation_log),
             Arc::clone(&bus),
             providers,
             Arc::new(SystemClock),
@@ -282,6 +295,28 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                 cores_x100 / 100,
                 cores_x100 % 100
             );
+        }
+        if args.write_counts {
+            let stores = [
+                ("ingest", ingest_log.write_counts()),
+                ("authorization", authorization_log.write_counts()),
+                ("settlement", settlement_log.write_counts()),
+                ("reconciliation", reconciliation_log.write_counts()),
+                ("bus", embedded.as_ref().and_then(|bus| bus.write_counts())),
+            ];
+            let n = args.payments.max(1);
+            let tenths = |count: u64| format!("{}.{}", count / n, count * 10 / n % 10);
+            println!("RocksDB writes, since each store was opened: keys and WAL bytes a payment, WAL syncs in all");
+            for (store, counts) in stores {
+                if let Some(c) = counts {
+                    println!(
+                        "  {store:<15} {:>6} keys {:>7} bytes {:>7} syncs",
+                        tenths(c.keys),
+                        c.wal_bytes / n,
+                        c.wal_syncs
+                    );
+                }
+            }
         }
         let _ = stop_tx.send(true);
         for task in tasks {
