@@ -658,16 +658,32 @@ async fn a_command_key_reused_for_another_request_is_refused() {
     let reused = keyed(1, "second", 2, 700).await;
     keyed(1, "first", 1, 1000).await; // the first request again
     keyed(2, "third", 3, 300).await;
-    // A key that made a payment (its claim on this partition), reused for a refund: refused too.
+    // A key that made a payment (its claim on this partition, which is the key's), reused
+    // for a refund: refused too.
+    let on_this_partition = |key: u8| {
+        kassa_bus::partition_for(&[key; 32], 2) == kassa_bus::partition_for(&payment_id.as_u128().to_be_bytes(), 2)
+    };
+    let payment_key = (5..).find(|key| on_this_partition(*key)).unwrap();
     let made_a_payment = PaymentCommandMessage::ClaimIdempotencyKey {
         payment_id,
         merchant_id: MerchantId::from_u128(1),
-        key_hash: [5; 32],
+        key_hash: [payment_key; 32],
         fingerprint: "the payment".into(),
     };
     common::send_command(world.bus.as_ref(), 0xC1A1_0000 << 64, made_a_payment).await;
-    let reused_payment_key = keyed(5, "fourth", 4, 100).await;
-    let state = world.until(payment_id, |s| s.refunded_minor == 1300).await;
+    let reused_payment_key = keyed(payment_key, "fourth", 4, 100).await;
+    // A payment claim of a key whose partition is the other one (as a copy left in this log by
+    // a partition owned before would be) is not this partition's to go by: carried out.
+    let elsewhere = (5..).find(|key| !on_this_partition(*key)).unwrap();
+    let stale = PaymentCommandMessage::ClaimIdempotencyKey {
+        payment_id,
+        merchant_id: MerchantId::from_u128(1),
+        key_hash: [elsewhere; 32],
+        fingerprint: "another partition's payment".into(),
+    };
+    common::send_command(world.bus.as_ref(), 0xC1A1_0001 << 64, stale).await;
+    keyed(elsewhere, "fifth", 5, 50).await;
+    let state = world.until(payment_id, |s| s.refunded_minor == 1350).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     let events = world.published().await.remove(&payment_id).unwrap_or_default();
     let rejected: Vec<CommandRejected> = events
@@ -677,9 +693,9 @@ async fn a_command_key_reused_for_another_request_is_refused() {
         .collect();
     let refused: Vec<(u128, &str)> = rejected.iter().map(|r| (r.command_id, r.code.as_str())).collect();
     assert_eq!(refused, [(reused, "idempotency_key_reused"), (reused_payment_key, "idempotency_key_reused")]);
-    assert_eq!(common::state_of(&events).refunded_minor, 1300, "{state:?}");
+    assert_eq!(common::state_of(&events).refunded_minor, 1350, "{state:?}");
     let refunds = events.iter().filter(|e| e.event_type == "payment.refunded").count();
-    assert_eq!(refunds, 2);
+    assert_eq!(refunds, 3);
     world.stop().await;
 }
 

@@ -866,12 +866,16 @@ impl PartitionActor {
     ) -> Result<(), ActorError> {
         let key = command_key_claim_key(self.partition, merchant_id, key_hash);
         let held: Option<(u128, String, i64)> = self.held_claim(batch, &key, "command key claim")?;
-        // A key that made a payment (claimed here, on the key's partition) is that request's too.
+        // A key that made a payment is that request's too — known here when this is the
+        // key's partition (where its claims meet); a copy of another partition's claim, left
+        // in this log by a partition owned before, is not this partition's to go by.
         let payment_claim = idempotency_claim_key(merchant_id, key_hash);
-        let made_a_payment = match batch.claims.get(&payment_claim) {
-            Some(value) => value.is_some(),
-            None => self.service.log.get(Table::State, &payment_claim)?.is_some(),
-        };
+        let keys_partition = self.service.bus.partitions(PAYMENT_COMMANDS).ok().map(|n| partition_for(key_hash, n));
+        let made_a_payment = keys_partition == Some(self.partition)
+            && match batch.claims.get(&payment_claim) {
+                Some(value) => value.is_some(),
+                None => self.service.log.get(Table::State, &payment_claim)?.is_some(),
+            };
         match held {
             None if !made_a_payment => {
                 self.store_claim(batch, key, |claimed_at| encode_value(&(command_id, fingerprint, claimed_at)))?;
