@@ -276,8 +276,6 @@ fn position_key(partition: u32) -> Vec<u8> {
 /// Idempotency records by when they were stored: the prefix, the time
 /// (big-endian ms), then the record's key.
 const IDEMPOTENCY_BY_TIME: &[u8] = b"idempotency-at/";
-/// Just past every key under [`IDEMPOTENCY_BY_TIME`].
-const IDEMPOTENCY_BY_TIME_END: &[u8] = b"idempotency-at0";
 /// The [`ExpiryClock`] reading the idempotency records are dropped by.
 const EXPIRY_CLOCK: &[u8] = b"expiry-clock";
 
@@ -764,7 +762,7 @@ impl IngestService {
         let writes = vec![
             StateWrite { table: Table::Idempotency, key: storage_key, value: Some(record) },
             StateWrite { table: Table::State, key: by_time, value: Some(made_for) },
-            StateWrite { table: Table::State, key: EXPIRY_CLOCK.to_vec(), value: Some(ExpiryClock::encode(stamped)) },
+            ExpiryClock::stored(EXPIRY_CLOCK, stamped),
         ];
         self.log.append(AppendRequest { writes, ..Default::default() }).await.map_err(internal)?;
         answer
@@ -783,13 +781,7 @@ impl IngestService {
         if expiry.is_none() {
             let stored = self.log.get(Table::State, EXPIRY_CLOCK).map_err(internal)?;
             // With nothing stored yet, not past the newest stamp (the wall clock's, before).
-            let newest =
-                self.log.last_in_range(Table::State, IDEMPOTENCY_BY_TIME, IDEMPOTENCY_BY_TIME_END).map_err(internal)?;
-            let newest = newest.and_then(|(key, _)| {
-                let stamp: [u8; 8] =
-                    key.get(IDEMPOTENCY_BY_TIME.len()..IDEMPOTENCY_BY_TIME.len() + 8)?.try_into().ok()?;
-                Some(u64::from_be_bytes(stamp) as i64)
-            });
+            let newest = ExpiryClock::newest_stamp(&self.log, IDEMPOTENCY_BY_TIME).map_err(internal)?;
             let wall = self.clock.now().unix_ms();
             *expiry = Some(ExpiryClock::resume(ExpiryClock::decode(stored.as_deref()), newest, wall));
         }
@@ -839,14 +831,8 @@ impl IngestService {
             let now = match self.expiry_now() {
                 Ok(now) => {
                     // Stored every minute: a restart resumes from it and loses little measured time.
-                    let write = StateWrite {
-                        table: Table::State,
-                        key: EXPIRY_CLOCK.to_vec(),
-                        value: Some(ExpiryClock::encode(now)),
-                    };
-                    if let Err(error) =
-                        self.log.append(AppendRequest { writes: vec![write], ..Default::default() }).await
-                    {
+                    let writes = vec![ExpiryClock::stored(EXPIRY_CLOCK, now)];
+                    if let Err(error) = self.log.append(AppendRequest { writes, ..Default::default() }).await {
                         tracing::warn!(%error, "cannot store the expiry clock; trying again later");
                     }
                     now

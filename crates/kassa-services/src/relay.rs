@@ -40,6 +40,19 @@ pub fn relayed_position(log: &EventLog, topic: &str) -> Result<u64, kassa_eventl
     crate::consume::stored_offset(log, &position_key(topic))
 }
 
+/// The record that publishes one event, if `route` sends its type anywhere;
+/// `frame` gives its bytes (only then).
+fn record_for(
+    route: fn(&str) -> Option<&'static str>,
+    event_type: &str,
+    stream_id: u128,
+    timestamp_ms: i64,
+    frame: impl FnOnce() -> Vec<u8>,
+) -> Option<Record> {
+    let topic = route(event_type)?;
+    Some(Record { topic: topic.to_owned(), key: payment_key(stream_id), payload: frame(), timestamp_ms })
+}
+
 /// Publish each event of `log` to the topic `route` names for its event type
 /// (none: not published), until `stop` turns true. One pass over the log serves every
 /// topic; the relay's position is stored under `name`.
@@ -78,13 +91,7 @@ pub async fn run_relay(
         // publish is published as stored — the encoding of its envelope — with no
         // copy of what is not.
         let recent = log.follow_recent_frames(from, max, |frame, e| {
-            let record = route(e.event_type).map(|topic| Record {
-                topic: topic.to_owned(),
-                key: payment_key(e.stream_id),
-                payload: frame.to_vec(),
-                timestamp_ms: e.timestamp_ms,
-            });
-            (e.position, record)
+            (e.position, record_for(route, e.event_type, e.stream_id, e.timestamp_ms, || frame.to_vec()))
         });
         let batch = match recent {
             Some(read) => Ok(read),
@@ -95,13 +102,10 @@ pub async fn run_relay(
                     Ok(envelopes
                         .iter()
                         .map(|e| {
-                            let record = route(&e.event_type).map(|topic| Record {
-                                topic: topic.to_owned(),
-                                key: payment_key(e.stream_id),
-                                payload: encode_frame(e),
-                                timestamp_ms: e.timestamp_ms,
-                            });
-                            (e.position, record)
+                            (
+                                e.position,
+                                record_for(route, &e.event_type, e.stream_id, e.timestamp_ms, || encode_frame(e)),
+                            )
                         })
                         .collect())
                 })

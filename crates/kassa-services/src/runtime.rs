@@ -1,6 +1,7 @@
 //! Time and ids for the shell: the core takes them as arguments.
 
 use kassa_domain::Timestamp;
+use kassa_eventlog::{EventLog, LogError, StateWrite, Table};
 use sha2::{Digest, Sha256};
 
 /// Where the services read "now".
@@ -54,6 +55,25 @@ impl ExpiryClock {
     /// The stored form of a reading.
     pub fn encode(now_ms: i64) -> Vec<u8> {
         now_ms.to_be_bytes().to_vec()
+    }
+
+    /// The write that stores a reading under `key` (in the state table).
+    pub fn stored(key: &[u8], now_ms: i64) -> StateWrite {
+        StateWrite { table: Table::State, key: key.to_vec(), value: Some(ExpiryClock::encode(now_ms)) }
+    }
+
+    /// The newest stamp of a time index (keys: `prefix`, then the stamp as 8
+    /// big-endian bytes, then anything), if it has an entry: one backward seek.
+    pub fn newest_stamp(log: &EventLog, prefix: &[u8]) -> Result<Option<i64>, LogError> {
+        let mut until = prefix.to_vec();
+        if let Some(last) = until.last_mut() {
+            *last += 1; // just past every key under the prefix (it ends in '/')
+        }
+        let newest = log.last_in_range(Table::State, prefix, &until)?;
+        Ok(newest.and_then(|(key, _)| {
+            let stamp: [u8; 8] = key.get(prefix.len()..prefix.len() + 8)?.try_into().ok()?;
+            Some(u64::from_be_bytes(stamp) as i64)
+        }))
     }
 
     /// A stored reading (`None` when absent or not 8 bytes).

@@ -872,10 +872,7 @@ impl PartitionActor {
         let payment_claim = idempotency_claim_key(merchant_id, key_hash);
         let keys_partition = self.service.bus.partitions(PAYMENT_COMMANDS).ok().map(|n| partition_for(key_hash, n));
         let made_a_payment = keys_partition == Some(self.partition)
-            && match batch.claims.get(&payment_claim) {
-                Some(value) => value.is_some(),
-                None => self.service.log.get(Table::State, &payment_claim)?.is_some(),
-            };
+            && self.held_claim::<(PaymentId, String, i64)>(batch, &payment_claim, "idempotency claim")?.is_some();
         match held {
             None if !made_a_payment => {
                 self.store_claim(batch, key, |claimed_at| encode_value(&(command_id, fingerprint, claimed_at)))?;
@@ -1002,14 +999,7 @@ impl PartitionActor {
 
     /// The stamp of the partition's newest claim, if it has any.
     fn newest_claim_stamp(&self) -> Result<Option<i64>, ActorError> {
-        let prefix = claims_by_time_prefix(self.partition);
-        let mut until = prefix.clone();
-        *until.last_mut().expect("a prefix ends with '/'") += 1;
-        let newest = self.service.log.last_in_range(Table::State, &prefix, &until)?;
-        Ok(newest.and_then(|(key, _)| {
-            let stamp: [u8; 8] = key.get(prefix.len()..prefix.len() + 8)?.try_into().ok()?;
-            Some(u64::from_be_bytes(stamp) as i64)
-        }))
+        Ok(ExpiryClock::newest_stamp(&self.service.log, &claims_by_time_prefix(self.partition))?)
     }
 
     /// Whether a payment claimed a key another payment holds.
