@@ -131,9 +131,15 @@ impl<W: GroupWriter> GroupCommitter<W> {
 
     /// Queue a request (waiting while the queue is full) and await its reply.
     pub async fn submit(&self, request: W::Request) -> Result<W::Reply, WriterStopped> {
+        self.enqueue(request).await?.recv().await
+    }
+
+    /// Queue a request (waiting while the queue is full); the reply comes
+    /// later. Requests are written in the order they were queued.
+    pub async fn enqueue(&self, request: W::Request) -> Result<Pending<W::Reply>, WriterStopped> {
         let (reply_tx, reply_rx) = oneshot::channel();
         self.sender()?.send((request, Replier(reply_tx))).await.map_err(|_| WriterStopped)?;
-        Pending(reply_rx).recv().await
+        Ok(Pending(reply_rx))
     }
 
     /// Queue a request, blocking while the queue is full; the reply comes later.

@@ -309,6 +309,18 @@ impl EventLog {
         self.committer.submit(request).await?
     }
 
+    /// Queue an append (waiting while the queue is full) and return its reply
+    /// to await later. Appends are written in the order they were queued, and
+    /// a crash keeps a prefix of them: a caller can keep several in flight,
+    /// sharing syncs, where it would otherwise wait for each in turn.
+    pub async fn enqueue(
+        &self,
+        request: AppendRequest,
+    ) -> Result<crate::Pending<Result<Appended, LogError>>, LogError> {
+        self.check_size(&request)?;
+        Ok(self.committer.enqueue(request).await?)
+    }
+
     /// Queue an append without waiting for it (blocks only while the queue is full).
     pub fn append_pipelined(
         &self,

@@ -284,6 +284,29 @@ async fn async_appends() {
     assert_eq!(log.head_position(), 32);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queued_appends_are_written_in_the_order_queued() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = EventLog::open(dir.path(), small_chunks()).unwrap();
+    // Many appends in flight from one task, of varied sizes and mixed durability.
+    let mut queued = Vec::new();
+    let mut expected = Vec::new();
+    for i in 0..200u128 {
+        let events: Vec<NewEvent> = (0..(i % 5)).map(|k| event(i * 10 + k, i % 7, 0)).collect();
+        expected.extend(events.iter().map(|e| e.event_id));
+        let durability = if i % 3 == 0 { Durability::Derived } else { Durability::Synced };
+        queued.push(log.enqueue(AppendRequest { events, durability, ..Default::default() }).await.unwrap());
+    }
+    let mut last = 0;
+    for reply in queued {
+        let appended = reply.recv().await.unwrap().unwrap();
+        assert!(appended.last_position >= last, "an append queued later was written earlier");
+        last = appended.last_position;
+    }
+    let written: Vec<u128> = log.read_from(1, 10_000).unwrap().iter().map(|e| e.event_id).collect();
+    assert_eq!(written, expected);
+}
+
 #[test]
 fn oversized_requests_are_refused() {
     let dir = tempfile::tempdir().unwrap();

@@ -282,6 +282,45 @@ pub async fn restore(log: &EventLog, bus: &dyn Bus, topic: &str, partition: u32)
     Ok(Restored { replayed, next, epoch })
 }
 
+/// Why [`commit_in_order`] stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum CommitError {
+    #[error(transparent)]
+    Log(#[from] LogError),
+    #[error(transparent)]
+    Fenced(#[from] Fenced),
+    /// Stopped while a commit's fate on the changelog was unknown.
+    #[error("stopped while the changelog was unreachable")]
+    Stopped,
+}
+
+/// Make appends durable in their order, all in flight at once: each goes on
+/// the changelog first (with `ownership`), then into the log's queue, and the
+/// log's replies are awaited at the end. The log writes queued appends in
+/// order and a crash keeps a prefix of them, so this is as safe as waiting
+/// for each in turn — and one sync can carry several of them.
+pub async fn commit_in_order(
+    log: &EventLog,
+    bus: &dyn Bus,
+    mut ownership: Option<&mut Ownership>,
+    requests: Vec<AppendRequest>,
+    timestamp_ms: i64,
+    stop: &tokio::sync::watch::Receiver<bool>,
+) -> Result<(), CommitError> {
+    let mut queued = Vec::with_capacity(requests.len());
+    for mut request in requests {
+        if let Some(ownership) = ownership.as_deref_mut() {
+            let writes = ownership.publish(bus, &request, timestamp_ms, stop).await?.ok_or(CommitError::Stopped)?;
+            request.writes.extend(writes);
+        }
+        queued.push(log.enqueue(request).await?);
+    }
+    for reply in queued {
+        reply.recv().await.map_err(LogError::from)??;
+    }
+    Ok(())
+}
+
 /// Why an owner may not commit.
 #[derive(Debug, thiserror::Error)]
 pub enum Fenced {

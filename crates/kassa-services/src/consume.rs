@@ -83,16 +83,16 @@ pub fn resume_subscription(
     Ok(Subscription::start(Arc::clone(bus), topic, partition, offset, SubscriptionConfig::default()))
 }
 
-/// Append events that may be more than one append may carry, in order, in
-/// chunks of [`EVENTS_PER_APPEND_MAX`]. Not atomic as a whole: callers make
-/// the chunks safe to repeat (consumers drop repeats by event id).
-pub async fn append_in_chunks(log: &EventLog, mut events: Vec<NewEvent>) -> Result<(), LogError> {
+/// `events` as appends of at most [`EVENTS_PER_APPEND_MAX`] each, in order.
+/// Not atomic as a whole: callers make the chunks safe to repeat (consumers
+/// drop repeats by event id).
+pub fn appends_of(mut events: Vec<NewEvent>) -> Vec<AppendRequest> {
+    let mut appends = Vec::new();
     while !events.is_empty() {
         let rest = events.split_off(events.len().min(EVENTS_PER_APPEND_MAX));
-        let chunk = std::mem::replace(&mut events, rest);
-        log.append(AppendRequest { events: chunk, ..Default::default() }).await?;
+        appends.push(AppendRequest { events: std::mem::replace(&mut events, rest), ..Default::default() });
     }
-    Ok(())
+    appends
 }
 
 /// Wait for the next message, then take whatever else is already fetched, up

@@ -12,9 +12,7 @@
 
 use crate::batch_store::{batch_writes, load_batch};
 use crate::changelog;
-use crate::consume::{
-    EVENTS_PER_APPEND_MAX, Owned, PartitionEnd, id_key, next_batch, resume_subscription, run_partitions,
-};
+use crate::consume::{Owned, PartitionEnd, appends_of, id_key, next_batch, resume_subscription, run_partitions};
 use crate::messages::PaymentCommandMessage;
 use crate::relay::{RelayConfig, run_relay};
 use crate::runtime::{Clock, derived_id};
@@ -103,6 +101,16 @@ enum PartitionError {
     /// Stopped before an input's reports were made: nothing of it was committed.
     #[error("stopped before the input was committed")]
     Interrupted,
+}
+
+impl From<changelog::CommitError> for PartitionError {
+    fn from(error: changelog::CommitError) -> Self {
+        match error {
+            changelog::CommitError::Log(error) => PartitionError::Log(error),
+            changelog::CommitError::Fenced(fenced) => PartitionError::Fenced(fenced),
+            changelog::CommitError::Stopped => PartitionError::Stopped,
+        }
+    }
 }
 
 fn merchant_reports_key(merchant_id: MerchantId, report_id: ReportId) -> Vec<u8> {
@@ -252,17 +260,13 @@ impl ReconciliationService {
     /// Make an append durable: on the changelog first (with it on), then in the log.
     async fn commit(
         &self,
-        mut request: AppendRequest,
+        requests: Vec<AppendRequest>,
         ownership: &mut Option<&mut changelog::Ownership>,
         stop: &watch::Receiver<bool>,
     ) -> Result<(), PartitionError> {
-        if let Some(ownership) = ownership {
-            let now = self.clock.now().unix_ms();
-            let writes =
-                ownership.publish(self.bus.as_ref(), &request, now, stop).await?.ok_or(PartitionError::Stopped)?;
-            request.writes.extend(writes);
-        }
-        self.log.append(request).await?;
+        let now = self.clock.now().unix_ms();
+        let ownership = ownership.as_deref_mut();
+        changelog::commit_in_order(&self.log, self.bus.as_ref(), ownership, requests, now, stop).await?;
         Ok(())
     }
 
@@ -368,11 +372,7 @@ impl ReconciliationService {
         // Commands first, in chunks; the reports, batches and offset last: a
         // crash in between re-does the reports, and a payment already
         // reconciled refuses the repeat.
-        while !commands.is_empty() {
-            let rest = commands.split_off(commands.len().min(EVENTS_PER_APPEND_MAX));
-            let chunk = std::mem::replace(&mut commands, rest);
-            self.commit(AppendRequest { events: chunk, ..Default::default() }, &mut ownership, stop).await?;
-        }
+        self.commit(appends_of(commands), &mut ownership, stop).await?;
         if let Some(offset) = last_offset {
             writes.push(StateWrite {
                 table: Table::Positions,
@@ -381,7 +381,7 @@ impl ReconciliationService {
             });
         }
         let request = AppendRequest { events: report_events, writes, ..Default::default() };
-        self.commit(request, &mut ownership, stop).await?;
+        self.commit(vec![request], &mut ownership, stop).await?;
         if let Some(offset) = last_offset {
             self.bus.note_consumed(RECONCILIATION_GROUP, SETTLEMENT_EVENTS, partition, offset + 1);
         }

@@ -32,8 +32,8 @@
 use crate::batch_store::{batch_writes, load_batch, load_header};
 use crate::changelog;
 use crate::consume::{
-    EVENTS_PER_APPEND_MAX, Owned, PartitionEnd, RangeError, fetch_range, id_key, next_batch, position_write,
-    resume_subscription, run_partitions, stored_offset,
+    Owned, PartitionEnd, RangeError, appends_of, fetch_range, id_key, next_batch, position_write, resume_subscription,
+    run_partitions, stored_offset,
 };
 use crate::messages::{CUTOFF_REQUESTED, PaymentCommandMessage, SettlementInput};
 use crate::payment_key;
@@ -266,6 +266,16 @@ enum PartitionError {
     Range(#[from] RangeError),
     #[error("{SETTLEMENT_EVENTS} {partition}@{offset}: {reason}; the partition's batches cannot be taken from it")]
     Bad { partition: u32, offset: u64, reason: String },
+}
+
+impl From<changelog::CommitError> for PartitionError {
+    fn from(error: changelog::CommitError) -> Self {
+        match error {
+            changelog::CommitError::Log(error) => PartitionError::Log(error),
+            changelog::CommitError::Fenced(fenced) => PartitionError::Fenced(fenced),
+            changelog::CommitError::Stopped => PartitionError::Stopped,
+        }
+    }
 }
 
 /// What one input of the batches changes, until it is committed.
@@ -775,14 +785,18 @@ struct Batches<'a, 'o> {
 
 impl Batches<'_, '_> {
     /// Make an append durable: on the changelog first (with it on), then in the log.
-    async fn commit(&mut self, mut request: AppendRequest, stop: &watch::Receiver<bool>) -> Result<(), PartitionError> {
-        if let Some(ownership) = self.ownership.as_deref_mut() {
-            let now = self.service.clock.now().unix_ms();
-            let bus = self.service.bus.as_ref();
-            let writes = ownership.publish(bus, &request, now, stop).await?.ok_or(PartitionError::Stopped)?;
-            request.writes.extend(writes);
-        }
-        self.service.log.append(request).await?;
+    async fn commit(&mut self, request: AppendRequest, stop: &watch::Receiver<bool>) -> Result<(), PartitionError> {
+        self.commit_all(vec![request], stop).await
+    }
+
+    /// Make appends durable in their order, all in flight at once ([`changelog::commit_in_order`]).
+    async fn commit_all(
+        &mut self,
+        requests: Vec<AppendRequest>,
+        stop: &watch::Receiver<bool>,
+    ) -> Result<(), PartitionError> {
+        let (log, bus, now) = (&self.service.log, self.service.bus.as_ref(), self.service.clock.now().unix_ms());
+        changelog::commit_in_order(log, bus, self.ownership.as_deref_mut(), requests, now, stop).await?;
         Ok(())
     }
 
@@ -895,9 +909,7 @@ impl Batches<'_, '_> {
             open.iter().map(|(key, batch_id)| batch_ref(open_key(key), *batch_id)).collect();
         last.push(position_write(imported_key(self.partition), 1));
         commits.push(AppendRequest { writes: last, ..Default::default() });
-        for commit in commits {
-            self.commit(commit, stop).await?;
-        }
+        self.commit_all(commits, stop).await?;
         Ok(batches.values().filter(|b| b.key.is_some()).count() as u64)
     }
 
@@ -1029,17 +1041,13 @@ impl Batches<'_, '_> {
             // crash in between leaves the batch open; the next cut-off sends
             // the commands again (the same ids), and a payment already
             // settled refuses the repeat, so none is settled twice.
-            let mut commands: Vec<NewEvent> = batch
+            let commands: Vec<NewEvent> = batch
                 .entries
                 .iter()
                 .filter(|e| e.kind == EntryKind::Capture)
                 .map(|entry| settlement_command(entry, batch_id, now.unix_ms()))
                 .collect();
-            while !commands.is_empty() {
-                let rest = commands.split_off(commands.len().min(EVENTS_PER_APPEND_MAX));
-                let chunk = std::mem::replace(&mut commands, rest);
-                self.commit(AppendRequest { events: chunk, ..Default::default() }, stop).await?;
-            }
+            self.commit_all(appends_of(commands), stop).await?;
             let mut writes = batch_writes(&batch, &[]);
             writes.push(StateWrite { table: Table::State, key: open_key_bytes, value: None });
             if index + 1 == count {

@@ -322,6 +322,13 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         for task in tasks {
             let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
         }
+        // A figure from a run that lost or mismatched payments is no figure.
+        anyhow::ensure!(outcomes[2] == 0, "{} payments ended neither captured nor declined", outcomes[2]);
+        anyhow::ensure!(
+            batched == captured_entries && reconciled == captured_entries,
+            "of {captured_entries} captures, {batched} were batched and {reconciled} reconciled"
+        );
+        anyhow::ensure!(clean, "reconciliation found discrepancies (see the reports)");
         anyhow::Ok(())
     })
     .context("pipeline benchmark")?;
