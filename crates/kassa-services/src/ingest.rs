@@ -225,6 +225,11 @@ pub struct IngestService {
 /// Command refusals kept for requests still waiting on them, at most.
 const REJECTIONS_KEPT_MAX: usize = 10_000;
 
+/// Payment views the read model keeps in memory per partition (of
+/// `payments.events`), so that a payment's next event need not read its view
+/// back from the log. About 400 bytes each.
+const VIEWS_CACHED_MAX: usize = 4096;
+
 fn history_prefix(payment_id: PaymentId) -> Vec<u8> {
     id_key("history/", payment_id.as_u128())
 }
@@ -1266,15 +1271,24 @@ impl IngestService {
 
     async fn run_read_model(self: Arc<Self>, partition: u32, stop: watch::Receiver<bool>) {
         let (this, key) = (&self, position_key(partition));
+        // The views this task stored last. It alone writes its partition's views, and the
+        // cache ends with it, so a view here is the stored one.
+        let cache = Mutex::new(HashMap::new());
+        let cache = &cache;
         let followed = follow(&self.log, &self.bus, (PAYMENT_EVENTS, partition, &key), 1024, stop, |m| async move {
-            this.apply_to_read_model(partition, m).await.map_err(|e| e.message)
+            this.apply_to_read_model(partition, m, cache).await.map_err(|e| e.message)
         });
         if let Err(reason) = followed.await {
             tracing::error!(partition, %reason, "read model stopped (restart to recover)");
         }
     }
 
-    async fn apply_to_read_model(&self, partition: u32, messages: Vec<kassa_bus::Message>) -> Result<(), ApiError> {
+    async fn apply_to_read_model(
+        &self,
+        partition: u32,
+        messages: Vec<kassa_bus::Message>,
+        cache: &Mutex<HashMap<PaymentId, PaymentView>>,
+    ) -> Result<(), ApiError> {
         let mut views: HashMap<PaymentId, PaymentView> = HashMap::new();
         let mut writes = Vec::new();
         let mut rejections = Vec::new();
@@ -1290,7 +1304,14 @@ impl IngestService {
             let payment_id = PaymentId::from_u128(envelope.stream_id);
             let view = match views.remove(&payment_id) {
                 Some(view) => view,
-                None => self.view(payment_id)?.unwrap_or_default(),
+                None => {
+                    // Taken out while changed: a failed write ends this task, and its cache.
+                    let cached = cache.lock().unwrap_or_else(|e| e.into_inner()).remove(&payment_id);
+                    match cached {
+                        Some(view) => view,
+                        None => self.view(payment_id)?.unwrap_or_default(),
+                    }
+                }
             };
             let mut view = view;
             if envelope.stream_seq <= view.applied_seq {
@@ -1406,6 +1427,11 @@ impl IngestService {
         for (payment_id, view) in &views {
             self.waiters.wake(*payment_id, &view.state);
         }
+        let mut cache = cache.lock().unwrap_or_else(|e| e.into_inner());
+        if cache.len() + views.len() > VIEWS_CACHED_MAX {
+            cache.clear();
+        }
+        cache.extend(views);
         Ok(())
     }
 }
