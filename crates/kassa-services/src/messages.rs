@@ -2,11 +2,15 @@
 //! authorization service, and its record of a refused command. Same rules as
 //! domain events: stable type names, fields in a fixed order.
 
+use crate::runtime::derived_id;
+use kassa_bus::partition_for;
 use kassa_codec::{CodecError, EventPayload, decode_value, encode_value};
 use kassa_domain::settlement::{BatchKey, SettlementEntry};
 use kassa_domain::{
     BatchId, CaptureId, MerchantId, PaymentEvent, PaymentId, PaymentRequested, RefundId, ReportId, Timestamp,
 };
+use kassa_eventlog::NewEvent;
+use std::collections::BTreeMap;
 
 /// What arrives on `payments.commands`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -40,6 +44,19 @@ pub enum PaymentCommandMessage {
     /// From reconciliation: the provider's report matched the payment.
     RecordReconciliation {
         payment_id: PaymentId,
+        report_id: ReportId,
+    },
+    /// From settlement: these payments' captures are in a closed batch. All
+    /// are on one partition of `payments.commands`; the first names the
+    /// stream (and so the partition) the message goes on. Never empty.
+    RecordSettlements {
+        payment_ids: Vec<PaymentId>,
+        batch_id: BatchId,
+    },
+    /// From reconciliation: the provider's report matched these payments. As
+    /// [`PaymentCommandMessage::RecordSettlements`]: one partition, never empty.
+    RecordReconciliations {
+        payment_ids: Vec<PaymentId>,
         report_id: ReportId,
     },
     /// From ingest, just before a request made with an `Idempotency-Key`: the
@@ -78,14 +95,27 @@ pub const VOID: &str = "command.void_payment";
 pub const REFUND: &str = "command.refund_payment";
 pub const RECORD_SETTLEMENT: &str = "command.record_settlement";
 pub const RECORD_RECONCILIATION: &str = "command.record_reconciliation";
+pub const RECORD_SETTLEMENTS: &str = "command.record_settlements";
+pub const RECORD_RECONCILIATIONS: &str = "command.record_reconciliations";
+/// Payments in one [`PaymentCommandMessage::RecordSettlements`] or
+/// [`PaymentCommandMessage::RecordReconciliations`], at most: authorization
+/// counts a message as one input of its bounded batches.
+pub const PAYMENTS_PER_COMMAND_MAX: usize = 4;
 pub const COMMAND_REJECTED: &str = "payment.command_rejected";
 pub const CLAIM_IDEMPOTENCY_KEY: &str = "command.claim_idempotency_key";
 pub const DUPLICATE_REQUEST: &str = "payment.duplicate_request";
 pub const CLAIM_COMMAND_KEY: &str = "command.claim_command_key";
 
 impl PaymentCommandMessage {
+    /// The payment the command is for; of a command for several, the first
+    /// (whose stream it goes on).
     pub fn payment_id(&self) -> PaymentId {
         match self {
+            PaymentCommandMessage::RecordSettlements { payment_ids, .. }
+            | PaymentCommandMessage::RecordReconciliations { payment_ids, .. } => {
+                // Never empty: decoding refuses an empty list, and the services make none.
+                payment_ids.first().copied().unwrap_or(PaymentId::from_u128(0))
+            }
             PaymentCommandMessage::Requested(r) => r.payment_id,
             PaymentCommandMessage::CardSealed { payment_id, .. }
             | PaymentCommandMessage::Capture { payment_id, .. }
@@ -107,6 +137,8 @@ impl PaymentCommandMessage {
             PaymentCommandMessage::Refund { .. } => REFUND,
             PaymentCommandMessage::RecordSettlement { .. } => RECORD_SETTLEMENT,
             PaymentCommandMessage::RecordReconciliation { .. } => RECORD_RECONCILIATION,
+            PaymentCommandMessage::RecordSettlements { .. } => RECORD_SETTLEMENTS,
+            PaymentCommandMessage::RecordReconciliations { .. } => RECORD_RECONCILIATIONS,
             PaymentCommandMessage::ClaimIdempotencyKey { .. } => CLAIM_IDEMPOTENCY_KEY,
             PaymentCommandMessage::ClaimCommandKey { .. } => CLAIM_COMMAND_KEY,
         }
@@ -126,6 +158,12 @@ impl PaymentCommandMessage {
             PaymentCommandMessage::RecordSettlement { payment_id, batch_id } => encode_value(&(payment_id, batch_id)),
             PaymentCommandMessage::RecordReconciliation { payment_id, report_id } => {
                 encode_value(&(payment_id, report_id))
+            }
+            PaymentCommandMessage::RecordSettlements { payment_ids, batch_id } => {
+                encode_value(&(payment_ids, batch_id))
+            }
+            PaymentCommandMessage::RecordReconciliations { payment_ids, report_id } => {
+                encode_value(&(payment_ids, report_id))
             }
             PaymentCommandMessage::ClaimIdempotencyKey { payment_id, merchant_id, key_hash, fingerprint } => {
                 encode_value(&(payment_id, merchant_id, key_hash, fingerprint))
@@ -163,6 +201,18 @@ impl PaymentCommandMessage {
                 let (payment_id, report_id) = decode_value(payload, event_type)?;
                 PaymentCommandMessage::RecordReconciliation { payment_id, report_id }
             }
+            RECORD_SETTLEMENTS => {
+                let (payment_ids, batch_id) = decode_value(payload, event_type)?;
+                PaymentCommandMessage::RecordSettlements {
+                    payment_ids: some_payments(payment_ids, event_type)?,
+                    batch_id,
+                }
+            }
+            RECORD_RECONCILIATIONS => {
+                let (payment_ids, report_id) = decode_value(payload, event_type)?;
+                let payment_ids = some_payments(payment_ids, event_type)?;
+                PaymentCommandMessage::RecordReconciliations { payment_ids, report_id }
+            }
             CLAIM_IDEMPOTENCY_KEY => {
                 let (payment_id, merchant_id, key_hash, fingerprint) = decode_value(payload, event_type)?;
                 PaymentCommandMessage::ClaimIdempotencyKey { payment_id, merchant_id, key_hash, fingerprint }
@@ -174,6 +224,54 @@ impl PaymentCommandMessage {
             other => return Err(CodecError::UnknownEventType { event_type: other.to_owned() }),
         })
     }
+}
+
+/// Commands made by `make` for `payment_ids`, grouped by the partition of
+/// `payments.commands` each payment is on (of `partitions`), at most
+/// [`PAYMENTS_PER_COMMAND_MAX`] payments a command, each on its first
+/// payment's stream. A command's id comes from `cause` and its place: the same
+/// payments in the same order make the same ids, whoever makes them, so
+/// authorization drops a command made again.
+pub fn commands_for_payments(
+    payment_ids: impl IntoIterator<Item = PaymentId>,
+    partitions: u32,
+    cause: u128,
+    timestamp_ms: i64,
+    make: impl Fn(Vec<PaymentId>) -> PaymentCommandMessage,
+) -> Vec<NewEvent> {
+    let mut by_partition: BTreeMap<u32, Vec<PaymentId>> = BTreeMap::new();
+    for payment_id in payment_ids {
+        let partition = partition_for(&crate::payment_key(payment_id.as_u128()), partitions);
+        by_partition.entry(partition).or_default().push(payment_id);
+    }
+    let mut commands = Vec::new();
+    for (partition, payment_ids) in by_partition {
+        for (index, chunk) in payment_ids.chunks(PAYMENTS_PER_COMMAND_MAX).enumerate() {
+            let command = make(chunk.to_vec());
+            commands.push(NewEvent {
+                event_id: derived_id(cause, command.event_type(), (u64::from(partition) << 32) | index as u64),
+                event_type: command.event_type().to_owned(),
+                stream_id: chunk[0].as_u128(),
+                timestamp_ms,
+                causation_id: Some(cause),
+                correlation_id: None,
+                payload: command.encode_payload(),
+            });
+        }
+    }
+    commands
+}
+
+/// A command's list of payments, refused when empty or longer than
+/// [`PAYMENTS_PER_COMMAND_MAX`]: a peer's bad message changes nothing.
+fn some_payments(payment_ids: Vec<PaymentId>, event_type: &str) -> Result<Vec<PaymentId>, CodecError> {
+    if payment_ids.is_empty() || payment_ids.len() > PAYMENTS_PER_COMMAND_MAX {
+        return Err(CodecError::BadPayload {
+            event_type: event_type.to_owned(),
+            reason: format!("names {} payments; 1 to {PAYMENTS_PER_COMMAND_MAX} expected", payment_ids.len()),
+        });
+    }
+    Ok(payment_ids)
 }
 
 /// The authorization service refused a command (an illegal transition, an
@@ -337,5 +435,45 @@ mod tests {
             assert_eq!(SettlementInput::decode(input.event_type(), &input.encode_payload()).unwrap(), input);
         }
         assert!(SettlementInput::decode(ENTRY_PENDING, &[1, 2]).is_err());
+    }
+
+    #[test]
+    fn commands_for_many_payments_keep_to_one_partition_and_a_bound() {
+        let payments: Vec<PaymentId> = (1..=50u128).map(|i| PaymentId::from_u128(i * 0x9E37_79B9)).collect();
+        let batch_id = BatchId::from_u128(77);
+        let make = |payment_ids| PaymentCommandMessage::RecordSettlements { payment_ids, batch_id };
+        let commands = commands_for_payments(payments.clone(), 8, 77, 1_000, make);
+        let mut covered = Vec::new();
+        for event in &commands {
+            let PaymentCommandMessage::RecordSettlements { payment_ids, .. } =
+                PaymentCommandMessage::decode(&event.event_type, &event.payload).unwrap()
+            else {
+                panic!("not a settlement command")
+            };
+            assert!(payment_ids.len() <= PAYMENTS_PER_COMMAND_MAX);
+            // On its first payment's stream, and so on the partition every one of its payments is on.
+            assert_eq!(event.stream_id, payment_ids[0].as_u128());
+            let partition = |id: &PaymentId| partition_for(&crate::payment_key(id.as_u128()), 8);
+            assert!(payment_ids.iter().all(|id| partition(id) == partition(&payment_ids[0])));
+            covered.extend(payment_ids);
+        }
+        covered.sort();
+        assert_eq!(covered, payments, "each payment in one command");
+        // Made again, the same ids: authorization drops the repeats.
+        let again = commands_for_payments(payments, 8, 77, 2_000, make);
+        let ids = |commands: &[NewEvent]| commands.iter().map(|c| c.event_id).collect::<Vec<_>>();
+        assert_eq!(ids(&commands), ids(&again));
+        let unique: std::collections::HashSet<u128> = ids(&commands).into_iter().collect();
+        assert_eq!(unique.len(), commands.len());
+    }
+
+    #[test]
+    fn a_command_for_no_payment_or_too_many_is_refused() {
+        for count in [0, PAYMENTS_PER_COMMAND_MAX + 1] {
+            let payment_ids: Vec<PaymentId> = (0..count as u128).map(PaymentId::from_u128).collect();
+            let payload = encode_value(&(payment_ids, BatchId::from_u128(1)));
+            assert!(PaymentCommandMessage::decode(RECORD_SETTLEMENTS, &payload).is_err(), "{count} payments");
+            assert!(PaymentCommandMessage::decode(RECORD_RECONCILIATIONS, &payload).is_err(), "{count} payments");
+        }
     }
 }

@@ -13,7 +13,7 @@
 use crate::batch_store::{batch_writes, load_batch};
 use crate::changelog;
 use crate::consume::{Owned, PartitionEnd, appends_of, id_key, next_batch, resume_subscription, run_partitions};
-use crate::messages::PaymentCommandMessage;
+use crate::messages::{PaymentCommandMessage, commands_for_payments};
 use crate::relay::{RelayConfig, run_relay};
 use crate::runtime::{Clock, derived_id};
 use crate::topics::{PAYMENT_COMMANDS, RECONCILIATION_CHANGELOG, RECONCILIATION_GROUP, SETTLEMENT_EVENTS};
@@ -101,6 +101,8 @@ enum PartitionError {
     /// Stopped before an input's reports were made: nothing of it was committed.
     #[error("stopped before the input was committed")]
     Interrupted,
+    #[error(transparent)]
+    Bus(#[from] kassa_bus::BusError),
 }
 
 impl From<changelog::CommitError> for PartitionError {
@@ -318,6 +320,7 @@ impl ReconciliationService {
         }
         let mut report_events = Vec::new();
         let mut commands = Vec::new();
+        let partitions = self.bus.partitions(PAYMENT_COMMANDS)?;
         for batch_id in closed_now {
             let report = self.reconcile_batch(&batches[&batch_id], stop).await;
             if *stop.borrow() {
@@ -351,23 +354,14 @@ impl ReconciliationService {
                 REPORT_RECORDED,
                 encode_value(&summary),
             ));
-            for entry in report.result.matched.iter().filter(|e| e.kind == EntryKind::Capture) {
-                let command = PaymentCommandMessage::RecordReconciliation {
-                    payment_id: entry.payment_id,
-                    report_id: report.report_id,
-                };
-                let mut event = self.event(
-                    entry.payment_id.as_u128(),
-                    report.report_id.as_u128(),
-                    1,
-                    command.event_type(),
-                    command.encode_payload(),
-                );
-                // Named by the capture it reconciles (one batch, one report): reconciling
-                // the batch again makes the same id, which authorization drops.
-                event.event_id = derived_id(entry.entry_id, command.event_type(), 1);
-                commands.push(event);
-            }
+            // Named by the report and their place (one batch, one report): reconciling the
+            // batch again makes the same ids, which authorization drops.
+            let report_id = report.report_id;
+            let captures = report.result.matched.iter().filter(|e| e.kind == EntryKind::Capture).map(|e| e.payment_id);
+            let timestamp_ms = self.clock.now().unix_ms();
+            commands.extend(commands_for_payments(captures, partitions, report_id.as_u128(), timestamp_ms, |ids| {
+                PaymentCommandMessage::RecordReconciliations { payment_ids: ids, report_id }
+            }));
         }
         // Commands first, in chunks; the reports, batches and offset last: a
         // crash in between re-does the reports, and a payment already

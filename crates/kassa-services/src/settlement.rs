@@ -35,7 +35,7 @@ use crate::consume::{
     Owned, PartitionEnd, RangeError, appends_of, fetch_range, id_key, next_batch, position_write, resume_subscription,
     run_partitions, stored_offset,
 };
-use crate::messages::{CUTOFF_REQUESTED, PaymentCommandMessage, SettlementInput};
+use crate::messages::{CUTOFF_REQUESTED, PaymentCommandMessage, SettlementInput, commands_for_payments};
 use crate::payment_key;
 use crate::relay::{RelayConfig, run_relay};
 use crate::runtime::{Clock, derived_id};
@@ -236,19 +236,13 @@ pub fn key_stream(key: &BatchKey) -> u128 {
 /// Which topic a relay publishes an event of the log to, by its type (none: not published).
 type Route = fn(&str) -> Option<&'static str>;
 
-/// The command that records `entry`'s payment settled in `batch_id`: the same
-/// id whoever closes the batch.
-fn settlement_command(entry: &SettlementEntry, batch_id: BatchId, timestamp_ms: i64) -> NewEvent {
-    let command = PaymentCommandMessage::RecordSettlement { payment_id: entry.payment_id, batch_id };
-    NewEvent {
-        event_id: derived_id(entry.entry_id, command.event_type(), 3),
-        event_type: command.event_type().to_owned(),
-        stream_id: entry.payment_id.as_u128(),
-        timestamp_ms,
-        causation_id: Some(entry.entry_id),
-        correlation_id: None,
-        payload: command.encode_payload(),
-    }
+/// The commands that record the payments of a closed batch's captures
+/// settled in it: the same ids whoever closes the batch.
+fn settlement_commands(batch: &BatchState, batch_id: BatchId, partitions: u32, timestamp_ms: i64) -> Vec<NewEvent> {
+    let captures = batch.entries.iter().filter(|e| e.kind == EntryKind::Capture).map(|e| e.payment_id);
+    commands_for_payments(captures, partitions, batch_id.as_u128(), timestamp_ms, |payment_ids| {
+        PaymentCommandMessage::RecordSettlements { payment_ids, batch_id }
+    })
 }
 
 /// Why a partition of the batches stopped.
@@ -842,6 +836,7 @@ impl Batches<'_, '_> {
     /// batches were taken.
     async fn import(&mut self, stop: &watch::Receiver<bool>) -> Result<u64, PartitionError> {
         let bus = self.service.bus.as_ref();
+        let commands_partitions = bus.partitions(PAYMENT_COMMANDS).map_err(RangeError::from)?;
         // A batch's events are all on one partition of settlement.events, in order.
         let mut batches: BTreeMap<BatchId, BatchState> = BTreeMap::new();
         let mut elsewhere: HashSet<BatchId> = HashSet::new();
@@ -889,8 +884,7 @@ impl Batches<'_, '_> {
             let mut events = Vec::new();
             match batch.closed {
                 Some((_, closed_at)) => {
-                    let captures = batch.entries.iter().filter(|e| e.kind == EntryKind::Capture);
-                    events.extend(captures.map(|entry| settlement_command(entry, *batch_id, closed_at.unix_ms())));
+                    events.extend(settlement_commands(batch, *batch_id, commands_partitions, closed_at.unix_ms()));
                 }
                 None => {
                     open.insert(key, *batch_id);
@@ -1007,6 +1001,7 @@ impl Batches<'_, '_> {
             last.push(position_write(slot_key(partition), slot));
         }
         let partitions = self.partitions;
+        let commands_partitions = self.service.bus.partitions(PAYMENT_COMMANDS).map_err(RangeError::from)?;
         let mut open = Vec::new();
         for (key_bytes, id) in self.service.log.scan(Table::State, b"open/")? {
             let Ok(key) = decode_value::<BatchKey>(&key_bytes[b"open/".len()..], "batch key") else { continue };
@@ -1041,12 +1036,7 @@ impl Batches<'_, '_> {
             // crash in between leaves the batch open; the next cut-off sends
             // the commands again (the same ids), and a payment already
             // settled refuses the repeat, so none is settled twice.
-            let commands: Vec<NewEvent> = batch
-                .entries
-                .iter()
-                .filter(|e| e.kind == EntryKind::Capture)
-                .map(|entry| settlement_command(entry, batch_id, now.unix_ms()))
-                .collect();
+            let commands = settlement_commands(&batch, batch_id, commands_partitions, now.unix_ms());
             self.commit_all(appends_of(commands), stop).await?;
             let mut writes = batch_writes(&batch, &[]);
             writes.push(StateWrite { table: Table::State, key: open_key_bytes, value: None });

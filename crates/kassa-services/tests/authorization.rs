@@ -408,6 +408,39 @@ async fn settlement_and_reconciliation_are_recorded_once() {
     world.stop().await;
 }
 
+/// Settlement and reconciliation record several payments in one command, all
+/// of one partition. A payment of another partition named in it is left to
+/// its own actor: this one skips it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_for_several_payments_records_those_of_its_partition() {
+    let mut world = World::new();
+    let mut payments = Vec::new();
+    for _ in 0..6 {
+        payments.push(world.pay("4242424242424242", 1000, true).await);
+    }
+    for payment in &payments {
+        world.until(*payment, |s| s.stage == Stage::Captured).await;
+    }
+    let partition = |id: &PaymentId| kassa_bus::partition_for(&id.as_u128().to_be_bytes(), 2);
+    let (same, other): (Vec<PaymentId>, Vec<PaymentId>) =
+        payments.iter().partition(|id| partition(id) == partition(&payments[0]));
+    assert!(same.len() >= 2 && !other.is_empty(), "pick other payment ids");
+    let named = vec![same[0], same[1], other[0]];
+    let batch_id = BatchId::from_u128(7);
+    world.send(PaymentCommandMessage::RecordSettlements { payment_ids: named.clone(), batch_id }).await;
+    for payment in &named[..2] {
+        let state = world.until(*payment, |s| s.stage == Stage::Settled).await;
+        assert_eq!(state.batch_id, Some(batch_id));
+    }
+    let report_id = ReportId::from_u128(9);
+    world.send(PaymentCommandMessage::RecordReconciliations { payment_ids: named[..2].to_vec(), report_id }).await;
+    for payment in &named[..2] {
+        world.until(*payment, |s| s.stage == Stage::Reconciled).await;
+    }
+    assert_eq!(world.state(named[2]).await.stage, Stage::Captured, "another partition's payment was recorded");
+    world.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_timeout_the_provider_never_saw_is_reversed_before_failing_over() {
     let mut world = World::new();

@@ -40,6 +40,14 @@ fn command_payloads_still_decode() {
         PaymentCommandMessage::Refund { payment_id, refund_id: RefundId::from_u128(8), amount_minor: None },
         PaymentCommandMessage::RecordSettlement { payment_id, batch_id: BatchId::from_u128(9) },
         PaymentCommandMessage::RecordReconciliation { payment_id, report_id: ReportId::from_u128(10) },
+        PaymentCommandMessage::RecordSettlements {
+            payment_ids: vec![payment_id, PaymentId::from_u128(0xBB)],
+            batch_id: BatchId::from_u128(9),
+        },
+        PaymentCommandMessage::RecordReconciliations {
+            payment_ids: vec![payment_id, PaymentId::from_u128(0xBB)],
+            report_id: ReportId::from_u128(10),
+        },
         PaymentCommandMessage::ClaimIdempotencyKey {
             payment_id,
             merchant_id: MerchantId::from_u128(11),

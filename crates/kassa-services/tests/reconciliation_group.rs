@@ -174,10 +174,12 @@ async fn a_second_reconciler_joins_and_the_reports_move_with_their_partitions() 
         for partition in 0..PARTITIONS {
             for message in bus.fetch(PAYMENT_COMMANDS, partition, 0, 10_000, Duration::ZERO).await.unwrap() {
                 let envelope = decode_frame(&message.payload).unwrap();
-                if let Ok(PaymentCommandMessage::RecordReconciliation { payment_id, .. }) =
+                if let Ok(PaymentCommandMessage::RecordReconciliations { payment_ids, .. }) =
                     PaymentCommandMessage::decode(&envelope.event_type, &envelope.payload)
                 {
-                    commands.entry(payment_id).or_default().insert(envelope.event_id);
+                    for payment_id in payment_ids {
+                        commands.entry(payment_id).or_default().insert(envelope.event_id);
+                    }
                 }
             }
         }

@@ -559,10 +559,12 @@ async fn two_instances_share_the_batch_keys_and_settle_each_entry_once() {
         for partition in 0..PARTITIONS {
             for message in bus.fetch(PAYMENT_COMMANDS, partition, 0, 10_000, Duration::ZERO).await.unwrap() {
                 let envelope = decode_frame(&message.payload).unwrap();
-                if let Ok(PaymentCommandMessage::RecordSettlement { payment_id, batch_id }) =
+                if let Ok(PaymentCommandMessage::RecordSettlements { payment_ids, batch_id }) =
                     PaymentCommandMessage::decode(&envelope.event_type, &envelope.payload)
                 {
-                    settled.entry(payment_id).or_default().insert(envelope.event_id, batch_id);
+                    for payment_id in payment_ids {
+                        settled.entry(payment_id).or_default().insert(envelope.event_id, batch_id);
+                    }
                 }
             }
         }

@@ -466,10 +466,18 @@ impl AuthorizationService {
                 Err(end) => return end,
             }
         }
+        let partitions = match self.bus.partitions(PAYMENT_COMMANDS) {
+            Ok(partitions) => partitions,
+            Err(error) => {
+                tracing::error!(partition, %error, "cannot read how many partitions {PAYMENT_COMMANDS} has; partition stopped");
+                return PartitionEnd::Again;
+            }
+        };
         let (effects_tx, mut effects_rx) = mpsc::channel::<EffectResult>(4096);
         let mut actor = PartitionActor {
             service: Arc::clone(&self),
             partition,
+            partitions,
             cache: HashMap::new(),
             effects_tx,
             dispatch: Dispatch::default(),
@@ -584,6 +592,8 @@ impl AuthorizationService {
 struct PartitionActor {
     service: Arc<AuthorizationService>,
     partition: u32,
+    /// Of `payments.commands`.
+    partitions: u32,
     cache: HashMap<PaymentId, PaymentRecord>,
     effects_tx: mpsc::Sender<EffectResult>,
     dispatch: Dispatch,
@@ -769,6 +779,14 @@ impl PartitionActor {
                 tracing::error!(offset = message.offset, "command names another payment than its stream; skipped");
                 continue;
             }
+            if let Some(singles) = self.one_by_one(&command, message.offset) {
+                // A command for several payments of this partition: each decided as its own.
+                for single in singles {
+                    let record = self.load(&mut batch, single.payment_id())?;
+                    self.decide(|process| process.command(&mut batch, record, single, envelope.event_id));
+                }
+                continue;
+            }
             if let PaymentCommandMessage::CardSealed { sealed, .. } = command {
                 if self.hold_card(payment_id, &sealed) {
                     self.sealed_cards.push((payment_id, sealed));
@@ -802,6 +820,38 @@ impl PartitionActor {
             self.decide(|process| process.result(&mut batch, record, result));
         }
         self.commit(batch, last_offset).await
+    }
+
+    /// A command for several payments as one command for each, leaving out
+    /// (and logging) any that is not this partition's: another actor owns
+    /// that payment. `None` for a command for one payment.
+    fn one_by_one(&self, command: &PaymentCommandMessage, offset: u64) -> Option<Vec<PaymentCommandMessage>> {
+        let singles: Vec<PaymentCommandMessage> = match command {
+            PaymentCommandMessage::RecordSettlements { payment_ids, batch_id } => payment_ids
+                .iter()
+                .map(|&payment_id| PaymentCommandMessage::RecordSettlement { payment_id, batch_id: *batch_id })
+                .collect(),
+            PaymentCommandMessage::RecordReconciliations { payment_ids, report_id } => payment_ids
+                .iter()
+                .map(|&payment_id| PaymentCommandMessage::RecordReconciliation { payment_id, report_id: *report_id })
+                .collect(),
+            _ => return None,
+        };
+        Some(
+            singles
+                .into_iter()
+                .filter(|single| {
+                    let payment_id = single.payment_id();
+                    let key = crate::payment_key(payment_id.as_u128());
+                    let ours = partition_for(&key, self.partitions) == self.partition;
+                    if !ours {
+                        tracing::error!(partition = self.partition, offset, %payment_id,
+                            "a command names a payment of another partition; that payment skipped");
+                    }
+                    ours
+                })
+                .collect(),
+        )
     }
 
     /// Let a payment claim its merchant's `Idempotency-Key`: the first claim

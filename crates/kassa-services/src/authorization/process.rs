@@ -368,9 +368,12 @@ impl Process<'_> {
                 amount: money(amount_minor, state.captured_minor - state.refunded_minor),
             },
             PaymentCommandMessage::RecordSettlement { batch_id, .. } => PaymentCommand::RecordSettlement { batch_id },
+            // Commands for several payments are decided one payment at a time (the actor splits them).
             PaymentCommandMessage::CardSealed { .. }
             | PaymentCommandMessage::ClaimIdempotencyKey { .. }
-            | PaymentCommandMessage::ClaimCommandKey { .. } => {
+            | PaymentCommandMessage::ClaimCommandKey { .. }
+            | PaymentCommandMessage::RecordSettlements { .. }
+            | PaymentCommandMessage::RecordReconciliations { .. } => {
                 return None;
             }
             PaymentCommandMessage::RecordReconciliation { report_id, .. } => {
