@@ -7,6 +7,9 @@
 use kassa_codec::{decode_value, encode_value};
 use kassa_domain::settlement::{BatchKey, EntryKind, SettlementEntry};
 use kassa_domain::{BatchId, CaptureId, Currency, MerchantId, Money, PaymentId, RefundId, ReportId, Timestamp};
+use kassa_services::authorization::{
+    ROUTING_DECIDED, ROUTING_DECIDED_PACKED, decode_routing_decided, encode_routing_decided,
+};
 use kassa_services::messages::{
     CommandRejected, DUPLICATE_REQUEST, DuplicateRequest, PaymentCommandMessage, SettlementInput,
 };
@@ -111,4 +114,20 @@ fn settlement_inputs_still_decode() {
         let stored = check(input.event_type(), input.encode_payload());
         assert_eq!(SettlementInput::decode(input.event_type(), &stored).unwrap(), input);
     }
+}
+
+#[test]
+fn routing_decisions_still_decode() {
+    // A first attempt's decision over three providers, as the JSON type recorded it: still read.
+    let json = std::fs::read(golden_dir().join("routing.decided.json")).unwrap();
+    let decided = decode_routing_decided(ROUTING_DECIDED, &json).unwrap().unwrap();
+    // The packed type holds the same value, in bytes that do not drift.
+    let stored = check(ROUTING_DECIDED_PACKED, encode_routing_decided(&decided).unwrap());
+    assert_eq!(decode_routing_decided(ROUTING_DECIDED_PACKED, &stored).unwrap().unwrap(), decided);
+    assert!(stored.len() * 4 < json.len(), "packed {} bytes against {} in JSON", stored.len(), json.len());
+    // What an auditor checks: the decision follows from its inputs.
+    assert_eq!(kassa_domain::routing::route(&decided.input), decided.decision);
+    // Bytes that are not a decision are an error that says so, never a guess.
+    let error = decode_routing_decided(ROUTING_DECIDED_PACKED, &stored[..stored.len() / 2]).unwrap().unwrap_err();
+    assert!(error.to_string().contains(ROUTING_DECIDED_PACKED), "{error}");
 }

@@ -4,6 +4,7 @@
 use anyhow::Context;
 use clap::{Args, Subcommand};
 use kassa_eventlog::{AppendRequest, EventLog, LogConfig, NewEvent};
+use kassa_services::authorization::decode_routing_decided;
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -14,7 +15,8 @@ pub enum LogCommand {
     /// Read the whole log, checking every checksum, position and hash-chain link.
     /// Prints the event count and head hash (publish the hash to detect later truncation).
     Verify(PathArg),
-    /// Print events as JSON lines: position, stream, type, time, payload size.
+    /// Print events as JSON lines: position, stream, type, time, payload size;
+    /// a routing decision also with all its inputs (`routing`), as JSON.
     Dump {
         #[command(flatten)]
         path: PathArg,
@@ -73,7 +75,7 @@ pub fn run(command: LogCommand) -> anyhow::Result<()> {
             let mut out = stdout.lock();
             for envelope in log.iter_from(from).take(limit) {
                 let e = envelope.with_context(|| format!("reading {}", path.display()))?;
-                let line = serde_json::json!({
+                let mut line = serde_json::json!({
                     "position": e.position,
                     "stream_id": format!("{:032x}", e.stream_id),
                     "stream_seq": e.stream_seq,
@@ -82,6 +84,11 @@ pub fn run(command: LogCommand) -> anyhow::Result<()> {
                     "event_id": format!("{:032x}", e.event_id),
                     "payload_bytes": e.payload.len(),
                 });
+                // Recorded compactly (MessagePack): shown as the JSON an auditor reads.
+                if let Some(decided) = decode_routing_decided(&e.event_type, &e.payload) {
+                    let decided = decided.with_context(|| format!("log position {}", e.position))?;
+                    line["routing"] = serde_json::to_value(decided)?;
+                }
                 writeln!(out, "{line}")?;
             }
             Ok(())

@@ -20,8 +20,8 @@
 mod process;
 
 pub use process::{
-    Batch, Dispatch, Effect, EffectResult, PaymentRecord, Process, ProviderOp, ROUTING_DECIDED, RoutingDecided,
-    STAND_IN_RETRY_MS, routing_stream,
+    Batch, Dispatch, Effect, EffectResult, PaymentRecord, Process, ProviderOp, ROUTING_DECIDED, ROUTING_DECIDED_PACKED,
+    RoutingDecided, STAND_IN_RETRY_MS, decode_routing_decided, encode_routing_decided, routing_stream,
 };
 
 use crate::changelog;
@@ -325,14 +325,17 @@ impl AuthorizationService {
         Ok(lag)
     }
 
-    /// A payment's routing decisions, oldest first.
+    /// A payment's routing decisions, oldest first. One that does not decode
+    /// is an error naming its position, never left out.
     pub fn routing_decisions(&self, payment_id: PaymentId) -> Result<Vec<RoutingDecided>, kassa_eventlog::LogError> {
         let envelopes = self.log.read_stream(routing_stream(payment_id), 1, 10_000)?;
-        Ok(envelopes
+        envelopes
             .iter()
-            .filter(|e| e.event_type == ROUTING_DECIDED)
-            .filter_map(|e| serde_json::from_slice(&e.payload).ok())
-            .collect())
+            .filter_map(|e| {
+                let decided = decode_routing_decided(&e.event_type, &e.payload)?;
+                Some(decided.map_err(|source| kassa_eventlog::LogError::Corrupt { position: e.position, source }))
+            })
+            .collect()
     }
 
     /// Record health changes on each provider's stream, and let time-driven

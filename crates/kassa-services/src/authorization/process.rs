@@ -12,7 +12,7 @@ use super::AuthorizationConfig;
 use crate::messages::{COMMAND_REJECTED, CommandRejected, DUPLICATE_REQUEST, DuplicateRequest, PaymentCommandMessage};
 use crate::routing::RoutingEngine;
 use crate::runtime::derived_id;
-use kassa_codec::EventPayload;
+use kassa_codec::{CodecError, EventPayload};
 use kassa_domain::routing::decline::{RetryAdvice, classify_decline};
 use kassa_domain::routing::health::OutcomeClass;
 use kassa_domain::routing::{PaymentFacts, RoutingDecision, RoutingInput, RoutingOutcome};
@@ -25,8 +25,29 @@ use kassa_providers::{AttemptStatus, AuthorizeOutcome, ProviderError};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-/// Event type of a routing decision (JSON payload: [`RoutingDecided`]).
+/// Event type of a routing decision as Kassa wrote it before 2026-12-01 (JSON
+/// payload: [`RoutingDecided`]); still read.
 pub const ROUTING_DECIDED: &str = "routing.decided";
+/// Event type of a routing decision: the same [`RoutingDecided`] in
+/// MessagePack (rmp-serde: a struct is an array of its fields in order), a
+/// fifth of the JSON's size. Read it with [`decode_routing_decided`].
+pub const ROUTING_DECIDED_PACKED: &str = "routing.decided.msgpack";
+
+/// The routing decision an event of either type records; `None` for an event
+/// of another type, an error naming what is wrong for one that does not decode.
+pub fn decode_routing_decided(event_type: &str, payload: &[u8]) -> Option<Result<RoutingDecided, CodecError>> {
+    let bad = |reason: String| CodecError::BadPayload { event_type: event_type.to_owned(), reason };
+    match event_type {
+        ROUTING_DECIDED_PACKED => Some(rmp_serde::from_slice(payload).map_err(|e| bad(e.to_string()))),
+        ROUTING_DECIDED => Some(serde_json::from_slice(payload).map_err(|e| bad(e.to_string()))),
+        _ => None,
+    }
+}
+
+/// A routing decision's payload, as [`ROUTING_DECIDED_PACKED`] records it.
+pub fn encode_routing_decided(decided: &RoutingDecided) -> Result<Vec<u8>, String> {
+    rmp_serde::to_vec(decided).map_err(|e| e.to_string())
+}
 
 /// Pause before forwarding a stand-in payment again when no provider can take it.
 pub const STAND_IN_RETRY_MS: u64 = 1000;
@@ -505,7 +526,7 @@ impl Process<'_> {
     /// Queue a routing decision as an event on the payment's routing stream.
     fn record_decision(&self, batch: &mut Batch, payment_id: PaymentId, cause: u128, decided: RoutingDecided) {
         let attempt = decided.attempt;
-        let payload = match serde_json::to_vec(&decided) {
+        let payload = match encode_routing_decided(&decided) {
             Ok(payload) => payload,
             Err(error) => {
                 tracing::error!(%payment_id, %error, "cannot encode a routing decision");
@@ -515,7 +536,7 @@ impl Process<'_> {
         batch.events.push(NewEvent {
             // One decision per attempt number: unique per payment, the same on every replay.
             event_id: derived_id(payment_id.as_u128(), "routing", attempt),
-            event_type: ROUTING_DECIDED.to_owned(),
+            event_type: ROUTING_DECIDED_PACKED.to_owned(),
             stream_id: routing_stream(payment_id),
             timestamp_ms: self.now.unix_ms(),
             causation_id: Some(cause),
