@@ -489,6 +489,23 @@ impl SettlementService {
 
     /// A merchant's batches this instance holds now, newest first.
     pub fn batches(&self, merchant_id: MerchantId, limit: usize) -> Result<Vec<BatchState>, LogError> {
+        self.merchant_batches(merchant_id, limit, |id| self.batch(id))
+    }
+
+    /// [`Self::batches`] without their entries: key, totals and state only
+    /// (`entries` empty), however many entries each holds.
+    pub fn batch_headers(&self, merchant_id: MerchantId, limit: usize) -> Result<Vec<BatchState>, LogError> {
+        self.merchant_batches(merchant_id, limit, |id| {
+            Ok(load_header(&self.log, id)?.filter(|header| self.holds(header)))
+        })
+    }
+
+    fn merchant_batches(
+        &self,
+        merchant_id: MerchantId,
+        limit: usize,
+        load: impl Fn(BatchId) -> Result<Option<BatchState>, LogError>,
+    ) -> Result<Vec<BatchState>, LogError> {
         let prefix = format!("merchant-batches/{merchant_id}/").into_bytes();
         let mut out = Vec::new();
         for (key, _) in self.log.scan(Table::State, &prefix)? {
@@ -497,7 +514,7 @@ impl SettlementService {
             }
             let Some(bytes) = key.get(key.len() - 16..).and_then(|b| <[u8; 16]>::try_from(b).ok()) else { continue };
             let batch_id = BatchId::from_u128(u128::MAX - u128::from_be_bytes(bytes));
-            if let Some(batch) = self.batch(batch_id)? {
+            if let Some(batch) = load(batch_id)? {
                 out.push(batch);
             }
         }
