@@ -583,10 +583,13 @@ pub fn decide(state: &PaymentState, command: PaymentCommand, now: Timestamp) -> 
             }
             Ok(vec![E::Refunded { refund_id, amount }])
         }
+        // Recorded already in this batch (or report): the same fact again changes nothing.
+        C::RecordSettlement { batch_id } if state.batch_id == Some(batch_id) => Ok(Vec::new()),
         C::RecordSettlement { batch_id } => match state.stage {
             Stage::Captured => Ok(vec![E::Settled { batch_id }]),
             _ => Err(illegal()),
         },
+        C::RecordReconciliation { report_id } if state.report_id == Some(report_id) => Ok(Vec::new()),
         C::RecordReconciliation { report_id } => match state.stage {
             Stage::Settled => Ok(vec![E::Reconciled { report_id }]),
             _ => Err(illegal()),

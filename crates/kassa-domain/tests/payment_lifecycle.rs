@@ -358,14 +358,20 @@ fn settle_then_reconcile_then_refund() {
     assert_eq!(state.stage, Stage::Settled);
     let mut events = base.to_vec();
     events.push(PaymentEvent::Settled { batch_id: batch });
+    // The same batch again (a close made again) changes nothing; another batch is refused.
+    given(&events).when(PaymentCommand::RecordSettlement { batch_id: batch }).then(&[]);
     given(&events)
-        .when(PaymentCommand::RecordSettlement { batch_id: batch })
+        .when(PaymentCommand::RecordSettlement { batch_id: BatchId::from_u128(41) })
         .then_reject(Rejection::IllegalTransition { stage: Stage::Settled, command: "record_settlement" });
     let report = ReportId::from_u128(50);
     given(&events)
         .when(PaymentCommand::RecordReconciliation { report_id: report })
         .then(&[PaymentEvent::Reconciled { report_id: report }]);
     events.push(PaymentEvent::Reconciled { report_id: report });
+    given(&events).when(PaymentCommand::RecordReconciliation { report_id: report }).then(&[]);
+    given(&events)
+        .when(PaymentCommand::RecordReconciliation { report_id: ReportId::from_u128(51) })
+        .then_reject(Rejection::IllegalTransition { stage: Stage::Reconciled, command: "record_reconciliation" });
     given(&events)
         .when(PaymentCommand::Refund { refund_id: RefundId::from_u128(30), amount: eur(1000) })
         .then(&[PaymentEvent::Refunded { refund_id: RefundId::from_u128(30), amount: eur(1000) }]);

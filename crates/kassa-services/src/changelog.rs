@@ -294,11 +294,13 @@ pub enum CommitError {
     Stopped,
 }
 
-/// Make appends durable in their order, all in flight at once: each goes on
-/// the changelog first (with `ownership`), then into the log's queue, and the
-/// log's replies are awaited at the end. The log writes queued appends in
-/// order and a crash keeps a prefix of them, so this is as safe as waiting
-/// for each in turn — and one sync can carry several of them.
+/// Make appends durable in their order: each goes on the changelog first
+/// (with `ownership`; one produce after another), then into the log's queue,
+/// and the log's replies are awaited at the end, so they share syncs. The log
+/// writes queued appends in order, a crash keeps a prefix of them, and a
+/// failed write makes the log refuse every later one: as safe as waiting for
+/// each in turn. Not for appends with stream expectations (`expected`): a
+/// conflict fails that append alone, and the ones queued after it would land.
 pub async fn commit_in_order(
     log: &EventLog,
     bus: &dyn Bus,
@@ -307,6 +309,7 @@ pub async fn commit_in_order(
     timestamp_ms: i64,
     stop: &tokio::sync::watch::Receiver<bool>,
 ) -> Result<(), CommitError> {
+    debug_assert!(requests.iter().all(|r| r.expected.is_empty()), "commit_in_order takes no stream expectations");
     let mut queued = Vec::with_capacity(requests.len());
     for mut request in requests {
         if let Some(ownership) = ownership.as_deref_mut() {

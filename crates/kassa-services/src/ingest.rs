@@ -225,10 +225,37 @@ pub struct IngestService {
 /// Command refusals kept for requests still waiting on them, at most.
 const REJECTIONS_KEPT_MAX: usize = 10_000;
 
-/// Payment views the read model keeps in memory per partition (of
-/// `payments.events`), so that a payment's next event need not read its view
-/// back from the log. About 400 bytes each.
-const VIEWS_CACHED_MAX: usize = 4096;
+/// Bytes of payment views (as stored) the read model keeps in memory per
+/// partition of `payments.events`, so that a payment's next event need not
+/// read its view back from the log: some 10,000 views of ~400 bytes.
+const VIEWS_CACHED_BYTES_MAX: usize = 4 << 20;
+
+/// The views a read-model task stored last, with their stored sizes, at most
+/// [`VIEWS_CACHED_BYTES_MAX`] of them (emptied when full).
+#[derive(Default)]
+struct ViewCache {
+    views: HashMap<PaymentId, (PaymentView, usize)>,
+    bytes: usize,
+}
+
+impl ViewCache {
+    fn take(&mut self, payment_id: PaymentId) -> Option<PaymentView> {
+        let (view, size) = self.views.remove(&payment_id)?;
+        self.bytes -= size;
+        Some(view)
+    }
+
+    fn keep(&mut self, payment_id: PaymentId, view: PaymentView, size: usize) {
+        if self.bytes + size > VIEWS_CACHED_BYTES_MAX {
+            self.views.clear();
+            self.bytes = 0;
+        }
+        self.bytes += size;
+        if let Some((_, replaced)) = self.views.insert(payment_id, (view, size)) {
+            self.bytes -= replaced;
+        }
+    }
+}
 
 fn history_prefix(payment_id: PaymentId) -> Vec<u8> {
     id_key("history/", payment_id.as_u128())
@@ -1273,7 +1300,7 @@ impl IngestService {
         let (this, key) = (&self, position_key(partition));
         // The views this task stored last. It alone writes its partition's views, and the
         // cache ends with it, so a view here is the stored one.
-        let cache = Mutex::new(HashMap::new());
+        let cache = Mutex::new(ViewCache::default());
         let cache = &cache;
         let followed = follow(&self.log, &self.bus, (PAYMENT_EVENTS, partition, &key), 1024, stop, |m| async move {
             this.apply_to_read_model(partition, m, cache).await.map_err(|e| e.message)
@@ -1287,7 +1314,7 @@ impl IngestService {
         &self,
         partition: u32,
         messages: Vec<kassa_bus::Message>,
-        cache: &Mutex<HashMap<PaymentId, PaymentView>>,
+        cache: &Mutex<ViewCache>,
     ) -> Result<(), ApiError> {
         let mut views: HashMap<PaymentId, PaymentView> = HashMap::new();
         let mut writes = Vec::new();
@@ -1306,7 +1333,7 @@ impl IngestService {
                 Some(view) => view,
                 None => {
                     // Taken out while changed: a failed write ends this task, and its cache.
-                    let cached = cache.lock().unwrap_or_else(|e| e.into_inner()).remove(&payment_id);
+                    let cached = cache.lock().unwrap_or_else(|e| e.into_inner()).take(payment_id);
                     match cached {
                         Some(view) => view,
                         None => self.view(payment_id)?.unwrap_or_default(),
@@ -1395,10 +1422,11 @@ impl IngestService {
             });
             views.insert(payment_id, view);
         }
-        writes.extend(views.iter().map(|(id, view)| StateWrite {
-            table: Table::State,
-            key: view_key(*id),
-            value: Some(encode_value(view)),
+        let mut sizes = Vec::with_capacity(views.len());
+        writes.extend(views.iter().map(|(id, view)| {
+            let value = encode_value(view);
+            sizes.push(value.len());
+            StateWrite { table: Table::State, key: view_key(*id), value: Some(value) }
         }));
         if let Some(offset) = last_offset {
             writes.push(StateWrite {
@@ -1428,10 +1456,9 @@ impl IngestService {
             self.waiters.wake(*payment_id, &view.state);
         }
         let mut cache = cache.lock().unwrap_or_else(|e| e.into_inner());
-        if cache.len() + views.len() > VIEWS_CACHED_MAX {
-            cache.clear();
+        for ((payment_id, view), size) in views.into_iter().zip(sizes) {
+            cache.keep(payment_id, view, size);
         }
-        cache.extend(views);
         Ok(())
     }
 }
@@ -1662,6 +1689,24 @@ fn event_data(event: &PaymentEvent) -> String {
 mod tests {
     use super::*;
     use kassa_codec::{Envelope, encode_frame};
+
+    #[test]
+    fn the_view_cache_counts_what_it_holds_and_empties_when_full() {
+        let mut cache = ViewCache::default();
+        let view = |seq| PaymentView { state: PaymentState::default(), applied_seq: seq };
+        let id = |n| PaymentId::from_u128(n);
+        cache.keep(id(1), view(1), 1000);
+        cache.keep(id(2), view(1), 3000);
+        cache.keep(id(1), view(2), 1500);
+        assert_eq!(cache.bytes, 4500);
+        assert_eq!(cache.take(id(1)).map(|v| v.applied_seq), Some(2));
+        assert_eq!(cache.bytes, 3000);
+        assert!(cache.take(id(1)).is_none());
+        // Past the bound it starts over rather than grow.
+        cache.keep(id(3), view(1), VIEWS_CACHED_BYTES_MAX - 1000);
+        assert!(cache.take(id(2)).is_none());
+        assert_eq!(cache.bytes, VIEWS_CACHED_BYTES_MAX - 1000);
+    }
 
     fn state_with(captured_minor: i64) -> PaymentState {
         PaymentState { captured_minor, ..PaymentState::default() }

@@ -10,6 +10,7 @@ use kassa_domain::{
     BatchId, CaptureId, MerchantId, PaymentEvent, PaymentId, PaymentRequested, RefundId, ReportId, Timestamp,
 };
 use kassa_eventlog::NewEvent;
+use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 
 /// What arrives on `payments.commands`.
@@ -227,11 +228,14 @@ impl PaymentCommandMessage {
 }
 
 /// Commands made by `make` for `payment_ids`, grouped by the partition of
-/// `payments.commands` each payment is on (of `partitions`), at most
-/// [`PAYMENTS_PER_COMMAND_MAX`] payments a command, each on its first
-/// payment's stream. A command's id comes from `cause` and its place: the same
-/// payments in the same order make the same ids, whoever makes them, so
-/// authorization drops a command made again.
+/// `payments.commands` each payment is on (of `partitions`), in id order,
+/// each payment once, at most [`PAYMENTS_PER_COMMAND_MAX`] a command, each on
+/// its first payment's stream. A command's id comes from `cause` and the
+/// payments it names: made again with the same payments (a close or report
+/// made again, in any order), it has the same id and authorization drops it;
+/// with others (a report that matched more the second time), it has another,
+/// and authorization records what is new — recording a payment again in the
+/// same batch or report changes nothing.
 pub fn commands_for_payments(
     payment_ids: impl IntoIterator<Item = PaymentId>,
     partitions: u32,
@@ -239,17 +243,24 @@ pub fn commands_for_payments(
     timestamp_ms: i64,
     make: impl Fn(Vec<PaymentId>) -> PaymentCommandMessage,
 ) -> Vec<NewEvent> {
-    let mut by_partition: BTreeMap<u32, Vec<PaymentId>> = BTreeMap::new();
+    let mut by_partition: BTreeMap<u32, std::collections::BTreeSet<PaymentId>> = BTreeMap::new();
     for payment_id in payment_ids {
         let partition = partition_for(&crate::payment_key(payment_id.as_u128()), partitions);
-        by_partition.entry(partition).or_default().push(payment_id);
+        by_partition.entry(partition).or_default().insert(payment_id);
     }
     let mut commands = Vec::new();
-    for (partition, payment_ids) in by_partition {
-        for (index, chunk) in payment_ids.chunks(PAYMENTS_PER_COMMAND_MAX).enumerate() {
+    for payment_ids in by_partition.into_values() {
+        let payment_ids: Vec<PaymentId> = payment_ids.into_iter().collect();
+        for chunk in payment_ids.chunks(PAYMENTS_PER_COMMAND_MAX) {
             let command = make(chunk.to_vec());
+            let mut named = Sha256::new();
+            for payment_id in chunk {
+                named.update(payment_id.as_u128().to_be_bytes());
+            }
+            let named = named.finalize();
+            let content = u64::from_be_bytes(named[..8].try_into().expect("a SHA-256 digest has 8 bytes"));
             commands.push(NewEvent {
-                event_id: derived_id(cause, command.event_type(), (u64::from(partition) << 32) | index as u64),
+                event_id: derived_id(cause, command.event_type(), content),
                 event_type: command.event_type().to_owned(),
                 stream_id: chunk[0].as_u128(),
                 timestamp_ms,
@@ -459,12 +470,24 @@ mod tests {
         }
         covered.sort();
         assert_eq!(covered, payments, "each payment in one command");
-        // Made again, the same ids: authorization drops the repeats.
-        let again = commands_for_payments(payments, 8, 77, 2_000, make);
         let ids = |commands: &[NewEvent]| commands.iter().map(|c| c.event_id).collect::<Vec<_>>();
-        assert_eq!(ids(&commands), ids(&again));
         let unique: std::collections::HashSet<u128> = ids(&commands).into_iter().collect();
         assert_eq!(unique.len(), commands.len());
+        // Made again, in another order and with a payment named twice: the same commands.
+        let mut shuffled: Vec<PaymentId> = payments.iter().rev().copied().collect();
+        shuffled.push(payments[3]);
+        let again = commands_for_payments(shuffled, 8, 77, 2_000, make);
+        assert_eq!(ids(&commands), ids(&again));
+        assert_eq!(
+            commands.iter().map(|c| &c.payload).collect::<Vec<_>>(),
+            again.iter().map(|c| &c.payload).collect::<Vec<_>>()
+        );
+        // With one payment more, a command that names it is a new command; the others stay.
+        let mut more = payments.clone();
+        more.push(PaymentId::from_u128(51 * 0x9E37_79B9));
+        let grown = commands_for_payments(more, 8, 77, 3_000, make);
+        let new: Vec<u128> = ids(&grown).into_iter().filter(|id| !unique.contains(id)).collect();
+        assert_eq!(new.len(), 1, "only the command that names the new payment is new");
     }
 
     #[test]

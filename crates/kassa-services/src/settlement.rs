@@ -3,8 +3,8 @@
 //! Every capture and refund becomes an entry in the open batch of its
 //! provider, merchant and currency. At a cut-off (on a schedule, or asked by
 //! an operator) every open batch closes with its totals and fees, and each
-//! captured payment in it is recorded settled — a `command.record_settlement`
-//! its relay publishes to `payments.commands`.
+//! captured payment in it is recorded settled — `command.record_settlements`
+//! (up to four payments each) its relay publishes to `payments.commands`.
 //!
 //! Batches span payment partitions, so settlement works in two stages, each
 //! shared by the service's instances through a consumer group:
@@ -1031,8 +1031,14 @@ impl Batches<'_, '_> {
         let mut closed = Vec::new();
         let count = open.len();
         for (index, (open_key_bytes, key, batch_id)) in open.into_iter().enumerate() {
-            self.open.remove(&key);
-            let Some(mut batch) = load_batch(&self.service.log, batch_id)? else { continue };
+            // The partition's cached copy is the stored batch (this task alone changes it, and
+            // ends on a failed commit); read from the log only when it is not cached.
+            let cached = self.open.remove(&key).filter(|batch| batch.batch_id == Some(batch_id));
+            let stored = match cached {
+                Some(batch) => Some(batch),
+                None => load_batch(&self.service.log, batch_id)?,
+            };
+            let Some(mut batch) = stored else { continue };
             let fees = self.service.config.fees.get(&key.provider).copied().unwrap_or(self.service.config.default_fees);
             let mut close_events = Vec::new();
             match decide_batch(&batch, BatchCommand::Close { fees }, now) {

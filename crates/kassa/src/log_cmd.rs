@@ -85,9 +85,11 @@ pub fn run(command: LogCommand) -> anyhow::Result<()> {
                     "payload_bytes": e.payload.len(),
                 });
                 // Recorded compactly (MessagePack): shown as the JSON an auditor reads.
-                if let Some(decided) = decode_routing_decided(&e.event_type, &e.payload) {
-                    let decided = decided.with_context(|| format!("log position {}", e.position))?;
-                    line["routing"] = serde_json::to_value(decided)?;
+                // One that does not read says why, and the dump goes on.
+                match decode_routing_decided(&e.event_type, &e.payload) {
+                    Some(Ok(decided)) => line["routing"] = serde_json::to_value(decided)?,
+                    Some(Err(error)) => line["routing_error"] = error.to_string().into(),
+                    None => {}
                 }
                 writeln!(out, "{line}")?;
             }

@@ -237,6 +237,22 @@ impl AuthorizationService {
         if self.config.changelog { max.min(CHANGELOG_BATCH_INPUTS_MAX) } else { max }
     }
 
+    /// How much of [`Self::batch_inputs_max`] a message takes: a command for
+    /// several payments as many as it may name (with the changelog, where a
+    /// commit is one Kafka record, whose size follows the records changed);
+    /// any other message, one.
+    fn input_weight(&self, message: &Message) -> usize {
+        if !self.config.changelog {
+            return 1;
+        }
+        match kassa_codec::decode_frame_ref(&message.payload).map(|envelope| envelope.event_type) {
+            Ok(crate::messages::RECORD_SETTLEMENTS | crate::messages::RECORD_RECONCILIATIONS) => {
+                crate::messages::PAYMENTS_PER_COMMAND_MAX
+            }
+            _ => 1,
+        }
+    }
+
     /// The partitions of `payments.commands` this instance owns now.
     pub fn partitions_owned(&self) -> Vec<u32> {
         self.owned.lock().unwrap_or_else(|e| e.into_inner()).iter().copied().collect()
@@ -550,14 +566,20 @@ impl AuthorizationService {
                     None => return PartitionEnd::Again,
                 },
             }
-            // Take whatever else is ready, up to the batch bound.
-            while !pruning && messages.len() + results.len() < self.batch_inputs_max() {
+            // Take whatever else is ready, up to the batch bound (a command for several
+            // payments weighs as many).
+            let mut weight = messages.iter().map(|m| self.input_weight(m)).sum::<usize>() + results.len();
+            while !pruning && weight < self.batch_inputs_max() {
                 if subscription.buffered() > 0 {
                     match subscription.recv().await {
-                        Some(Ok(message)) => messages.push(message),
+                        Some(Ok(message)) => {
+                            weight += self.input_weight(&message);
+                            messages.push(message);
+                        }
                         _ => break,
                     }
                 } else if let Ok(result) = effects_rx.try_recv() {
+                    weight += 1;
                     results.push(result);
                 } else {
                     break;
@@ -629,8 +651,11 @@ impl PartitionActor {
         if let Some(record) = batch.records.get(&payment_id) {
             return Ok(record.clone());
         }
-        let record = match self.cache.get(&payment_id) {
-            Some(record) => record.clone(),
+        // Taken out, not copied: a batch that keeps it (`batch.records`) puts it back
+        // once committed, one that drops it leaves it to be read from the log next
+        // time, and a failed commit ends this actor and its cache with it.
+        let record = match self.cache.remove(&payment_id) {
+            Some(record) => record,
             None => match self.service.log.get(Table::State, &record_key(payment_id))? {
                 Some(bytes) => {
                     decode_value(&bytes, "payment record").map_err(|e| kassa_eventlog::LogError::BadChunk {
