@@ -151,7 +151,10 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             Arc::clone(&bus),
             providers,
             Arc::new(SystemClock),
-            ReconciliationConfig { retry_delay_ms: 200, ..ReconciliationConfig::default() },
+            // The last captures may still be on their way to the acquirer (15-60 ms) when their batch
+            // closes: its report is asked for again every 10 ms (for up to half a second) while lines
+            // are missing, as a reconciler would every second or so for a day's batch.
+            ReconciliationConfig { retry_delay_ms: 10, report_attempts_max: 50, ..ReconciliationConfig::default() },
         ));
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let mut tasks = ingest.spawn(stop_rx.clone())?;
