@@ -99,8 +99,9 @@ pub const RECORD_RECONCILIATION: &str = "command.record_reconciliation";
 pub const RECORD_SETTLEMENTS: &str = "command.record_settlements";
 pub const RECORD_RECONCILIATIONS: &str = "command.record_reconciliations";
 /// Payments in one [`PaymentCommandMessage::RecordSettlements`] or
-/// [`PaymentCommandMessage::RecordReconciliations`], at most: authorization
-/// counts a message as one input of its bounded batches.
+/// [`PaymentCommandMessage::RecordReconciliations`], at most: authorization's
+/// batches are bounded in inputs, and with the changelog such a command
+/// weighs this many.
 pub const PAYMENTS_PER_COMMAND_MAX: usize = 4;
 pub const COMMAND_REJECTED: &str = "payment.command_rejected";
 pub const CLAIM_IDEMPOTENCY_KEY: &str = "command.claim_idempotency_key";
@@ -482,7 +483,8 @@ mod tests {
             commands.iter().map(|c| &c.payload).collect::<Vec<_>>(),
             again.iter().map(|c| &c.payload).collect::<Vec<_>>()
         );
-        // With one payment more, a command that names it is a new command; the others stay.
+        // With one payment more (here the last of its partition), the command that names it is new;
+        // the others stay. (One in the middle would renumber the commands after it: repeats, no loss.)
         let mut more = payments.clone();
         more.push(PaymentId::from_u128(51 * 0x9E37_79B9));
         let grown = commands_for_payments(more, 8, 77, 3_000, make);

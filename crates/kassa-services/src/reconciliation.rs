@@ -354,8 +354,9 @@ impl ReconciliationService {
                 REPORT_RECORDED,
                 encode_value(&summary),
             ));
-            // Named by the report and their place (one batch, one report): reconciling the
-            // batch again makes the same ids, which authorization drops.
+            // Named by the report and the payments they name (one batch, one report):
+            // reconciling the batch again makes the same ids, which authorization drops,
+            // and a payment recorded in this report already is left as it is.
             let report_id = report.report_id;
             let captures = report.result.matched.iter().filter(|e| e.kind == EntryKind::Capture).map(|e| e.payment_id);
             let timestamp_ms = self.clock.now().unix_ms();
@@ -364,8 +365,8 @@ impl ReconciliationService {
             }));
         }
         // Commands first, in chunks; the reports, batches and offset last: a
-        // crash in between re-does the reports, and a payment already
-        // reconciled refuses the repeat.
+        // crash in between re-does the reports, and a payment reconciled in the
+        // report already is left as it is.
         self.commit(appends_of(commands), &mut ownership, stop).await?;
         if let Some(offset) = last_offset {
             writes.push(StateWrite {

@@ -1057,8 +1057,9 @@ impl Batches<'_, '_> {
             // A batch can hold more captures than one append may carry: the
             // settlement commands go first, in chunks, and the close last. A
             // crash in between leaves the batch open; the next cut-off sends
-            // the commands again (the same ids), and a payment already
-            // settled refuses the repeat, so none is settled twice.
+            // the commands again (the same payments make the same ids, which
+            // authorization drops; a payment settled in this batch already is
+            // left as it is), so none is settled twice.
             let commands = settlement_commands(&batch, batch_id, commands_partitions, now.unix_ms());
             self.commit_all(appends_of(commands), stop).await?;
             let mut writes = batch_writes(&batch, &[]);

@@ -441,6 +441,28 @@ async fn a_command_for_several_payments_records_those_of_its_partition() {
     world.stop().await;
 }
 
+/// Settlement's and reconciliation's commands travel on different relays: a
+/// reconciliation may come first. It is held, and recorded right after the
+/// settlement — never refused for coming early.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reconciliation_that_overtakes_its_settlement_is_recorded_after_it() {
+    let mut world = World::new();
+    let payment = world.pay("4242424242424242", 1000, true).await;
+    world.until(payment, |s| s.stage == Stage::Captured).await;
+    let (batch_id, report_id) = (BatchId::from_u128(7), ReportId::from_u128(9));
+    // Both on the payment's partition, in this order: the reconciliation is decided first.
+    world.send(PaymentCommandMessage::RecordReconciliations { payment_ids: vec![payment], report_id }).await;
+    world.send(PaymentCommandMessage::RecordSettlements { payment_ids: vec![payment], batch_id }).await;
+    let state = world.until(payment, |s| s.stage == Stage::Reconciled).await;
+    assert_eq!((state.batch_id, state.report_id), (Some(batch_id), Some(report_id)));
+    let events = world.published().await.remove(&payment).unwrap();
+    let types: Vec<&str> = events.iter().map(|e| e.event_type.as_str()).collect();
+    assert!(!types.contains(&COMMAND_REJECTED), "{types:?}");
+    let settled = types.iter().position(|t| *t == "payment.settled").unwrap();
+    assert_eq!(types[settled + 1], "payment.reconciled", "{types:?}");
+    world.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_timeout_the_provider_never_saw_is_reversed_before_failing_over() {
     let mut world = World::new();

@@ -35,7 +35,7 @@ use crate::topics::{AUTHORIZATION_CHANGELOG, AUTHORIZATION_GROUP, PAYMENT_COMMAN
 use crate::vault::CardVault;
 use kassa_bus::{Bus, Membership, Message, partition_for};
 use kassa_codec::{decode_frame, decode_value, encode_value};
-use kassa_domain::PaymentId;
+use kassa_domain::{PaymentId, ReportId, Stage};
 use kassa_eventlog::{AppendRequest, EventLog, NewEvent, StateWrite, Table};
 use kassa_providers::{AuthorizeRequest, Connector, ProviderError};
 use std::collections::HashMap;
@@ -146,6 +146,11 @@ fn sealed_card_key(payment_id: PaymentId) -> Vec<u8> {
 
 fn seen_key(event_id: u128) -> Vec<u8> {
     id_key("seen/", event_id)
+}
+
+/// A reconciliation that came before its payment's settlement: (report, command id).
+fn held_reconciliation_key(payment_id: PaymentId) -> Vec<u8> {
+    id_key("held-reconciliation/", payment_id.as_u128())
 }
 
 /// Which payment holds a merchant's `Idempotency-Key` (by the key's hash):
@@ -808,10 +813,9 @@ impl PartitionActor {
                 continue;
             }
             if let Some(singles) = self.one_by_one(&command, message.offset) {
-                // A command for several payments of this partition: each decided as its own.
+                // Settlements and reconciliations, for one payment or several of this partition.
                 for single in singles {
-                    let record = self.load(&mut batch, single.payment_id())?;
-                    self.decide(|process| process.command(&mut batch, record, single, envelope.event_id));
+                    self.record_settled_or_reconciled(&mut batch, single, envelope.event_id)?;
                 }
                 continue;
             }
@@ -850,11 +854,15 @@ impl PartitionActor {
         self.commit(batch, last_offset).await
     }
 
-    /// A command for several payments as one command for each, leaving out
-    /// (and logging) any that is not this partition's: another actor owns
-    /// that payment. `None` for a command for one payment.
+    /// A settlement or reconciliation command as one command for each
+    /// payment it names, leaving out (and logging) any that is not this
+    /// partition's: another actor owns that payment. `None` for any other
+    /// command.
     fn one_by_one(&self, command: &PaymentCommandMessage, offset: u64) -> Option<Vec<PaymentCommandMessage>> {
         let singles: Vec<PaymentCommandMessage> = match command {
+            PaymentCommandMessage::RecordSettlement { .. } | PaymentCommandMessage::RecordReconciliation { .. } => {
+                vec![command.clone()]
+            }
             PaymentCommandMessage::RecordSettlements { payment_ids, batch_id } => payment_ids
                 .iter()
                 .map(|&payment_id| PaymentCommandMessage::RecordSettlement { payment_id, batch_id: *batch_id })
@@ -880,6 +888,59 @@ impl PartitionActor {
                 })
                 .collect(),
         )
+    }
+
+    /// Record a payment settled or reconciled. The two come from different
+    /// services over different relays, so a reconciliation can arrive before
+    /// the settlement of the batch it reconciles: it is held (under
+    /// `held-reconciliation/`) and recorded right after that settlement,
+    /// never refused for coming early.
+    fn record_settled_or_reconciled(
+        &mut self,
+        batch: &mut Batch,
+        command: PaymentCommandMessage,
+        cause: u128,
+    ) -> Result<(), ActorError> {
+        let payment_id = command.payment_id();
+        let record = self.load(batch, payment_id)?;
+        match command {
+            PaymentCommandMessage::RecordReconciliation { report_id, .. } if record.state.stage == Stage::Captured => {
+                batch.claims.insert(held_reconciliation_key(payment_id), Some(encode_value(&(report_id, cause))));
+                batch.records.insert(payment_id, record);
+            }
+            PaymentCommandMessage::RecordSettlement { .. } => {
+                self.decide(|process| process.command(batch, record, command, cause));
+                let settled = batch.records.get(&payment_id).is_some_and(|r| r.state.stage == Stage::Settled);
+                if settled && let Some((report_id, held_cause)) = self.held_reconciliation(batch, payment_id)? {
+                    batch.claims.insert(held_reconciliation_key(payment_id), None);
+                    let record = self.load(batch, payment_id)?;
+                    let reconciled = PaymentCommandMessage::RecordReconciliation { payment_id, report_id };
+                    self.decide(|process| process.command(batch, record, reconciled, held_cause));
+                }
+            }
+            command => self.decide(|process| process.command(batch, record, command, cause)),
+        }
+        Ok(())
+    }
+
+    /// The reconciliation held for a payment (report, command id): written in
+    /// this batch, or stored.
+    fn held_reconciliation(
+        &self,
+        batch: &Batch,
+        payment_id: PaymentId,
+    ) -> Result<Option<(ReportId, u128)>, ActorError> {
+        let key = held_reconciliation_key(payment_id);
+        let bytes = match batch.claims.get(&key) {
+            Some(written) => written.clone(),
+            None => self.service.log.get(Table::State, &key)?,
+        };
+        let Some(bytes) = bytes else { return Ok(None) };
+        let held = decode_value(&bytes, "held reconciliation").map_err(|e| kassa_eventlog::LogError::BadChunk {
+            position: 0,
+            reason: format!("held reconciliation of {payment_id}: {e}"),
+        })?;
+        Ok(Some(held))
     }
 
     /// Let a payment claim its merchant's `Idempotency-Key`: the first claim
