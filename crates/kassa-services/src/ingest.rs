@@ -1316,7 +1316,7 @@ impl IngestService {
         messages: Vec<kassa_bus::Message>,
         cache: &Mutex<ViewCache>,
     ) -> Result<(), ApiError> {
-        let mut views: HashMap<PaymentId, PaymentView> = HashMap::new();
+        let mut views: HashMap<PaymentId, PaymentView> = HashMap::with_capacity(messages.len());
         let mut writes = Vec::new();
         let mut rejections = Vec::new();
         let last_offset = messages.last().map(|m| m.offset);
