@@ -20,7 +20,7 @@ use crate::topics::{MERCHANTS, PAYMENT_COMMANDS, PAYMENT_EVENTS};
 use crate::vault::CardVault;
 use kassa_api::{ApiError, ApiKey, ErrorType, fingerprint};
 use kassa_bus::Bus;
-use kassa_codec::{EventPayload, decode_frame, decode_value, encode_value};
+use kassa_codec::{EventPayload, decode_frame, decode_frame_ref, decode_value, encode_value};
 use kassa_domain::{
     CaptureId, MerchantId, PaymentCommand, PaymentEvent, PaymentId, PaymentState, RefundId, RequestPayment, apply,
     decide, try_apply,
@@ -1321,7 +1321,7 @@ impl IngestService {
         let mut rejections = Vec::new();
         let last_offset = messages.last().map(|m| m.offset);
         for message in messages {
-            let envelope = match decode_frame(&message.payload) {
+            let envelope = match decode_frame_ref(&message.payload) {
                 Ok(envelope) => envelope,
                 Err(error) => {
                     tracing::error!(partition, offset = message.offset, %error, "undecodable event skipped");
@@ -1347,7 +1347,7 @@ impl IngestService {
             }
             view.applied_seq = envelope.stream_seq;
             let data = if envelope.event_type == COMMAND_REJECTED {
-                match CommandRejected::decode(&envelope.payload) {
+                match CommandRejected::decode(envelope.payload) {
                     Ok(rejected) => {
                         let data = serde_json::json!({"code": rejected.code, "message": rejected.message}).to_string();
                         rejections.push(rejected);
@@ -1360,7 +1360,7 @@ impl IngestService {
                     }
                 }
             } else if envelope.event_type == DUPLICATE_REQUEST {
-                match DuplicateRequest::decode(&envelope.payload) {
+                match DuplicateRequest::decode(envelope.payload) {
                     Ok(duplicate) => {
                         // Where a request that came second (here or on another instance) leads.
                         writes.push(StateWrite {
@@ -1381,7 +1381,7 @@ impl IngestService {
                     }
                 }
             } else {
-                match PaymentEvent::decode_payload(&envelope.event_type, &envelope.payload) {
+                match PaymentEvent::decode_payload(envelope.event_type, envelope.payload) {
                     Ok(event) => {
                         let data = event_data(&event);
                         if let Err(reason) = try_apply(&mut view.state, &event) {
@@ -1410,7 +1410,7 @@ impl IngestService {
             };
             let entry = HistoryEntry {
                 sequence: envelope.stream_seq,
-                event_type: envelope.event_type.clone(),
+                event_type: envelope.event_type.to_owned(),
                 at_ms: envelope.timestamp_ms,
                 data,
                 caused_by: envelope.causation_id,

@@ -18,7 +18,7 @@ use crate::relay::{RelayConfig, run_relay};
 use crate::runtime::{Clock, derived_id};
 use crate::topics::{PAYMENT_COMMANDS, RECONCILIATION_CHANGELOG, RECONCILIATION_GROUP, SETTLEMENT_EVENTS};
 use kassa_bus::{Bus, Membership, Message};
-use kassa_codec::{EventPayload, decode_frame, decode_value, encode_value};
+use kassa_codec::{EventPayload, decode_frame_ref, decode_value, encode_value};
 use kassa_domain::reconciliation::{Reconciliation, reconcile};
 use kassa_domain::settlement::{BatchEvent, BatchState, EntryKind, SettlementEntry, try_apply_batch};
 use kassa_domain::{BatchId, MerchantId, ReportId, Timestamp};
@@ -284,11 +284,11 @@ impl ReconciliationService {
         let mut new_entries: HashMap<BatchId, Vec<SettlementEntry>> = HashMap::new();
         let mut closed_now = Vec::new();
         for message in messages {
-            let Ok(envelope) = decode_frame(&message.payload) else {
+            let Ok(envelope) = decode_frame_ref(&message.payload) else {
                 tracing::error!(partition, offset = message.offset, "undecodable settlement event skipped");
                 continue;
             };
-            let Ok(event) = BatchEvent::decode_payload(&envelope.event_type, &envelope.payload) else { continue };
+            let Ok(event) = BatchEvent::decode_payload(envelope.event_type, envelope.payload) else { continue };
             let batch_id = BatchId::from_u128(envelope.stream_id);
             let batch = match batches.entry(batch_id) {
                 std::collections::hash_map::Entry::Occupied(entry) => entry.into_mut(),

@@ -44,7 +44,7 @@ use crate::topics::{
     SETTLEMENT_EVENTS, SETTLEMENT_GROUP,
 };
 use kassa_bus::{Bus, BusError, Membership, Message, Record, partition_for};
-use kassa_codec::{Envelope, EventPayload, decode_frame, decode_value, encode_frame, encode_value};
+use kassa_codec::{Envelope, EventPayload, decode_frame, decode_frame_ref, decode_value, encode_frame, encode_value};
 use kassa_domain::settlement::{
     BatchCommand, BatchEvent, BatchKey, BatchState, EntryKind, FeeSchedule, SettlementEntry, apply_batch, decide_batch,
     try_apply_batch,
@@ -592,13 +592,13 @@ impl SettlementService {
         let mut changed: BTreeMap<PaymentId, PaymentInfo> = BTreeMap::new();
         let last_offset = messages.last().map(|m| m.offset);
         for message in messages {
-            let Ok(envelope) = decode_frame(&message.payload) else {
+            let Ok(envelope) = decode_frame_ref(&message.payload) else {
                 tracing::error!(partition, offset = message.offset, "undecodable event skipped");
                 continue;
             };
             // Only these tell settlement anything; the rest are not even decoded.
             if !matches!(
-                envelope.event_type.as_str(),
+                envelope.event_type,
                 "payment.requested"
                     | "payment.authorized"
                     | "payment.stand_in_confirmed"
@@ -607,7 +607,7 @@ impl SettlementService {
             ) {
                 continue;
             }
-            let Ok(event) = PaymentEvent::decode_payload(&envelope.event_type, &envelope.payload) else {
+            let Ok(event) = PaymentEvent::decode_payload(envelope.event_type, envelope.payload) else {
                 tracing::error!(partition, offset = message.offset, "undecodable payment event skipped");
                 continue;
             };
@@ -816,8 +816,8 @@ impl Batches<'_, '_> {
         let mut pending = Pending::default();
         let Some(last_offset) = messages.last().map(|m| m.offset) else { return Ok(()) };
         for message in messages {
-            let input = decode_frame(&message.payload).map_err(|e| e.to_string()).and_then(|envelope| {
-                SettlementInput::decode(&envelope.event_type, &envelope.payload)
+            let input = decode_frame_ref(&message.payload).map_err(|e| e.to_string()).and_then(|envelope| {
+                SettlementInput::decode(envelope.event_type, envelope.payload)
                     .map_err(|e| format!("{}: {e}", envelope.event_type))
             });
             match input {

@@ -34,7 +34,7 @@ use crate::seal::CardSeal;
 use crate::topics::{AUTHORIZATION_CHANGELOG, AUTHORIZATION_GROUP, PAYMENT_COMMANDS, PAYMENT_EVENTS, PROVIDER_HEALTH};
 use crate::vault::CardVault;
 use kassa_bus::{Bus, Membership, Message, partition_for};
-use kassa_codec::{decode_frame, decode_value, encode_value};
+use kassa_codec::{decode_frame_ref, decode_value, encode_value};
 use kassa_domain::{PaymentId, ReportId, Stage};
 use kassa_eventlog::{AppendRequest, EventLog, NewEvent, StateWrite, Table};
 use kassa_providers::{AuthorizeRequest, Connector, ProviderError};
@@ -787,7 +787,7 @@ impl PartitionActor {
         let mut last_offset = None;
         for message in messages {
             last_offset = Some(message.offset);
-            let envelope = match decode_frame(&message.payload) {
+            let envelope = match decode_frame_ref(&message.payload) {
                 Ok(envelope) => envelope,
                 Err(error) => {
                     tracing::error!(partition = self.partition, offset = message.offset, %error, "undecodable command skipped");
@@ -800,7 +800,7 @@ impl PartitionActor {
                 continue; // a duplicate delivery
             }
             batch.seen.insert(envelope.event_id);
-            let command = match PaymentCommandMessage::decode(&envelope.event_type, &envelope.payload) {
+            let command = match PaymentCommandMessage::decode(envelope.event_type, envelope.payload) {
                 Ok(command) => command,
                 Err(error) => {
                     tracing::error!(offset = message.offset, %error, "unknown command skipped");
