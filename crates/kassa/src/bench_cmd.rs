@@ -9,6 +9,7 @@ use crate::kafka_cmd::{BusKind, KafkaArgs};
 use anyhow::Context;
 use clap::Args;
 use kassa_bus::{Bus, BusConfig, EmbeddedBus, KafkaBus};
+use kassa_domain::PaymentId;
 use kassa_eventlog::{EventLog, LogConfig};
 use kassa_providers::{Connector, Fault, FaultMode, SimulatedAcquirer, SimulatorConfig};
 use kassa_services::authorization::{AuthorizationConfig, AuthorizationService};
@@ -193,10 +194,11 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                     let mut latencies = Vec::new();
                     let mut outcomes = [0u64; 3];
                     let mut captured_minor = 0i64;
+                    let mut captured_ids = Vec::new();
                     loop {
                         let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         if i >= total {
-                            return (latencies, outcomes, captured_minor);
+                            return (latencies, outcomes, captured_minor, captured_ids);
                         }
                         let card = if i % 10 == 9 { "4000000000000002" } else { "4242424242424242" };
                         let body = format!(
@@ -210,6 +212,8 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                             Ok(status) if status == "captured" => {
                                 outcomes[0] += 1;
                                 captured_minor += (100 + i % 5000) as i64;
+                                let id = answer.as_ref().ok().and_then(|a| a.body["id"].as_str());
+                                captured_ids.extend(id.and_then(|id| PaymentId::parse(id).ok()));
                             }
                             Ok(status) if status == "declined" => outcomes[1] += 1,
                             other => {
@@ -224,9 +228,11 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         let mut latencies = Vec::new();
         let mut outcomes = [0u64; 3];
         let mut captured_minor = 0i64;
+        let mut captured_ids = Vec::new();
         for worker in workers {
-            let (l, o, c) = worker.await?;
+            let (l, o, c, ids) = worker.await?;
             captured_minor += c;
+            captured_ids.extend(ids);
             latencies.extend(l);
             for k in 0..3 {
                 outcomes[k] += o[k];
@@ -334,6 +340,29 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                 }
             }
         }
+        // Outside the figures: every captured payment is recorded settled and reconciled on its own
+        // history (the commands that do it may still have been on their way when the clock stopped).
+        let recorded = |payment_id: PaymentId| {
+            ingest.payment_events(merchant, payment_id).is_ok_and(|events| {
+                events["data"].as_array().is_some_and(|data| {
+                    data.iter().any(|e| e["type"] == "payment.reconciled")
+                        && data.iter().any(|e| e["type"] == "payment.settled")
+                })
+            })
+        };
+        let waited = Instant::now();
+        let mut unrecorded = captured_ids.clone();
+        while !unrecorded.is_empty() && waited.elapsed() < Duration::from_secs(60) {
+            unrecorded.retain(|id| !recorded(*id));
+            if !unrecorded.is_empty() {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        println!(
+            "recorded settled and reconciled on their payments: {} of {} captures",
+            captured_ids.len() - unrecorded.len(),
+            outcomes[0]
+        );
         let _ = stop_tx.send(true);
         for task in tasks {
             let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
@@ -346,6 +375,12 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
              and {reconciled} reconciled"
         );
         anyhow::ensure!(clean, "reconciliation found discrepancies (see the reports)");
+        anyhow::ensure!(
+            unrecorded.is_empty() && captured_ids.len() as u64 == outcomes[0],
+            "{} captured payments not recorded settled and reconciled (first: {:?})",
+            outcomes[0] - (captured_ids.len() - unrecorded.len()) as u64,
+            unrecorded.first()
+        );
         anyhow::Ok(())
     })
     .context("pipeline benchmark")?;

@@ -1,7 +1,8 @@
 //! `kassa bench` end to end, small: more captures than one append carries,
 //! so settlement's close and reconciliation each commit theirs in several
 //! pieces kept in flight together; every payment must still be decided,
-//! batched, closed and reconciled, with no discrepancy. Then the routing
+//! batched, closed and reconciled, with no discrepancy, and each captured
+//! payment's history must show it settled and reconciled. Then the routing
 //! decisions in the authorization log, read offline as an auditor would.
 
 use std::process::Command;
@@ -22,6 +23,7 @@ fn the_pipeline_benchmark_reconciles_every_capture() {
     // One in ten cards is hard-declined.
     assert!(stdout.contains("captured 2250, declined 250, other 0"), "{stdout}");
     assert!(stdout.contains("2250 entries in 1 batches, 2250 lines matched, no discrepancy"), "{stdout}");
+    assert!(stdout.contains("recorded settled and reconciled on their payments: 2250 of 2250 captures"), "{stdout}");
 
     // What an auditor reads offline: each routing decision with its inputs, and it follows from them.
     let dump = Command::new(env!("CARGO_BIN_EXE_kassa"))
