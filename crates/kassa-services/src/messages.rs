@@ -501,4 +501,44 @@ mod tests {
             assert!(PaymentCommandMessage::decode(RECORD_RECONCILIATIONS, &payload).is_err(), "{count} payments");
         }
     }
+
+    proptest::proptest! {
+        /// Whatever the payments (repeated, in any order) and however many partitions: each
+        /// payment is named once, by a command of at most four payments of its own partition, on
+        /// its first payment's stream; and the same payments in another order make the same
+        /// commands.
+        #[test]
+        fn every_payment_is_named_once_on_its_partition(
+            raw in proptest::collection::vec(0u128..40, 1..60),
+            partitions in 1u32..12,
+        ) {
+            let payments: Vec<PaymentId> = raw.iter().map(|n| PaymentId::from_u128(n * 0x9E37_79B9_7F4A_7C15)).collect();
+            let batch_id = BatchId::from_u128(5);
+            let make = |payment_ids| PaymentCommandMessage::RecordSettlements { payment_ids, batch_id };
+            let commands = commands_for_payments(payments.clone(), partitions, 5, 0, make);
+            let partition = |id: &PaymentId| partition_for(&crate::payment_key(id.as_u128()), partitions);
+            let mut named = Vec::new();
+            for event in &commands {
+                let Ok(PaymentCommandMessage::RecordSettlements { payment_ids, .. }) =
+                    PaymentCommandMessage::decode(&event.event_type, &event.payload)
+                else {
+                    panic!("not a settlement command")
+                };
+                proptest::prop_assert!(payment_ids.len() <= PAYMENTS_PER_COMMAND_MAX);
+                proptest::prop_assert_eq!(event.stream_id, payment_ids[0].as_u128());
+                proptest::prop_assert!(payment_ids.iter().all(|id| partition(id) == partition(&payment_ids[0])));
+                named.extend(payment_ids);
+            }
+            let mut expected = payments.clone();
+            expected.sort();
+            expected.dedup();
+            named.sort();
+            proptest::prop_assert_eq!(named, expected);
+            let mut reversed = payments;
+            reversed.reverse();
+            let again = commands_for_payments(reversed, partitions, 5, 0, make);
+            let ids = |c: &[NewEvent]| c.iter().map(|e| (e.event_id, e.payload.clone())).collect::<Vec<_>>();
+            proptest::prop_assert_eq!(ids(&commands), ids(&again));
+        }
+    }
 }
