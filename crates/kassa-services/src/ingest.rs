@@ -257,13 +257,29 @@ impl ViewCache {
     }
 }
 
+/// A payment's history from its groups and its single entries (written
+/// before groups), in sequence order, each sequence once.
+fn merged_history(groups: Vec<Vec<HistoryEntry>>, singles: Vec<HistoryEntry>) -> Vec<HistoryEntry> {
+    let mut history: Vec<HistoryEntry> = groups.into_iter().flatten().chain(singles).collect();
+    history.sort_by_key(|entry| entry.sequence);
+    history.dedup_by_key(|entry| entry.sequence);
+    history
+}
+
+/// A payment's history entries as written before 2026-12-01: one key an entry.
 fn history_prefix(payment_id: PaymentId) -> Vec<u8> {
     id_key("history/", payment_id.as_u128())
 }
 
-fn history_key(payment_id: PaymentId, sequence: u64) -> Vec<u8> {
-    let mut key = history_prefix(payment_id);
-    key.extend_from_slice(&sequence.to_be_bytes());
+/// A payment's history: one key for the entries one input of the read model
+/// added (a `Vec<HistoryEntry>`), by the first one's sequence number.
+fn history_group_prefix(payment_id: PaymentId) -> Vec<u8> {
+    id_key("history-group/", payment_id.as_u128())
+}
+
+fn history_group_key(payment_id: PaymentId, first_sequence: u64) -> Vec<u8> {
+    let mut key = history_group_prefix(payment_id);
+    key.extend_from_slice(&first_sequence.to_be_bytes());
     key
 }
 
@@ -557,14 +573,21 @@ impl IngestService {
         }
     }
 
-    /// A payment's history, oldest first.
+    /// A payment's history, oldest first: its groups, and the single entries
+    /// a read model wrote before groups.
     fn history(&self, payment_id: PaymentId) -> Result<Vec<HistoryEntry>, ApiError> {
-        self.log
-            .scan(Table::State, &history_prefix(payment_id))
-            .map_err(internal)?
-            .into_iter()
-            .map(|(_, bytes)| decode_value(&bytes, "payment history").map_err(internal))
-            .collect()
+        let values = |prefix: Vec<u8>| -> Result<Vec<Vec<u8>>, ApiError> {
+            Ok(self.log.scan(Table::State, &prefix).map_err(internal)?.into_iter().map(|(_, v)| v).collect())
+        };
+        let groups: Vec<Vec<HistoryEntry>> = values(history_group_prefix(payment_id))?
+            .iter()
+            .map(|bytes| decode_value(bytes, "payment history").map_err(internal))
+            .collect::<Result<_, _>>()?;
+        let singles: Vec<HistoryEntry> = values(history_prefix(payment_id))?
+            .iter()
+            .map(|bytes| decode_value(bytes, "payment history").map_err(internal))
+            .collect::<Result<_, _>>()?;
+        Ok(merged_history(groups, singles))
     }
 
     pub fn parse_payment_id(text: &str) -> Result<PaymentId, ApiError> {
@@ -1317,6 +1340,7 @@ impl IngestService {
         cache: &Mutex<ViewCache>,
     ) -> Result<(), ApiError> {
         let mut views: HashMap<PaymentId, PaymentView> = HashMap::with_capacity(messages.len());
+        let mut histories: HashMap<PaymentId, Vec<HistoryEntry>> = HashMap::with_capacity(messages.len());
         let mut writes = Vec::new();
         let mut rejections = Vec::new();
         let last_offset = messages.last().map(|m| m.offset);
@@ -1415,12 +1439,14 @@ impl IngestService {
                 data,
                 caused_by: envelope.causation_id,
             };
-            writes.push(StateWrite {
-                table: Table::State,
-                key: history_key(payment_id, entry.sequence),
-                value: Some(encode_value(&entry)),
-            });
+            histories.entry(payment_id).or_default().push(entry);
             views.insert(payment_id, view);
+        }
+        // One key for what this input added to each payment's history.
+        for (payment_id, group) in &histories {
+            let first = group.first().map_or(0, |entry| entry.sequence);
+            let (key, value) = (history_group_key(*payment_id, first), encode_value(group));
+            writes.push(StateWrite { table: Table::State, key, value: Some(value) });
         }
         let mut sizes = Vec::with_capacity(views.len());
         writes.extend(views.iter().map(|(id, view)| {
@@ -1689,6 +1715,24 @@ fn event_data(event: &PaymentEvent) -> String {
 mod tests {
     use super::*;
     use kassa_codec::{Envelope, encode_frame};
+
+    #[test]
+    fn a_history_reads_its_groups_and_the_single_entries_from_before_them() {
+        let entry = |sequence| HistoryEntry {
+            sequence,
+            event_type: format!("event.{sequence}"),
+            at_ms: 0,
+            data: "{}".into(),
+            caused_by: None,
+        };
+        // Entries 1 and 2 from an older read model, one key each; then groups; 4 twice (an input read again).
+        let merged = merged_history(vec![vec![entry(3), entry(4)], vec![entry(4), entry(5)]], vec![entry(2), entry(1)]);
+        assert_eq!(merged.iter().map(|e| e.sequence).collect::<Vec<_>>(), vec![1, 2, 3, 4, 5]);
+        // The two kinds of key never share a prefix scan.
+        let id = PaymentId::from_u128(7);
+        assert!(!history_group_key(id, 1).starts_with(&history_prefix(id)));
+        assert!(!history_prefix(id).starts_with(&history_group_prefix(id)));
+    }
 
     #[test]
     fn the_view_cache_counts_what_it_holds_and_empties_when_full() {
