@@ -67,7 +67,8 @@ impl Default for IngestConfig {
 }
 
 /// A payment as the read model keeps it. Its history is kept beside it, one
-/// key per event, so an update writes what changed and not the whole story.
+/// key for what each input of the read model added (`history-group/`), so an
+/// update writes what changed and not the whole story.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct PaymentView {
     pub state: PaymentState,
