@@ -577,18 +577,14 @@ impl IngestService {
     /// A payment's history, oldest first: its groups, and the single entries
     /// a read model wrote before groups.
     fn history(&self, payment_id: PaymentId) -> Result<Vec<HistoryEntry>, ApiError> {
-        let values = |prefix: Vec<u8>| -> Result<Vec<Vec<u8>>, ApiError> {
-            Ok(self.log.scan(Table::State, &prefix).map_err(internal)?.into_iter().map(|(_, v)| v).collect())
-        };
-        let groups: Vec<Vec<HistoryEntry>> = values(history_group_prefix(payment_id))?
-            .iter()
-            .map(|bytes| decode_value(bytes, "payment history").map_err(internal))
-            .collect::<Result<_, _>>()?;
-        let singles: Vec<HistoryEntry> = values(history_prefix(payment_id))?
-            .iter()
-            .map(|bytes| decode_value(bytes, "payment history").map_err(internal))
-            .collect::<Result<_, _>>()?;
-        Ok(merged_history(groups, singles))
+        let stored = self.stored_history(&history_group_prefix(payment_id))?;
+        Ok(merged_history(stored, self.stored_history(&history_prefix(payment_id))?))
+    }
+
+    /// The history values stored under `prefix`, decoded: groups or single entries.
+    fn stored_history<T: serde::de::DeserializeOwned>(&self, prefix: &[u8]) -> Result<Vec<T>, ApiError> {
+        let values = self.log.scan(Table::State, prefix).map_err(internal)?;
+        values.iter().map(|(_, bytes)| decode_value(bytes, "payment history").map_err(internal)).collect()
     }
 
     pub fn parse_payment_id(text: &str) -> Result<PaymentId, ApiError> {

@@ -911,8 +911,11 @@ impl PartitionActor {
             PaymentCommandMessage::RecordSettlement { .. } => {
                 self.decide(|process| process.command(batch, record, command, cause));
                 let settled = batch.records.get(&payment_id).is_some_and(|r| r.state.stage == Stage::Settled);
-                if settled && let Some((report_id, held_cause)) = self.held_reconciliation(batch, payment_id)? {
-                    batch.claims.insert(held_reconciliation_key(payment_id), None);
+                let key = held_reconciliation_key(payment_id);
+                let held: Option<(ReportId, u128)> =
+                    if settled { self.held_claim(batch, &key, "held reconciliation")? } else { None };
+                if let Some((report_id, held_cause)) = held {
+                    batch.claims.insert(key, None);
                     let record = self.load(batch, payment_id)?;
                     let reconciled = PaymentCommandMessage::RecordReconciliation { payment_id, report_id };
                     self.decide(|process| process.command(batch, record, reconciled, held_cause));
@@ -921,26 +924,6 @@ impl PartitionActor {
             command => self.decide(|process| process.command(batch, record, command, cause)),
         }
         Ok(())
-    }
-
-    /// The reconciliation held for a payment (report, command id): written in
-    /// this batch, or stored.
-    fn held_reconciliation(
-        &self,
-        batch: &Batch,
-        payment_id: PaymentId,
-    ) -> Result<Option<(ReportId, u128)>, ActorError> {
-        let key = held_reconciliation_key(payment_id);
-        let bytes = match batch.claims.get(&key) {
-            Some(written) => written.clone(),
-            None => self.service.log.get(Table::State, &key)?,
-        };
-        let Some(bytes) = bytes else { return Ok(None) };
-        let held = decode_value(&bytes, "held reconciliation").map_err(|e| kassa_eventlog::LogError::BadChunk {
-            position: 0,
-            reason: format!("held reconciliation of {payment_id}: {e}"),
-        })?;
-        Ok(Some(held))
     }
 
     /// Let a payment claim its merchant's `Idempotency-Key`: the first claim
