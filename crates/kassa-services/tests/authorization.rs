@@ -582,6 +582,44 @@ async fn a_card_sealed_by_ingest_in_another_process_is_opened_and_authorized() {
     world.stop().await;
 }
 
+/// A request and its card are told again by their payment, with no `seen/`
+/// marker: delivered again once the payment is decided (a relay that crashed
+/// before storing its position publishes them again), they change nothing, and
+/// the card is neither held nor stored again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_and_card_delivered_again_after_the_outcome_change_nothing() {
+    let mut world = World::new();
+    let seal = CardSeal::new(&CARD_KEY).unwrap();
+    let paid = world.pay_sealed("4242424242424242", 1200, &seal).await;
+    world.until(paid, settled_outcome).await;
+    let declined = world.pay_sealed("4000000000000002", 1300, &seal).await;
+    world.until(declined, settled_outcome).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let before = world.published().await;
+    let card = CardDetails::parse("4242424242424242", 12, 2030, "123", Timestamp(1_795_651_200_000)).unwrap();
+    for payment_id in [paid, declined] {
+        let request = world.state(payment_id).await.request.clone().unwrap();
+        world.send(PaymentCommandMessage::CardSealed { payment_id, sealed: seal.seal(payment_id, &card) }).await;
+        world.send(PaymentCommandMessage::Requested(request)).await;
+    }
+    // A new payment after them: once it is decided, the two deliveries have been read.
+    let after = world.pay_sealed("5555555555554444", 1400, &seal).await;
+    world.until(after, settled_outcome).await;
+    let published = world.published().await;
+    for payment_id in [paid, declined] {
+        assert_eq!(published[&payment_id].len(), before[&payment_id].len(), "no new events for {payment_id}");
+    }
+    assert_eq!((world.held(paid), world.held(declined)), (1, 0));
+    assert!(world.vault.is_empty(), "no card held again once its payment has an outcome");
+    let (dir, _, _) = world.stop().await;
+    let log = retry_open(|| EventLog::open(dir.path().join("authorization"), LogConfig::default()));
+    for payment_id in [paid, declined, after] {
+        let stored =
+            log.get(kassa_eventlog::Table::State, &kassa_services::consume::id_key("card/", payment_id.as_u128()));
+        assert!(stored.unwrap().is_none(), "{payment_id}'s sealed card is stored again");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sealed_card_still_needed_survives_a_restart_of_the_authorizer() {
     let settings = stand_in_settings();

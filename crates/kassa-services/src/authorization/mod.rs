@@ -675,6 +675,30 @@ impl PartitionActor {
         Ok(record)
     }
 
+    /// Whether the payment's request has been decided already: every decided
+    /// request writes at least one event on the payment's stream (accepted,
+    /// refused, or found a duplicate of another payment's key), so a request or
+    /// card delivered again is told by its payment, with no `seen/` marker. A
+    /// payment still deciding (its card is needed) is not: its card may be held
+    /// again, which changes nothing.
+    fn already_requested(&self, batch: &Batch, payment_id: PaymentId) -> Result<bool, ActorError> {
+        let decided = |record: &PaymentRecord| record.events_written > 0 && !record.needs_card();
+        if let Some(record) = batch.records.get(&payment_id).or_else(|| self.cache.get(&payment_id)) {
+            return Ok(decided(record));
+        }
+        match self.service.log.get(Table::State, &record_key(payment_id))? {
+            Some(bytes) => {
+                let record: PaymentRecord =
+                    decode_value(&bytes, "payment record").map_err(|e| kassa_eventlog::LogError::BadChunk {
+                        position: 0,
+                        reason: format!("payment record {payment_id}: {e}"),
+                    })?;
+                Ok(decided(&record))
+            }
+            None => Ok(false),
+        }
+    }
+
     /// Put a sealed card into the vault, unless it is there already (ingest in
     /// this process put it there). Whether the vault now holds it. A card that
     /// does not open is logged; its payment is then declined
@@ -794,12 +818,6 @@ impl PartitionActor {
                     continue;
                 }
             };
-            if batch.seen.contains(&envelope.event_id)
-                || self.service.log.get(Table::State, &seen_key(envelope.event_id))?.is_some()
-            {
-                continue; // a duplicate delivery
-            }
-            batch.seen.insert(envelope.event_id);
             let command = match PaymentCommandMessage::decode(envelope.event_type, envelope.payload) {
                 Ok(command) => command,
                 Err(error) => {
@@ -807,6 +825,18 @@ impl PartitionActor {
                     continue;
                 }
             };
+            // A payment's request and its card need no `seen/` marker: what they
+            // leave on the payment tells a second delivery (see `already_requested`).
+            let told_by_payment =
+                matches!(command, PaymentCommandMessage::Requested(_) | PaymentCommandMessage::CardSealed { .. });
+            if !told_by_payment {
+                if batch.seen.contains(&envelope.event_id)
+                    || self.service.log.get(Table::State, &seen_key(envelope.event_id))?.is_some()
+                {
+                    continue; // a duplicate delivery
+                }
+                batch.seen.insert(envelope.event_id);
+            }
             let payment_id = command.payment_id();
             if PaymentId::from_u128(envelope.stream_id) != payment_id {
                 tracing::error!(offset = message.offset, "command names another payment than its stream; skipped");
@@ -820,6 +850,9 @@ impl PartitionActor {
                 continue;
             }
             if let PaymentCommandMessage::CardSealed { sealed, .. } = command {
+                if self.already_requested(&batch, payment_id)? {
+                    continue; // a second delivery: the payment has its card, or needs it no more
+                }
                 if self.hold_card(payment_id, &sealed) {
                     self.sealed_cards.push((payment_id, sealed));
                 }
@@ -844,6 +877,11 @@ impl PartitionActor {
                 self.restore_card(payment_id)?;
             }
             let record = self.load(&mut batch, payment_id)?;
+            if matches!(command, PaymentCommandMessage::Requested(_)) && record.events_written > 0 {
+                // A second delivery: the first was accepted, refused, or found a duplicate.
+                self.cache.insert(payment_id, record);
+                continue;
+            }
             self.decide(|process| process.command(&mut batch, record, command, envelope.event_id));
         }
         for result in results {
