@@ -442,20 +442,31 @@ impl EventLog {
 
     /// Up to `max` verified events of one stream, from sequence `from_seq` (1-based).
     pub fn read_stream(&self, stream_id: u128, from_seq: u64, max: usize) -> Result<Vec<Envelope>, LogError> {
+        let from_seq = from_seq.max(1);
         let streams = cf(&self.db, CF_STREAMS);
         let mut iter = self.db.raw_iterator_cf(streams);
-        iter.seek(stream_key(stream_id, from_seq.max(1)));
+        // The run that holds `from_seq` may start before it.
+        iter.seek_for_prev(stream_key(stream_id, from_seq));
+        if !iter.valid() || iter.key().is_none_or(|key| key.len() != 24 || key[..16] != stream_id.to_be_bytes()) {
+            iter.status().map_err(|e| LogError::storage("reading the stream index", e))?;
+            iter.seek(stream_key(stream_id, from_seq));
+        }
         let mut positions = Vec::new();
         while iter.valid() && positions.len() < max {
             let (Some(key), Some(value)) = (iter.key(), iter.value()) else { break };
             if key.len() != 24 || key[..16] != stream_id.to_be_bytes() {
                 break;
             }
-            let position = decode_u64(value).ok_or_else(|| LogError::BadChunk {
+            let first_seq = decode_u64(&key[16..]).unwrap_or(0);
+            let (position, events) = decode_stream_run(value).ok_or_else(|| LogError::BadChunk {
                 position: 0,
-                reason: "stream index entry is not a position".into(),
+                reason: format!("stream index entry of {} bytes is not a position and a length", value.len()),
             })?;
-            positions.push(position);
+            for offset in 0..u64::from(events) {
+                if first_seq + offset >= from_seq && positions.len() < max {
+                    positions.push(position + offset);
+                }
+            }
             iter.next();
         }
         iter.status().map_err(|e| LogError::storage("reading the stream index", e))?;
@@ -786,8 +797,15 @@ impl LogWriter {
         }
         let mut iter = self.db.raw_iterator_cf(cf(&self.db, CF_STREAMS));
         iter.seek_for_prev(stream_key(stream_id, u64::MAX));
-        let seq = match iter.key() {
-            Some(key) if key.len() == 24 && key[..16] == stream_id.to_be_bytes() => decode_u64(&key[16..]).unwrap_or(0),
+        let seq = match (iter.key(), iter.value()) {
+            (Some(key), Some(value)) if key.len() == 24 && key[..16] == stream_id.to_be_bytes() => {
+                let first_seq = decode_u64(&key[16..]).unwrap_or(0);
+                let (_, events) = decode_stream_run(value).ok_or_else(|| LogError::BadChunk {
+                    position: 0,
+                    reason: format!("stream index entry of {} bytes is not a position and a length", value.len()),
+                })?;
+                first_seq + u64::from(events) - 1
+            }
             _ => 0,
         };
         iter.status().map_err(|e| LogError::storage("reading the stream index", e))?;
@@ -956,6 +974,23 @@ impl GroupWriter for LogWriter {
     }
 }
 
+/// Events of one stream at consecutive positions, indexed by one entry.
+struct IndexRun {
+    stream_id: u128,
+    first_seq: u64,
+    first_position: u64,
+    events: u32,
+}
+
+impl IndexRun {
+    fn extends_to(&self, stream_id: u128, seq: u64, position: u64) -> bool {
+        self.stream_id == stream_id
+            && self.events < u32::MAX
+            && self.first_seq + u64::from(self.events) == seq
+            && self.first_position + u64::from(self.events) == position
+    }
+}
+
 impl LogWriter {
     /// Sequence a group: positions, stream sequences, chain links, one batch.
     fn build(&mut self, group: &mut Vec<AppendRequest>) -> (WriteBatch, Vec<AppendReply>, u64, Vec<RecentChunk>) {
@@ -975,7 +1010,7 @@ impl LogWriter {
         // RocksDB inserts each into its memtable's skip list starting from where
         // the previous insert landed, so sorted random keys (payment ids) cost
         // far fewer comparisons than the same keys in arrival order.
-        let mut index: Vec<([u8; 24], u64)> = Vec::new();
+        let mut index: Vec<IndexRun> = Vec::new();
         let mut writes: Vec<StateWrite> = Vec::new();
         for request in group.drain(..) {
             if let Err(error) = self.check_expected(&overlay, &request) {
@@ -1008,7 +1043,16 @@ impl LogWriter {
                 }
                 head.hash = push_frame(&mut chunk.bytes, &envelope);
                 chunk.events += 1;
-                index.push((stream_key(event.stream_id, seq), head.position));
+                match index.last_mut() {
+                    // The next event of the run before: one index entry for both.
+                    Some(run) if run.extends_to(event.stream_id, seq, head.position) => run.events += 1,
+                    _ => index.push(IndexRun {
+                        stream_id: event.stream_id,
+                        first_seq: seq,
+                        first_position: head.position,
+                        events: 1,
+                    }),
+                }
                 if chunk.events >= self.config.chunk_events_max {
                     chunk.flush(&db, &mut batch);
                 }
@@ -1017,10 +1061,14 @@ impl LogWriter {
             replies.push(Ok(Appended { first_position, last_position: head.position }));
         }
         chunk.flush(&db, &mut batch);
-        index.sort_unstable_by_key(|(key, _)| *key);
+        index.sort_unstable_by_key(|run| (run.stream_id, run.first_seq));
         let streams = cf(&db, CF_STREAMS);
-        for (key, position) in index {
-            batch.put_cf(streams, key, position.to_be_bytes());
+        for run in index {
+            batch.put_cf(
+                streams,
+                stream_key(run.stream_id, run.first_seq),
+                stream_run_value(run.first_position, run.events),
+            );
         }
         // Stable: of two writes to one key in a group, the later still lands last.
         writes.sort_by(|a, b| (a.table as u8, &a.key).cmp(&(b.table as u8, &b.key)));
