@@ -27,7 +27,7 @@ use kassa_domain::{
 };
 use kassa_eventlog::{AppendRequest, Durability, EventLog, NewEvent, StateWrite, Table};
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{Notify, watch};
@@ -221,7 +221,15 @@ pub struct IngestService {
     waiters: Waiters,
     /// Idempotency keys being processed: a second request with the same key waits for the first.
     in_progress: KeyLocks,
+    /// Payments this instance accepted, and so listed for their merchant, whose
+    /// request its read model has not read yet: the read model need not list
+    /// them again. At most [`LISTED_HERE_MAX`] (emptied when full: a payment
+    /// missing from it is listed twice, which changes nothing).
+    listed_here: Mutex<HashSet<PaymentId>>,
 }
+
+/// Payments accepted here and not yet read back by the read model, at most.
+const LISTED_HERE_MAX: usize = 100_000;
 
 /// Command refusals kept for requests still waiting on them, at most.
 const REJECTIONS_KEPT_MAX: usize = 10_000;
@@ -386,6 +394,7 @@ impl IngestService {
             seal: None,
             waiters: Waiters::default(),
             in_progress: Mutex::new(HashMap::new()),
+            listed_here: Mutex::new(HashSet::new()),
         }
     }
 
@@ -1092,6 +1101,8 @@ impl IngestService {
                 value: Some(Vec::new()),
             }];
             writes.extend(slot.map(|slot| slot.write(payment_id)));
+            // Noted before the append: the read model reads the request only after it is durable.
+            self.note_listed_here(payment_id, true);
             let appended =
                 match self.log.append(AppendRequest { events: new_events, writes, ..Default::default() }).await {
                     Ok(appended) => appended,
@@ -1099,6 +1110,7 @@ impl IngestService {
                         if let Some(vault) = &self.vault {
                             vault.remove(payment_id);
                         }
+                        self.note_listed_here(payment_id, false);
                         return Err(internal(error));
                     }
                 };
@@ -1314,6 +1326,19 @@ impl IngestService {
         }
     }
 
+    /// Note (or, `false`, forget) a payment this instance lists for its merchant as it accepts it.
+    fn note_listed_here(&self, payment_id: PaymentId, listed: bool) {
+        let mut listed_here = self.listed_here.lock().unwrap_or_else(|e| e.into_inner());
+        if !listed {
+            listed_here.remove(&payment_id);
+            return;
+        }
+        if listed_here.len() >= LISTED_HERE_MAX {
+            listed_here.clear();
+        }
+        listed_here.insert(payment_id);
+    }
+
     // ---------- the read model ----------
 
     async fn run_read_model(self: Arc<Self>, partition: u32, stop: watch::Receiver<bool>) {
@@ -1412,7 +1437,10 @@ impl IngestService {
                             views.insert(payment_id, view);
                             continue;
                         }
-                        if let PaymentEvent::Requested(requested) = &event {
+                        let listed = || self.listed_here.lock().unwrap_or_else(|e| e.into_inner()).remove(&payment_id);
+                        if let PaymentEvent::Requested(requested) = &event
+                            && !listed()
+                        {
                             // Listed for its merchant here too when another instance took it.
                             writes.push(StateWrite {
                                 table: Table::State,
