@@ -364,10 +364,10 @@ impl ReconciliationService {
                 PaymentCommandMessage::RecordReconciliations { payment_ids: ids, report_id }
             }));
         }
-        // Commands first, in chunks; the reports, batches and offset last: a
-        // crash in between re-does the reports, and a payment reconciled in the
-        // report already is left as it is.
-        self.commit(appends_of(commands), &mut ownership, stop).await?;
+        // Commands first, in chunks; the reports, batches and offset last, queued
+        // behind them in one go (the log writes them in order, and a crash keeps
+        // a prefix): a crash in between re-does the reports, and a payment
+        // reconciled in the report already is left as it is.
         if let Some(offset) = last_offset {
             writes.push(StateWrite {
                 table: Table::Positions,
@@ -375,8 +375,9 @@ impl ReconciliationService {
                 value: Some((offset + 1).to_be_bytes().to_vec()),
             });
         }
-        let request = AppendRequest { events: report_events, writes, ..Default::default() };
-        self.commit(vec![request], &mut ownership, stop).await?;
+        let mut requests = appends_of(commands);
+        requests.push(AppendRequest { events: report_events, writes, ..Default::default() });
+        self.commit(requests, &mut ownership, stop).await?;
         if let Some(offset) = last_offset {
             self.bus.note_consumed(RECONCILIATION_GROUP, SETTLEMENT_EVENTS, partition, offset + 1);
         }
