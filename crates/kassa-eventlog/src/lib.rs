@@ -8,7 +8,8 @@
 //!   every read verifies both, and corruption is an error naming the position.
 //!
 //! Column families: `log` (chunks of frames by first position), `streams`
-//! (stream id + sequence → position), `time` (chunk start time → position),
+//! (stream id + the first sequence of a run of the stream's events at
+//! consecutive positions → its first position and length), `time` (chunk start time → position),
 //! `state`, `positions`, `idempotency` (the service's own tables, written
 //! atomically with events), `snapshots` (projection snapshots), `meta` (the
 //! durable head, to detect a truncated log).

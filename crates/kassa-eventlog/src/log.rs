@@ -463,8 +463,11 @@ impl EventLog {
                 reason: format!("stream index entry of {} bytes is not a position and a length", value.len()),
             })?;
             for offset in 0..u64::from(events) {
-                if first_seq + offset >= from_seq && positions.len() < max {
-                    positions.push(position + offset);
+                if positions.len() >= max {
+                    break;
+                }
+                if first_seq + offset >= from_seq {
+                    positions.push((position + offset, first_seq + offset));
                 }
             }
             iter.next();
@@ -472,17 +475,20 @@ impl EventLog {
         iter.status().map_err(|e| LogError::storage("reading the stream index", e))?;
         let mut out = Vec::with_capacity(positions.len());
         let mut cached: Option<(u64, Vec<(Envelope, Hash)>)> = None;
-        for position in positions {
+        for (position, seq) in positions {
             let hit = matches!(&cached, Some((first, events)) if position >= *first && position < first + events.len() as u64);
             if !hit {
                 cached = Some(self.verified_chunk_at(position)?);
             }
             let (first, events) = cached.as_ref().expect("filled above");
             let envelope = events[(position - first) as usize].0.clone();
-            if envelope.stream_id != stream_id {
+            if envelope.stream_id != stream_id || envelope.stream_seq != seq {
                 return Err(LogError::BadChunk {
                     position,
-                    reason: "stream index points at another stream's event".into(),
+                    reason: format!(
+                        "stream index entry for {stream_id:032x} sequence {seq} points at {:032x} sequence {}",
+                        envelope.stream_id, envelope.stream_seq
+                    ),
                 });
             }
             out.push(envelope);

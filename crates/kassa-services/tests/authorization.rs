@@ -620,6 +620,36 @@ async fn a_request_and_card_delivered_again_after_the_outcome_change_nothing() {
     }
 }
 
+/// A command refused before its payment's request came (a capture of a
+/// payment not requested yet) leaves a record on the payment: its request and
+/// card, coming next, are still the first ones, and the payment is charged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_after_a_refused_command_for_its_payment_is_still_decided() {
+    let mut world = World::new();
+    let seal = CardSeal::new(&CARD_KEY).unwrap();
+    world.next_id += 1;
+    let payment_id = PaymentId::from_parts(1_795_651_200_000, world.next_id);
+    let capture = world
+        .send(PaymentCommandMessage::Capture { payment_id, capture_id: CaptureId::from_u128(7), amount_minor: None })
+        .await;
+    for _ in 0..500 {
+        if world.published().await.contains_key(&payment_id) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let refused = world.published().await.remove(&payment_id).unwrap_or_default();
+    assert_eq!(refused.iter().map(|e| e.event_type.as_str()).collect::<Vec<_>>(), [COMMAND_REJECTED]);
+    assert_eq!(CommandRejected::decode(&refused[0].payload).unwrap().command_id, capture);
+    let card = CardDetails::parse("4242424242424242", 12, 2030, "123", Timestamp(1_795_651_200_000)).unwrap();
+    world.send(PaymentCommandMessage::CardSealed { payment_id, sealed: seal.seal(payment_id, &card) }).await;
+    world.request(payment_id, card.summarize(b"k"), 1500, true).await;
+    let state = world.until(payment_id, settled_outcome).await;
+    assert_eq!(state.status(), Some(PaymentStatus::Captured), "{state:?}");
+    assert_eq!(world.held(payment_id), 1);
+    world.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sealed_card_still_needed_survives_a_restart_of_the_authorizer() {
     let settings = stand_in_settings();

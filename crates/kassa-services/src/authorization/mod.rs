@@ -675,28 +675,35 @@ impl PartitionActor {
         Ok(record)
     }
 
-    /// Whether the payment's request has been decided already: every decided
-    /// request writes at least one event on the payment's stream (accepted,
-    /// refused, or found a duplicate of another payment's key), so a request or
-    /// card delivered again is told by its payment, with no `seen/` marker. A
-    /// payment still deciding (its card is needed) is not: its card may be held
-    /// again, which changes nothing.
-    fn already_requested(&self, batch: &Batch, payment_id: PaymentId) -> Result<bool, ActorError> {
-        let decided = |record: &PaymentRecord| record.events_written > 0 && !record.needs_card();
-        if let Some(record) = batch.records.get(&payment_id).or_else(|| self.cache.get(&payment_id)) {
-            return Ok(decided(record));
-        }
-        match self.service.log.get(Table::State, &record_key(payment_id))? {
-            Some(bytes) => {
-                let record: PaymentRecord =
-                    decode_value(&bytes, "payment record").map_err(|e| kassa_eventlog::LogError::BadChunk {
-                        position: 0,
-                        reason: format!("payment record {payment_id}: {e}"),
+    /// Whether a card delivered for this payment is one it no longer needs:
+    /// its request was decided and no authorization (nor a stand-in's forward)
+    /// is to come, or it is a duplicate of another payment's key and never
+    /// becomes a payment. So a card delivered again is told by its payment,
+    /// with no `seen/` marker. A payment with no record yet, or one still
+    /// deciding, needs it (held again, it changes nothing).
+    fn card_no_longer_needed(&self, batch: &Batch, payment_id: PaymentId) -> Result<bool, ActorError> {
+        let stored;
+        let record = match batch.records.get(&payment_id).or_else(|| self.cache.get(&payment_id)) {
+            Some(record) => record,
+            None => match self.service.log.get(Table::State, &record_key(payment_id))? {
+                Some(bytes) => {
+                    stored = decode_value::<PaymentRecord>(&bytes, "payment record").map_err(|e| {
+                        kassa_eventlog::LogError::BadChunk {
+                            position: 0,
+                            reason: format!("payment record {payment_id}: {e}"),
+                        }
                     })?;
-                Ok(decided(&record))
-            }
-            None => Ok(false),
+                    &stored
+                }
+                None => return Ok(false),
+            },
+        };
+        if record.state.request.is_some() {
+            return Ok(!record.needs_card());
         }
+        // No request yet (a command refused before it came leaves a record too):
+        // only a duplicate never gets one.
+        self.is_duplicate(batch, payment_id)
     }
 
     /// Put a sealed card into the vault, unless it is there already (ingest in
@@ -825,8 +832,8 @@ impl PartitionActor {
                     continue;
                 }
             };
-            // A payment's request and its card need no `seen/` marker: what they
-            // leave on the payment tells a second delivery (see `already_requested`).
+            // A payment's request and its card need no `seen/` marker: the payment
+            // tells a second delivery (its request, see `card_no_longer_needed`).
             let told_by_payment =
                 matches!(command, PaymentCommandMessage::Requested(_) | PaymentCommandMessage::CardSealed { .. });
             if !told_by_payment {
@@ -850,7 +857,7 @@ impl PartitionActor {
                 continue;
             }
             if let PaymentCommandMessage::CardSealed { sealed, .. } = command {
-                if self.already_requested(&batch, payment_id)? {
+                if self.card_no_longer_needed(&batch, payment_id)? {
                     continue; // a second delivery: the payment has its card, or needs it no more
                 }
                 if self.hold_card(payment_id, &sealed) {
@@ -877,8 +884,8 @@ impl PartitionActor {
                 self.restore_card(payment_id)?;
             }
             let record = self.load(&mut batch, payment_id)?;
-            if matches!(command, PaymentCommandMessage::Requested(_)) && record.events_written > 0 {
-                // A second delivery: the first was accepted, refused, or found a duplicate.
+            if matches!(command, PaymentCommandMessage::Requested(_)) && record.state.request.is_some() {
+                // A second delivery (a duplicate of another payment's key was dropped above).
                 self.cache.insert(payment_id, record);
                 continue;
             }
