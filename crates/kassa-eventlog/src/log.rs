@@ -458,10 +458,7 @@ impl EventLog {
                 break;
             }
             let first_seq = decode_u64(&key[16..]).unwrap_or(0);
-            let (position, events) = decode_stream_run(value).ok_or_else(|| LogError::BadChunk {
-                position: 0,
-                reason: format!("stream index entry of {} bytes is not a position and a length", value.len()),
-            })?;
+            let (position, events) = index_run(value)?;
             for offset in 0..u64::from(events) {
                 if positions.len() >= max {
                     break;
@@ -806,10 +803,7 @@ impl LogWriter {
         let seq = match (iter.key(), iter.value()) {
             (Some(key), Some(value)) if key.len() == 24 && key[..16] == stream_id.to_be_bytes() => {
                 let first_seq = decode_u64(&key[16..]).unwrap_or(0);
-                let (_, events) = decode_stream_run(value).ok_or_else(|| LogError::BadChunk {
-                    position: 0,
-                    reason: format!("stream index entry of {} bytes is not a position and a length", value.len()),
-                })?;
+                let (_, events) = index_run(value)?;
                 first_seq + u64::from(events) - 1
             }
             _ => 0,
@@ -978,6 +972,14 @@ impl GroupWriter for LogWriter {
             }
         }
     }
+}
+
+/// A stream index value as the run it names: its first position and length.
+fn index_run(value: &[u8]) -> Result<(u64, u32), LogError> {
+    decode_stream_run(value).ok_or_else(|| LogError::BadChunk {
+        position: 0,
+        reason: format!("stream index entry of {} bytes is not a position and a length", value.len()),
+    })
 }
 
 /// Events of one stream at consecutive positions, indexed by one entry.

@@ -1102,7 +1102,7 @@ impl IngestService {
             }];
             writes.extend(slot.map(|slot| slot.write(payment_id)));
             // Noted before the append: the read model reads the request only after it is durable.
-            self.note_listed_here(payment_id, true);
+            self.note_listed_here(payment_id);
             let appended =
                 match self.log.append(AppendRequest { events: new_events, writes, ..Default::default() }).await {
                     Ok(appended) => appended,
@@ -1110,7 +1110,7 @@ impl IngestService {
                         if let Some(vault) = &self.vault {
                             vault.remove(payment_id);
                         }
-                        self.note_listed_here(payment_id, false);
+                        self.take_listed_here(payment_id);
                         return Err(internal(error));
                     }
                 };
@@ -1326,17 +1326,18 @@ impl IngestService {
         }
     }
 
-    /// Note (or, `false`, forget) a payment this instance lists for its merchant as it accepts it.
-    fn note_listed_here(&self, payment_id: PaymentId, listed: bool) {
+    /// Note a payment this instance lists for its merchant as it accepts it.
+    fn note_listed_here(&self, payment_id: PaymentId) {
         let mut listed_here = self.listed_here.lock().unwrap_or_else(|e| e.into_inner());
-        if !listed {
-            listed_here.remove(&payment_id);
-            return;
-        }
         if listed_here.len() >= LISTED_HERE_MAX {
             listed_here.clear();
         }
         listed_here.insert(payment_id);
+    }
+
+    /// Forget a noted payment: whether it was noted.
+    fn take_listed_here(&self, payment_id: PaymentId) -> bool {
+        self.listed_here.lock().unwrap_or_else(|e| e.into_inner()).remove(&payment_id)
     }
 
     // ---------- the read model ----------
@@ -1437,9 +1438,8 @@ impl IngestService {
                             views.insert(payment_id, view);
                             continue;
                         }
-                        let listed = || self.listed_here.lock().unwrap_or_else(|e| e.into_inner()).remove(&payment_id);
                         if let PaymentEvent::Requested(requested) = &event
-                            && !listed()
+                            && !self.take_listed_here(payment_id)
                         {
                             // Listed for its merchant here too when another instance took it.
                             writes.push(StateWrite {

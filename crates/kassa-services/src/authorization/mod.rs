@@ -661,18 +661,20 @@ impl PartitionActor {
         // time, and a failed commit ends this actor and its cache with it.
         let record = match self.cache.remove(&payment_id) {
             Some(record) => record,
-            None => match self.service.log.get(Table::State, &record_key(payment_id))? {
-                Some(bytes) => {
-                    decode_value(&bytes, "payment record").map_err(|e| kassa_eventlog::LogError::BadChunk {
-                        position: 0,
-                        reason: format!("payment record {payment_id}: {e}"),
-                    })?
-                }
-                None => PaymentRecord::default(),
-            },
+            None => self.stored_record(payment_id)?.unwrap_or_default(),
         };
         batch.stored_active.insert(payment_id, record.is_active());
         Ok(record)
+    }
+
+    /// The payment's record as stored in the log, if it has one.
+    fn stored_record(&self, payment_id: PaymentId) -> Result<Option<PaymentRecord>, ActorError> {
+        let Some(bytes) = self.service.log.get(Table::State, &record_key(payment_id))? else { return Ok(None) };
+        let record = decode_value(&bytes, "payment record").map_err(|e| kassa_eventlog::LogError::BadChunk {
+            position: 0,
+            reason: format!("payment record {payment_id}: {e}"),
+        })?;
+        Ok(Some(record))
     }
 
     /// Whether a card delivered for this payment is one it no longer needs:
@@ -685,14 +687,9 @@ impl PartitionActor {
         let stored;
         let record = match batch.records.get(&payment_id).or_else(|| self.cache.get(&payment_id)) {
             Some(record) => record,
-            None => match self.service.log.get(Table::State, &record_key(payment_id))? {
-                Some(bytes) => {
-                    stored = decode_value::<PaymentRecord>(&bytes, "payment record").map_err(|e| {
-                        kassa_eventlog::LogError::BadChunk {
-                            position: 0,
-                            reason: format!("payment record {payment_id}: {e}"),
-                        }
-                    })?;
+            None => match self.stored_record(payment_id)? {
+                Some(record) => {
+                    stored = record;
                     &stored
                 }
                 None => return Ok(false),
