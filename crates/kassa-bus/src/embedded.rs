@@ -1,7 +1,19 @@
 //! The embedded bus: topics in a local RocksDB, written with group commit.
 //!
-//! Key: topic index u32 BE ++ partition u32 BE ++ offset u64 BE.
-//! Value: crc32c u32 LE (over the rest) ++ timestamp i64 LE ++ key length u32 LE ++ key ++ payload.
+//! A partition's messages are stored in chunks: the messages one produce group
+//! writes to one partition (consecutive offsets) share one RocksDB key, so the
+//! per-key cost (a skip-list insert, an index entry) is paid once a chunk, not
+//! once a message — the bus was the store with the most keys a payment.
+//!
+//! Chunk key: topic index u32 BE ++ partition u32 BE ++ first offset u64 BE ++ `0x02`.
+//! Chunk value: message count u32 LE, then per message its length u32 LE and the message.
+//!
+//! A message: crc32c u32 LE (over the rest) ++ timestamp i64 LE ++ key length u32 LE ++ key ++ payload.
+//!
+//! Buses written before chunks keep one message per key: the 16-byte key
+//! (topic ++ partition ++ offset) with the message as its value. Both read the
+//! same way, so a bus written by an older version opens and reads as it was;
+//! an older version cannot read chunks, so do not roll back past this one.
 
 use crate::{Bus, BusError, Coordinator, Membership, Message, Produced, Record, TopicSpec, partition_for};
 use async_trait::async_trait;
@@ -77,16 +89,73 @@ fn message_key(topic: u32, partition: u32, offset: u64) -> [u8; 16] {
     key
 }
 
-fn encode_value(timestamp_ms: i64, key: &[u8], payload: &[u8]) -> Vec<u8> {
-    let mut value = Vec::with_capacity(16 + key.len() + payload.len());
-    value.extend_from_slice(&[0; 4]);
-    value.extend_from_slice(&timestamp_ms.to_le_bytes());
-    value.extend_from_slice(&(key.len() as u32).to_le_bytes());
-    value.extend_from_slice(key);
-    value.extend_from_slice(payload);
-    let crc = crc32c::crc32c(&value[4..]);
-    value[..4].copy_from_slice(&crc.to_le_bytes());
-    value
+/// The marker that ends a chunk's key (a 16-byte key is one message, the older layout).
+const CHUNK_MARKER: u8 = 0x02;
+/// A chunk holds at most this many messages…
+const CHUNK_MESSAGES_MAX: usize = 1024;
+/// …and ends once it holds this many bytes.
+const CHUNK_BYTES_MAX: usize = 1 << 20;
+
+fn chunk_key(topic: u32, partition: u32, first: u64) -> [u8; 17] {
+    let mut key = [CHUNK_MARKER; 17];
+    key[..16].copy_from_slice(&message_key(topic, partition, first));
+    key
+}
+
+/// Appends one message, framed with its length, to `chunk`.
+fn encode_message(chunk: &mut Vec<u8>, timestamp_ms: i64, key: &[u8], payload: &[u8]) {
+    chunk.extend_from_slice(&((16 + key.len() + payload.len()) as u32).to_le_bytes());
+    let start = chunk.len();
+    chunk.extend_from_slice(&[0; 4]);
+    chunk.extend_from_slice(&timestamp_ms.to_le_bytes());
+    chunk.extend_from_slice(&(key.len() as u32).to_le_bytes());
+    chunk.extend_from_slice(key);
+    chunk.extend_from_slice(payload);
+    let crc = crc32c::crc32c(&chunk[start + 4..]);
+    chunk[start..start + 4].copy_from_slice(&crc.to_le_bytes());
+}
+
+/// One stored entry of a partition: its first offset and its messages, each
+/// still encoded (checked and decoded by [`decode_value`] when read).
+struct Entry<'a> {
+    first: u64,
+    messages: Vec<&'a [u8]>,
+}
+
+/// Reads the entry stored under `key` (`prefix` is its topic and partition):
+/// `Ok(None)` when the key is not that partition's.
+fn decode_entry<'a>(prefix: &[u8], key: &[u8], value: &'a [u8]) -> Result<Option<Entry<'a>>, (u64, String)> {
+    if !key.starts_with(prefix) || key.len() < 16 {
+        return Ok(None);
+    }
+    let first = u64::from_be_bytes(key[8..16].try_into().expect("16 bytes checked"));
+    match &key[16..] {
+        [] => return Ok(Some(Entry { first, messages: vec![value] })),
+        [CHUNK_MARKER] => {}
+        other => return Err((first, format!("a key ends in {} unknown bytes", other.len()))),
+    }
+    let bad = |reason: String| (first, reason);
+    let count = value.get(..4).ok_or_else(|| bad("a chunk shorter than its count".into()))?;
+    let count = u32::from_le_bytes(count.try_into().expect("4 bytes")) as usize;
+    if count == 0 || count > value.len() / 4 {
+        return Err(bad(format!("a chunk of {} bytes cannot hold {count} messages", value.len())));
+    }
+    let mut messages = Vec::with_capacity(count);
+    let mut at = 4;
+    for index in 0..count {
+        let length =
+            value.get(at..at + 4).ok_or_else(|| bad(format!("the chunk ends before message {index} of {count}")))?;
+        let length = u32::from_le_bytes(length.try_into().expect("4 bytes")) as usize;
+        let message = value
+            .get(at + 4..at + 4 + length)
+            .ok_or_else(|| bad(format!("message {index} of {count} runs past the chunk's end")))?;
+        messages.push(message);
+        at += 4 + length;
+    }
+    if at != value.len() {
+        return Err(bad(format!("{} bytes follow the chunk's last message", value.len() - at)));
+    }
+    Ok(Some(Entry { first, messages }))
 }
 
 fn decode_value(value: &[u8]) -> Result<(i64, Vec<u8>, Vec<u8>), String> {
@@ -172,14 +241,19 @@ impl EmbeddedBus {
             let mut heads = Vec::new();
             for partition in 0..spec.partitions {
                 let mut iter = db.raw_iterator_cf(messages_cf);
-                iter.seek_for_prev(message_key(index, partition, u64::MAX));
-                let next = match iter.key() {
-                    Some(key) if key.len() == 16 && key[..8] == message_key(index, partition, 0)[..8] => {
-                        u64::from_be_bytes(key[8..].try_into().expect("8 bytes")) + 1
-                    }
+                iter.seek_for_prev(chunk_key(index, partition, u64::MAX));
+                iter.status().map_err(storage(format!("reading the end of {}/{partition}", spec.name)))?;
+                let prefix = &message_key(index, partition, 0)[..8];
+                let next = match (iter.key(), iter.value()) {
+                    (Some(key), Some(value)) => match decode_entry(prefix, key, value) {
+                        Ok(Some(entry)) => entry.first + entry.messages.len() as u64,
+                        Ok(None) => 0,
+                        Err((offset, reason)) => {
+                            return Err(BusError::Corrupt { topic: spec.name.clone(), partition, offset, reason });
+                        }
+                    },
                     _ => 0,
                 };
-                iter.status().map_err(storage(format!("reading the end of {}/{partition}", spec.name)))?;
                 heads.push(watch::channel(next).0);
             }
             topics.insert(spec.name.clone(), Topic { index, heads });
@@ -231,23 +305,42 @@ impl EmbeddedBus {
         let index = self.topic(topic)?.index;
         let messages_cf = self.db.cf_handle(CF_MESSAGES).expect("created at open");
         let mut iter = self.db.raw_iterator_cf(messages_cf);
-        iter.seek(message_key(index, partition, from_offset));
         let prefix = &message_key(index, partition, 0)[..8];
+        // The entry holding `from_offset` starts at or before it: the last key at or
+        // before its chunk key. (A partition's first entry starts at offset 0.)
+        iter.seek_for_prev(chunk_key(index, partition, from_offset));
+        if !iter.key().is_some_and(|key| key.starts_with(prefix)) {
+            iter.seek(message_key(index, partition, 0));
+        }
         let mut out = Vec::new();
         let mut expected = from_offset;
         while out.len() < max {
             let (Some(key), Some(value)) = (iter.key(), iter.value()) else { break };
-            if !key.starts_with(prefix) {
-                break;
+            let corrupt =
+                |offset: u64, reason: String| BusError::Corrupt { topic: topic.to_owned(), partition, offset, reason };
+            let entry = match decode_entry(prefix, key, value) {
+                Ok(Some(entry)) => entry,
+                Ok(None) => break,
+                Err((offset, reason)) => return Err(corrupt(offset, reason)),
+            };
+            let end = entry.first + entry.messages.len() as u64;
+            if end <= expected {
+                // An entry before the one holding `from_offset`.
+                iter.next();
+                continue;
             }
-            let offset = u64::from_be_bytes(key[8..16].try_into().expect("16-byte key"));
-            let corrupt = |reason: String| BusError::Corrupt { topic: topic.to_owned(), partition, offset, reason };
-            if offset != expected {
-                return Err(corrupt(format!("expected offset {expected}: the partition has a gap")));
+            if entry.first > expected {
+                return Err(corrupt(entry.first, format!("expected offset {expected}: the partition has a gap")));
             }
-            let (timestamp_ms, key, payload) = decode_value(value).map_err(corrupt)?;
-            out.push(Message { topic: topic.to_owned(), partition, offset, key, payload, timestamp_ms });
-            expected += 1;
+            let skip = (expected - entry.first) as usize;
+            for message in entry.messages.into_iter().skip(skip) {
+                if out.len() == max {
+                    break;
+                }
+                let (timestamp_ms, key, payload) = decode_value(message).map_err(|reason| corrupt(expected, reason))?;
+                out.push(Message { topic: topic.to_owned(), partition, offset: expected, key, payload, timestamp_ms });
+                expected += 1;
+            }
             iter.next();
         }
         iter.status().map_err(storage(format!("reading {topic}/{partition}")))?;
@@ -330,16 +423,17 @@ impl BusWriter {
         let messages_cf = self.db.cf_handle(CF_MESSAGES).expect("created at open");
         let mut batch = WriteBatch::default();
         let mut replies = Vec::with_capacity(group.len());
-        let mut puts: Vec<([u8; 16], Vec<u8>)> = Vec::new();
+        let mut puts: Vec<(u32, u32, u64, &Record)> = Vec::new();
         self.next.clear();
-        for records in group.drain(..) {
+        for records in group.iter() {
+            if let Some(record) = records.iter().find(|record| !self.topics.contains_key(&record.topic)) {
+                // Validated before queueing; unreachable unless topics change under us.
+                replies.push(Err(BusError::UnknownTopic { topic: record.topic.clone() }));
+                continue;
+            }
             let mut produced = Vec::with_capacity(records.len());
-            let mut failed = None;
-            for record in &records {
-                let Some(topic) = self.topics.get(&record.topic) else {
-                    failed = Some(BusError::UnknownTopic { topic: record.topic.clone() });
-                    break;
-                };
+            for record in records {
+                let topic = &self.topics[&record.topic];
                 let partition = partition_for(&record.key, topic.heads.len() as u32);
                 let next = self
                     .next
@@ -348,26 +442,45 @@ impl BusWriter {
                 produced.push(Produced { partition, offset: *next });
                 *next += 1;
             }
-            if let Some(error) = failed {
-                // Validated before queueing; unreachable unless topics change under us.
-                replies.push(Err(error));
-                continue;
-            }
             for (record, at) in records.iter().zip(&produced) {
-                let index = self.topics[&record.topic].index;
-                puts.push((
-                    message_key(index, at.partition, at.offset),
-                    encode_value(record.timestamp_ms, &record.key, &record.payload),
-                ));
+                puts.push((self.topics[&record.topic].index, at.partition, at.offset, record));
             }
             replies.push(Ok(produced));
         }
-        // In key order: RocksDB inserts each key into the memtable's skip list
-        // from where the previous one landed, so a partition's run costs little.
-        puts.sort_unstable_by_key(|(key, _)| *key);
-        for (key, value) in puts {
-            batch.put_cf(messages_cf, key, value);
+        // A partition's messages of this group have consecutive offsets: sorted by
+        // topic, partition and offset, each run is cut into chunks, one key each.
+        // In key order, too: RocksDB inserts each key into the memtable's skip list
+        // from where the previous one landed.
+        puts.sort_unstable_by_key(|&(topic, partition, offset, _)| (topic, partition, offset));
+        let mut chunk: Vec<u8> = Vec::new();
+        let mut chunk_start: Option<(u32, u32, u64)> = None;
+        let mut count = 0u32;
+        let flush = |batch: &mut WriteBatch, chunk: &mut Vec<u8>, start: (u32, u32, u64), count: u32| {
+            chunk[..4].copy_from_slice(&count.to_le_bytes());
+            batch.put_cf(messages_cf, chunk_key(start.0, start.1, start.2), &chunk[..]);
+            chunk.clear();
+        };
+        for (topic, partition, offset, record) in &puts {
+            let continues = chunk_start
+                .is_some_and(|(t, p, first)| t == *topic && p == *partition && first + u64::from(count) == *offset)
+                && (count as usize) < CHUNK_MESSAGES_MAX
+                && chunk.len() < CHUNK_BYTES_MAX;
+            if !continues {
+                if let Some(start) = chunk_start {
+                    flush(&mut batch, &mut chunk, start, count);
+                }
+                chunk_start = Some((*topic, *partition, *offset));
+                count = 0;
+                chunk.extend_from_slice(&[0; 4]);
+            }
+            encode_message(&mut chunk, record.timestamp_ms, &record.key, &record.payload);
+            count += 1;
         }
+        if let Some(start) = chunk_start {
+            flush(&mut batch, &mut chunk, start, count);
+        }
+        drop(puts);
+        group.clear();
         let mut options = WriteOptions::default();
         options.set_sync(self.sync);
         if let Err(error) = self.db.write_opt(batch, &options) {
@@ -383,5 +496,153 @@ impl BusWriter {
             }
         }
         replies
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn topics() -> Vec<TopicSpec> {
+        vec![TopicSpec::new("t", 2)]
+    }
+
+    fn record(key: &str, n: usize) -> Record {
+        Record { topic: "t".into(), key: key.into(), payload: format!("m{n}").into_bytes(), timestamp_ms: n as i64 }
+    }
+
+    /// Every message of `partition`, read from each offset in turn with several bounds.
+    fn check_reads(bus: &EmbeddedBus, partition: u32, expected: &[Vec<u8>]) {
+        let end = expected.len() as u64;
+        assert_eq!(bus.end_offset("t", partition).unwrap(), end);
+        for from in 0..end {
+            for max in [1, 3, 700, usize::MAX] {
+                let read = bus.read("t", partition, from, max).unwrap();
+                let want = (end - from).min(max as u64) as usize;
+                assert_eq!(read.len(), want, "from {from}, at most {max}");
+                for (message, offset) in read.iter().zip(from..) {
+                    assert_eq!(message.offset, offset);
+                    assert_eq!(message.payload, expected[offset as usize], "offset {offset}");
+                    assert_eq!(message.partition, partition);
+                }
+            }
+        }
+        assert!(bus.read("t", partition, end, 10).unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn chunks_read_back_from_every_offset_before_and_after_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut expected: [Vec<Vec<u8>>; 2] = Default::default();
+        let mut keys = HashMap::new();
+        {
+            let bus = EmbeddedBus::open(dir.path(), BusConfig::new(topics())).unwrap();
+            // Groups of one, of a few, and one past a chunk's message bound.
+            let on = |partition| {
+                (0..).map(|i| format!("k{i}")).find(|key| partition_for(key.as_bytes(), 2) == partition).unwrap()
+            };
+            let (a, b) = (on(0), on(1));
+            let mut n = 0;
+            for size in [1, 1, 5, 2, CHUNK_MESSAGES_MAX + 300, 3, 1] {
+                let records: Vec<Record> = (0..size)
+                    .map(|i| {
+                        n += 1;
+                        record(if i % 3 == 0 { &a } else { &b }, n)
+                    })
+                    .collect();
+                let produced = bus.produce(records.clone()).await.unwrap();
+                for (record, at) in records.iter().zip(produced) {
+                    assert_eq!(at.offset, expected[at.partition as usize].len() as u64);
+                    expected[at.partition as usize].push(record.payload.clone());
+                    keys.insert(record.key.clone(), at.partition);
+                }
+            }
+            assert_eq!(keys.len(), 2);
+            for partition in 0..2 {
+                check_reads(&bus, partition, &expected[partition as usize]);
+            }
+        }
+        let bus = EmbeddedBus::open(dir.path(), BusConfig::new(topics())).unwrap();
+        for partition in 0..2 {
+            check_reads(&bus, partition, &expected[partition as usize]);
+        }
+        // Fewer keys than messages: the chunks hold them.
+        let cf = bus.db.cf_handle(CF_MESSAGES).unwrap();
+        let stored = bus.db.iterator_cf(cf, rocksdb::IteratorMode::Start).count();
+        assert!(stored < 20, "{stored} keys for {} messages", expected[0].len() + expected[1].len());
+    }
+
+    #[tokio::test]
+    async fn a_bus_written_one_message_a_key_reads_and_grows_as_before() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            // The older layout, written by hand: the registry, then messages 0..5 of partition 1.
+            let bus = EmbeddedBus::open(dir.path(), BusConfig::new(topics())).unwrap();
+            let cf = bus.db.cf_handle(CF_MESSAGES).unwrap();
+            for offset in 0..5u64 {
+                let mut chunk = Vec::new();
+                encode_message(&mut chunk, 1, b"old", format!("old{offset}").as_bytes());
+                bus.db.put_cf(cf, message_key(0, 1, offset), &chunk[4..]).unwrap();
+            }
+        }
+        let bus = EmbeddedBus::open(dir.path(), BusConfig::new(topics())).unwrap();
+        let mut expected: Vec<Vec<u8>> = (0..5).map(|offset| format!("old{offset}").into_bytes()).collect();
+        check_reads(&bus, 1, &expected);
+        let key = (0..).map(|i| format!("k{i}")).find(|key| partition_for(key.as_bytes(), 2) == 1).unwrap();
+        let records: Vec<Record> = (0..4).map(|n| record(&key, n)).collect();
+        let produced = bus.produce(records.clone()).await.unwrap();
+        assert_eq!(produced.iter().map(|p| p.offset).collect::<Vec<_>>(), vec![5, 6, 7, 8]);
+        expected.extend(records.iter().map(|r| r.payload.clone()));
+        check_reads(&bus, 1, &expected);
+        drop(bus);
+        check_reads(&EmbeddedBus::open(dir.path(), BusConfig::new(topics())).unwrap(), 1, &expected);
+    }
+
+    #[tokio::test]
+    async fn a_damaged_chunk_is_an_error_naming_its_offset_never_a_panic() {
+        let dir = tempfile::tempdir().unwrap();
+        let bus = EmbeddedBus::open(dir.path(), BusConfig::new(topics())).unwrap();
+        let produced = bus.produce((0..4).map(|n| record("a", n)).collect()).await.unwrap();
+        let partition = produced[0].partition;
+        let cf = bus.db.cf_handle(CF_MESSAGES).unwrap();
+        let key = chunk_key(0, partition, 0);
+        let good = bus.db.get_cf(cf, key).unwrap().unwrap();
+        let read_with = |value: &[u8]| {
+            bus.db.put_cf(cf, key, value).unwrap();
+            bus.read("t", partition, 0, 10)
+        };
+        // A flipped payload byte of the third message: the first two still read, then its offset.
+        let mut flipped = good.clone();
+        let last = flipped.len() - 1;
+        flipped[last] ^= 1;
+        let error = read_with(&flipped).unwrap_err();
+        assert!(
+            matches!(&error, BusError::Corrupt { offset: 3, reason, .. } if reason.contains("checksum")),
+            "{error}"
+        );
+        for cut in [0, 3, 5, 20, good.len() - 1] {
+            let error = read_with(&good[..cut]).unwrap_err();
+            assert!(matches!(error, BusError::Corrupt { offset: 0, .. }), "cut at {cut}: {error}");
+        }
+        let mut longer = good.clone();
+        longer.push(0);
+        assert!(matches!(read_with(&longer).unwrap_err(), BusError::Corrupt { offset: 0, .. }));
+        read_with(&good).unwrap();
+    }
+
+    proptest! {
+        #[test]
+        fn any_stored_bytes_decode_to_messages_or_an_error(key in proptest::collection::vec(any::<u8>(), 0..20),
+                                                          value in proptest::collection::vec(any::<u8>(), 0..64)) {
+            let prefix = &message_key(0, 0, 0)[..8];
+            let mut full_key = prefix.to_vec();
+            full_key.extend_from_slice(&key);
+            if let Ok(Some(entry)) = decode_entry(prefix, &full_key, &value) {
+                for message in entry.messages {
+                    let _ = decode_value(message);
+                }
+            }
+        }
     }
 }
