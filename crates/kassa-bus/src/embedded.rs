@@ -91,6 +91,8 @@ fn message_key(topic: u32, partition: u32, offset: u64) -> [u8; 16] {
 
 /// The marker that ends a chunk's key (a 16-byte key is one message, the older layout).
 const CHUNK_MARKER: u8 = 0x02;
+/// A message (its 16-byte header, key and payload) is at most this long: its length is a `u32`.
+const MESSAGE_BYTES_MAX: usize = u32::MAX as usize;
 /// A chunk holds at most this many messages…
 const CHUNK_MESSAGES_MAX: usize = 1024;
 /// …and ends once it holds this many bytes.
@@ -104,7 +106,8 @@ fn chunk_key(topic: u32, partition: u32, first: u64) -> [u8; 17] {
 
 /// Appends one message, framed with its length, to `chunk`.
 fn encode_message(chunk: &mut Vec<u8>, timestamp_ms: i64, key: &[u8], payload: &[u8]) {
-    chunk.extend_from_slice(&((16 + key.len() + payload.len()) as u32).to_le_bytes());
+    let length = u32::try_from(16 + key.len() + payload.len()).expect("checked by validate");
+    chunk.extend_from_slice(&length.to_le_bytes());
     let start = chunk.len();
     chunk.extend_from_slice(&[0; 4]);
     chunk.extend_from_slice(&timestamp_ms.to_le_bytes());
@@ -122,15 +125,32 @@ struct Entry<'a> {
     messages: Vec<&'a [u8]>,
 }
 
+impl<'a> Entry<'a> {
+    fn new(first: u64, messages: Vec<&'a [u8]>) -> Result<Entry<'a>, (u64, String)> {
+        match first.checked_add(messages.len() as u64) {
+            Some(_) => Ok(Entry { first, messages }),
+            None => Err((first, format!("{} messages from offset {first} run past the last offset", messages.len()))),
+        }
+    }
+
+    /// The offset after its last message.
+    fn end(&self) -> u64 {
+        self.first + self.messages.len() as u64
+    }
+}
+
 /// Reads the entry stored under `key` (`prefix` is its topic and partition):
 /// `Ok(None)` when the key is not that partition's.
 fn decode_entry<'a>(prefix: &[u8], key: &[u8], value: &'a [u8]) -> Result<Option<Entry<'a>>, (u64, String)> {
-    if !key.starts_with(prefix) || key.len() < 16 {
+    if !key.starts_with(prefix) {
         return Ok(None);
     }
-    let first = u64::from_be_bytes(key[8..16].try_into().expect("16 bytes checked"));
+    let Some(first) = key.get(8..16) else {
+        return Err((0, format!("a key of {} bytes is shorter than the 16 of an entry", key.len())));
+    };
+    let first = u64::from_be_bytes(first.try_into().expect("8 bytes"));
     match &key[16..] {
-        [] => return Ok(Some(Entry { first, messages: vec![value] })),
+        [] => return Entry::new(first, vec![value]).map(Some),
         [CHUNK_MARKER] => {}
         other => return Err((first, format!("a key ends in {} unknown bytes", other.len()))),
     }
@@ -146,8 +166,9 @@ fn decode_entry<'a>(prefix: &[u8], key: &[u8], value: &'a [u8]) -> Result<Option
         let length =
             value.get(at..at + 4).ok_or_else(|| bad(format!("the chunk ends before message {index} of {count}")))?;
         let length = u32::from_le_bytes(length.try_into().expect("4 bytes")) as usize;
-        let message = value
-            .get(at + 4..at + 4 + length)
+        let message = (at + 4)
+            .checked_add(length)
+            .and_then(|end| value.get(at + 4..end))
             .ok_or_else(|| bad(format!("message {index} of {count} runs past the chunk's end")))?;
         messages.push(message);
         at += 4 + length;
@@ -155,7 +176,7 @@ fn decode_entry<'a>(prefix: &[u8], key: &[u8], value: &'a [u8]) -> Result<Option
     if at != value.len() {
         return Err(bad(format!("{} bytes follow the chunk's last message", value.len() - at)));
     }
-    Ok(Some(Entry { first, messages }))
+    Entry::new(first, messages).map(Some)
 }
 
 fn decode_value(value: &[u8]) -> Result<(i64, Vec<u8>, Vec<u8>), String> {
@@ -246,7 +267,7 @@ impl EmbeddedBus {
                 let prefix = &message_key(index, partition, 0)[..8];
                 let next = match (iter.key(), iter.value()) {
                     (Some(key), Some(value)) => match decode_entry(prefix, key, value) {
-                        Ok(Some(entry)) => entry.first + entry.messages.len() as u64,
+                        Ok(Some(entry)) => entry.end(),
                         Ok(None) => 0,
                         Err((offset, reason)) => {
                             return Err(BusError::Corrupt { topic: spec.name.clone(), partition, offset, reason });
@@ -297,6 +318,14 @@ impl EmbeddedBus {
     fn validate(&self, records: &[Record]) -> Result<(), BusError> {
         for record in records {
             self.topic(&record.topic)?;
+            let bytes = record.key.len().saturating_add(record.payload.len()).saturating_add(16);
+            if bytes > MESSAGE_BYTES_MAX {
+                return Err(BusError::TooLarge {
+                    topic: record.topic.clone(),
+                    bytes,
+                    reason: format!("the embedded bus stores a message of at most {MESSAGE_BYTES_MAX} bytes"),
+                });
+            }
         }
         Ok(())
     }
@@ -323,14 +352,16 @@ impl EmbeddedBus {
                 Ok(None) => break,
                 Err((offset, reason)) => return Err(corrupt(offset, reason)),
             };
-            let end = entry.first + entry.messages.len() as u64;
-            if end <= expected {
+            if out.is_empty() && entry.end() <= expected {
                 // An entry before the one holding `from_offset`.
                 iter.next();
                 continue;
             }
-            if entry.first > expected {
-                return Err(corrupt(entry.first, format!("expected offset {expected}: the partition has a gap")));
+            // The first entry read holds `from_offset`; each one after starts where the last ended.
+            let in_place = if out.is_empty() { entry.first <= expected } else { entry.first == expected };
+            if !in_place {
+                let reason = format!("expected offset {expected}: the partition has a gap or an overlap");
+                return Err(corrupt(entry.first, reason));
             }
             let skip = (expected - entry.first) as usize;
             for message in entry.messages.into_iter().skip(skip) {
@@ -505,60 +536,83 @@ mod tests {
     use proptest::prelude::*;
 
     fn topics() -> Vec<TopicSpec> {
-        vec![TopicSpec::new("t", 2)]
+        vec![TopicSpec::new("t", 2), TopicSpec::new("u", 1)]
     }
 
     fn record(key: &str, n: usize) -> Record {
         Record { topic: "t".into(), key: key.into(), payload: format!("m{n}").into_bytes(), timestamp_ms: n as i64 }
     }
 
+    /// A key that lands on `partition` of a two-partition topic.
+    fn key_on(partition: u32) -> String {
+        (0..).map(|i| format!("k{i}")).find(|key| partition_for(key.as_bytes(), 2) == partition).unwrap()
+    }
+
     /// Every message of `partition`, read from each offset in turn with several bounds.
-    fn check_reads(bus: &EmbeddedBus, partition: u32, expected: &[Vec<u8>]) {
+    fn check_reads(bus: &EmbeddedBus, partition: u32, expected: &[Record]) {
         let end = expected.len() as u64;
         assert_eq!(bus.end_offset("t", partition).unwrap(), end);
-        for from in 0..end {
+        let step = (end / 200).max(1);
+        for from in (0..end).step_by(step as usize).chain(end.saturating_sub(3)..end) {
             for max in [1, 3, 700, usize::MAX] {
                 let read = bus.read("t", partition, from, max).unwrap();
                 let want = (end - from).min(max as u64) as usize;
                 assert_eq!(read.len(), want, "from {from}, at most {max}");
                 for (message, offset) in read.iter().zip(from..) {
+                    let record = &expected[offset as usize];
                     assert_eq!(message.offset, offset);
-                    assert_eq!(message.payload, expected[offset as usize], "offset {offset}");
                     assert_eq!(message.partition, partition);
+                    assert_eq!(message.key, record.key, "offset {offset}");
+                    assert_eq!(message.payload, record.payload, "offset {offset}");
+                    assert_eq!(message.timestamp_ms, record.timestamp_ms, "offset {offset}");
                 }
             }
         }
         assert!(bus.read("t", partition, end, 10).unwrap().is_empty());
     }
 
+    /// The first offsets of the stored entries of `partition` of topic "t", and whether each is a chunk.
+    fn entries(bus: &EmbeddedBus, partition: u32) -> Vec<(u64, bool)> {
+        let cf = bus.db.cf_handle(CF_MESSAGES).unwrap();
+        bus.db
+            .prefix_iterator_cf(cf, &message_key(0, partition, 0)[..8])
+            .map(|item| item.unwrap().0)
+            .take_while(|key| key[..8] == message_key(0, partition, 0)[..8])
+            .map(|key| (u64::from_be_bytes(key[8..16].try_into().unwrap()), key.len() == 17))
+            .collect()
+    }
+
     #[tokio::test]
-    async fn chunks_read_back_from_every_offset_before_and_after_a_reopen() {
+    async fn chunks_are_cut_by_count_and_size_and_read_back_from_every_offset_after_a_reopen() {
         let dir = tempfile::tempdir().unwrap();
-        let mut expected: [Vec<Vec<u8>>; 2] = Default::default();
-        let mut keys = HashMap::new();
+        let (a, b) = (key_on(0), key_on(1));
+        let mut expected: [Vec<Record>; 2] = Default::default();
+        let big = |n: usize| Record { payload: vec![n as u8; 300 << 10], ..record(&b, n) };
         {
             let bus = EmbeddedBus::open(dir.path(), BusConfig::new(topics())).unwrap();
-            // Groups of one, of a few, and one past a chunk's message bound.
-            let on = |partition| {
-                (0..).map(|i| format!("k{i}")).find(|key| partition_for(key.as_bytes(), 2) == partition).unwrap()
-            };
-            let (a, b) = (on(0), on(1));
             let mut n = 0;
-            for size in [1, 1, 5, 2, CHUNK_MESSAGES_MAX + 300, 3, 1] {
-                let records: Vec<Record> = (0..size)
-                    .map(|i| {
-                        n += 1;
-                        record(if i % 3 == 0 { &a } else { &b }, n)
-                    })
-                    .collect();
+            let mut next = |key: &str| {
+                n += 1;
+                record(key, n)
+            };
+            let groups: Vec<Vec<Record>> = vec![
+                vec![next(&a)],
+                (0..5).map(|i| next(if i % 2 == 0 { &a } else { &b })).collect(),
+                // One partition's run past two chunks' message bound: cut at 1,024 and 2,048.
+                (0..2 * CHUNK_MESSAGES_MAX + 10).map(|_| next(&a)).collect(),
+                // Five messages of 300 KiB: a chunk ends once it holds 1 MiB, so after four.
+                (0..5).map(big).collect(),
+                vec![next(&b)],
+            ];
+            for records in groups {
                 let produced = bus.produce(records.clone()).await.unwrap();
-                for (record, at) in records.iter().zip(produced) {
-                    assert_eq!(at.offset, expected[at.partition as usize].len() as u64);
-                    expected[at.partition as usize].push(record.payload.clone());
-                    keys.insert(record.key.clone(), at.partition);
+                for (record, at) in records.into_iter().zip(produced) {
+                    assert_eq!(at.offset, expected[at.partition as usize].len() as u64, "gapless offsets");
+                    expected[at.partition as usize].push(record);
                 }
             }
-            assert_eq!(keys.len(), 2);
+            // A group's messages for other topics or partitions are chunks of their own.
+            bus.produce(vec![Record { topic: "u".into(), ..record(&a, 0) }]).await.unwrap();
             for partition in 0..2 {
                 check_reads(&bus, partition, &expected[partition as usize]);
             }
@@ -567,52 +621,56 @@ mod tests {
         for partition in 0..2 {
             check_reads(&bus, partition, &expected[partition as usize]);
         }
-        // Fewer keys than messages: the chunks hold them.
-        let cf = bus.db.cf_handle(CF_MESSAGES).unwrap();
-        let stored = bus.db.iterator_cf(cf, rocksdb::IteratorMode::Start).count();
-        assert!(stored < 20, "{stored} keys for {} messages", expected[0].len() + expected[1].len());
+        let chunk = |first| (first, true);
+        let m = CHUNK_MESSAGES_MAX as u64;
+        assert_eq!(entries(&bus, 0), vec![chunk(0), chunk(1), chunk(4), chunk(4 + m), chunk(4 + 2 * m)]);
+        assert_eq!(entries(&bus, 1), vec![chunk(0), chunk(2), chunk(6), chunk(7)]);
+        assert_eq!(bus.read("u", 0, 0, 10).unwrap().len(), 1);
     }
 
     #[tokio::test]
     async fn a_bus_written_one_message_a_key_reads_and_grows_as_before() {
         let dir = tempfile::tempdir().unwrap();
+        let old_key = key_on(1);
+        let mut expected: Vec<Record> = (0..5).map(|n| record(&old_key, n)).collect();
         {
-            // The older layout, written by hand: the registry, then messages 0..5 of partition 1.
+            // The older layout, written by hand: messages 0..5 of partition 1, one a key.
             let bus = EmbeddedBus::open(dir.path(), BusConfig::new(topics())).unwrap();
             let cf = bus.db.cf_handle(CF_MESSAGES).unwrap();
-            for offset in 0..5u64 {
+            for (offset, record) in expected.iter().enumerate() {
                 let mut chunk = Vec::new();
-                encode_message(&mut chunk, 1, b"old", format!("old{offset}").as_bytes());
-                bus.db.put_cf(cf, message_key(0, 1, offset), &chunk[4..]).unwrap();
+                encode_message(&mut chunk, record.timestamp_ms, &record.key, &record.payload);
+                bus.db.put_cf(cf, message_key(0, 1, offset as u64), &chunk[4..]).unwrap();
             }
         }
         let bus = EmbeddedBus::open(dir.path(), BusConfig::new(topics())).unwrap();
-        let mut expected: Vec<Vec<u8>> = (0..5).map(|offset| format!("old{offset}").into_bytes()).collect();
         check_reads(&bus, 1, &expected);
-        let key = (0..).map(|i| format!("k{i}")).find(|key| partition_for(key.as_bytes(), 2) == 1).unwrap();
-        let records: Vec<Record> = (0..4).map(|n| record(&key, n)).collect();
+        check_reads(&bus, 0, &[]);
+        let records: Vec<Record> = (5..9).map(|n| record(&old_key, n)).collect();
         let produced = bus.produce(records.clone()).await.unwrap();
         assert_eq!(produced.iter().map(|p| p.offset).collect::<Vec<_>>(), vec![5, 6, 7, 8]);
-        expected.extend(records.iter().map(|r| r.payload.clone()));
+        expected.extend(records);
         check_reads(&bus, 1, &expected);
         drop(bus);
-        check_reads(&EmbeddedBus::open(dir.path(), BusConfig::new(topics())).unwrap(), 1, &expected);
+        let bus = EmbeddedBus::open(dir.path(), BusConfig::new(topics())).unwrap();
+        check_reads(&bus, 1, &expected);
+        assert_eq!(entries(&bus, 1), vec![(0, false), (1, false), (2, false), (3, false), (4, false), (5, true)]);
     }
 
     #[tokio::test]
-    async fn a_damaged_chunk_is_an_error_naming_its_offset_never_a_panic() {
+    async fn a_damaged_or_overlapping_chunk_is_an_error_naming_its_offset_never_a_panic() {
         let dir = tempfile::tempdir().unwrap();
         let bus = EmbeddedBus::open(dir.path(), BusConfig::new(topics())).unwrap();
-        let produced = bus.produce((0..4).map(|n| record("a", n)).collect()).await.unwrap();
-        let partition = produced[0].partition;
+        let key = key_on(0);
+        bus.produce((0..4).map(|n| record(&key, n)).collect()).await.unwrap();
         let cf = bus.db.cf_handle(CF_MESSAGES).unwrap();
-        let key = chunk_key(0, partition, 0);
-        let good = bus.db.get_cf(cf, key).unwrap().unwrap();
+        let first_chunk = chunk_key(0, 0, 0);
+        let good = bus.db.get_cf(cf, first_chunk).unwrap().unwrap();
         let read_with = |value: &[u8]| {
-            bus.db.put_cf(cf, key, value).unwrap();
-            bus.read("t", partition, 0, 10)
+            bus.db.put_cf(cf, first_chunk, value).unwrap();
+            bus.read("t", 0, 0, 10)
         };
-        // A flipped payload byte of the third message: the first two still read, then its offset.
+        // A flipped payload byte of the fourth message (offset 3): the read fails there.
         let mut flipped = good.clone();
         let last = flipped.len() - 1;
         flipped[last] ^= 1;
@@ -629,19 +687,63 @@ mod tests {
         longer.push(0);
         assert!(matches!(read_with(&longer).unwrap_err(), BusError::Corrupt { offset: 0, .. }));
         read_with(&good).unwrap();
+
+        // A second chunk whose offsets overlap the first's: an error, not a message skipped or read twice.
+        bus.db.put_cf(cf, chunk_key(0, 0, 2), &good).unwrap();
+        let error = bus.read("t", 0, 0, 10).unwrap_err();
+        assert!(matches!(&error, BusError::Corrupt { offset: 2, reason, .. } if reason.contains("overlap")), "{error}");
+        // A chunk after a gap.
+        bus.db.delete_cf(cf, chunk_key(0, 0, 2)).unwrap();
+        bus.db.put_cf(cf, chunk_key(0, 0, 6), &good).unwrap();
+        let error = bus.read("t", 0, 0, 10).unwrap_err();
+        assert!(matches!(&error, BusError::Corrupt { offset: 6, reason, .. } if reason.contains("gap")), "{error}");
+        // A key too short for an entry.
+        bus.db.put_cf(cf, &message_key(0, 0, 0)[..12], b"x").unwrap();
+        assert!(matches!(bus.read("t", 0, 0, 10).unwrap_err(), BusError::Corrupt { .. }));
+        // A last offset past u64::MAX: an error at open, not a wrapped head.
+        bus.db.put_cf(cf, chunk_key(0, 1, u64::MAX - 1), &good).unwrap();
+        drop(bus);
+        let error = EmbeddedBus::open(dir.path(), BusConfig::new(topics())).unwrap_err();
+        assert!(matches!(&error, BusError::Corrupt { partition: 1, reason, .. } if reason.contains("past")), "{error}");
+    }
+
+    /// A valid chunk of `count` messages, then `edits` applied: (position, new byte) and a cut.
+    fn damaged_chunk(count: usize, edits: &[(usize, u8)], cut: usize) -> Vec<u8> {
+        let mut chunk = (count as u32).to_le_bytes().to_vec();
+        for n in 0..count {
+            encode_message(&mut chunk, n as i64, b"key", format!("payload {n}").as_bytes());
+        }
+        for &(at, byte) in edits {
+            let len = chunk.len();
+            chunk[at % len] = byte;
+        }
+        let keep = chunk.len() - cut % (chunk.len() + 1);
+        chunk.truncate(keep);
+        chunk
     }
 
     proptest! {
         #[test]
-        fn any_stored_bytes_decode_to_messages_or_an_error(key in proptest::collection::vec(any::<u8>(), 0..20),
-                                                          value in proptest::collection::vec(any::<u8>(), 0..64)) {
+        fn any_stored_chunk_decodes_to_messages_or_an_error(
+            count in 0usize..5,
+            edits in proptest::collection::vec((any::<usize>(), any::<u8>()), 0..4),
+            cut in 0usize..8,
+            first in prop_oneof![Just(0u64), Just(u64::MAX - 2), any::<u64>()],
+        ) {
             let prefix = &message_key(0, 0, 0)[..8];
-            let mut full_key = prefix.to_vec();
-            full_key.extend_from_slice(&key);
-            if let Ok(Some(entry)) = decode_entry(prefix, &full_key, &value) {
-                for message in entry.messages {
-                    let _ = decode_value(message);
+            let value = damaged_chunk(count, &edits, if cut < 4 { 0 } else { cut });
+            let intact = edits.is_empty() && cut < 4;
+            match decode_entry(prefix, &chunk_key(0, 0, first), &value) {
+                Ok(Some(entry)) => {
+                    prop_assert!(entry.first == first);
+                    let decoded: Vec<_> = entry.messages.into_iter().map(decode_value).collect();
+                    if intact {
+                        prop_assert_eq!(decoded.len(), count);
+                        prop_assert!(decoded.iter().all(Result::is_ok));
+                    }
                 }
+                Ok(None) => prop_assert!(false, "a key with the partition's prefix is its entry"),
+                Err(_) => prop_assert!(!intact || count == 0 || first.checked_add(count as u64).is_none()),
             }
         }
     }
