@@ -90,11 +90,15 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&dir)?;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {
-        let log_config = LogConfig { statistics: args.write_counts, ..LogConfig::default() };
-        let ingest_log = Arc::new(EventLog::open(dir.join("ingest"), log_config.clone())?);
-        let authorization_log = Arc::new(EventLog::open(dir.join("authorization"), log_config.clone())?);
-        let settlement_log = Arc::new(EventLog::open(dir.join("settlement"), log_config.clone())?);
-        let reconciliation_log = Arc::new(EventLog::open(dir.join("reconciliation"), log_config)?);
+        // Each log as `kassa up` opens it.
+        let open = |service: &str| -> anyhow::Result<Arc<EventLog>> {
+            let config = LogConfig { statistics: args.write_counts, ..crate::wiring::log_config(service) };
+            Ok(Arc::new(EventLog::open(dir.join(service), config)?))
+        };
+        let ingest_log = open("ingest")?;
+        let authorization_log = open("authorization")?;
+        let settlement_log = open("settlement")?;
+        let reconciliation_log = open("reconciliation")?;
         let mut embedded = None;
         let (bus, kafka_bus): (Arc<dyn Bus>, Option<Arc<KafkaBus>>) = match kafka {
             Some(config) => {

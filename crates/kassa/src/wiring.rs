@@ -29,10 +29,24 @@ pub fn load_config(path: Option<&Path>) -> anyhow::Result<Config> {
     }
 }
 
+/// A service's log settings. Settlement's and reconciliation's groups linger 3 ms under load (not the
+/// default 250 µs) for more requests to write and sync with the first: they are off a payment's path (no
+/// client waits on them), and each sync costs about 0.1 ms of CPU on a virtual machine, so at 20,000
+/// payments/s this halves their syncs. Ingest and authorization keep the default: a client waits on each
+/// of their syncs, and a longer linger there costs more in latency (and so in requests a second at a
+/// given concurrency) than it saves in CPU. An idle log never lingers (`GroupCommitConfig::linger_us`).
+pub fn log_config(service: &str) -> LogConfig {
+    let mut config = LogConfig::default();
+    if matches!(service, "settlement" | "reconciliation") {
+        config.group.linger_us = 3_000;
+    }
+    config
+}
+
 /// Open (or create) a service's event log under the data directory.
 pub fn open_log(dir: &Path, service: &str) -> anyhow::Result<Arc<EventLog>> {
     let path = dir.join(service);
-    let log = EventLog::open(&path, LogConfig::default())
+    let log = EventLog::open(&path, log_config(service))
         .with_context(|| format!("opening the {service} event log at {}", path.display()))?;
     tracing::info!(service, path = %path.display(), head = log.head_position(), "event log open");
     Ok(Arc::new(log))
