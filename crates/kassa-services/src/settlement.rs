@@ -1055,19 +1055,21 @@ impl Batches<'_, '_> {
                 }
             }
             // A batch can hold more captures than one append may carry: the
-            // settlement commands go first, in chunks, and the close last. A
-            // crash in between leaves the batch open; the next cut-off sends
-            // the commands again (the same payments make the same ids, which
-            // authorization drops; a payment settled in this batch already is
-            // left as it is), so none is settled twice.
+            // settlement commands go first, in chunks, and the close last, all
+            // queued at once (the log writes them in order, and a crash keeps a
+            // prefix). A crash in between leaves the batch open; the next
+            // cut-off sends the commands again (the same payments make the same
+            // ids, which authorization drops; a payment settled in this batch
+            // already is left as it is), so none is settled twice.
             let commands = settlement_commands(&batch, batch_id, commands_partitions, now.unix_ms());
-            self.commit_all(appends_of(commands), stop).await?;
             let mut writes = batch_writes(&batch, &[]);
             writes.push(StateWrite { table: Table::State, key: open_key_bytes, value: None });
             if index + 1 == count {
                 writes.append(&mut last);
             }
-            self.commit(AppendRequest { events: close_events, writes, ..Default::default() }, stop).await?;
+            let mut requests = appends_of(commands);
+            requests.push(AppendRequest { events: close_events, writes, ..Default::default() });
+            self.commit_all(requests, stop).await?;
             closed.push(batch_id);
         }
         if !last.is_empty() {
