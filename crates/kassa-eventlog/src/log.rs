@@ -715,6 +715,8 @@ fn read_head(db: &DB) -> Result<Head, LogError> {
 /// sync thread writes and fsyncs the previous one. A failed write poisons the
 /// log: the sequencer has already built on top of it, so every later append
 /// fails too, and nothing past the last durable group is ever acknowledged.
+/// So does a stream index that cannot be read while building a group: appends
+/// queued in order then never land with one before them missing.
 struct LogWriter {
     db: Arc<DB>,
     head: Head,
@@ -955,6 +957,15 @@ impl GroupWriter for LogWriter {
         let (batch, replies, head_position, chunks) = match built {
             Ok(built) => built,
             Err(error) => {
+                // The stream index could not be read: refuse every later append too, as after a
+                // failed write, so that appends queued in order (`commit_in_order`) never land
+                // with one before them missing.
+                let mut failed = self.failed.lock().unwrap_or_else(|e| e.into_inner());
+                if failed.is_none() {
+                    tracing::error!(%error, "event log could not read its stream index; refusing further appends");
+                    *failed = Some(error.clone());
+                }
+                drop(failed);
                 for replier in repliers {
                     replier.send(Err(error.clone()));
                 }

@@ -655,3 +655,27 @@ fn of_two_writes_to_one_key_in_an_append_the_later_lands() {
     assert_eq!(log.get(Table::State, b"b").unwrap(), Some(b"second".to_vec()));
     assert_eq!(log.get(Table::State, b"c").unwrap(), None);
 }
+
+#[test]
+fn an_unreadable_stream_index_refuses_that_append_and_every_later_one() {
+    // Appends queued in order (a settlement close behind its commands) rely on it: one
+    // refused for a storage error must not let a later one land without it.
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let log = EventLog::open(dir.path(), LogConfig::default()).unwrap();
+        append(&log, vec![event(1, 7, 0), event(2, 7, 0)]);
+    }
+    {
+        let cfs = ["log", "streams", "time", "state", "positions", "idempotency", "snapshots", "meta"];
+        let db = rocksdb::DB::open_cf(&rocksdb::Options::default(), dir.path(), cfs).unwrap();
+        let mut key = 7u128.to_be_bytes().to_vec();
+        key.extend_from_slice(&1u64.to_be_bytes());
+        db.put_cf(db.cf_handle("streams").unwrap(), key, [1, 2, 3]).unwrap();
+    }
+    let log = EventLog::open(dir.path(), LogConfig::default()).unwrap();
+    let refused = log.append_blocking(AppendRequest { events: vec![event(3, 7, 0)], ..Default::default() });
+    assert!(matches!(refused, Err(LogError::BadChunk { .. })), "{refused:?}");
+    let later = log.append_blocking(AppendRequest { events: vec![event(4, 8, 0)], ..Default::default() });
+    assert!(later.is_err(), "an append after the refused one landed: {later:?}");
+    assert_eq!(log.head_position(), 2);
+}

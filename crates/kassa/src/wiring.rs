@@ -31,10 +31,12 @@ pub fn load_config(path: Option<&Path>) -> anyhow::Result<Config> {
 
 /// A service's log settings. Settlement's and reconciliation's groups linger 3 ms under load (not the
 /// default 250 µs) for more requests to write and sync with the first: they are off a payment's path (no
-/// client waits on them), and each sync costs about 0.1 ms of CPU on a virtual machine, so at 20,000
-/// payments/s this halves their syncs. Ingest and authorization keep the default: a client waits on each
-/// of their syncs, and a longer linger there costs more in latency (and so in requests a second at a
-/// given concurrency) than it saves in CPU. An idle log never lingers (`GroupCommitConfig::linger_us`).
+/// payment's client waits on them; an operator's cut-off does, for a few ms more), and each sync costs
+/// about 0.1 ms of CPU on a virtual machine, so at 20,000 payments/s this halves their syncs. Ingest and
+/// authorization keep the default: a client waits on each of their syncs, and a longer linger there costs
+/// more in latency (and so in requests a second at a given concurrency) than it saves in CPU. Only under
+/// load: after a group of one request the next is written at once, so after a busy spell at most one lone
+/// request waits out the linger (`GroupCommitConfig::linger_us`).
 pub fn log_config(service: &str) -> LogConfig {
     let mut config = LogConfig::default();
     if matches!(service, "settlement" | "reconciliation") {
