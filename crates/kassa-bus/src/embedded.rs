@@ -119,7 +119,7 @@ fn encode_message(chunk: &mut Vec<u8>, timestamp_ms: i64, key: &[u8], payload: &
 }
 
 /// One stored entry of a partition: its first offset and its messages, each
-/// still encoded (checked and decoded by [`decode_value`] when read).
+/// still encoded (checked and decoded by [`decode_message`] when read).
 struct Entry<'a> {
     first: u64,
     messages: Vec<&'a [u8]>,
@@ -179,18 +179,19 @@ fn decode_entry<'a>(prefix: &[u8], key: &[u8], value: &'a [u8]) -> Result<Option
     Entry::new(first, messages).map(Some)
 }
 
-fn decode_value(value: &[u8]) -> Result<(i64, Vec<u8>, Vec<u8>), String> {
-    if value.len() < 16 {
-        return Err(format!("{} bytes is shorter than the 16-byte header", value.len()));
+/// One message (as [`encode_message`] writes it, without its length): timestamp, key, payload.
+fn decode_message(message: &[u8]) -> Result<(i64, Vec<u8>, Vec<u8>), String> {
+    if message.len() < 16 {
+        return Err(format!("{} bytes is shorter than the 16-byte header", message.len()));
     }
-    let stored = u32::from_le_bytes(value[..4].try_into().map_err(|_| "header")?);
-    if crc32c::crc32c(&value[4..]) != stored {
+    let stored = u32::from_le_bytes(message[..4].try_into().map_err(|_| "header")?);
+    if crc32c::crc32c(&message[4..]) != stored {
         return Err("checksum mismatch".into());
     }
-    let timestamp_ms = i64::from_le_bytes(value[4..12].try_into().map_err(|_| "header")?);
-    let key_len = u32::from_le_bytes(value[12..16].try_into().map_err(|_| "header")?) as usize;
-    let key = value.get(16..16 + key_len).ok_or("key runs past the end")?.to_vec();
-    Ok((timestamp_ms, key, value[16 + key_len..].to_vec()))
+    let timestamp_ms = i64::from_le_bytes(message[4..12].try_into().map_err(|_| "header")?);
+    let key_len = u32::from_le_bytes(message[12..16].try_into().map_err(|_| "header")?) as usize;
+    let key = message.get(16..16 + key_len).ok_or("key runs past the end")?.to_vec();
+    Ok((timestamp_ms, key, message[16 + key_len..].to_vec()))
 }
 
 impl EmbeddedBus {
@@ -368,7 +369,8 @@ impl EmbeddedBus {
                 if out.len() == max {
                     break;
                 }
-                let (timestamp_ms, key, payload) = decode_value(message).map_err(|reason| corrupt(expected, reason))?;
+                let (timestamp_ms, key, payload) =
+                    decode_message(message).map_err(|reason| corrupt(expected, reason))?;
                 out.push(Message { topic: topic.to_owned(), partition, offset: expected, key, payload, timestamp_ms });
                 expected += 1;
             }
@@ -736,7 +738,7 @@ mod tests {
             match decode_entry(prefix, &chunk_key(0, 0, first), &value) {
                 Ok(Some(entry)) => {
                     prop_assert!(entry.first == first);
-                    let decoded: Vec<_> = entry.messages.into_iter().map(decode_value).collect();
+                    let decoded: Vec<_> = entry.messages.into_iter().map(decode_message).collect();
                     if intact {
                         prop_assert_eq!(decoded.len(), count);
                         prop_assert!(decoded.iter().all(Result::is_ok));

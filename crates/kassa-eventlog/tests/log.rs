@@ -386,10 +386,15 @@ fn oversized_requests_are_refused() {
     assert_eq!(log.head_position(), 0);
 }
 
+/// The log's RocksDB opened directly (the log itself closed), to write what it never would.
+fn raw_db(dir: &std::path::Path) -> rocksdb::DB {
+    let cfs = ["log", "streams", "time", "state", "positions", "idempotency", "snapshots", "meta"];
+    rocksdb::DB::open_cf(&rocksdb::Options::default(), dir, cfs).unwrap()
+}
+
 /// Rewrite stored chunks directly in RocksDB, as corruption or an attacker would.
 fn tamper(dir: &std::path::Path, edit: impl FnOnce(&mut HashMap<u64, Vec<u8>>)) {
-    let cfs = ["log", "streams", "time", "state", "positions", "idempotency", "snapshots", "meta"];
-    let db = rocksdb::DB::open_cf(&rocksdb::Options::default(), dir, cfs).unwrap();
+    let db = raw_db(dir);
     let log_cf = db.cf_handle("log").unwrap();
     let mut chunks: HashMap<u64, Vec<u8>> = db
         .iterator_cf(log_cf, rocksdb::IteratorMode::Start)
@@ -666,8 +671,7 @@ fn an_unreadable_stream_index_refuses_that_append_and_every_later_one() {
         append(&log, vec![event(1, 7, 0), event(2, 7, 0)]);
     }
     {
-        let cfs = ["log", "streams", "time", "state", "positions", "idempotency", "snapshots", "meta"];
-        let db = rocksdb::DB::open_cf(&rocksdb::Options::default(), dir.path(), cfs).unwrap();
+        let db = raw_db(dir.path());
         let mut key = 7u128.to_be_bytes().to_vec();
         key.extend_from_slice(&1u64.to_be_bytes());
         db.put_cf(db.cf_handle("streams").unwrap(), key, [1, 2, 3]).unwrap();
