@@ -9,10 +9,12 @@
 
 mod http_connector;
 pub mod http_sim;
+pub mod journal;
 pub mod protocol;
 mod simulator;
 
 pub use http_connector::HttpConnector;
+pub use journal::{JournalError, JournalOp};
 
 pub use simulator::{
     CallPlan, Fault, FaultMode, LedgerEntry, LedgerState, SimulatedAcquirer, SimulatorConfig, test_card_outcome,

@@ -2,6 +2,7 @@
 //! generator, injectable faults, and a ledger of every authorization it holds
 //! (which is what tests check for double charges).
 
+use crate::journal::{Journal, JournalError, JournalOp};
 use crate::{AttemptStatus, AuthorizeOutcome, AuthorizeRequest, Connector, ProviderError, ReportLine};
 use async_trait::async_trait;
 use kassa_domain::settlement::EntryKind;
@@ -139,6 +140,126 @@ struct Inner {
     /// Protocol calls answered (for load tests: is traffic reaching it?).
     calls: u64,
     codes_issued: u64,
+    /// Where each change goes before it is made, if the ledger outlives the process.
+    journal: Option<Journal>,
+}
+
+impl Inner {
+    /// Whether `op` can be made now; if not, why the provider refuses it. The
+    /// live calls and the journal's replay check the same way.
+    fn check(&self, op: &JournalOp) -> Result<(), String> {
+        let amount = match op {
+            JournalOp::Approved { amount, .. }
+            | JournalOp::Captured { amount, .. }
+            | JournalOp::Refunded { amount, .. } => Some(amount),
+            JournalOp::Declined { .. } | JournalOp::Reversed { .. } => None,
+        };
+        if amount.is_some_and(|amount| amount.minor <= 0) {
+            return Err("an amount is above zero".into());
+        }
+        match op {
+            JournalOp::Approved { attempt_id, .. } | JournalOp::Declined { attempt_id, .. } => {
+                if self.ledger.contains_key(attempt_id)
+                    || self.declined.contains_key(attempt_id)
+                    || self.reversed_unseen.contains(attempt_id)
+                {
+                    return Err("the attempt was answered already".into());
+                }
+            }
+            JournalOp::Captured { attempt_id, capture_id, amount } => {
+                if self.captures_applied.contains(capture_id) {
+                    return Err("the capture was applied already".into());
+                }
+                let entry = self.ledger.get(attempt_id).ok_or("unknown attempt")?;
+                if entry.state == LedgerState::Reversed || entry.amount.currency != amount.currency {
+                    return Err("nothing held to capture".into());
+                }
+                if entry.captured_minor.checked_add(amount.minor).is_none_or(|total| total > entry.amount.minor) {
+                    return Err("capture exceeds the authorized amount".into());
+                }
+            }
+            JournalOp::Reversed { attempt_id } => {
+                if self.ledger.get(attempt_id).is_some_and(|entry| entry.captured_minor > 0) {
+                    return Err("captured: refund instead".into());
+                }
+            }
+            JournalOp::Refunded { attempt_id, refund_id, amount } => {
+                if self.refunds_applied.contains(refund_id) {
+                    return Err("the refund was applied already".into());
+                }
+                let entry = self.ledger.get(attempt_id).ok_or("unknown attempt")?;
+                if entry.amount.currency != amount.currency {
+                    return Err("nothing captured in that currency".into());
+                }
+                if entry.refunded_minor.checked_add(amount.minor).is_none_or(|total| total > entry.captured_minor) {
+                    return Err("refund exceeds the captured amount".into());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Make a change [`Inner::check`] allowed.
+    fn apply(&mut self, op: JournalOp) {
+        match op {
+            JournalOp::Approved { attempt_id, payment_id, amount, authorization_code } => {
+                self.codes_issued += 1;
+                let entry = LedgerEntry {
+                    attempt_id,
+                    payment_id,
+                    amount,
+                    authorization_code,
+                    state: LedgerState::Authorized,
+                    captured_minor: 0,
+                    refunded_minor: 0,
+                };
+                self.ledger.insert(attempt_id, entry);
+            }
+            JournalOp::Declined { attempt_id, code, category } => {
+                self.declined.insert(attempt_id, (code, category));
+            }
+            JournalOp::Captured { attempt_id, capture_id, amount } => {
+                if let Some(entry) = self.ledger.get_mut(&attempt_id) {
+                    entry.captured_minor += amount.minor;
+                    entry.state = LedgerState::Captured;
+                }
+                self.captures_applied.insert(capture_id);
+                let line = ReportLine { entry_id: capture_id.as_u128(), kind: EntryKind::Capture, amount };
+                self.settled_lines.insert(capture_id.as_u128(), line);
+            }
+            JournalOp::Reversed { attempt_id } => match self.ledger.get_mut(&attempt_id) {
+                Some(entry) => entry.state = LedgerState::Reversed,
+                None => {
+                    self.reversed_unseen.insert(attempt_id);
+                }
+            },
+            JournalOp::Refunded { attempt_id, refund_id, amount } => {
+                if let Some(entry) = self.ledger.get_mut(&attempt_id) {
+                    entry.refunded_minor += amount.minor;
+                    if entry.refunded_minor == entry.captured_minor {
+                        entry.state = LedgerState::Refunded;
+                    }
+                }
+                self.refunds_applied.insert(refund_id);
+                let line = ReportLine { entry_id: refund_id.as_u128(), kind: EntryKind::Refund, amount };
+                self.settled_lines.insert(refund_id.as_u128(), line);
+            }
+        }
+    }
+
+    /// Check, journal, then make a change: refused as the provider would be, or
+    /// `Unavailable` when the journal cannot take it (nothing was changed).
+    fn change(&mut self, name: &str, op: JournalOp) -> Result<(), ProviderError> {
+        self.check(&op).map_err(refused)?;
+        if let Some(journal) = self.journal.as_mut() {
+            journal.append(&op).map_err(|error| {
+                tracing::error!(provider = name, %error, "simulated acquirer cannot record a change; refusing it");
+                ProviderError::Unavailable { reason: format!("{name} cannot record the change: {error}") }
+            })?;
+        }
+        self.apply(op);
+        Ok(())
+    }
 }
 
 /// An in-process simulated acquirer.
@@ -162,8 +283,29 @@ impl SimulatedAcquirer {
         }
     }
 
+    /// Keep the ledger in a journal at `path` (created if missing): read back
+    /// what it holds, and write every change there before making it. Refused
+    /// when a line other than a last one cut short does not check out.
+    pub fn with_journal(self, path: impl AsRef<std::path::Path>) -> Result<Self, JournalError> {
+        let (journal, ops) = Journal::open(path)?;
+        {
+            let mut inner = self.lock();
+            for (i, op) in ops.into_iter().enumerate() {
+                inner.check(&op).map_err(|reason| JournalError::Damaged {
+                    path: journal.path().to_path_buf(),
+                    line: i + 1,
+                    reason: format!("a change the ledger refuses: {reason}"),
+                })?;
+                inner.apply(op);
+            }
+            inner.journal = Some(journal);
+        }
+        Ok(self)
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
-        // A panicked holder cannot leave the ledger half-written: every update is one statement.
+        // A panicked holder cannot leave the ledger half-written: a change is checked, journaled, then
+        // applied by code that does not panic.
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -339,35 +481,36 @@ impl SimulatedAcquirer {
             Ok(AuthorizeOutcome::Approved { authorization_code: entry.authorization_code.clone() })
         } else if let Some((code, category)) = inner.declined.get(&request.attempt_id) {
             Ok(AuthorizeOutcome::Declined { code: code.clone(), category: *category, merchant_advice_code: None })
-        } else if fault == Some(FaultMode::SoftDeclineBurst) {
-            let (code, category) = ("issuer_unavailable".to_owned(), DeclineCategory::Soft);
-            inner.declined.insert(request.attempt_id, (code.clone(), category));
-            Ok(AuthorizeOutcome::Declined { code, category, merchant_advice_code: None })
         } else {
-            match test_card_outcome(&request.card.pan.expose_digits()) {
-                Ok(AuthorizeOutcome::Approved { .. }) => {
-                    inner.codes_issued += 1;
-                    let authorization_code = format!("{:06}", inner.codes_issued % 1_000_000);
-                    inner.ledger.insert(
-                        request.attempt_id,
-                        LedgerEntry {
-                            attempt_id: request.attempt_id,
-                            payment_id: request.payment_id,
-                            amount: request.amount,
-                            authorization_code: authorization_code.clone(),
-                            state: LedgerState::Authorized,
-                            captured_minor: 0,
-                            refunded_minor: 0,
-                        },
-                    );
-                    Ok(AuthorizeOutcome::Approved { authorization_code })
+            let outcome = if fault == Some(FaultMode::SoftDeclineBurst) {
+                AuthorizeOutcome::Declined {
+                    code: "issuer_unavailable".to_owned(),
+                    category: DeclineCategory::Soft,
+                    merchant_advice_code: None,
                 }
-                Ok(AuthorizeOutcome::Declined { code, category, merchant_advice_code }) => {
-                    inner.declined.insert(request.attempt_id, (code.clone(), category));
-                    Ok(AuthorizeOutcome::Declined { code, category, merchant_advice_code })
+            } else {
+                test_card_outcome(&request.card.pan.expose_digits())?
+            };
+            let outcome = match outcome {
+                AuthorizeOutcome::Approved { .. } => {
+                    let authorization_code = format!("{:06}", (inner.codes_issued + 1) % 1_000_000);
+                    AuthorizeOutcome::Approved { authorization_code }
                 }
-                Err(error) => Err(error),
-            }
+                declined => declined,
+            };
+            let op = match &outcome {
+                AuthorizeOutcome::Approved { authorization_code } => JournalOp::Approved {
+                    attempt_id: request.attempt_id,
+                    payment_id: request.payment_id,
+                    amount: request.amount,
+                    authorization_code: authorization_code.clone(),
+                },
+                AuthorizeOutcome::Declined { code, category, .. } => {
+                    JournalOp::Declined { attempt_id: request.attempt_id, code: code.clone(), category: *category }
+                }
+            };
+            inner.change(&self.name, op)?;
+            Ok(outcome)
         }
     }
 
@@ -382,35 +525,20 @@ impl SimulatedAcquirer {
         if inner.captures_applied.contains(&capture_id) {
             return Ok(());
         }
-        let entry = inner.ledger.get_mut(&attempt_id).ok_or_else(|| refused("unknown attempt"))?;
-        if entry.state == LedgerState::Reversed || entry.amount.currency != amount.currency {
-            return Err(refused("nothing held to capture"));
-        }
-        if entry.captured_minor + amount.minor > entry.amount.minor {
-            return Err(refused("capture exceeds the authorized amount"));
-        }
-        entry.captured_minor += amount.minor;
-        entry.state = LedgerState::Captured;
-        inner.captures_applied.insert(capture_id);
-        let line = ReportLine { entry_id: capture_id.as_u128(), kind: EntryKind::Capture, amount };
-        inner.settled_lines.insert(capture_id.as_u128(), line);
-        Ok(())
+        inner.change(&self.name, JournalOp::Captured { attempt_id, capture_id, amount })
     }
 
     /// Act on a reversal; an attempt not seen yet is refused if it arrives later.
     pub fn reverse_now(&self, attempt_id: AttemptId) -> Result<(), ProviderError> {
         let mut inner = self.lock();
-        match inner.ledger.get_mut(&attempt_id) {
-            Some(entry) if entry.captured_minor > 0 => Err(refused("captured: refund instead")),
-            Some(entry) => {
-                entry.state = LedgerState::Reversed;
-                Ok(())
-            }
-            None => {
-                inner.reversed_unseen.insert(attempt_id);
-                Ok(())
-            }
+        let done = match inner.ledger.get(&attempt_id) {
+            Some(entry) => entry.state == LedgerState::Reversed,
+            None => inner.reversed_unseen.contains(&attempt_id),
+        };
+        if done {
+            return Ok(()); // a reversal sent again: nothing to change, nothing to journal
         }
+        inner.change(&self.name, JournalOp::Reversed { attempt_id })
     }
 
     /// Act on a refund; applied once per refund id.
@@ -419,18 +547,7 @@ impl SimulatedAcquirer {
         if inner.refunds_applied.contains(&refund_id) {
             return Ok(());
         }
-        let entry = inner.ledger.get_mut(&attempt_id).ok_or_else(|| refused("unknown attempt"))?;
-        if entry.refunded_minor + amount.minor > entry.captured_minor {
-            return Err(refused("refund exceeds the captured amount"));
-        }
-        entry.refunded_minor += amount.minor;
-        if entry.refunded_minor == entry.captured_minor {
-            entry.state = LedgerState::Refunded;
-        }
-        inner.refunds_applied.insert(refund_id);
-        let line = ReportLine { entry_id: refund_id.as_u128(), kind: EntryKind::Refund, amount };
-        inner.settled_lines.insert(refund_id.as_u128(), line);
-        Ok(())
+        inner.change(&self.name, JournalOp::Refunded { attempt_id, refund_id, amount })
     }
 
     /// What the provider knows of an attempt now.
@@ -506,5 +623,22 @@ impl Connector for SimulatedAcquirer {
     async fn inquire(&self, attempt_id: AttemptId, deadline: Duration) -> Result<AttemptStatus, ProviderError> {
         self.respond(deadline).await?;
         Ok(self.inquire_now(attempt_id))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_change_the_journal_cannot_take_is_not_made_and_the_provider_says_so() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("j");
+        let sim = SimulatedAcquirer::new("acq-alpha", SimulatorConfig::default()).with_journal(&path).unwrap();
+        sim.lock().journal = Some(Journal::read_only(&path));
+        // `Unavailable`: the provider certainly did not act (another may be tried).
+        assert!(matches!(sim.reverse_now(AttemptId::from_u128(1)), Err(ProviderError::Unavailable { .. })));
+        assert!(sim.lock().reversed_unseen.is_empty(), "nothing changed");
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 0, "nothing written");
     }
 }

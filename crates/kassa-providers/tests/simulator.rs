@@ -131,3 +131,104 @@ async fn captures_and_refunds_stay_within_what_is_held() {
     let entry = &sim.ledger()[0];
     assert_eq!((entry.captured_minor, entry.refunded_minor), (1000, 400));
 }
+
+/// A journal whose simulator is gone: what a restarted one reads back.
+fn journaled(path: &std::path::Path) -> SimulatedAcquirer {
+    sim().with_journal(path).unwrap()
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_journaled_ledger_outlives_the_simulator_and_keeps_its_answers() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("acq-alpha.journal");
+    let eur = Currency::from_code("EUR").unwrap();
+    let (capture, refund) = (CaptureId::from_u128(77), RefundId::from_u128(88));
+    let before = {
+        let sim = journaled(&path);
+        let Ok(AuthorizeOutcome::Approved { authorization_code }) =
+            sim.authorize_now(&request(1, "4242424242424242"), None)
+        else {
+            panic!("approved")
+        };
+        assert_eq!(authorization_code, "000001");
+        sim.authorize_now(&request(2, "4000000000000002"), None).unwrap();
+        sim.capture_now(AttemptId::from_u128(1), capture, Money::new(1500, eur)).unwrap();
+        sim.refund_now(AttemptId::from_u128(1), refund, Money::new(500, eur)).unwrap();
+        sim.reverse_now(AttemptId::from_u128(3)).unwrap(); // not seen yet
+        sim.ledger()
+    };
+    let text = std::fs::read_to_string(&path).unwrap();
+    assert_eq!(text.lines().count(), 5, "one line a change: {text}");
+    assert!(!text.contains("4242424242424242"), "no card number in the journal");
+
+    let sim = journaled(&path);
+    assert_eq!(sim.ledger(), before);
+    // The same answers as before: the approval, the decline, the reversal of an attempt not seen.
+    assert_eq!(
+        sim.inquire_now(AttemptId::from_u128(1)),
+        AttemptStatus::Authorized { authorization_code: "000001".into() }
+    );
+    assert!(matches!(sim.inquire_now(AttemptId::from_u128(2)), AttemptStatus::Declined { .. }));
+    assert!(matches!(sim.authorize_now(&request(3, "4242424242424242"), None), Err(ProviderError::Unavailable { .. })));
+    // A capture sent again is applied once; what it settled is still reported.
+    sim.capture_now(AttemptId::from_u128(1), capture, Money::new(1500, eur)).unwrap();
+    assert_eq!(sim.ledger()[0].captured_minor, 1500);
+    let lines = sim.settlement_report(&[capture.as_u128(), refund.as_u128()], DEADLINE).await.unwrap();
+    assert_eq!(lines.len(), 2);
+    // Codes go on from where they were.
+    assert_eq!(
+        sim.authorize_now(&request(4, "4242424242424242"), None),
+        Ok(AuthorizeOutcome::Approved { authorization_code: "000002".into() })
+    );
+}
+
+#[test]
+fn a_last_line_cut_short_is_dropped_and_a_damaged_one_refused_by_its_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("j");
+    {
+        let acq = journaled(&path);
+        acq.authorize_now(&request(1, "4242424242424242"), None).unwrap();
+        acq.authorize_now(&request(2, "4242424242424242"), None).unwrap();
+    }
+    let whole = std::fs::read(&path).unwrap();
+    // A crash mid-append: the change was never made, and the journal goes on after it.
+    let mut cut = whole.clone();
+    cut.extend_from_slice(b"0badf00d {\"op\":\"rev");
+    std::fs::write(&path, &cut).unwrap();
+    let acq = journaled(&path);
+    assert_eq!(acq.ledger().len(), 2);
+    acq.reverse_now(AttemptId::from_u128(2)).unwrap();
+    drop(acq);
+    assert_eq!(journaled(&path).ledger()[1].state, LedgerState::Reversed);
+
+    // A damaged line that is not the last: refused, naming it.
+    let mut damaged = whole.clone();
+    let second = whole.iter().position(|&b| b == b'\n').unwrap() + 12;
+    damaged[second] ^= 0x01;
+    std::fs::write(&path, &damaged).unwrap();
+    let error = sim().with_journal(&path).unwrap_err().to_string();
+    assert!(error.contains("line 2") && error.contains("checksum"), "{error}");
+
+    // A line that checks out but that the ledger cannot take (a capture of an attempt never held).
+    let op = JournalOp::Captured {
+        attempt_id: AttemptId::from_u128(9),
+        capture_id: CaptureId::from_u128(1),
+        amount: Money::new(100, Currency::from_code("EUR").unwrap()),
+    };
+    let mut unknown = whole.clone();
+    unknown.extend_from_slice(&op.encode());
+    std::fs::write(&path, &unknown).unwrap();
+    let error = sim().with_journal(&path).unwrap_err().to_string();
+    assert!(error.contains("line 3") && error.contains("unknown attempt"), "{error}");
+
+    // Lines that are not journal changes at all.
+    for bad in [&b"hello\n"[..], b"00000000 {}\n", b"zzzzzzzz {\"op\":\"reversed\"}\n"] {
+        let mut garbage = whole.clone();
+        garbage.extend_from_slice(bad);
+        std::fs::write(&path, &garbage).unwrap();
+        let error = sim().with_journal(&path).unwrap_err().to_string();
+        assert!(error.contains("line 3"), "{error}");
+    }
+    assert!(JournalOp::decode(b"\xff\xfe").is_err());
+}

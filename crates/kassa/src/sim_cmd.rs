@@ -32,6 +32,11 @@ pub struct SimArgs {
     /// Seed of the latency generator.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
+    /// Keep the ledger (what it authorized, captured, refunded, reversed) in this file, so a
+    /// restarted simulator still reports and answers for it. Without it the ledger lives in
+    /// memory only.
+    #[arg(long)]
+    pub journal: Option<PathBuf>,
 }
 
 pub fn run(args: SimArgs) -> anyhow::Result<()> {
@@ -61,7 +66,12 @@ pub fn run(args: SimArgs) -> anyhow::Result<()> {
             latency_ms_max: args.latency_ms_max,
             seed: args.seed,
         };
-        let sim = Arc::new(SimulatedAcquirer::new(args.name.clone(), config));
+        let sim = SimulatedAcquirer::new(args.name.clone(), config);
+        let sim = match &args.journal {
+            Some(path) => sim.with_journal(path).map_err(|e| anyhow::anyhow!("{e}"))?,
+            None => sim,
+        };
+        let sim = Arc::new(sim);
         let listener = tokio::net::TcpListener::bind(args.listen)
             .await
             .with_context(|| format!("binding {}; is something else there?", args.listen))?;

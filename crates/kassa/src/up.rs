@@ -124,8 +124,14 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
         let mut tasks = Vec::new();
         // Every provider is reached over HTTP: the configured URL, or a
         // simulated acquirer this process serves on a loopback port.
-        let (providers, simulators) =
-            wiring::providers(&config, wiring::ProviderReach::SimulateMissing, &stop_rx, &mut tasks).await?;
+        let journals = dir.join("simulators");
+        let (providers, simulators) = wiring::providers(
+            &config,
+            wiring::ProviderReach::SimulateMissing { journals: &journals },
+            &stop_rx,
+            &mut tasks,
+        )
+        .await?;
         let ingest = Arc::new(
             IngestService::new(
                 Arc::clone(&ingest_log),

@@ -117,9 +117,10 @@ pub fn admin_token(dir: &Path, path: &Path) -> anyhow::Result<String> {
 
 /// How providers are reached.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ProviderReach {
-    /// A provider without a URL is a simulated acquirer this process runs (`kassa up`).
-    SimulateMissing,
+pub enum ProviderReach<'a> {
+    /// A provider without a URL is a simulated acquirer this process runs (`kassa up`),
+    /// its ledger journaled in `journals/<name>.journal` so it outlives a restart.
+    SimulateMissing { journals: &'a Path },
     /// Every provider needs a URL: services in separate processes must see the
     /// same providers (authorization's calls, reconciliation's ledgers).
     UrlsOnly,
@@ -129,7 +130,7 @@ pub enum ProviderReach {
 /// process serves (their serving tasks are pushed onto `tasks`).
 pub async fn providers(
     config: &Config,
-    reach: ProviderReach,
+    reach: ProviderReach<'_>,
     stop: &watch::Receiver<bool>,
     tasks: &mut Vec<JoinHandle<()>>,
 ) -> anyhow::Result<(Vec<Arc<dyn Connector>>, Vec<Arc<SimulatedAcquirer>>)> {
@@ -143,13 +144,23 @@ pub async fn providers(
                  (give each [[providers]] entry a url, e.g. of a `kassa provider-sim`)",
                 p.name
             ),
-            (None, ProviderReach::SimulateMissing) => {
+            (None, ProviderReach::SimulateMissing { journals }) => {
                 let simulator = SimulatorConfig {
                     latency_ms_min: p.latency_ms_min,
                     latency_ms_max: p.latency_ms_max,
                     seed: i as u64 + 1,
                 };
-                let sim = Arc::new(SimulatedAcquirer::new(p.name.clone(), simulator));
+                std::fs::create_dir_all(journals).with_context(|| format!("creating {}", journals.display()))?;
+                // The name is a file name: config validation allows letters, digits, '-' and '_' only.
+                let journal = journals.join(format!("{}.journal", p.name));
+                let sim =
+                    SimulatedAcquirer::new(p.name.clone(), simulator).with_journal(&journal).map_err(|e| match e {
+                        kassa_providers::JournalError::Damaged { .. } => {
+                            anyhow::anyhow!("{e} (move the file away to start that simulator empty)")
+                        }
+                        e => anyhow::anyhow!("{e}"),
+                    })?;
+                let sim = Arc::new(sim);
                 if config.simulator_transport.unwrap_or_default() == SimulatorTransport::InProcess {
                     providers.push(Arc::clone(&sim) as Arc<dyn Connector>);
                     simulators.push(sim);

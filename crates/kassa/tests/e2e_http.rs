@@ -349,6 +349,40 @@ fn settlement_cutoff_over_http() {
 }
 
 #[test]
+fn captures_made_before_a_restart_reconcile_after_it() {
+    // The simulated acquirers keep their ledger in the data directory, as a real acquirer
+    // keeps it across Kassa's restarts: what they captured before is reported after.
+    let dir = tempfile::tempdir().unwrap();
+    let kassa = Kassa::start(dir.path());
+    for amount in [1999, 2500] {
+        let payment = kassa.pay_and_settle(&pay("4242424242424242", amount, true));
+        assert_eq!(payment["status"], "captured", "{payment}");
+    }
+    kassa.kill();
+    let journals: Vec<_> = std::fs::read_dir(dir.path().join("simulators")).unwrap().collect();
+    assert_eq!(journals.len(), 3, "one journal a simulated acquirer");
+
+    let kassa = Kassa::start(dir.path());
+    let started = Instant::now();
+    loop {
+        let (status, body) = kassa.operator("POST", "/admin/settlement/cutoff", None);
+        assert_eq!(status, 200, "{body}");
+        let (_, _, reports) = kassa.call("GET", "/v1/reconciliation/reports", None, &[]);
+        let data = reports["data"].as_array().unwrap();
+        let matched: u64 = data.iter().map(|r| r["matched"].as_u64().unwrap()).sum();
+        let missing: usize = data.iter().map(|r| r["missing"].as_array().map_or(0, Vec::len)).sum();
+        assert_eq!(missing, 0, "a capture made before the restart was reported missing: {reports}");
+        if matched == 2 {
+            assert!(data.iter().all(|r| r["status"] == "matched"), "{reports}");
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(30), "no clean reconciliation: {reports}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(kassa.terminate().success());
+}
+
+#[test]
 fn a_config_file_sets_providers_and_bad_ones_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("kassa.toml");
