@@ -299,6 +299,9 @@ pub enum Rejection {
     CaptureExceedsAuthorized { requested: Money, capturable: Money },
     #[error("refund of {requested} exceeds the {refundable} still refundable")]
     RefundExceedsCaptured { requested: Money, refundable: Money },
+    /// A capture of a payment captured in full, a refund of one refunded in full.
+    #[error("nothing is left to {command}: the payment is {done} in full")]
+    NothingLeft { command: &'static str, done: &'static str },
 }
 
 /// The attempt in flight, if any.
@@ -555,8 +558,11 @@ pub fn decide(state: &PaymentState, command: PaymentCommand, now: Timestamp) -> 
             if !matches!(state.stage, Stage::Authorized | Stage::Captured) {
                 return Err(illegal());
             }
-            positive_in(state, amount)?;
             let capturable = state.authorized_minor - state.captured_minor;
+            if capturable == 0 {
+                return Err(Rejection::NothingLeft { command: command_name, done: "captured" });
+            }
+            positive_in(state, amount)?;
             if amount.minor > capturable {
                 return Err(Rejection::CaptureExceedsAuthorized {
                     requested: amount,
@@ -573,8 +579,11 @@ pub fn decide(state: &PaymentState, command: PaymentCommand, now: Timestamp) -> 
             if !matches!(state.stage, Stage::Captured | Stage::Settled | Stage::Reconciled) {
                 return Err(illegal());
             }
-            positive_in(state, amount)?;
             let refundable = state.captured_minor - state.refunded_minor;
+            if refundable == 0 {
+                return Err(Rejection::NothingLeft { command: command_name, done: "refunded" });
+            }
+            positive_in(state, amount)?;
             if amount.minor > refundable {
                 return Err(Rejection::RefundExceedsCaptured {
                     requested: amount,

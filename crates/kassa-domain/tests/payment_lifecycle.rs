@@ -291,6 +291,9 @@ fn partial_captures_up_to_the_authorized_amount() {
     let mut events = base.to_vec();
     events.push(captured(400));
     given(&events).when(cap(600)).then(&[captured(600)]);
+    let mut full = events.clone();
+    full.push(captured(600));
+    given(&full).when(cap(1)).then_reject(Rejection::NothingLeft { command: "capture", done: "captured" });
     given(&events)
         .when(cap(601))
         .then_reject(Rejection::CaptureExceedsAuthorized { requested: eur(601), capturable: eur(600) });
@@ -339,6 +342,9 @@ fn refunds_never_exceed_captured() {
         .then_reject(Rejection::RefundExceedsCaptured { requested: eur(501), refundable: eur(500) });
     let state = given(&events).when(refund(500)).then(&[refunded(500)]);
     assert_eq!(state.status(), Some(PaymentStatus::Refunded));
+    // Refunded in full: nothing is left, whatever the amount (a conflict, not a bad amount).
+    events.push(refunded(500));
+    given(&events).when(refund(1)).then_reject(Rejection::NothingLeft { command: "refund", done: "refunded" });
 }
 
 #[test]

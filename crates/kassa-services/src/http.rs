@@ -65,8 +65,16 @@ pub fn router(
         .route("/v1/payments/{id}/refunds", post(refund))
         .route("/v1/payments/{id}/events", get(payment_events))
         .fallback(|| async { error_response(&ApiError::not_found("route")) })
+        .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(BODY_BYTES_MAX))
         .with_state(App { ingest, settlement, reconciliation, ready, admin_token_hash })
+}
+
+/// A known path asked with a method it does not take: the JSON error shape, and
+/// axum's `Allow` header.
+pub async fn method_not_allowed() -> Response {
+    let message = "this path does not take that method (the Allow header lists those it does)";
+    error_response(&ApiError::new(405, ErrorType::InvalidRequestError, "method_not_allowed", message))
 }
 
 fn error_response(error: &ApiError) -> Response {
@@ -353,6 +361,7 @@ pub fn batch_json(batch: &BatchState) -> serde_json::Value {
         "object": "settlement_batch",
         "status": if closed.is_some() { "closed" } else { "open" },
         "provider": key.map(|k| k.provider.clone()),
+        "merchant": key.map(|k| k.merchant_id.to_string()),
         "currency": key.map(|k| k.currency.code()),
         "opened_at": batch.opened_at.map(|t| t.to_string()),
         "closed_at": closed.map(|(_, at)| at.to_string()),
@@ -572,6 +581,7 @@ pub fn operator_router(
     }
     router
         .fallback(|| async { error_response(&ApiError::not_found("route")) })
+        .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(BODY_BYTES_MAX))
         .with_state(state)
 }

@@ -658,12 +658,12 @@ impl IngestService {
             let bytes: [u8; 16] = key.get(key.len() - 16..)?.try_into().ok()?;
             Some(PaymentId::from_u128(u128::MAX - u128::from_be_bytes(bytes)))
         });
-        if let Some(after) = query.starting_after {
-            for id in ids.by_ref() {
-                if id == after {
-                    break;
-                }
-            }
+        if let Some(after) = query.starting_after
+            && !ids.by_ref().any(|id| id == after)
+        {
+            // Not one of this merchant's payments: say so rather than answer an empty page.
+            let message = format!("starting_after: no payment {after} of yours");
+            return Err(ApiError::invalid("resource_missing", "starting_after", message));
         }
         let mut data = Vec::new();
         let mut has_more = false;
@@ -804,12 +804,20 @@ impl IngestService {
                 self.forget_idempotency(storage_key).await?;
                 return answer;
             }
-            // A 4xx is an answer too; a 5xx may be retried with the same key.
-            Err(error) if error.status < 500 => IdempotencyRecord {
-                fingerprint: print,
-                payment_id: None,
-                response: Some((error.status, error.body().to_string())),
-            },
+            // A 4xx is an answer too once the request changed something (its payment or
+            // command recorded under the key); one refused before that — bad input, a
+            // conflict seen at once — leaves no record, so the client may correct it and
+            // send it again with the same key. A 5xx may be retried with the same key.
+            Err(error) if error.status < 500 => {
+                if self.log.get(Table::Idempotency, &storage_key).map_err(internal)?.is_none() {
+                    return answer;
+                }
+                IdempotencyRecord {
+                    fingerprint: print,
+                    payment_id: None,
+                    response: Some((error.status, error.body().to_string())),
+                }
+            }
             Err(_) => return answer,
         };
         let stamped = self.expiry_now()?;
@@ -1083,7 +1091,7 @@ impl IngestService {
             if let Some(vault) = &self.vault {
                 vault
                     .put(payment_id, request.card)
-                    .map_err(|full| ApiError::new(503, ErrorType::RateLimitError, "overloaded", full.to_string()))?;
+                    .map_err(|full| ApiError::new(429, ErrorType::RateLimitError, "overloaded", full.to_string()))?;
             }
             let claim = claim.map(|(key_hash, fingerprint)| {
                 let message =

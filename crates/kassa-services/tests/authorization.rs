@@ -321,7 +321,8 @@ async fn capture_void_refund_and_refusals() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert_eq!(provider_view, (600, 600), "the provider captured and refunded what Kassa recorded");
-    // Over-refunding is refused, and the refusal is published for the caller.
+    // Refunding what is refunded in full is refused (a conflict with its state), and the
+    // refusal is published for the caller.
     let command = world
         .send(PaymentCommandMessage::Refund {
             payment_id: manual,
@@ -343,7 +344,8 @@ async fn capture_void_refund_and_refusals() {
     }
     let rejection = rejection.expect("the refusal is published");
     assert_eq!(rejection.command_id, command);
-    assert_eq!(rejection.code, "amount_too_large");
+    assert_eq!(rejection.code, "payment_state_conflict");
+    assert!(rejection.message.contains("nothing is left to refund"), "{}", rejection.message);
 
     let voided = world.pay("4242424242424242", 300, false).await;
     world.until(voided, |s| s.stage == Stage::Authorized).await;

@@ -183,7 +183,8 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
             &admin_token,
         )
         .merge(kassa_services::http::routing_router(Arc::clone(&authorization), clock, &admin_token))
-        .merge(control_router(simulators, &admin_token));
+        .merge(control_router(simulators, &admin_token))
+        .method_not_allowed_fallback(kassa_services::http::method_not_allowed);
         let listener = wiring::bind(listen, dir).await?;
         let listen = listener.local_addr()?;
         ready.store(true, Ordering::Release);
