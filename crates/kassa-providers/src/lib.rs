@@ -17,7 +17,8 @@ pub use http_connector::HttpConnector;
 pub use journal::{JournalError, JournalOp};
 
 pub use simulator::{
-    CallPlan, Fault, FaultMode, LedgerEntry, LedgerState, SimulatedAcquirer, SimulatorConfig, test_card_outcome,
+    CallPlan, FAILS_OVER_CARD, Fault, FaultMode, LedgerEntry, LedgerState, SimulatedAcquirer, SimulatorConfig,
+    test_card_outcome,
 };
 
 use async_trait::async_trait;

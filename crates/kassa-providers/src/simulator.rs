@@ -11,6 +11,14 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
+/// A card that meets a processing error at the acquirer named `acq-alpha` only
+/// (the first one tried without routing rules) and is approved by any other:
+/// a failover that ends in an approval (documented in the README).
+pub const FAILS_OVER_CARD: &str = "4000000000000127";
+
+/// The acquirer [`FAILS_OVER_CARD`] fails at.
+const FAILS_OVER_AT: &str = "acq-alpha";
+
 /// How the simulator answers, by card number (documented in the README).
 pub fn test_card_outcome(pan_digits: &str) -> Result<AuthorizeOutcome, ProviderError> {
     match pan_digits {
@@ -489,7 +497,11 @@ impl SimulatedAcquirer {
                     merchant_advice_code: None,
                 }
             } else {
-                test_card_outcome(&request.card.pan.expose_digits())?
+                let digits = request.card.pan.expose_digits();
+                if digits == FAILS_OVER_CARD && self.name == FAILS_OVER_AT {
+                    return Err(ProviderError::Unavailable { reason: "processing_error".into() });
+                }
+                test_card_outcome(&digits)?
             };
             let outcome = match outcome {
                 AuthorizeOutcome::Approved { .. } => {

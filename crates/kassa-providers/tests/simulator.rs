@@ -54,6 +54,16 @@ async fn test_cards_answer_as_documented() {
         Err(ProviderError::Unavailable { .. })
     ));
     assert_eq!(sim.ledger().len(), 2, "only approvals hold money");
+    // The failover card: a processing error at acq-alpha only.
+    assert!(matches!(
+        sim.authorize(request(6, FAILS_OVER_CARD), DEADLINE).await,
+        Err(ProviderError::Unavailable { .. })
+    ));
+    let beta = SimulatedAcquirer::new("acq-beta", SimulatorConfig::default());
+    assert!(matches!(
+        beta.authorize(request(6, FAILS_OVER_CARD), DEADLINE).await,
+        Ok(AuthorizeOutcome::Approved { .. })
+    ));
 }
 
 #[tokio::test(start_paused = true)]

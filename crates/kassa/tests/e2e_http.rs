@@ -45,6 +45,15 @@ fn the_payments_api_over_http() {
             events["data"].as_array().unwrap().iter().filter(|e| e["type"] == "payment.authorization_started").count();
         assert_eq!(started, attempts, "{code}");
     }
+    // A processing error at the first acquirer, then the next one approves.
+    let (status, _, failed_over) = kassa.call("POST", "/v1/payments", Some(&pay("4000000000000127", 500, true)), &[]);
+    assert_eq!((status, failed_over["status"].as_str()), (200, Some("captured")), "{failed_over}");
+    assert_eq!(failed_over["provider"], "acq-beta", "{failed_over}");
+    let path = format!("/v1/payments/{}/events", failed_over["id"].as_str().unwrap());
+    let (_, _, events) = kassa.call("GET", &path, None, &[]);
+    let started =
+        events["data"].as_array().unwrap().iter().filter(|e| e["type"] == "payment.authorization_started").count();
+    assert_eq!(started, 2, "{events}");
 
     // Authorize only, capture part, refund part, refuse what is not allowed.
     let (_, _, held) = kassa.call("POST", "/v1/payments", Some(&pay("5555555555554444", 1000, false)), &[]);
