@@ -19,7 +19,8 @@ pub const FAILS_OVER_CARD: &str = "4000000000000127";
 /// The acquirer [`FAILS_OVER_CARD`] fails at.
 const FAILS_OVER_AT: &str = "acq-alpha";
 
-/// How the simulator answers, by card number (documented in the README).
+/// How the simulator answers, by card number (documented in the README), at
+/// any acquirer: [`FAILS_OVER_CARD`] depends on which one, and is not here.
 pub fn test_card_outcome(pan_digits: &str) -> Result<AuthorizeOutcome, ProviderError> {
     match pan_digits {
         "4000000000000002" => Ok(AuthorizeOutcome::Declined {

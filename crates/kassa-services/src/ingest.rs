@@ -654,17 +654,22 @@ impl IngestService {
     ) -> Result<serde_json::Value, ApiError> {
         let prefix = format!("merchant-payments/{merchant_id}/").into_bytes();
         let entries = self.log.scan(Table::State, &prefix).map_err(internal)?;
-        let mut ids = entries.into_iter().filter_map(|(key, _)| {
+        // Newest first: the index keys hold the id's complement.
+        let ids = entries.into_iter().filter_map(|(key, _)| {
             let bytes: [u8; 16] = key.get(key.len() - 16..)?.try_into().ok()?;
             Some(PaymentId::from_u128(u128::MAX - u128::from_be_bytes(bytes)))
         });
-        if let Some(after) = query.starting_after
-            && !ids.by_ref().any(|id| id == after)
+        let after = query.starting_after;
+        if let Some(after) = after
+            && self.own_view(merchant_id, after).is_err()
         {
             // Not one of this merchant's payments: say so rather than answer an empty page.
             let message = format!("starting_after: no payment {after} of yours");
             return Err(ApiError::invalid("resource_missing", "starting_after", message));
         }
+        // Those older than the cursor (ids are time-ordered), also when this instance has
+        // not listed the cursor's payment yet (another instance took it).
+        let ids = ids.filter(|id| after.is_none_or(|after| id.as_u128() < after.as_u128()));
         let mut data = Vec::new();
         let mut has_more = false;
         for id in ids {

@@ -179,6 +179,7 @@ pub fn run(service: Service, args: ServiceArgs) -> anyhow::Result<()> {
                 tasks.extend(authorization.spawn(stop_rx.clone())?);
                 kassa_services::http::operator_router(None, None, Arc::clone(&ready), &admin_token)
                     .merge(kassa_services::http::routing_router(authorization, clock, &admin_token))
+                    .method_not_allowed_fallback(kassa_services::http::method_not_allowed)
             }
             Service::Settle => {
                 let cutoff_interval_s = args.cutoff_interval_s.or(config.cutoff_interval_s).unwrap_or(3600);

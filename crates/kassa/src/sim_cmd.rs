@@ -85,7 +85,8 @@ pub fn run(args: SimArgs) -> anyhow::Result<()> {
             listener.local_addr()?,
             control.local_addr()?
         );
-        let control_app = control_router(vec![Arc::clone(&sim)], &token);
+        let control_app = control_router(vec![Arc::clone(&sim)], &token)
+            .method_not_allowed_fallback(kassa_services::http::method_not_allowed);
         let mut stop_control = stop_rx.clone();
         tokio::spawn(async move {
             let shutdown = async move {

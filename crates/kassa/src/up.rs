@@ -30,7 +30,7 @@ pub const PROVIDERS: [&str; 3] = ["acq-alpha", "acq-beta", "acq-gamma"];
 pub const PARTITIONS: u32 = 8;
 /// The file in the data directory naming the address a running `kassa up` listens on.
 pub const ADDRESS_FILE: &str = "kassa.addr";
-/// Cards accepted and waiting for authorization, at most (503 beyond).
+/// Cards accepted and waiting for authorization, at most (429 `overloaded` beyond).
 pub const CARDS_WAITING_MAX: usize = 100_000;
 
 #[derive(Args, Debug)]
