@@ -12,7 +12,7 @@
 //! dropped at open; any other line that does not check out is an error naming
 //! it, and the simulator does not start. The file is locked while open: one
 //! simulator a journal. No card data is ever written. It grows by a line a
-//! change and is read whole at start (about 240 bytes a captured payment).
+//! change and is read whole at start (about 300 bytes a captured payment).
 
 use kassa_domain::{AttemptId, CaptureId, Currency, DeclineCategory, Money, PaymentId, RefundId};
 use serde::{Deserialize, Serialize};

@@ -32,7 +32,7 @@ pub struct SimArgs {
     /// Seed of the latency generator.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
-    /// Keep the ledger (what it authorized, captured, refunded, reversed) in this file, so a
+    /// Keep the ledger (what it authorized, declined, captured, refunded, reversed) in this file, so a
     /// restarted simulator still reports and answers for it. Without it the ledger lives in
     /// memory only.
     #[arg(long)]
