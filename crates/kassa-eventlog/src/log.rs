@@ -24,7 +24,10 @@ pub struct LogConfig {
     pub request_events_max: usize,
     /// Stream heads kept in memory (the rest are looked up on disk).
     pub stream_heads_cached_max: usize,
-    /// RocksDB memtable size.
+    /// RocksDB memtable size, for each column family. 16 MiB: under a minute of
+    /// sustained HTTP load, 64 MiB held ~25% more memory and took ~5% fewer
+    /// requests a second (deeper skip lists to insert into); the bench, shorter,
+    /// shows no difference (BENCHMARKS.md, session 14).
     pub write_buffer_bytes: usize,
     /// Bytes of the newest durable chunks kept in memory for followers of the
     /// head (`follow_from`), so a relay reads what was just written without
@@ -43,7 +46,7 @@ impl Default for LogConfig {
             chunk_events_max: 128,
             request_events_max: 4096,
             stream_heads_cached_max: 1 << 20,
-            write_buffer_bytes: 64 << 20,
+            write_buffer_bytes: 16 << 20,
             recent_bytes_max: 8 << 20,
             statistics: false,
         }
