@@ -25,9 +25,9 @@ pub struct LogConfig {
     /// Stream heads kept in memory (the rest are looked up on disk).
     pub stream_heads_cached_max: usize,
     /// RocksDB memtable size, for each column family. 16 MiB: under a minute of
-    /// sustained HTTP load, 64 MiB held ~25% more memory and took ~5% fewer
-    /// requests a second (deeper skip lists to insert into); the bench, shorter,
-    /// shows no difference (BENCHMARKS.md, session 14).
+    /// sustained HTTP load, 64 MiB held ~25% more memory and took 4–26% fewer
+    /// requests a second a pair (deeper skip lists to insert into); the bench,
+    /// shorter, shows no clear difference (BENCHMARKS.md, session 14).
     pub write_buffer_bytes: usize,
     /// Bytes of the newest durable chunks kept in memory for followers of the
     /// head (`follow_from`), so a relay reads what was just written without

@@ -14,7 +14,7 @@ pub struct CardVault {
     cards_max: usize,
 }
 
-/// The vault holds `cards_max` cards already: shed load (503) rather than grow.
+/// The vault holds `cards_max` cards already: shed load (429 `overloaded`) rather than grow.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("too many payments waiting for authorization; retry shortly")]
 pub struct VaultFull;

@@ -35,7 +35,7 @@ pub const CARDS_WAITING_MAX: usize = 100_000;
 
 #[derive(Args, Debug)]
 pub struct UpArgs {
-    /// Where all state lives (event logs, the bus, keys). Created if missing. [default: ./kassa-data]
+    /// Where all state lives (event logs, the bus, keys, the simulators' journals). Created if missing. [default: ./kassa-data]
     #[arg(long, env = "KASSA_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
     /// Address the HTTP API listens on. [default: 127.0.0.1:8080]
