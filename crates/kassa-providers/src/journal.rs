@@ -79,12 +79,17 @@ fn hex(id: u128) -> String {
     format!("{id:032x}")
 }
 
+/// `text` as exactly `digits` hex digits: no sign, no prefix.
+fn hex_exact(text: &str, digits: usize) -> Option<u128> {
+    let hex = text.len() == digits && text.bytes().all(|b| b.is_ascii_hexdigit());
+    hex.then(|| u128::from_str_radix(text, 16).ok()).flatten()
+}
+
 fn id(text: &str) -> Result<u128, String> {
-    let shown: String = text.chars().take(40).collect();
-    if text.len() != 32 || !text.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return Err(format!("an id is 32 hex digits, found {shown:?}"));
-    }
-    u128::from_str_radix(text, 16).map_err(|_| format!("an id is 32 hex digits, found {shown:?}"))
+    hex_exact(text, 32).ok_or_else(|| {
+        let shown: String = text.chars().take(40).collect();
+        format!("an id is 32 hex digits, found {shown:?}")
+    })
 }
 
 fn money(minor: i64, currency: &str) -> Result<Money, String> {
@@ -159,11 +164,8 @@ impl JournalOp {
     pub fn decode(line: &[u8]) -> Result<JournalOp, String> {
         let text = std::str::from_utf8(line).map_err(|_| "not UTF-8".to_owned())?;
         let (crc, json) = text.split_once(' ').ok_or("no checksum before the change")?;
-        let crc = Some(crc)
-            .filter(|crc| crc.len() == 8 && crc.bytes().all(|b| b.is_ascii_hexdigit()))
-            .and_then(|crc| u32::from_str_radix(crc, 16).ok())
-            .ok_or("the checksum is not 8 hex digits")?;
-        if crc32c::crc32c(json.as_bytes()) != crc {
+        let crc = hex_exact(crc, 8).ok_or("the checksum is not 8 hex digits")?;
+        if u128::from(crc32c::crc32c(json.as_bytes())) != crc {
             return Err("the checksum does not match: the line is damaged".into());
         }
         let line: Line = serde_json::from_str(json).map_err(|e| format!("not a journal change: {e}"))?;

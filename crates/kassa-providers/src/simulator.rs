@@ -504,23 +504,23 @@ impl SimulatedAcquirer {
                 }
                 test_card_outcome(&digits)?
             };
-            let outcome = match outcome {
+            let attempt_id = request.attempt_id;
+            let (op, outcome) = match outcome {
                 AuthorizeOutcome::Approved { .. } => {
                     let authorization_code = format!("{:06}", (inner.codes_issued + 1) % 1_000_000);
-                    AuthorizeOutcome::Approved { authorization_code }
+                    let (payment_id, amount) = (request.payment_id, request.amount);
+                    let op = JournalOp::Approved {
+                        attempt_id,
+                        payment_id,
+                        amount,
+                        authorization_code: authorization_code.clone(),
+                    };
+                    (op, AuthorizeOutcome::Approved { authorization_code })
                 }
-                declined => declined,
-            };
-            let op = match &outcome {
-                AuthorizeOutcome::Approved { authorization_code } => JournalOp::Approved {
-                    attempt_id: request.attempt_id,
-                    payment_id: request.payment_id,
-                    amount: request.amount,
-                    authorization_code: authorization_code.clone(),
-                },
-                AuthorizeOutcome::Declined { code, category, .. } => {
-                    JournalOp::Declined { attempt_id: request.attempt_id, code: code.clone(), category: *category }
-                }
+                AuthorizeOutcome::Declined { code, category, merchant_advice_code } => (
+                    JournalOp::Declined { attempt_id, code: code.clone(), category },
+                    AuthorizeOutcome::Declined { code, category, merchant_advice_code },
+                ),
             };
             inner.change(&self.name, op)?;
             Ok(outcome)
